@@ -1,0 +1,106 @@
+"""`probe backbones`, `probe extract`, `probe info`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from .app import app, emit, handles_errors
+
+
+# ---------------------------------------------------------------------------------------------- backbones
+@app.command()
+@handles_errors
+def backbones(
+    timm: str | None = typer.Option(None, "--timm", help="Also list timm models matching this pattern, "
+                                                             "e.g. 'convnext*' ('*' lists all ~1,300)."),
+    offline: bool = typer.Option(False, "--offline", help="Only backbones whose weights are available now."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List backbone names with embedding dim, input size and whether their weights are available offline."""
+    from probe.backbones import list_backbones
+
+    rows = [r for r in list_backbones(timm) if r["offline"] or not offline]
+
+    def text(rows):
+        lines = [f"{'name':34} {'family':11} {'dim':>5} {'input':>5}  offline"]
+        lines += [f"{r['name']:34} {r['family']:11} {r['dim'] or '?':>5} {r['input_size'] or '?':>5}  "
+                  f"{'yes' if r['offline'] else 'no (needs download)'}" for r in rows]
+        if not timm:
+            lines.append("… and every timm model as timm/<name>: list them with --timm PATTERN")
+        return "\n".join(lines)
+
+    emit(rows, as_json, text)
+
+
+# ------------------------------------------------------------------------------------------------ extract
+def _extract_text(s: dict) -> str:
+    lines = [f"skipped {x['path']}: {x['reason']}" for x in s["skipped"]]
+    rate = f", {s['images_per_s']} img/s" if s["images_per_s"] else ""
+    lines.append(
+        f"{s['store']}: {s['count']} images x {s['dim']} ({s['backbone']}, {s['dtype']} on {s['device']}); "
+        f"embedded {s['embedded']} new, reused {s['reused']}, skipped {len(s['skipped'])}"
+        + (f", {s['stale']} stale kept" if s["stale"] else "") + f" in {s['seconds']:.1f}s{rate}"
+    )
+    return "\n".join(lines)
+
+
+@app.command()
+@handles_errors
+def extract(
+    data: Path = typer.Argument(..., help="ImageFolder, split root (train/ val/ test/), flat folder or CSV "
+                                          "manifest (path,label[,split])."),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="Backbone name (probe backbones)."),
+    weights: str | None = typer.Option(None, "--weights", "-w", help="Weights tag (IMAGENET1K_V1), 'random', "
+                                                                         "or a local checkpoint path."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Store file (default: cache/<data>.<backbone>."
+                                                                  "<config>.h5)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    workers: int = typer.Option(-1, "--workers", help="Decode processes (-1: one per core, at most 8)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    tta: str = typer.Option("none", "--tta", help="none or hflip (mean of image and mirror)."),
+    layout: str = typer.Option("auto", "--layout", help="auto, imagefolder, splits, flat or csv."),
+    prune: bool = typer.Option(False, "--prune", help="Drop stored rows whose files are gone from DATA."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Embed every image of DATA once and cache the features in an HDF5 store (resumable, incremental)."""
+    from probe.extract import ExtractConfig
+    from probe.extract import extract as run
+
+    cfg = ExtractConfig(backbone=backbone, weights=weights, batch_size=batch_size, workers=workers, device=device,
+                        dtype=dtype, tta=tta, layout=layout, prune=prune)
+    summary = run(data, out, cfg, progress=sys.stderr.isatty() and not as_json)
+    emit(summary, as_json, _extract_text)
+
+
+@app.command()
+@handles_errors
+def info(
+    store: Path = typer.Argument(..., help="Feature store (.h5)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Describe a feature store: size, backbone, preprocessing, classes, splits and skipped files."""
+    from probe.store import FeatureStore
+
+    s = FeatureStore(store).info()
+
+    def text(s):
+        pre = s["preprocess"] or {}
+        lines = [
+            f"store      {s['path']}",
+            f"images     {s['count']} x {s['dim']} float32 ({s['unlabelled']} unlabelled)",
+            f"backbone   {s['backbone']}  weights {s['weights']}  sha256 {str(s['weights_sha256'])[:16]}…",
+            f"preprocess {pre.get('repr', pre)}",
+            f"tta {s['tta']}  dtype {s['dtype']}  pooling {s['pooling']}  key {str(s['config_key'])[:12]}",
+            f"root       {s['root']} ({s['layout']})",
+            "splits     " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()),
+            f"classes    {len(s['classes'])}: " + ", ".join(f"{c} ({n})" for c, n in s["class_counts"].items()),
+            f"skipped    {len(s['skipped'])}",
+        ]
+        lines += [f"  {x['path']}: {x['reason']}" for x in s["skipped"]]
+        return "\n".join(lines)
+
+    emit(s, as_json, text)

@@ -1,0 +1,17 @@
+"""The `probe` command line: each command parses its options, calls one library function and prints the result.
+
+Every command that reports something takes ``--json``; user errors go to stderr with exit code 1.
+"""
+
+from __future__ import annotations
+
+from . import extract, heads, search  # noqa: F401  (registers the commands)
+from .app import app
+
+
+def main() -> None:  # console-script entry point
+    app(prog_name="probe")
+
+
+if __name__ == "__main__":
+    main()

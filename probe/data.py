@@ -1,0 +1,235 @@
+"""Datasets as probe sees them: a list of image files with labels and splits, and a decoder that turns any
+file a user may have into an RGB image or a reason why it cannot.
+
+Layouts (``discover``):
+    * ImageFolder: ``root/<class>/**/<image>``
+    * split root: ``root/{train,val,test}/<class>/**/<image>`` (the split is recorded per row)
+    * flat folder: ``root/**/<image>`` with no labels (search galleries)
+    * CSV manifest: ``path,label[,split]`` with a header row; paths relative to the CSV's folder
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
+LAYOUTS = ("auto", "imagefolder", "splits", "flat", "csv")
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (0.25 GiB of 24-bit pixels)
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is reported and skipped, never half-decoded
+
+
+class DatasetError(ValueError):
+    """DATA cannot be read as any supported layout."""
+
+
+@dataclass
+class Dataset:
+    """Files to embed. ``paths`` are relative to ``root`` (absolute where a manifest gave them so)."""
+
+    root: Path
+    layout: str
+    paths: list[str]
+    labels: np.ndarray  # (N,) int64, -1 = unlabelled
+    splits: list[str]  # (N,) "" when the layout has none
+    classes: list[str]
+    ignored: list[str] = field(default_factory=list)  # files skipped by extension, relative paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def abspath(self, i: int) -> str:
+        return os.path.join(self.root, self.paths[i])
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def _walk(folder: Path, root: Path, ignored: list[str]) -> list[str]:
+    """Image files under ``folder`` (following links to folders), sorted, as paths relative to ``root``.
+    A dangling link keeps its name: the decoder reports it instead of it vanishing silently."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, f), root)
+            (out if _is_image_name(f) else ignored).append(rel)
+    return sorted(out)
+
+
+def _subdirs(p: Path) -> list[Path]:
+    return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def discover(data: str | os.PathLike, layout: str = "auto") -> Dataset:
+    """Read DATA (a folder or a CSV manifest) into a Dataset. ``layout='auto'`` picks by shape."""
+    root = Path(data)
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if not root.exists():
+        raise DatasetError(f"{str(root)!r} does not exist: expected an image folder or a CSV manifest")
+    if root.is_file():
+        if layout not in ("auto", "csv") or root.suffix.lower() != ".csv":
+            raise DatasetError(f"{str(root)!r} is a file: expected a folder of images or a .csv manifest")
+        return _from_csv(root)
+    subdirs = _subdirs(root)
+    top_images = [p.name for p in root.iterdir() if p.is_file() and _is_image_name(p.name)]
+    if layout == "auto":
+        if subdirs and all(d.name.lower() in SPLIT_NAMES for d in subdirs):
+            layout = "splits"
+        elif subdirs and not top_images:
+            layout = "imagefolder"
+        elif top_images and not subdirs:
+            layout = "flat"
+        elif top_images:
+            raise DatasetError(
+                f"{str(root)!r} has both image files ({top_images[0]}, …) and subfolders ({subdirs[0].name}, …): "
+                "pass --layout imagefolder (subfolders are classes, top-level files ignored) "
+                "or --layout flat (every image, unlabelled)"
+            )
+        else:
+            raise DatasetError(f"{str(root)!r} contains no images and no subfolders")
+    ignored: list[str] = []
+    paths: list[str] = []
+    labels: list[str | None] = []
+    splits: list[str] = []
+    if layout == "flat":
+        paths = _walk(root, root, ignored)
+        labels, splits = [None] * len(paths), [""] * len(paths)
+    elif layout == "imagefolder":
+        ignored += [f for f in top_images]
+        for d in subdirs:
+            files = _walk(d, root, ignored)
+            paths += files
+            labels += [d.name] * len(files)
+        splits = [""] * len(paths)
+    else:  # splits
+        for s in subdirs:
+            if s.name.lower() not in SPLIT_NAMES:
+                raise DatasetError(f"{str(s)!r} is not a split folder: expected one of {', '.join(SPLIT_NAMES)}")
+            for d in _subdirs(s):
+                files = _walk(d, root, ignored)
+                paths += files
+                labels += [d.name] * len(files)
+                splits += [_canonical_split(s.name)] * len(files)
+    if not paths:
+        raise DatasetError(f"no image files ({', '.join(IMG_EXTENSIONS)}) found under {str(root)!r}")
+    return _build(root, layout, paths, labels, splits, ignored)
+
+
+def _canonical_split(name: str) -> str:
+    name = name.strip().lower()
+    return "val" if name in ("valid", "validation") else name
+
+
+def _from_csv(path: Path) -> Dataset:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise DatasetError(f"{path}: expected a header row with a 'path' column (and optional 'label', 'split'), "
+                               f"got {reader.fieldnames}")
+        rows = list(reader)
+    if not rows:
+        raise DatasetError(f"{path}: manifest has no rows")
+    paths, labels, splits = [], [], []
+    for n, r in enumerate(rows, start=2):
+        if not (r.get("path") or "").strip():
+            raise DatasetError(f"{path}:{n}: empty 'path'")
+        paths.append(r["path"].strip())
+        labels.append((r.get("label") or "").strip() or None)
+        splits.append(_canonical_split(r.get("split") or ""))
+    if len(set(paths)) != len(paths):
+        dup = next(p for p in paths if paths.count(p) > 1)
+        raise DatasetError(f"{path}: path {dup!r} is listed more than once")
+    return _build(path.parent, "csv", paths, labels, splits, [])
+
+
+def _build(root, layout, paths, labels, splits, ignored) -> Dataset:
+    classes = sorted({lab for lab in labels if lab is not None})
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[lab] if lab is not None else -1 for lab in labels], dtype=np.int64)
+    if ignored:
+        log.warning("ignored %d files without an image extension under %s (e.g. %s)", len(ignored), root, ignored[0])
+    return Dataset(root.resolve(), layout, list(paths), y, list(splits), classes, ignored)
+
+
+def fingerprint(path: str) -> str:
+    """Size and modification time: what changes when a file is replaced (as make and rsync use)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+# -------------------------------------------------------------------------------------------- decoding
+class ImageDecodeError(Exception):
+    """A file that cannot become an RGB image; the message is the reason recorded in the store."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB, with alpha composited over white and 16-bit scaled (not clipped)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img).astype(np.float64)
+        if img.mode == "F" and a.size and a.max() <= 1.0:
+            a = a * 255.0
+        elif img.mode != "F" and a.size and a.max() > 255:
+            a = a / 257.0  # 16-bit range onto 8-bit
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode ``path`` to an upright RGB image, or raise ImageDecodeError with the reason.
+
+    EXIF orientation is applied; animations give their first frame; images above ``max_pixels`` are refused
+    before decoding (decompression bombs)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ImageDecodeError(f"dangling symbolic link to {os.readlink(path)}")
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageDecodeError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise ImageDecodeError(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}")
+                if getattr(img, "n_frames", 1) > 1:
+                    img.seek(0)  # animated: first frame
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image (Pillow cannot identify the format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"decompression bomb: {e}") from None
+    except IsADirectoryError:
+        raise ImageDecodeError("is a directory, not a file") from None
+    except PermissionError as e:
+        raise ImageDecodeError(f"unreadable: {e.strerror}") from None
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found (deleted or moved during the run)") from None
+    except OSError as e:  # truncated data, broken streams
+        raise ImageDecodeError(f"corrupt or truncated image: {e}") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise many types; a bad file must never stop a run
+        raise ImageDecodeError(f"cannot decode: {type(e).__name__}: {e}") from None

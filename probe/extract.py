@@ -1,0 +1,390 @@
+"""Run a frozen backbone over a dataset once and cache the embeddings in a feature store.
+
+Resumable by construction: finished batches go to an fsync'd journal beside the store, the store itself is
+replaced atomically at the end. After ``kill -9`` the same call picks up at the first unfinished batch, with the
+same batch boundaries, so the features equal those of an uninterrupted run.
+
+Example:
+    >>> summary = extract("probe/demo/fashion-mnist", config=ExtractConfig(backbone="efficientnet_lite0"))
+    >>> summary["count"], summary["store"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import __version__
+from .backbones import DEFAULT_BACKBONE, Backbone, BackboneError, create_backbone
+from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, fingerprint, load_image
+from .store import FeatureStore, Journal, StoreError, check_compatible, config_key, locked, write_store
+
+log = logging.getLogger(__name__)
+
+TTA_MODES = ("none", "hflip")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ExtractConfig:
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None  # None: the name's default pretrained weights; 'random'; or a checkpoint path
+    batch_size: int = 64  # large enough for efficient GEMMs on CPU, small enough for any GPU
+    workers: int = -1  # decode/resize processes; -1: one per core, at most 8
+    device: str = "auto"  # auto: cuda when present, else cpu
+    dtype: str = "auto"  # auto: float16 on CUDA, bfloat16 on CPUs with native bf16 (4x faster there), else float32
+    tta: str = "none"  # "hflip": mean of the image and its mirror
+    layout: str = "auto"  # see probe.data.discover
+    max_pixels: int = MAX_PIXELS  # larger images are refused as decompression bombs
+    channels_last: bool = True  # NHWC: faster convolutions on CPU (oneDNN) and GPU (tensor cores)
+    prune: bool = False  # drop stored rows whose files have disappeared from DATA
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available on this machine (use cpu or auto)")
+    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {device!r}: expected auto, cpu or cuda")
+    return torch.device(device)
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001 - older torch builds lack the op
+        return False
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "float16"
+    return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
+
+
+class Embedder:
+    """A backbone on a device with a dtype and TTA: images in, float32 embeddings out.
+
+    Example:
+        >>> emb = Embedder(create_backbone("efficientnet_lite0"))
+        >>> emb.embed_images([Image.open("cat.jpg")]).shape
+        (1, 1280)
+    """
+
+    def __init__(self, backbone: Backbone, device: str = "auto", dtype: str = "auto", tta: str = "none",
+                 channels_last: bool = True):
+        if tta not in TTA_MODES:
+            raise ValueError(f"unknown TTA {tta!r}: expected one of {', '.join(TTA_MODES)}")
+        self.backbone = backbone
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tta = tta
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = backbone.model.to(self.device, memory_format=self.memory_format).eval()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Everything that changes the numbers: the store's cache key is a hash of this."""
+        return {**self.backbone.identity(), "pooling": "penultimate", "tta": self.tta, "dtype": self.dtype}
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) preprocessed batch -> (B, D) float32 embeddings."""
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        b = x.shape[0]
+        if self.tta == "hflip":
+            x = torch.cat([x, x.flip(3)])  # (2B, 3, H, W): one forward for both views
+        with torch.autocast(self.device.type, dtype=getattr(torch, self.dtype), enabled=self.dtype != "float32"):
+            f = self.model(x)
+        f = f.float().flatten(1)
+        if self.tta == "hflip":
+            f = (f[:b] + f[b:]) / 2
+        return f.cpu().numpy()
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+        """PIL images (any mode) -> (N, D) float32."""
+        from .data import _to_rgb
+
+        out = [self(torch.stack([self.backbone.transform(_to_rgb(im)) for im in images[s: s + batch_size]]))
+               for s in range(0, len(images), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.backbone.dim), np.float32)
+
+    def embed_files(self, paths: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, list[int], list[dict]]:
+        """Decode and embed files: (features of the decodable ones, their indices, [{path, reason}] skipped)."""
+        images, ok, bad = [], [], []
+        for i, p in enumerate(paths):
+            try:
+                images.append(load_image(str(p)))
+                ok.append(i)
+            except ImageDecodeError as e:
+                bad.append({"path": str(p), "reason": str(e)})
+        return self.embed_images(images, batch_size), ok, bad
+
+
+def weights_arg(identity: str) -> str | None:
+    """Turn a recorded weights identity back into the `weights` argument that reproduces it."""
+    if identity == "random":
+        return "random"
+    if identity.startswith("file:"):
+        return identity[5:]
+    if identity.startswith("torchvision:"):
+        return identity.rsplit(".", 1)[-1]
+    return None
+
+
+def embedder_for(attrs: dict[str, Any], device: str = "auto") -> Embedder:
+    """Rebuild the exact embedder recorded in a store's or head's attributes, refusing any difference.
+
+    Used to embed query images for predict and search with the same backbone, weights and preprocessing."""
+    bb = create_backbone(attrs["backbone"], weights_arg(attrs["weights"]))
+    emb = Embedder(bb, device=device, dtype=attrs.get("dtype", "float32"), tta=attrs.get("tta", "none"))
+    for k in ("weights_sha256", "preprocess"):
+        want, have = attrs.get(k), emb.config[k]
+        if isinstance(want, dict):  # ignore library-version-only fields of the recorded preprocessing
+            want, have = {k2: v for k2, v in want.items() if k2 != "timm"}, {
+                k2: v for k2, v in have.items() if k2 != "timm"}
+        if want != have:
+            raise BackboneError(
+                f"the backbone {attrs['backbone']} ({attrs['weights']}) available now differs from the one recorded "
+                f"({k}: recorded {want!r}, now {have!r}); its features would not be comparable"
+            )
+    return emb
+
+
+# ------------------------------------------------------------------------------------------- loading
+class _Files(torch.utils.data.Dataset):
+    """Decode + preprocess in DataLoader workers; a bad file becomes (None, i, reason), never an exception."""
+
+    def __init__(self, paths: list[str], transform, max_pixels: int):
+        self.paths, self.transform, self.max_pixels = paths, transform, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(load_image(self.paths[i], self.max_pixels)), i, ""
+        except ImageDecodeError as e:
+            return None, i, str(e)
+        except Exception as e:  # noqa: BLE001 - a transform failing on an odd image must not stop the run
+            return None, i, f"preprocessing failed: {type(e).__name__}: {e}"
+
+
+def _collate(items):
+    ok = [(x, i) for x, i, _ in items if x is not None]
+    bad = [(i, r) for x, i, r in items if x is None]
+    x = torch.stack([t for t, _ in ok]) if ok else None  # (B, 3, H, W)
+    return x, [i for _, i in ok], bad
+
+
+def default_workers() -> int:
+    return min(os.cpu_count() or 1, 8)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PROBE_CACHE_DIR", "cache"))
+
+
+def default_store_path(ds: Dataset, backbone: str, key: str) -> Path:
+    """cache/<dataset>-<hash of its path>.<backbone>.<config key>.h5: a new configuration gets a new file."""
+    src = ds.root if ds.layout != "csv" else ds.root
+    slug = (Path(str(src)).name or "data") + "-" + hashlib.sha1(str(src).encode()).hexdigest()[:6]
+    return cache_dir() / f"{slug}.{backbone.replace('/', '_')}.{key[:8]}.h5"
+
+
+def _versions() -> dict[str, str]:
+    import h5py
+    import timm
+    import torchvision
+
+    return {"probe": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "h5py": h5py.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def extract(data: str | os.PathLike, out: str | os.PathLike | None = None, config: ExtractConfig | None = None,
+            progress: bool = False, backbone: Backbone | None = None) -> dict[str, Any]:
+    """Embed every image of DATA not already in the store; returns a summary dict.
+
+    Raises DatasetError / BackboneError / StoreError when the run cannot start; bad images never raise."""
+    cfg = config or ExtractConfig()
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {cfg.batch_size}")
+    ds = discover(data, cfg.layout)
+    emb = Embedder(backbone or create_backbone(cfg.backbone, cfg.weights), cfg.device, cfg.dtype, cfg.tta,
+                   cfg.channels_last)
+    store_cfg = emb.config
+    key = config_key(store_cfg)
+    out = Path(out) if out else default_store_path(ds, emb.backbone.name, key)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with locked(out):
+        return _extract_locked(ds, emb, store_cfg, key, out, cfg, progress)
+
+
+def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, progress: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    stored: dict[str, str] = {}
+    stored_meta: dict[str, tuple[int, str]] = {}
+    old_skips: dict[str, str] = {}
+    old_classes: list[str] = []
+    created = None
+    if out.exists():
+        check_compatible(out, store_cfg)
+        old = FeatureStore(out)
+        stored = dict(zip(old.paths(), old.fingerprints()))
+        stored_meta = dict(zip(old.paths(), zip(old.labels().tolist(), old.splits().tolist())))
+        old_skips = old.skipped_fingerprints()
+        old_classes, created = old.classes, old.attrs.get("created")
+    fps = [fingerprint(ds.abspath(i)) for i in range(len(ds))]
+    todo = [i for i, p in enumerate(ds.paths) if stored.get(p) != fps[i] and old_skips.get(p) != fps[i]]
+
+    journal = Journal(f"{out}.journal")
+    header, records = journal.read()
+    if header is not None and header.get("config_key") != key:
+        log.warning("%s belongs to another configuration: discarding it", journal.path)
+        header, records = None, []
+    if header is None:
+        journal.start({"config_key": key, "store": str(out)})
+    done: dict[str, tuple[str, np.ndarray]] = {}  # path -> (fingerprint, features) from the journal
+    bad: dict[str, tuple[str, str]] = {}  # path -> (fingerprint, reason)
+    for r in records:
+        for p, fp, v in zip(r["paths"].tolist(), r["fingerprints"].tolist(), r["features"]):
+            done[p] = (fp, v)
+        for p, fp, why in zip(r["bad_paths"].tolist(), r["bad_fingerprints"].tolist(), r["bad_reasons"].tolist()):
+            bad[p] = (fp, why)
+
+    def finished(i: int) -> bool:
+        p = ds.paths[i]
+        return (p in done and done[p][0] == fps[i]) or (p in bad and bad[p][0] == fps[i])
+
+    # Batches are cut from the to-do list before the journal is consulted: a resumed run sees the same batch
+    # boundaries as an uninterrupted one, so every image goes through the same forward pass.
+    batches = [todo[s: s + cfg.batch_size] for s in range(0, len(todo), cfg.batch_size)]
+    batches = [b for b in ([i for i in b if not finished(i)] for b in batches) if b]
+    n_resumed = sum(finished(i) for i in todo)
+    if n_resumed:
+        log.info("resuming %s: %d images already done in the journal", out, n_resumed)
+    workers = default_workers() if cfg.workers < 0 else cfg.workers
+    loader = DataLoader(
+        _Files([ds.abspath(i) for i in range(len(ds))], emb.backbone.transform, cfg.max_pixels),
+        batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+        pin_memory=emb.device.type == "cuda", prefetch_factor=4 if workers else None,
+    )
+    n_new = sum(len(b) for b in batches)
+    t_run = time.perf_counter()
+    with tqdm(total=n_new, unit="img", disable=not progress, desc=f"extract {emb.backbone.name}",
+              dynamic_ncols=True) as bar:
+        for x, idx, failed in loader:
+            feats = emb(x) if x is not None else np.zeros((0, emb.backbone.dim), np.float32)  # (B, D)
+            for i, reason in failed:
+                log.warning("skipped %s: %s", ds.abspath(i), reason)
+            journal.append(
+                features=feats.astype(np.float32),
+                paths=np.array([ds.paths[i] for i in idx], dtype=str),
+                fingerprints=np.array([fps[i] for i in idx], dtype=str),
+                bad_paths=np.array([ds.paths[i] for i, _ in failed], dtype=str),
+                bad_fingerprints=np.array([fps[i] for i, _ in failed], dtype=str),
+                bad_reasons=np.array([r for _, r in failed], dtype=str),
+            )
+            for j, i in enumerate(idx):
+                done[ds.paths[i]] = (fps[i], feats[j])
+            for i, r in failed:
+                bad[ds.paths[i]] = (fps[i], r)
+            bar.update(len(idx) + len(failed))
+    run_seconds = time.perf_counter() - t_run
+
+    # ---- merge: the store mirrors DATA; rows of vanished files stay unless prune
+    classes = sorted(set(ds.classes) | set(old_classes))
+    cindex = {c: i for i, c in enumerate(classes)}
+    in_ds = {p: i for i, p in enumerate(ds.paths)}
+    rows: dict[str, tuple[str, int, str]] = {}
+    new_features: dict[str, np.ndarray] = {}
+    stale = [p for p in stored if p not in in_ds]
+    for p in stored:  # stored rows first, in stored order
+        if p in in_ds:
+            i = in_ds[p]
+            if p in bad and bad[p][0] == fps[i]:
+                continue  # the file changed and no longer decodes: its old row would be wrong
+            y = ds.labels[i]
+            rows[p] = (done[p][0] if p in done else stored[p],
+                       cindex[ds.classes[y]] if y >= 0 else -1, ds.splits[i])
+        elif not cfg.prune:
+            y, sp = stored_meta[p]
+            rows[p] = (stored[p], cindex[old_classes[y]] if y >= 0 else -1, sp)
+    for i, p in enumerate(ds.paths):
+        if p in done and done[p][0] == fps[i]:
+            new_features[p] = done[p][1]
+            if p not in rows:
+                y = ds.labels[i]
+                rows[p] = (fps[i], cindex[ds.classes[y]] if y >= 0 else -1, ds.splits[i])
+    skipped = {p: bad[p] for p in ds.paths if p in bad and bad[p][0] == fps[in_ds[p]]}
+    skipped.update({p: (fp, old_reason) for p, (fp, old_reason) in _old_skip_reasons(out).items()
+                    if p in in_ds and fp == fps[in_ds[p]] and p not in skipped and p not in new_features})
+    attrs = {
+        **store_cfg,
+        "config_key": key,
+        "classes": classes,
+        "root": str(ds.root),
+        "layout": ds.layout,
+        "device": str(emb.device),
+        "versions": _versions(),
+        "extract_config": {k: v for k, v in asdict(cfg).items() if k not in ("prune",)},
+    }
+    if created:
+        attrs["created"] = created
+    changed = bool(new_features) or set(rows) != set(stored) or not out.exists() or \
+        skipped.keys() != old_skips.keys() or classes != old_classes
+    if changed:
+        write_store(out, attrs, rows, new_features, skipped, emb.backbone.dim)
+    journal.remove()
+    if stale:
+        log.warning("%d stored images are no longer under %s (e.g. %s): %s", len(stale), ds.root, stale[0],
+                    "dropped (--prune)" if cfg.prune else "kept; pass --prune to drop them")
+    elapsed = time.perf_counter() - t0
+    return {
+        "store": str(out),
+        "count": len(rows),
+        "dim": emb.backbone.dim,
+        "backbone": emb.backbone.name,
+        "classes": classes,
+        "embedded": len(done),
+        "reused": len(rows) - len([p for p in new_features]),
+        "resumed": n_resumed,
+        "skipped": [{"path": p, "reason": r} for p, (_, r) in sorted(skipped.items())],
+        "stale": 0 if cfg.prune else len(stale),
+        "pruned": len(stale) if cfg.prune else 0,
+        "ignored": len(ds.ignored),
+        "device": str(emb.device),
+        "dtype": emb.dtype,
+        "seconds": round(elapsed, 3),
+        "images_per_s": round(n_new / run_seconds, 2) if n_new and run_seconds > 0 else None,
+    }
+
+
+def _old_skip_reasons(out: Path) -> dict[str, tuple[str, str]]:
+    if not out.exists():
+        return {}
+    try:
+        store = FeatureStore(out)
+    except StoreError:
+        return {}
+    fps = store.skipped_fingerprints()
+    return {s["path"]: (fps[s["path"]], s["reason"]) for s in store.skipped()}

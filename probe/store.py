@@ -1,0 +1,400 @@
+"""The feature store: one HDF5 file per (dataset, backbone configuration), readable with plain h5py.
+
+Layout (schema version 1)::
+
+    /features              (N, D) float32   penultimate-layer embeddings, one row per image
+    /labels                (N,)   int64     index into attrs["classes"], -1 when unlabelled
+    /paths                 (N,)   utf-8     relative to attrs["root"] (absolute where a manifest said so)
+    /split                 (N,)   utf-8     "train" / "val" / "test" / "" (no split)
+    /fingerprints          (N,)   utf-8     "size:mtime_ns" of the file when it was embedded
+    /skipped/{paths,reasons,fingerprints}   files that could not be decoded, and why
+    attrs: schema_version, classes, backbone, weights, weights_sha256, preprocess (JSON), tta, dtype,
+           pooling, config_key, root, layout, versions (JSON), created, updated, device
+
+``config_key`` hashes everything that changes the numbers (backbone, weights checksum, preprocessing, pooling,
+TTA, dtype): rows made under another key are never mixed in. Writes are atomic (a new file renamed over the
+old one), so a crash leaves either the old store or the new one; work in progress lives in a journal beside it.
+
+Example:
+    >>> store = FeatureStore("cache/demo.h5")
+    >>> X, y = store.features(split="train"), store.labels(split="train")
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+KEY_FIELDS = ("backbone", "weights", "weights_sha256", "preprocess", "pooling", "tta", "dtype")
+STR = h5py.string_dtype("utf-8")
+
+
+class StoreError(ValueError):
+    """A feature store that cannot be read or written as asked."""
+
+
+class StoreMismatchError(StoreError):
+    """The store was built with another backbone configuration: its rows must not be mixed with these."""
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of every field that changes the features."""
+    payload = json.dumps({k: config[k] for k in KEY_FIELDS}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray):
+        return [_attr(x) for x in v.tolist()]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _strings(ds: h5py.Dataset, sel: Any = slice(None)) -> np.ndarray:
+    return ds.asstr()[sel] if len(ds) else np.array([], dtype=object)
+
+
+class FeatureStore:
+    """Read access to a store. Arrays are loaded on demand; ``split=None`` means all rows."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StoreError(f"feature store {str(self.path)!r} does not exist (make one with `probe extract`)")
+        try:
+            with h5py.File(self.path, "r") as f:
+                self.attrs = {k: _attr(v) for k, v in f.attrs.items()}
+                self.count, self.dim = f["features"].shape
+        except (OSError, KeyError) as e:
+            raise StoreError(f"{str(self.path)!r} is not a probe feature store: {e}") from e
+        version = self.attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: schema version {version}, this probe reads {SCHEMA_VERSION}")
+        for k in ("preprocess", "versions"):
+            if isinstance(self.attrs.get(k), str):
+                self.attrs[k] = json.loads(self.attrs[k])
+        self.classes: list[str] = list(self.attrs.get("classes", []))
+
+    # ---- identity
+    @property
+    def config(self) -> dict[str, Any]:
+        return {k: self.attrs.get(k) for k in KEY_FIELDS}
+
+    @property
+    def backbone(self) -> str:
+        return self.attrs["backbone"]
+
+    @property
+    def root(self) -> Path:
+        return Path(self.attrs["root"])
+
+    # ---- rows
+    def _mask(self, f: h5py.File, split: str | None) -> Any:
+        if split is None:
+            return slice(None)
+        sp = _strings(f["split"])
+        return np.flatnonzero(sp == split)
+
+    def features(self, split: str | None = None) -> np.ndarray:
+        with h5py.File(self.path, "r") as f:
+            m = self._mask(f, split)
+            return f["features"][m] if isinstance(m, slice) else f["features"][np.sort(m)] if len(m) else \
+                np.zeros((0, self.dim), np.float32)
+
+    def labels(self, split: str | None = None) -> np.ndarray:
+        with h5py.File(self.path, "r") as f:
+            m = self._mask(f, split)
+            return f["labels"][m] if isinstance(m, slice) or len(m) else np.zeros(0, np.int64)
+
+    def paths(self, split: str | None = None) -> np.ndarray:
+        with h5py.File(self.path, "r") as f:
+            return _strings(f["paths"], self._mask(f, split))
+
+    def splits(self) -> np.ndarray:
+        with h5py.File(self.path, "r") as f:
+            return _strings(f["split"])
+
+    def fingerprints(self) -> np.ndarray:
+        with h5py.File(self.path, "r") as f:
+            return _strings(f["fingerprints"])
+
+    def skipped(self) -> list[dict[str, str]]:
+        with h5py.File(self.path, "r") as f:
+            g = f["skipped"]
+            return [{"path": p, "reason": r} for p, r in zip(_strings(g["paths"]), _strings(g["reasons"]))]
+
+    def skipped_fingerprints(self) -> dict[str, str]:
+        with h5py.File(self.path, "r") as f:
+            g = f["skipped"]
+            return dict(zip(_strings(g["paths"]), _strings(g["fingerprints"])))
+
+    def abspath(self, rel: str) -> str:
+        return os.path.join(self.attrs["root"], rel)
+
+    def info(self) -> dict[str, Any]:
+        """Summary for `probe info`: counts, identity, classes, per-split counts, skipped files."""
+        sp = self.splits()
+        labels = self.labels()
+        return {
+            "path": str(self.path),
+            "count": int(self.count),
+            "dim": int(self.dim),
+            "backbone": self.backbone,
+            "weights": self.attrs.get("weights"),
+            "weights_sha256": self.attrs.get("weights_sha256"),
+            "preprocess": self.attrs.get("preprocess"),
+            "tta": self.attrs.get("tta"),
+            "dtype": self.attrs.get("dtype"),
+            "pooling": self.attrs.get("pooling"),
+            "config_key": self.attrs.get("config_key"),
+            "root": self.attrs.get("root"),
+            "layout": self.attrs.get("layout"),
+            "classes": self.classes,
+            "class_counts": {c: int((labels == i).sum()) for i, c in enumerate(self.classes)},
+            "unlabelled": int((labels < 0).sum()),
+            "splits": {s or "(none)": int((sp == s).sum()) for s in sorted(set(sp.tolist()))},
+            "skipped": self.skipped(),
+            "versions": self.attrs.get("versions"),
+            "created": self.attrs.get("created"),
+            "updated": self.attrs.get("updated"),
+            "schema_version": self.attrs.get("schema_version"),
+        }
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r}, count={self.count}, dim={self.dim}, backbone={self.backbone!r})"
+
+
+def check_compatible(path: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Raise StoreMismatchError naming every field where the store at ``path`` differs from ``config``."""
+    store = FeatureStore(path)
+    if store.attrs.get("config_key") == config_key(config):
+        return
+    diffs = [f"{k}: store has {store.attrs.get(k)!r}, this run {config[k]!r}"
+             for k in KEY_FIELDS if store.attrs.get(k) != config[k]]
+    raise StoreMismatchError(
+        f"{path} was built with a different backbone configuration; its features must not be mixed with these.\n  "
+        + "\n  ".join(diffs or ["config_key differs"])
+        + "\n  Use another --out (the default path is keyed by configuration) or delete the old store."
+    )
+
+
+# ------------------------------------------------------------------------------------------ locking
+@contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """One writer per store: a second `probe extract` on the same store fails at once."""
+    lock_path = f"{path}.lock"
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"another process is writing {path} (lock {lock_path} is held)") from None
+        yield
+        os.unlink(lock_path)  # while still holding it: the next writer creates a fresh one
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------ journal
+_MAGIC = b"PRJ1"
+_HEAD = struct.Struct("<4sQI")  # magic, payload length, crc32
+
+
+class Journal:
+    """Append-only log of finished batches beside a store (``STORE.journal``).
+
+    Each record is framed with its length and CRC32 and fsync'd, so after ``kill -9`` every complete record is
+    intact and a torn tail is ignored (and cut off on the next append). Only the in-flight batch is lost."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def read(self) -> tuple[dict[str, Any] | None, list[dict[str, np.ndarray]]]:
+        """(header, batch records) of every intact record; truncates a torn tail."""
+        if not self.path.exists():
+            return None, []
+        header, records, good = None, [], 0
+        with open(self.path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + _HEAD.size <= len(data):
+            magic, n, crc = _HEAD.unpack_from(data, pos)
+            payload = data[pos + _HEAD.size: pos + _HEAD.size + n]
+            if magic != _MAGIC or len(payload) != n or zlib.crc32(payload) != crc:
+                break
+            if header is None:
+                header = json.loads(payload)
+            else:
+                with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+                    records.append({k: z[k] for k in z.files})
+            pos += _HEAD.size + n
+            good = pos
+        if good < len(data):
+            log.warning("%s: ignoring a torn record at byte %d (interrupted write)", self.path, good)
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+        return header, records
+
+    def _append(self, payload: bytes) -> None:
+        with open(self.path, "ab") as f:
+            f.write(_HEAD.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def start(self, header: dict[str, Any]) -> None:
+        self.path.unlink(missing_ok=True)
+        self._append(json.dumps(header).encode())
+
+    def append(self, **arrays: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        self._append(buf.getvalue())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _replace_strings(f: h5py.File, name: str, values: list[str] | np.ndarray) -> None:
+    if name in f:
+        del f[name]
+    f.create_dataset(name, data=np.asarray(list(values), dtype=object), dtype=STR)
+
+
+def write_store(
+    path: str | os.PathLike,
+    attrs: dict[str, Any],
+    rows: dict[str, tuple[str, int, str]],
+    new_features: dict[str, np.ndarray],
+    skipped: dict[str, tuple[str, str]],
+    dim: int,
+) -> None:
+    """Write the store at ``path`` atomically.
+
+    ``rows``: every row the store should hold, path -> (fingerprint, label, split), in order; rows already in the
+    old store keep their features unless ``new_features`` has the path. ``skipped``: path -> (fingerprint, reason).
+    The old store is copied, updated and renamed over, so a crash at any point leaves a valid store."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    old_index: dict[str, int] = {}
+    if path.exists():
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r") as f:
+            old_index = {p: i for i, p in enumerate(_strings(f["paths"]))}
+    else:
+        tmp.unlink(missing_ok=True)
+    with h5py.File(tmp, "a") as f:
+        if "features" not in f:
+            f.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype="f4",
+                             chunks=(max(1, min(1024, (1 << 20) // (4 * dim))), dim))
+            f.attrs["created"] = now
+        feats = f["features"]
+        dropped = [p for p in old_index if p not in rows]
+        if dropped:  # compaction: copy the kept rows, in their order, into a fresh dataset
+            keep = sorted(old_index[p] for p in old_index if p in rows)
+            fresh = f.create_dataset("features_compact", shape=(len(keep), dim), maxshape=(None, dim), dtype="f4",
+                                     chunks=feats.chunks)
+            for s in range(0, len(keep), 4096):
+                fresh[s: s + 4096] = feats[keep[s: s + 4096]]
+            del f["features"]
+            f.move("features_compact", "features")
+            feats = f["features"]
+            kept_paths = sorted((p for p in old_index if p in rows), key=old_index.get)
+            old_index = {p: i for i, p in enumerate(kept_paths)}
+        n_old = len(old_index)
+        appended = [p for p in rows if p not in old_index]
+        feats.resize((n_old + len(appended), dim))
+        for p, vec in new_features.items():  # changed files: overwrite their row in place
+            if p in old_index:
+                feats[old_index[p]] = vec
+        if appended:
+            block = 4096
+            for s in range(0, len(appended), block):
+                chunk = appended[s: s + block]
+                feats[n_old + s: n_old + s + len(chunk)] = np.stack([new_features[p] for p in chunk])
+        order = sorted(old_index, key=old_index.get) + appended  # stored rows keep their position
+        fps, labels, splits = zip(*(rows[p] for p in order)) if order else ((), (), ())
+        _replace_strings(f, "paths", order)
+        _replace_strings(f, "fingerprints", fps)
+        _replace_strings(f, "split", splits)
+        if "labels" in f:
+            del f["labels"]
+        f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+        if "skipped" in f:
+            del f["skipped"]
+        g = f.create_group("skipped")
+        sk = sorted(skipped)
+        _replace_strings(g, "paths", sk)
+        _replace_strings(g, "fingerprints", [skipped[p][0] for p in sk])
+        _replace_strings(g, "reasons", [skipped[p][1] for p in sk])
+        for k, v in attrs.items():
+            if isinstance(v, dict):
+                v = json.dumps(v, sort_keys=True)
+            elif isinstance(v, (list, tuple)):
+                v = np.asarray(list(v), dtype=object) if v else np.asarray([], dtype=STR)
+            if isinstance(v, np.ndarray) and v.dtype == object:
+                f.attrs.create(k, v, dtype=STR)
+            else:
+                f.attrs[k] = v
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["updated"] = now
+        f.flush()
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def store_from_arrays(
+    path: str | os.PathLike,
+    features: np.ndarray,
+    labels: np.ndarray | None = None,
+    paths: list[str] | None = None,
+    splits: list[str] | None = None,
+    classes: list[str] | None = None,
+    config: dict[str, Any] | None = None,
+    root: str = "",
+) -> FeatureStore:
+    """Write a store from in-memory arrays (tests, benchmarks, merges). ``config`` holds the KEY_FIELDS;
+    missing ones get placeholder values marking the features as not made by a backbone.
+
+    Example:
+        >>> store_from_arrays("cache/x.h5", np.random.rand(10, 4), np.arange(10) % 2, classes=["a", "b"])
+    """
+    features = np.asarray(features, dtype=np.float32)
+    n, dim = features.shape
+    labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+    paths = paths if paths is not None else [f"row{i:08d}" for i in range(n)]
+    splits = splits if splits is not None else [""] * n
+    cfg = {"backbone": "arrays", "weights": "none", "weights_sha256": "", "preprocess": {}, "pooling": "none",
+           "tta": "none", "dtype": "float32", **(config or {})}
+    classes = classes if classes is not None else [str(c) for c in range(int(labels.max()) + 1 if n else 0)]
+    attrs = {**cfg, "config_key": config_key(cfg), "classes": classes, "root": root, "layout": "arrays",
+             "versions": {}, "device": "none"}
+    rows = {p: ("", int(y), s) for p, y, s in zip(paths, labels, splits)}
+    if len(rows) != n:
+        raise StoreError("paths must be unique")
+    Path(path).unlink(missing_ok=True)
+    write_store(path, attrs, rows, dict(zip(paths, features)), {}, dim)
+    return FeatureStore(path)
