@@ -1,0 +1,52 @@
+"""Benchmark harness: every script measures probe and its baseline in the same run and writes one JSON file.
+
+    python benchmarks/bench_extract.py            # -> benchmarks/results/extract.json
+
+Figures are ratios against the baseline measured in that run, plus the machine they ran on."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+@contextmanager
+def timer() -> Iterator[dict[str, float]]:
+    """with timer() as t: ...; t["s"] is the elapsed wall time."""
+    t: dict[str, float] = {}
+    start = time.perf_counter()
+    yield t
+    t["s"] = time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (children excluded), MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_result(name: str, result: dict[str, Any], out: str | os.PathLike | None = None) -> Path:
+    """Write ``{"benchmark": name, "machine": …, **result}`` as JSON and print it."""
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(), **result}
+    path.write_text(json.dumps(payload, indent=2))
+    print(json.dumps(payload, indent=2))
+    return path

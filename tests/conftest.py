@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny generated image folders, a random-weight tiny backbone, and the real demo store.
+
+No network: pretrained weights come only from the offline-packaged efficientnet_lite0."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from probe.extract import ExtractConfig, extract
+
+DEMO = Path(__file__).resolve().parents[1] / "probe" / "demo" / "fashion-mnist"
+TINY = "timm/test_vit"  # random-weight timm test model: 64-d embeddings, 160 px input, milliseconds per batch
+
+os.environ.setdefault("PROBE_OFFLINE", "1")  # never try a download from a test
+
+
+def make_image(path: Path, seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> Path:
+    """A small image whose colour depends on ``seed`` (so classes differ)."""
+    rng = np.random.default_rng(seed)
+    base = np.array([(seed * 53) % 256, (seed * 97) % 256, (seed * 193) % 256], np.uint8)
+    arr = np.clip(base + rng.integers(-20, 20, size=(size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).convert(mode).save(path)
+    return path
+
+
+def make_imagefolder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 4, splits=None) -> Path:
+    """root/<class>/img_k.png, or root/<split>/<class>/… when ``splits`` is given."""
+    for s in splits or [None]:
+        for c, name in enumerate(classes):
+            for k in range(per_class):
+                folder = root / s / name if s else root / name
+                make_image(folder / f"img_{k}.png", seed=c * 10 + k)
+    return root
+
+
+def tiny_config(**kw) -> ExtractConfig:
+    return ExtractConfig(backbone=TINY, weights="random", batch_size=4, workers=0, dtype="float32", **kw)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    return make_imagefolder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory) -> Path:
+    """The real demo set (400 Fashion-MNIST images, train/ and val/) through the packaged lite0, once a session."""
+    out = tmp_path_factory.mktemp("demo") / "demo.h5"
+    extract(DEMO, out, ExtractConfig(batch_size=64, workers=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Path:
+    """A labelled split store (train/val/test, 3 classes) from the random-weight tiny backbone."""
+    root = make_imagefolder(tmp_path_factory.mktemp("tiny") / "data", per_class=6, splits=("train", "val", "test"))
+    out = root.parent / "tiny.h5"
+    extract(root, out, tiny_config())
+    return out
