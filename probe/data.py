@@ -11,6 +11,7 @@ Layouts (``discover``):
 from __future__ import annotations
 
 import csv
+import errno
 import logging
 import os
 import warnings
@@ -201,8 +202,13 @@ def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
     EXIF orientation is applied; animations give their first frame; images above ``max_pixels`` are refused
     before decoding (decompression bombs)."""
-    if os.path.islink(path) and not os.path.exists(path):
-        raise ImageDecodeError(f"dangling symbolic link to {os.readlink(path)}")
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageDecodeError("unreadable: symbolic link loop") from None
+        if os.path.islink(path):
+            raise ImageDecodeError(f"dangling symbolic link to {os.readlink(path)}") from None
     try:
         if os.path.getsize(path) == 0:
             raise ImageDecodeError("empty file (0 bytes)")

@@ -52,6 +52,15 @@ class ExtractConfig:
     channels_last: bool = True  # NHWC: faster convolutions on CPU (oneDNN) and GPU (tensor cores)
     prune: bool = False  # drop stored rows whose files have disappeared from DATA
 
+    def __post_init__(self) -> None:  # cheap checks first: a bad option fails before any model loads
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"unknown TTA {self.tta!r}: expected one of {', '.join(TTA_MODES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        resolve_device(self.device)
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
@@ -226,8 +235,6 @@ def extract(data: str | os.PathLike, out: str | os.PathLike | None = None, confi
 
     Raises DatasetError / BackboneError / StoreError when the run cannot start; bad images never raise."""
     cfg = config or ExtractConfig()
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {cfg.batch_size}")
     ds = discover(data, cfg.layout)
     emb = Embedder(backbone or create_backbone(cfg.backbone, cfg.weights), cfg.device, cfg.dtype, cfg.tta,
                    cfg.channels_last)
@@ -290,6 +297,7 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
     )
     n_new = sum(len(b) for b in batches)
     t_run = time.perf_counter()
+    n_embedded = 0
     with tqdm(total=n_new, unit="img", disable=not progress, desc=f"extract {emb.backbone.name}",
               dynamic_ncols=True) as bar:
         for x, idx, failed in loader:
@@ -304,6 +312,7 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
                 bad_fingerprints=np.array([fps[i] for i, _ in failed], dtype=str),
                 bad_reasons=np.array([r for _, r in failed], dtype=str),
             )
+            n_embedded += len(idx)
             for j, i in enumerate(idx):
                 done[ds.paths[i]] = (fps[i], feats[j])
             for i, r in failed:
@@ -365,8 +374,8 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
         "dim": emb.backbone.dim,
         "backbone": emb.backbone.name,
         "classes": classes,
-        "embedded": len(done),
-        "reused": len(rows) - len([p for p in new_features]),
+        "embedded": n_embedded,  # by this process; `resumed` more came from an interrupted run's journal
+        "reused": len(rows) - len(new_features),
         "resumed": n_resumed,
         "skipped": [{"path": p, "reason": r} for p, (_, r) in sorted(skipped.items())],
         "stale": 0 if cfg.prune else len(stale),

@@ -206,9 +206,9 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
     lock_path = f"{path}.lock"
     fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        try:  # a POSIX record lock: owned by this process only, so forked decode workers never hold it
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             raise StoreError(f"another process is writing {path} (lock {lock_path} is held)") from None
         yield
         os.unlink(lock_path)  # while still holding it: the next writer creates a fresh one

