@@ -1,0 +1,149 @@
+"""`probe extract` end to end vs (a) the backbone's pure forward on pre-decoded tensors and (b) the seeds' plain
+loop (torchvision ImageFolder + DataLoader + fp32 model), on a folder of real photos, in one run.
+
+    python benchmarks/bench_extract.py [--images 256] [--backbone efficientnet_lite0]
+
+Targets (issue 2): probe >= 0.8x (a) and >= 2x (b); peak memory flat in the number of images.
+The photos are skimage.data's real pictures, cropped/scaled/flipped into a few hundred 500x375 JPEGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import timer, write_result  # noqa: E402
+
+from probe.backbones import create_backbone  # noqa: E402
+from probe.extract import Embedder, ExtractConfig, default_workers, extract  # noqa: E402
+
+
+def make_photos(root: Path, n: int, seed: int = 0) -> Path:
+    """n JPEGs (500x375, like typical photo datasets) cut from skimage's real photos, 4 classes."""
+    import skimage.data
+
+    sources = {"cat": skimage.data.chelsea(), "coffee": skimage.data.coffee(), "rocket": skimage.data.rocket(),
+               "astronaut": skimage.data.astronaut()}
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        name = list(sources)[k % len(sources)]
+        img = Image.fromarray(sources[name])
+        w, h = img.size
+        s = rng.uniform(0.6, 1.0)
+        cw, ch = int(w * s), int(h * s)
+        x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+        img = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((500, 375))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        (root / name).mkdir(parents=True, exist_ok=True)
+        img.save(root / name / f"{k:05d}.jpg", quality=90)
+    return root
+
+
+def pure_forward(backbone: str, n: int, batch: int, dtype: str) -> float:
+    """(a) images/s of the model alone on tensors already decoded and preprocessed, probe's device settings."""
+    emb = Embedder(create_backbone(backbone), device="cpu", dtype=dtype)
+    crop = emb.backbone.preprocess["crop"]
+    x = torch.randn(batch, 3, crop, crop)
+    emb(x)  # warm-up
+    with timer() as t:
+        for _ in range(max(1, n // batch)):
+            emb(x)
+    return max(1, n // batch) * batch / t["s"]
+
+
+def seeds_loop(data: Path, backbone: str, batch: int, workers: int) -> float:
+    """(b) the loop the seed documents write: ImageFolder + DataLoader + fp32 model, collecting features."""
+    from torchvision import datasets
+
+    bb = create_backbone(backbone)
+    ds = datasets.ImageFolder(str(data), transform=bb.transform)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers)
+    model = bb.model.eval()
+    feats = []
+    with timer() as t, torch.no_grad():
+        for x, _ in loader:
+            feats.append(model(x).numpy())
+    return len(ds) / t["s"]
+
+
+def probe_extract(data: Path, out: Path, backbone: str, batch: int, workers: int) -> dict:
+    cfg = ExtractConfig(backbone=backbone, batch_size=batch, workers=workers)
+    out.unlink(missing_ok=True)
+    with timer() as t:
+        s = extract(data, out, cfg)
+    return {"images_per_s": len_images(data) / t["s"], "loop_images_per_s": s["images_per_s"], "dtype": s["dtype"],
+            "workers": workers, "wall_s": round(t["s"], 2)}
+
+
+def len_images(data: Path) -> int:
+    return sum(1 for _ in data.rglob("*.jpg"))
+
+
+PEAK = """
+import json, resource, sys
+from probe.extract import ExtractConfig, extract
+extract(sys.argv[1], sys.argv[2], ExtractConfig(backbone=sys.argv[3], workers=int(sys.argv[4])))
+own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"peak_rss_mb": round(own, 1), "worker_peak_rss_mb": round(kids, 1)}))
+"""
+
+
+def peak_memory(data: Path, out: Path, backbone: str, workers: int) -> dict:
+    out.unlink(missing_ok=True)
+    r = subprocess.run([sys.executable, "-c", PEAK, str(data), str(out), backbone, str(workers)],
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed-batch-size", type=int, default=32)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = make_photos(tmp / "photos", args.images)
+        big = make_photos(tmp / "photos4x", args.images * 4, seed=1)
+        from probe.extract import resolve_device, resolve_dtype
+
+        dtype = resolve_dtype("auto", resolve_device("auto"))
+        forward = pure_forward(args.backbone, args.images, args.batch_size, dtype)
+        forward_fp32 = pure_forward(args.backbone, args.images, args.batch_size, "float32")
+        seeds = seeds_loop(data, args.backbone, args.seed_batch_size, workers=default_workers())
+        runs = [probe_extract(data, tmp / "s.h5", args.backbone, args.batch_size, w) for w in (1, default_workers())]
+        best = max(runs, key=lambda r: r["images_per_s"])
+        mem_small = peak_memory(data, tmp / "m1.h5", args.backbone, default_workers())
+        mem_big = peak_memory(big, tmp / "m4.h5", args.backbone, default_workers())
+    write_result("extract", {
+        "backbone": args.backbone,
+        "images": args.images,
+        "image_size": "500x375 JPEG",
+        "batch_size": args.batch_size,
+        "probe": {"best": best, "runs": runs},
+        "baseline_forward_pre_decoded": {"images_per_s": round(forward, 2), "dtype": dtype,
+                                         "float32_images_per_s": round(forward_fp32, 2)},
+        "baseline_seeds_loop": {"images_per_s": round(seeds, 2), "batch_size": args.seed_batch_size,
+                                "workers": default_workers(), "dtype": "float32"},
+        "ratio_vs_forward": round(best["images_per_s"] / forward, 3),
+        "ratio_vs_seeds_loop": round(best["images_per_s"] / seeds, 3),
+        "targets": {"vs_forward": 0.8, "vs_seeds_loop": 2.0},
+        "peak_memory": {f"{args.images}_images": mem_small, f"{args.images * 4}_images": mem_big},
+    }, args.out)
+
+
+if __name__ == "__main__":
+    main()
