@@ -110,6 +110,8 @@ class LinearHead(Head):
             y_arr = np.asarray(y)
             tr, ho = stratified_holdout(y_arr, self.holdout, self.seed)
             X_arr = np.asarray(X, np.float32)
+            if sample_weight is not None:
+                sample_weight = np.asarray(sample_weight, np.float32)[tr]
             Z, yi = self._start_fit(X_arr[tr], y_arr[tr])
             yi_all = np.searchsorted(self.classes_, y_arr)
             Zv, yv = apply_norm(X_arr[ho], self.norm_), yi_all[ho]
@@ -129,15 +131,18 @@ class LinearHead(Head):
         K = len(self.classes_)
         dev = resolve_device(self.device)
 
-        def weights(yi_: np.ndarray, sw) -> torch.Tensor:
+        def weights(yi_: np.ndarray, sw: np.ndarray | None) -> torch.Tensor:
+            """(N,) per-row weights: balanced class weights times the caller's sample weights."""
             w = balanced_weights(yi_, K) if self.balanced else np.ones(len(yi_), np.float32)
             if sw is not None:
-                w = w * np.asarray(sw, np.float32)
+                w = w * sw
             return torch.from_numpy(w).to(dev)
 
+        sw = None if sample_weight is None else np.asarray(sample_weight, np.float32)
+        if sw is not None and sw.shape != yi.shape:
+            raise ValueError(f"expected {len(yi)} sample weights (one per row), got shape {sw.shape}")
         Zt, yt = torch.from_numpy(Z).to(dev), torch.from_numpy(yi).to(dev)
-        sw_train = None if sample_weight is None or Zv is None or eval_set is not None else None
-        wt = weights(yi, sample_weight if eval_set is not None or self.C is not None else sw_train)
+        wt = weights(yi, sw)
         W = torch.zeros(Z.shape[1], K, device=dev)
         b = torch.zeros(K, device=dev)
         self.sweep_ = []
@@ -162,7 +167,8 @@ class LinearHead(Head):
             if self.refit:  # Kornblith et al.: refit on train + validation at the chosen strength
                 Zall = torch.cat([Zt, Zvt])
                 yall = torch.cat([yt, torch.from_numpy(yv).to(dev)])
-                W, b, _ = _solve(Zall, yall, weights(yall.cpu().numpy(), None), self.C_, W, b,
+                sw_all = None if sw is None else np.concatenate([sw, np.ones(len(yv), np.float32)])
+                W, b, _ = _solve(Zall, yall, weights(yall.cpu().numpy(), sw_all), self.C_, W, b,
                                  self.max_iter_final, self.tol)
             log.info("chose C=%.3g (val accuracy %.4f)", self.C_, self.val_accuracy_)
         self.coef_ = W.T.contiguous().cpu().numpy()  # (K, D)
