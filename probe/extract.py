@@ -270,17 +270,16 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
         header, records = None, []
     if header is None:
         journal.start({"config_key": key, "store": str(out)})
-    done: dict[str, tuple[str, np.ndarray]] = {}  # path -> (fingerprint, features) from the journal
+    done: dict[str, str] = {}  # path -> fingerprint of every image embedded in the journal (features stay on disk)
     bad: dict[str, tuple[str, str]] = {}  # path -> (fingerprint, reason)
     for r in records:
-        for p, fp, v in zip(r["paths"].tolist(), r["fingerprints"].tolist(), r["features"]):
-            done[p] = (fp, v)
+        done.update(zip(r["paths"].tolist(), r["fingerprints"].tolist()))
         for p, fp, why in zip(r["bad_paths"].tolist(), r["bad_fingerprints"].tolist(), r["bad_reasons"].tolist()):
             bad[p] = (fp, why)
 
     def finished(i: int) -> bool:
         p = ds.paths[i]
-        return (p in done and done[p][0] == fps[i]) or (p in bad and bad[p][0] == fps[i])
+        return done.get(p) == fps[i] or (p in bad and bad[p][0] == fps[i])
 
     # Batches are cut from the to-do list before the journal is consulted: a resumed run sees the same batch
     # boundaries as an uninterrupted one, so every image goes through the same forward pass.
@@ -313,8 +312,7 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
                 bad_reasons=np.array([r for _, r in failed], dtype=str),
             )
             n_embedded += len(idx)
-            for j, i in enumerate(idx):
-                done[ds.paths[i]] = (fps[i], feats[j])
+            done.update((ds.paths[i], fps[i]) for i in idx)
             for i, r in failed:
                 bad[ds.paths[i]] = (fps[i], r)
             bar.update(len(idx) + len(failed))
@@ -325,7 +323,7 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
     cindex = {c: i for i, c in enumerate(classes)}
     in_ds = {p: i for i, p in enumerate(ds.paths)}
     rows: dict[str, tuple[str, int, str]] = {}
-    new_features: dict[str, np.ndarray] = {}
+    new: set[str] = set()  # paths whose vectors come from the journal
     stale = [p for p in stored if p not in in_ds]
     for p in stored:  # stored rows first, in stored order
         if p in in_ds:
@@ -333,20 +331,20 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
             if p in bad and bad[p][0] == fps[i]:
                 continue  # the file changed and no longer decodes: its old row would be wrong
             y = ds.labels[i]
-            rows[p] = (done[p][0] if p in done else stored[p],
+            rows[p] = (done.get(p, stored[p]),
                        cindex[ds.classes[y]] if y >= 0 else -1, ds.splits[i])
         elif not cfg.prune:
             y, sp = stored_meta[p]
             rows[p] = (stored[p], cindex[old_classes[y]] if y >= 0 else -1, sp)
     for i, p in enumerate(ds.paths):
-        if p in done and done[p][0] == fps[i]:
-            new_features[p] = done[p][1]
+        if done.get(p) == fps[i]:
+            new.add(p)
             if p not in rows:
                 y = ds.labels[i]
                 rows[p] = (fps[i], cindex[ds.classes[y]] if y >= 0 else -1, ds.splits[i])
     skipped = {p: bad[p] for p in ds.paths if p in bad and bad[p][0] == fps[in_ds[p]]}
     skipped.update({p: (fp, old_reason) for p, (fp, old_reason) in _old_skip_reasons(out).items()
-                    if p in in_ds and fp == fps[in_ds[p]] and p not in skipped and p not in new_features})
+                    if p in in_ds and fp == fps[in_ds[p]] and p not in skipped and p not in new})
     attrs = {
         **store_cfg,
         "config_key": key,
@@ -359,10 +357,11 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
     }
     if created:
         attrs["created"] = created
-    changed = bool(new_features) or set(rows) != set(stored) or not out.exists() or \
+    changed = bool(new) or set(rows) != set(stored) or not out.exists() or \
         skipped.keys() != old_skips.keys() or classes != old_classes
     if changed:
-        write_store(out, attrs, rows, new_features, skipped, emb.backbone.dim)
+        write_store(out, attrs, rows, journal.features(), skipped, emb.backbone.dim,
+                    new={p for p in new if p not in stored})
     journal.remove()
     if stale:
         log.warning("%d stored images are no longer under %s (e.g. %s): %s", len(stale), ds.root, stale[0],
@@ -375,7 +374,7 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
         "backbone": emb.backbone.name,
         "classes": classes,
         "embedded": n_embedded,  # by this process; `resumed` more came from an interrupted run's journal
-        "reused": len(rows) - len(new_features),
+        "reused": len(rows) - len(new),
         "resumed": n_resumed,
         "skipped": [{"path": p, "reason": r} for p, (_, r) in sorted(skipped.items())],
         "stale": 0 if cfg.prune else len(stale),

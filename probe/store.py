@@ -32,7 +32,7 @@ import shutil
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -230,31 +230,49 @@ class Journal:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
-    def read(self) -> tuple[dict[str, Any] | None, list[dict[str, np.ndarray]]]:
-        """(header, batch records) of every intact record; truncates a torn tail."""
+    def _records(self, skip: tuple[str, ...] = ()) -> Iterator[tuple[int, dict[str, Any] | dict[str, np.ndarray]]]:
+        """(end offset, record) for every intact record, one at a time: memory stays one batch deep.
+        The first record is the JSON header; arrays named in ``skip`` are not loaded."""
         if not self.path.exists():
-            return None, []
-        header, records, good = None, [], 0
+            return
         with open(self.path, "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos + _HEAD.size <= len(data):
-            magic, n, crc = _HEAD.unpack_from(data, pos)
-            payload = data[pos + _HEAD.size: pos + _HEAD.size + n]
-            if magic != _MAGIC or len(payload) != n or zlib.crc32(payload) != crc:
-                break
+            first = True
+            while True:
+                head = f.read(_HEAD.size)
+                if len(head) < _HEAD.size:
+                    return
+                magic, n, crc = _HEAD.unpack(head)
+                payload = f.read(n) if magic == _MAGIC else b""
+                if magic != _MAGIC or len(payload) != n or zlib.crc32(payload) != crc:
+                    return
+                if first:
+                    yield f.tell(), json.loads(payload)
+                    first = False
+                else:
+                    with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+                        yield f.tell(), {k: z[k] for k in z.files if k not in skip}
+
+    def read(self) -> tuple[dict[str, Any] | None, list[dict[str, np.ndarray]]]:
+        """(header, batch records without their features) of every intact record; cuts off a torn tail."""
+        header, records, good = None, [], 0
+        for end, rec in self._records(skip=("features",)):
+            good = end
             if header is None:
-                header = json.loads(payload)
+                header = rec
             else:
-                with np.load(io.BytesIO(payload), allow_pickle=False) as z:
-                    records.append({k: z[k] for k in z.files})
-            pos += _HEAD.size + n
-            good = pos
-        if good < len(data):
+                records.append(rec)
+        if self.path.exists() and good < self.path.stat().st_size:
             log.warning("%s: ignoring a torn record at byte %d (interrupted write)", self.path, good)
             with open(self.path, "r+b") as f:
                 f.truncate(good)
         return header, records
+
+    def features(self) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
+        """(paths, fingerprints, (B, D) features) of each batch record, in the order they were written."""
+        records = self._records()
+        next(records, None)  # header
+        for _, r in records:
+            yield r["paths"].tolist(), r["fingerprints"].tolist(), r["features"]
 
     def _append(self, payload: bytes) -> None:
         with open(self.path, "ab") as f:
@@ -286,14 +304,18 @@ def write_store(
     path: str | os.PathLike,
     attrs: dict[str, Any],
     rows: dict[str, tuple[str, int, str]],
-    new_features: dict[str, np.ndarray],
+    batches: Iterable[tuple[list[str], list[str], np.ndarray]],
     skipped: dict[str, tuple[str, str]],
     dim: int,
+    new: set[str] | None = None,
 ) -> None:
     """Write the store at ``path`` atomically.
 
-    ``rows``: every row the store should hold, path -> (fingerprint, label, split), in order; rows already in the
-    old store keep their features unless ``new_features`` has the path. ``skipped``: path -> (fingerprint, reason).
+    ``rows``: every row the store should hold, path -> (fingerprint, label, split), in order; stored rows keep
+    their position and features unless a batch brings a vector for them. ``batches``: (paths, fingerprints,
+    (B, D) features) — a vector is taken when its fingerprint is the row's (later batches win), so the journal can
+    be streamed in without holding all features in memory. ``new``: paths not yet stored that the batches will
+    fill (default: rows not in the old store). ``skipped``: path -> (fingerprint, reason).
     The old store is copied, updated and renamed over, so a crash at any point leaves a valid store."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -323,18 +345,25 @@ def write_store(
             feats = f["features"]
             kept_paths = sorted((p for p in old_index if p in rows), key=old_index.get)
             old_index = {p: i for i, p in enumerate(kept_paths)}
-        n_old = len(old_index)
         appended = [p for p in rows if p not in old_index]
-        feats.resize((n_old + len(appended), dim))
-        for p, vec in new_features.items():  # changed files: overwrite their row in place
-            if p in old_index:
-                feats[old_index[p]] = vec
-        if appended:
-            block = 4096
-            for s in range(0, len(appended), block):
-                chunk = appended[s: s + block]
-                feats[n_old + s: n_old + s + len(chunk)] = np.stack([new_features[p] for p in chunk])
         order = sorted(old_index, key=old_index.get) + appended  # stored rows keep their position
+        row_of = {p: i for i, p in enumerate(order)}
+        feats.resize((len(order), dim))
+        filled = set()
+        for paths, fps, vecs in batches:
+            hit = [(row_of[p], j) for j, (p, fp) in enumerate(zip(paths, fps)) if p in row_of and rows[p][0] == fp]
+            if not hit:
+                continue
+            r, j = map(list, zip(*hit))
+            if r == list(range(r[0], r[0] + len(r))):  # the usual case: a batch of appended rows, contiguous
+                feats[r[0]: r[0] + len(r)] = vecs[j]
+            else:
+                for ri, ji in hit:
+                    feats[ri] = vecs[ji]
+            filled.update(order[ri] for ri in r)
+        missing = set(appended if new is None else new) - filled
+        if missing:
+            raise StoreError(f"internal: no features for {len(missing)} new rows, e.g. {next(iter(missing))!r}")
         fps, labels, splits = zip(*(rows[p] for p in order)) if order else ((), (), ())
         _replace_strings(f, "paths", order)
         _replace_strings(f, "fingerprints", fps)
@@ -396,5 +425,5 @@ def store_from_arrays(
     if len(rows) != n:
         raise StoreError("paths must be unique")
     Path(path).unlink(missing_ok=True)
-    write_store(path, attrs, rows, dict(zip(paths, features)), {}, dim)
+    write_store(path, attrs, rows, [(list(paths), [""] * n, features)], {}, dim)
     return FeatureStore(path)

@@ -46,10 +46,8 @@ def test_imagefolder_store_is_plain_hdf5(tiny_folder, tmp_path):
         assert json.loads(f.attrs["preprocess"])["crop"] == 160
         assert f.attrs["tta"] == "none" and f.attrs["dtype"] == "float32" and f.attrs["schema_version"] == 1
         assert len(f.attrs["weights_sha256"]) == 64 and "torch" in json.loads(f.attrs["versions"])
-    # images of the same class are closer to each other than to other classes (features are real embeddings)
-    s = FeatureStore(out)
-    X, y = s.features(), s.labels()
-    assert np.isfinite(X).all() and X.std() > 0
+    X = FeatureStore(out).features()
+    assert np.isfinite(X).all() and len(np.unique(X.round(4), axis=0)) == 12  # distinct images, distinct rows
 
 
 def test_split_root_records_split_per_row(tmp_path):
@@ -170,7 +168,7 @@ def make_bad_corpus(root: Path) -> dict[str, str]:
     os.symlink(d / "loop.png", d / "loop.png")  # unreadable (even for root): ELOOP
     os.symlink(d / "missing.png", d / "dangling.png")
     Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg")
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(d / "sixteen.png")  # 16-bit grey
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(d / "sixteen.png")  # 16-bit grey
     Image.fromarray(rgb).convert("P").save(d / "palette.gif")
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(d / "alpha.png")
