@@ -11,9 +11,10 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -2,4 +2,182 @@
 
 from __future__ import annotations
 
-from .app import app, emit, handles_errors  # noqa: F401
+import csv
+from pathlib import Path
+
+import typer
+
+from .app import app, emit, handles_errors
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _metrics_line(name: str, m: dict) -> str:
+    return (f"{name:5} accuracy {_pct(m['accuracy'])}  top-{m['top5_k']} {_pct(m['top5'])}  "
+            f"balanced {_pct(m['balanced_accuracy'])}  (n={m['n']})")
+
+
+# ---------------------------------------------------------------------------------------------- fit-head
+def _fit_text(s: dict) -> str:
+    lines = [f"{s['head']} head on {s['store']}: {s['n_train']} train images, {len(s['classes'])} classes, "
+             f"{s['dim']}-d {s['backbone']} features, norm {s['norm']}"
+             + (f", {s['shots']} shots/class (seed {s['seed']})" if s["shots"] else "")]
+    if s["head"] == "linear":
+        if s["sweep"]:
+            lines.append("L2 sweep (C: val accuracy): " + "  ".join(
+                f"{r['C']:.0e}:{100 * r['val_accuracy']:.1f}" for r in s["sweep"]))
+            lines.append(f"chose C={s['C']:.3g} (val accuracy {_pct(s['val_accuracy'])} on {s['n_val']} images), "
+                         f"refit on {s['refit_on']}")
+        else:
+            lines.append(f"C={s['C']:.3g}" + (f", val accuracy {_pct(s['val_accuracy'])}" if s["val_accuracy"]
+                                                is not None else ""))
+    if s["head"] == "mlp":
+        lines.append(f"early stopping: best epoch {s['best_epoch']} of {s['epochs_run']}")
+    lines.append(f"train accuracy {_pct(s['train_accuracy'])}")
+    if s.get("val"):
+        lines.append(_metrics_line("val", s["val"]))
+    if s.get("test"):
+        lines.append(_metrics_line("test", s["test"]))
+    lines.append(f"saved {s['out']} in {s['fit_seconds']:.2f}s")
+    return "\n".join(lines)
+
+
+@app.command("fit-head")
+@handles_errors
+def fit_head(
+    store: Path = typer.Argument(..., help="Feature store (.h5) made by `probe extract`."),
+    head: str = typer.Option("linear", "--head", help="linear, mlp, prototype or knn."),
+    out: Path = typer.Option(..., "--out", "-o", help="Head file to write (.safetensors)."),
+    norm: str | None = typer.Option(None, "--norm", help="none, l2, cl2n, standardize or l2+standardize "
+                                                          "(default: the head's own)."),
+    l2: bool = typer.Option(False, "--l2", help="Shortcut for --norm l2."),
+    standardize: bool = typer.Option(False, "--standardize", help="Shortcut for --norm standardize "
+                                                                  "(with --l2: l2+standardize)."),
+    shots: int | None = typer.Option(None, "--shots", help="Keep K training images per class (seeded)."),
+    balanced: bool = typer.Option(False, "--balanced", help="Class-balanced loss weights (linear, mlp)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the k-shot draw, holdout and MLP init."),
+    C: float | None = typer.Option(None, "--C", help="linear: fixed inverse L2 strength (default: sweep)."),
+    n_Cs: int = typer.Option(25, "--n-Cs", help="linear: strengths in the sweep (1e-6..1e6)."),
+    hidden: str = typer.Option("512", "--hidden", help="mlp: hidden widths, comma-separated."),
+    dropout: float = typer.Option(0.5, "--dropout", help="mlp: dropout."),
+    epochs: int = typer.Option(200, "--epochs", help="mlp: at most this many epochs (early stopping)."),
+    k: int = typer.Option(20, "--k", help="knn: neighbours."),
+    metric: str = typer.Option("cosine", "--metric", help="prototype: cosine or euclidean."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Train a head on cached features, report validation/test metrics and save it."""
+    from probe.heads.fit import HeadConfig
+    from probe.heads.fit import fit_head as run
+
+    if l2 or standardize:
+        if norm:
+            raise ValueError(f"give either --norm {norm} or --l2/--standardize, not both")
+        norm = "l2+standardize" if l2 and standardize else "l2" if l2 else "standardize"
+    try:
+        widths = tuple(int(h) for h in hidden.split(",") if h.strip())
+    except ValueError:
+        raise ValueError(f"--hidden must be comma-separated integers like 512 or 1024,256, got {hidden!r}") from None
+    cfg = HeadConfig(head=head, norm=norm, shots=shots, balanced=balanced, seed=seed, C=C, n_Cs=n_Cs,
+                     hidden=widths, dropout=dropout, epochs=epochs, k=k, metric=metric, device=device)
+    emit(run(store, out, cfg), as_json, _fit_text)
+
+
+# ----------------------------------------------------------------------------------------------- predict
+@app.command()
+@handles_errors
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    head: Path = typer.Option(..., "--head", help="Head file from `probe fit-head`."),
+    top_k: int = typer.Option(5, "--top-k", help="Classes to show per image."),
+    csv_out: Path | None = typer.Option(None, "--csv", help="Also write path,rank,class,probability rows here."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Classify images with a saved head, embedding them with exactly the backbone recorded in the head."""
+    from probe.predict import predict as run
+
+    res = run(inputs, head, top_k=top_k, device=device)
+    if csv_out:
+        csv_out.parent.mkdir(parents=True, exist_ok=True)
+        with open(csv_out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "rank", "class", "probability"])
+            for p in res["predictions"]:
+                for r, t in enumerate(p["top"], 1):
+                    w.writerow([p["path"], r, t["class"], t["probability"]])
+        res["csv"] = str(csv_out)
+
+    def text(res):
+        lines = ["  ".join([p["path"]] + [f"{t['class']} {t['probability']:.3f}" for t in p["top"]])
+                 for p in res["predictions"]]
+        lines += [f"skipped {b['path']}: {b['reason']}" for b in res["skipped"]]
+        if res.get("csv"):
+            lines.append(f"wrote {res['csv']}")
+        return "\n".join(lines)
+
+    emit(res, as_json, text)
+
+
+# -------------------------------------------------------------------------------------------------- eval
+@app.command("eval")
+@handles_errors
+def eval_(
+    store: Path = typer.Argument(..., help="Feature store (.h5) with labels."),
+    head: Path = typer.Option(..., "--head", help="Head file from `probe fit-head`."),
+    split: str = typer.Option("test", "--split", help="train, val, test, or all."),
+    png: Path | None = typer.Option(None, "--png", help="Confusion-matrix PNG (default: beside the head)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Accuracy, top-5, balanced accuracy, per-class precision/recall/F1 and a confusion-matrix PNG."""
+    from probe.heads.evaluate import evaluate
+
+    r = evaluate(store, head, None if split == "all" else split, png)
+
+    def text(r):
+        lines = [f"{r['head_type']} head {r['head']} on {r['store']} [{r['split']}]", _metrics_line("", r).strip(),
+                 f"{'class':24} {'precision':>9} {'recall':>7} {'f1':>6} {'n':>6}"]
+        lines += [f"{c['class'][:24]:24} {c['precision']:9.3f} {c['recall']:7.3f} {c['f1']:6.3f} {c['support']:6d}"
+                  for c in r["per_class"]]
+        lines.append(f"confusion matrix: {r['png']}")
+        return "\n".join(lines)
+
+    emit(r, as_json, text)
+
+
+# ----------------------------------------------------------------------------------------------- fewshot
+@app.command()
+@handles_errors
+def fewshot(
+    store: Path = typer.Argument(..., help="Feature store (.h5) with labels."),
+    way: int = typer.Option(5, "--way", help="Classes per episode."),
+    shot: str = typer.Option("1,5", "--shot", help="Support images per class; comma-separated for several."),
+    query: int = typer.Option(15, "--query", help="Query images per class."),
+    episodes: int = typer.Option(10_000, "--episodes", help="Episodes per shot count."),
+    seed: int = typer.Option(0, "--seed", help="Episode sampling seed."),
+    norm: str = typer.Option("cl2n", "--norm", help="none, l2 or cl2n (SimpleShot; centred on the train mean)."),
+    metric: str = typer.Option("cosine", "--metric", help="cosine or euclidean."),
+    split: str | None = typer.Option(None, "--split", help="Draw episodes from this split only (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Episodic few-shot accuracy of the prototype head, mean and 95% confidence interval."""
+    from probe.heads.fewshot import fewshot as run
+
+    try:
+        shots = tuple(int(s) for s in shot.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--shot must be comma-separated integers like 1,5, got {shot!r}") from None
+    r = run(store, way=way, shots=shots, query=query, episodes=episodes, seed=seed, norm=norm, metric=metric,
+            split=split)
+
+    def text(r):
+        lines = [f"{r['store']}: {r['n_images']} images, {r['n_classes']} classes; prototype head, {r['norm']} "
+                 f"+ {r['metric']}, seed {r['seed']}"]
+        lines += [f"{r['way']}-way {x['shot']}-shot ({r['query']} queries): {_pct(x['accuracy'])} "
+                  f"± {100 * x['ci95']:.2f} (95% CI, {x['episodes']} episodes, {x['episodes_per_s']:.0f}/s)"
+                  for x in r["results"]]
+        return "\n".join(lines)
+
+    emit(r, as_json, text)

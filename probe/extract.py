@@ -298,7 +298,7 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
     t_run = time.perf_counter()
     n_embedded = 0
     with tqdm(total=n_new, unit="img", disable=not progress, desc=f"extract {emb.backbone.name}",
-              dynamic_ncols=True) as bar:
+              mininterval=0.5, dynamic_ncols=True) as bar:
         for x, idx, failed in loader:
             feats = emb(x) if x is not None else np.zeros((0, emb.backbone.dim), np.float32)  # (B, D)
             for i, reason in failed:
