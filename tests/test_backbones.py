@@ -172,3 +172,14 @@ def test_embedder_for_refuses_other_weights(tmp_path):
     assert again.config == emb.config
     with pytest.raises(BackboneError, match="weights_sha256"):
         embedder_for({**emb.config, "weights_sha256": "0" * 64}, device="cpu")
+
+
+def test_probe_checkpoint_names_its_backbone(tmp_path):
+    ref = create_backbone("timm/test_vit", weights="random")
+    state = {k: v * 2 for k, v in ref.model.state_dict().items()}
+    torch.save({"probe_checkpoint": 1, "backbone": "timm/test_vit", "state_dict": state, "classes": ["a"]},
+               tmp_path / "best.pt")
+    bb = create_backbone(None, weights=str(tmp_path / "best.pt"))
+    assert bb.name == "timm/test_vit" and bb.weights == f"file:{tmp_path / 'best.pt'}"
+    with pytest.raises(BackboneError, match="fine-tuned timm/test_vit, not resnet18"):
+        create_backbone("resnet18", weights=str(tmp_path / "best.pt"))
