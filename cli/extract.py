@@ -52,8 +52,9 @@ def _extract_text(s: dict) -> str:
 def extract(
     data: Path = typer.Argument(..., help="ImageFolder, split root (train/ val/ test/), flat folder or CSV "
                                           "manifest (path,label[,split])."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Backbone name (probe backbones); default "
-                                           "efficientnet_lite0, or the one a probe checkpoint given as --weights names."),
+    backbone: str | None = typer.Option(
+        None, "--backbone", "-b",
+        help="Backbone name (probe backbones); default efficientnet_lite0, or the one a probe checkpoint names."),
     weights: str | None = typer.Option(None, "--weights", "-w", help="Weights tag (IMAGENET1K_V1), 'random', "
                                                                          "or a local checkpoint path."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Store file (default: cache/<data>.<backbone>."
