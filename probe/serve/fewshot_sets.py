@@ -1,0 +1,182 @@
+"""Named few-shot class sets: labelled support embeddings that a prototype head (nearest class mean) classifies
+against. Every change is written to disk before it is acknowledged, so a restarted server has every set.
+
+On disk: ``STATE_DIR/fewshot/<name>.npz`` (numpy, no pickle) with ``features`` (N, D) float32, ``labels`` (N,) str,
+``sources`` (N,) str (the uploaded file names) and ``meta`` (a JSON string: name, backbone, config_key, created,
+updated). Written to a temporary file, fsync'd and renamed over the old one: a crash leaves the old set or the new.
+
+Example:
+    >>> sets = FewShotSets("cache/serve", config_key=key, backbone="efficientnet_lite0", dim=1280)
+    >>> sets.create("shoes"); sets.add("shoes", "boot", vec); sets.add("shoes", "sandal", vec2)
+    >>> sets.classify("shoes", query_vec, top_k=2)   # [{"class": "boot", "probability": 0.9}, …]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..heads.prototype import PrototypeHead
+from .errors import Conflict, NotFound, ServiceError, available
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # also a safe file name: no separators, no leading dot
+MAX_LABEL = 200
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name or ""):
+        raise ServiceError(f"invalid set name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a "
+                           "letter or digit")
+    return name
+
+
+def check_label(label: str) -> str:
+    label = (label or "").strip()
+    if not label or len(label) > MAX_LABEL:
+        raise ServiceError(f"invalid label {label[:40]!r}: expected a non-empty class name of at most {MAX_LABEL} "
+                           "characters")
+    return label
+
+
+@dataclass
+class FewShotSet:
+    name: str
+    meta: dict[str, Any]
+    features: np.ndarray  # (N, D) float32 support embeddings
+    labels: list[str]  # (N,)
+    sources: list[str]  # (N,) uploaded file names, for people
+    _head: PrototypeHead | None = field(default=None, repr=False)  # fitted lazily, dropped on every change
+
+    def summary(self) -> dict[str, Any]:
+        counts = Counter(self.labels)
+        return {"name": self.name, "examples": len(self.labels), "classes": dict(sorted(counts.items())),
+                "backbone": self.meta["backbone"], "config_key": self.meta["config_key"],
+                "created": self.meta["created"], "updated": self.meta["updated"]}
+
+    def head(self) -> PrototypeHead:
+        if self._head is None:
+            n_classes = len(set(self.labels))
+            if n_classes < 2:
+                have = f"one class ({self.labels[0]!r})" if self.labels else "no examples"
+                raise ServiceError(f"few-shot set {self.name!r} has {have}: add labelled examples of at least two "
+                                   f"classes (POST /fewshot/{self.name}/examples) before classifying")
+            self._head = PrototypeHead().fit(self.features, np.asarray(self.labels))
+        return self._head
+
+
+class FewShotSets:
+    """All sets under ``state_dir/fewshot``; thread-safe. Sets made with another backbone configuration stay on
+    disk and are listed, but using them is refused (409): their embeddings are not comparable."""
+
+    def __init__(self, state_dir: str | os.PathLike, config_key: str, backbone: str, dim: int):
+        self.root = Path(state_dir) / "fewshot"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config_key, self.backbone, self.dim = config_key, backbone, dim
+        self._lock = threading.Lock()
+        self._sets: dict[str, FewShotSet] = {}
+        for p in sorted(self.root.glob("*.npz")):
+            try:
+                s = self._read(p)
+            except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the server
+                log.warning("ignoring few-shot set file %s: %s", p, e)
+                continue
+            self._sets[s.name] = s
+        log.info("loaded %d few-shot sets from %s", len(self._sets), self.root)
+
+    # ---- disk
+    def _path(self, name: str) -> Path:
+        return self.root / f"{name}.npz"
+
+    def _read(self, path: Path) -> FewShotSet:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            return FewShotSet(meta["name"], meta, z["features"].astype(np.float32), z["labels"].tolist(),
+                              z["sources"].tolist())
+
+    def _write(self, s: FewShotSet) -> None:
+        path = self._path(s.name)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, features=s.features, labels=np.array(s.labels, dtype=str),
+                     sources=np.array(s.sources, dtype=str), meta=np.array(json.dumps(s.meta)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    # ---- access
+    def names(self) -> list[str]:
+        return sorted(self._sets)
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self._sets[n].summary() | {"usable": self._sets[n].meta["config_key"] == self.config_key}
+                for n in self.names()]
+
+    def get(self, name: str) -> FewShotSet:
+        s = self._sets.get(name)
+        if s is None:
+            raise NotFound(f"no few-shot set named {name!r} ({available('sets', self._sets)}); create it with "
+                           f"POST /fewshot/{name}")
+        if s.meta["config_key"] != self.config_key:
+            raise Conflict(f"few-shot set {name!r} was made with backbone {s.meta['backbone']} (config "
+                           f"{s.meta['config_key'][:12]}), this server runs {self.backbone} (config "
+                           f"{self.config_key[:12]}): its embeddings are not comparable; delete it or serve that "
+                           "backbone")
+        return s
+
+    # ---- changes (each persisted before it returns)
+    def create(self, name: str) -> dict[str, Any]:
+        check_name(name)
+        with self._lock:
+            if name in self._sets:
+                raise Conflict(f"few-shot set {name!r} exists already ({len(self._sets[name].labels)} examples): add "
+                               f"examples with POST /fewshot/{name}/examples, or DELETE /fewshot/{name} first")
+            now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            s = FewShotSet(name, {"name": name, "backbone": self.backbone, "config_key": self.config_key,
+                                  "created": now, "updated": now},
+                           np.zeros((0, self.dim), np.float32), [], [])
+            self._write(s)
+            self._sets[name] = s
+            return s.summary()
+
+    def add(self, name: str, label: str, feature: np.ndarray, source: str = "") -> dict[str, Any]:
+        """Append one labelled support embedding (D,) and persist the set."""
+        label = check_label(label)
+        with self._lock:
+            s = self.get(name)
+            s.features = np.concatenate([s.features, np.asarray(feature, np.float32).reshape(1, self.dim)])
+            s.labels.append(label)
+            s.sources.append(source)
+            s.meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            s._head = None
+            self._write(s)
+            return s.summary()
+
+    def delete(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            if name not in self._sets:
+                raise NotFound(f"no few-shot set named {name!r} ({available('sets', self._sets)})")
+            s = self._sets.pop(name)
+            self._path(name).unlink(missing_ok=True)
+            return s.summary() | {"deleted": True}
+
+    def classify(self, name: str, feature: np.ndarray, top_k: int = 5) -> dict[str, Any]:
+        """Top-k classes of the set's prototype head for one embedding (D,)."""
+        with self._lock:
+            s = self.get(name)
+            head = s.head()
+        proba = head.predict_proba(np.asarray(feature, np.float32).reshape(1, -1))[0]  # (C,)
+        order = np.argsort(-proba, kind="stable")[:top_k]
+        return {"set": name, "examples": len(s.labels),
+                "top": [{"class": str(head.classes_[c]), "probability": round(float(proba[c]), 6)} for c in order]}

@@ -1,0 +1,44 @@
+"""Uploaded bytes -> an upright RGB image, with the same conversions as ``probe.data.load_image`` (EXIF
+orientation, first frame of animations, 16-bit scaled, alpha over white) and the service's own pixel limit.
+
+Example:
+    >>> img = decode_upload(open("cat.jpg", "rb").read(), max_pixels=40_000_000)
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..data import _to_rgb
+from .errors import BadImage, NotAnImage, TooLarge
+
+
+def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode an uploaded file to RGB, or raise: BadImage (empty, truncated, corrupt), NotAnImage (unknown
+    format), TooLarge (more than ``max_pixels`` pixels, refused before the pixels are decoded)."""
+    if not data:
+        raise BadImage("the upload is empty (0 bytes): expected an image file (JPEG, PNG, WebP, …)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise TooLarge(f"the image is {w}x{h} = {w * h} pixels; this server accepts at most "
+                                   f"{max_pixels} (--max-pixels)")
+                if getattr(img, "n_frames", 1) > 1:
+                    img.seek(0)  # animated: first frame
+                img.load()
+                return _to_rgb(ImageOps.exif_transpose(img))
+    except (TooLarge, BadImage):
+        raise
+    except UnidentifiedImageError:
+        raise NotAnImage(f"the upload is not an image: Pillow cannot identify the format of its {len(data)} bytes "
+                         f"(starting {data[:8]!r}); send a JPEG, PNG, WebP, GIF, BMP or TIFF file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise TooLarge(f"the image is a decompression bomb: {e}") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise many types; a bad upload must be a 4xx, never a 500
+        raise BadImage(f"the image cannot be decoded (corrupt or truncated): {type(e).__name__}: {e}") from None

@@ -1,0 +1,310 @@
+"""What the service does, without HTTP: load one backbone with its heads, indexes and few-shot sets, then embed,
+classify, search and few-shot-classify uploaded images. The FastAPI app (app.py) calls one method per endpoint.
+
+One backbone per process: every store, head and index given must have been made with the same backbone
+configuration (``config_key``); otherwise the server refuses to start and names the file that differs.
+
+Example:
+    >>> svc = load_service(ServeConfig(stores=("cache/demo.h5",), heads=("lin=heads/demo.safetensors",)))
+    >>> await svc.start()
+    >>> await svc.classify("lin", open("shoe.png", "rb").read(), top_k=3)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..backbones import DEFAULT_BACKBONE, BackboneError, create_backbone
+from ..data import ImageDecodeError, load_image
+from ..extract import Embedder, embedder_for
+from ..heads.base import Head
+from ..heads.io import load_head
+from ..search.index import IndexConfig, SearchIndex, check_k
+from ..search.query import search_index
+from ..store import FeatureStore, config_key
+from .batching import MicroBatcher
+from .errors import NotFound, TooLarge, available
+from .fewshot_sets import FewShotSets
+from .images import decode_upload
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeConfig:
+    stores: tuple[str, ...] = ()  # "NAME=PATH" or PATH: each store is served as an exact search index NAME
+    heads: tuple[str, ...] = ()  # "NAME=PATH" or PATH (name: the file's stem): classifiers from probe fit-head
+    indexes: tuple[str, ...] = ()  # "NAME=PATH" or PATH: indexes from probe index
+    backbone: str | None = None  # only needed when no store/head/index names one; default efficientnet_lite0
+    weights: str | None = None  # with --backbone: a weights tag, 'random' or a checkpoint path
+    dtype: str = "auto"  # with --backbone; otherwise the dtype the store/head/index recorded
+    device: str = "auto"  # cuda when present
+    state_dir: str = "cache/serve"  # few-shot sets live in STATE_DIR/fewshot/*.npz
+    max_batch: int = 32  # images per forward pass; 1 disables micro-batching
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company: the latency price
+    max_upload_mb: float = 20.0  # larger uploads get 413 before they are read
+    max_pixels: int = 40_000_000  # 40 Mpx decodes to 120 MB of RGB; larger images get 413 before decoding
+    max_k: int = 100  # hits per search and classes per classification, at most
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_upload_mb <= 0 or self.max_pixels <= 0:
+            raise ValueError("--max-upload-mb and --max-pixels must be > 0")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+
+def parse_named(specs: tuple[str, ...] | list[str], kind: str) -> dict[str, Path]:
+    """["lin=heads/a.safetensors", "cache/b.faiss"] -> {"lin": Path(...), "b": Path(...)}; names are unique."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).stem, spec
+        name = name.strip()
+        if not name or not path:
+            raise ValueError(f"--{kind} {spec!r}: expected NAME=PATH or PATH")
+        if name in out:
+            raise ValueError(f"two {kind}s are named {name!r} ({out[name]} and {path}): name them with "
+                             f"--{kind} NAME=PATH")
+        out[name] = Path(path)
+    return out
+
+
+def class_names(head: Head, meta: dict[str, Any]) -> list[str]:
+    """Names of the head's probability columns: fit-head stores class indices and the names in its metadata."""
+    names = meta.get("class_names")
+    return [names[int(c)] if names is not None and np.asarray(c).dtype.kind in "iu" else str(c)
+            for c in head.classes_]
+
+
+def _top(proba: np.ndarray, names: list[str], k: int) -> list[dict[str, Any]]:
+    order = np.argsort(-proba, kind="stable")[:k]  # (k,)
+    return [{"class": names[c], "probability": round(float(proba[c]), 6)} for c in order]
+
+
+class Service:
+    """A loaded backbone (behind a micro-batcher), heads, indexes and few-shot sets. Build with ``load_service``;
+    call ``start()`` on the event loop before the first request and ``stop()`` at shutdown."""
+
+    def __init__(self, config: ServeConfig, embedder: Embedder, key: str,
+                 heads: dict[str, tuple[Head, list[str], Path]], indexes: dict[str, SearchIndex],
+                 sources: dict[str, str]):
+        self.config = config
+        self.embedder = embedder
+        self.key = key
+        self.heads = heads
+        self.indexes = indexes
+        self.sources = sources  # index name -> the file it came from (store or index)
+        self.sets = FewShotSets(config.state_dir, key, embedder.backbone.name, embedder.backbone.dim)
+        self.batcher: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
+            self._forward, config.max_batch, config.max_wait_ms)
+        self.started = time.time()
+
+    # ---- lifecycle
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+
+    def _forward(self, xs: list[torch.Tensor]) -> np.ndarray:
+        return self.embedder(torch.stack(xs))  # (B, 3, H, W) -> (B, D); runs in the batcher's thread
+
+    # ---- lookups (404s name what exists)
+    def _head(self, name: str) -> tuple[Head, list[str], Path]:
+        if name not in self.heads:
+            raise NotFound(f"no head named {name!r} ({available('heads', self.heads)})")
+        return self.heads[name]
+
+    def _index(self, name: str) -> SearchIndex:
+        if name not in self.indexes:
+            raise NotFound(f"no index named {name!r} ({available('indexes', self.indexes)})")
+        return self.indexes[name]
+
+    def _check_k(self, k: int, limit: int | None = None) -> None:
+        if not 1 <= k <= self.config.max_k:
+            raise ValueError(f"k must be between 1 and {self.config.max_k}, got {k}")
+        if limit is not None:
+            check_k(k, limit)
+
+    # ---- embedding: bytes -> (D,) through the micro-batcher
+    def _preprocess(self, data: bytes) -> torch.Tensor:
+        if len(data) > self.config.max_upload_bytes:
+            raise TooLarge(f"the upload is {len(data) / 2**20:.1f} MB; this server accepts at most "
+                           f"{self.config.max_upload_mb:g} MB (--max-upload-mb)")
+        img = decode_upload(data, self.config.max_pixels)
+        return self.embedder.backbone.transform(img)  # (3, H, W)
+
+    async def embed_vector(self, data: bytes) -> np.ndarray:
+        """Uploaded image bytes -> (D,) float32. Decoding runs in a worker thread, the forward in a shared batch."""
+        x = await asyncio.to_thread(self._preprocess, data)
+        return await self.batcher.submit(x)
+
+    async def embed(self, data: bytes) -> dict[str, Any]:
+        v = await self.embed_vector(data)
+        return {"backbone": self.embedder.backbone.name, "config_key": self.key, "dim": int(v.shape[0]),
+                "embedding": [round(float(a), 7) for a in v]}
+
+    # ---- heads
+    async def classify(self, head_name: str, data: bytes, top_k: int = 5) -> dict[str, Any]:
+        head, names, _ = self._head(head_name)  # 404 before any decoding
+        self._check_k(top_k)
+        v = await self.embed_vector(data)
+        proba = (await asyncio.to_thread(head.predict_proba, v[None]))[0]  # (C,), in the order of head.classes_
+        return {"head": head_name, "kind": head.kind, "top": _top(proba, names, top_k)}
+
+    # ---- search
+    def _hits(self, idx: SearchIndex, scores: np.ndarray, ids: np.ndarray) -> list[dict[str, Any]]:
+        return [{"rank": r + 1, "id": int(i), "score": round(float(s), 6), "path": idx.paths[i],
+                 "label": idx.label_name(int(i))} for r, (s, i) in enumerate(zip(scores, ids)) if i >= 0]
+
+    async def search(self, index_name: str, data: bytes, k: int = 10) -> dict[str, Any]:
+        idx = self._index(index_name)
+        self._check_k(k, idx.count)
+        v = await self.embed_vector(data)
+        scores, ids = await asyncio.to_thread(idx.search, v[None], k)  # (1, k)
+        return {"index": index_name, "metric": idx.metric, "k": k, "hits": self._hits(idx, scores[0], ids[0])}
+
+    def search_id(self, index_name: str, gallery_id: int, k: int = 10) -> dict[str, Any]:
+        """Neighbours of an image already in the gallery (its stored vector; no forward pass)."""
+        idx = self._index(index_name)
+        self._check_k(k, idx.count)
+        if not 0 <= gallery_id < idx.count:
+            raise NotFound(f"id {gallery_id} is not in index {index_name!r}: ids run from 0 to {idx.count - 1}")
+        r = search_index(idx, [str(gallery_id)], k=k)["results"][0]
+        hits = [{key: h[key] for key in ("rank", "id", "score", "path", "label")} for h in r["hits"]]
+        return {"index": index_name, "metric": idx.metric, "k": k, "query_id": gallery_id, "hits": hits}
+
+    def thumbnail(self, index_name: str, gallery_id: int, size: int = 256) -> bytes:
+        """A PNG of gallery image ``gallery_id`` at most ``size`` px on a side. Only files of a loaded index's
+        gallery can be served: the path comes from the index, never from the request."""
+        idx = self._index(index_name)
+        if not 0 <= gallery_id < idx.count:
+            raise NotFound(f"id {gallery_id} is not in index {index_name!r}: ids run from 0 to {idx.count - 1}")
+        if not 16 <= size <= 1024:
+            raise ValueError(f"size must be between 16 and 1024 pixels, got {size}")
+        try:
+            img = load_image(idx.abspath(gallery_id), self.config.max_pixels)
+        except ImageDecodeError as e:
+            raise NotFound(f"gallery image {gallery_id} ({idx.paths[gallery_id]}) cannot be shown: {e}") from None
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    # ---- few-shot
+    async def fewshot_add(self, set_name: str, label: str, data: bytes, source: str = "") -> dict[str, Any]:
+        self.sets.get(set_name)  # 404/409 before any decoding
+        v = await self.embed_vector(data)
+        return await asyncio.to_thread(self.sets.add, set_name, label, v, source)
+
+    async def fewshot_classify(self, set_name: str, data: bytes, top_k: int = 5) -> dict[str, Any]:
+        self.sets.get(set_name)
+        self._check_k(top_k)
+        v = await self.embed_vector(data)
+        return self.sets.classify(set_name, v, top_k)
+
+    # ---- status
+    def health(self) -> dict[str, Any]:
+        ready = self.batcher.running
+        return {"status": "ok" if ready else "unavailable", "ready": ready,
+                "uptime_s": round(time.time() - self.started, 1), "backbone": self.embedder.backbone.name,
+                "batching": self.metrics()}
+
+    def metrics(self) -> dict[str, Any]:
+        return {"max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms,
+                "queued": self.batcher.pending, **self.batcher.stats.as_dict()}
+
+    def catalog(self) -> dict[str, Any]:
+        """Everything loaded: the backbone, heads, indexes, few-shot sets and the limits."""
+        bb = self.embedder.backbone
+        return {
+            "backbone": {"name": bb.name, "weights": self.embedder.config["weights"], "dim": bb.dim,
+                         "input_size": bb.preprocess.get("crop"), "dtype": self.embedder.dtype,
+                         "device": str(self.embedder.device), "tta": self.embedder.tta, "config_key": self.key},
+            "heads": [{"name": n, "kind": h.kind, "classes": names,
+                       "path": str(p)} for n, (h, names, p) in sorted(self.heads.items())],
+            "indexes": [{"name": n, "type": i.kind, "metric": i.metric, "count": i.count, "classes": list(i.classes),
+                         "source": self.sources[n]} for n, i in sorted(self.indexes.items())],
+            "fewshot_sets": self.sets.list(),
+            "limits": {"max_upload_mb": self.config.max_upload_mb, "max_pixels": self.config.max_pixels,
+                       "max_k": self.config.max_k},
+        }
+
+
+def load_service(config: ServeConfig) -> Service:
+    """Load everything ``config`` names, check it all shares one backbone configuration, build the embedder.
+
+    Raises StoreError / HeadError / BackboneError / ValueError / FileNotFoundError naming the file at fault."""
+    stores = parse_named(config.stores, "store")
+    head_files = parse_named(config.heads, "head")
+    index_files = parse_named(config.indexes, "index")
+    clash = set(stores) & set(index_files)
+    if clash:
+        raise ValueError(f"a store and an index are both named {sorted(clash)[0]!r}: name one of them with NAME=PATH")
+
+    identities: list[tuple[str, dict[str, Any], str]] = []  # (what, backbone config, config_key)
+    indexes: dict[str, SearchIndex] = {}
+    sources: dict[str, str] = {}
+    opened = {name: FeatureStore(path) for name, path in stores.items()}  # attributes only: cheap
+    for name, st in opened.items():
+        identities.append((f"store {stores[name]}", st.config, st.attrs.get("config_key") or config_key(st.config)))
+    for name, path in index_files.items():
+        idx = SearchIndex.load(path)
+        identities.append((f"index {path}", idx.config, idx.meta.get("config_key") or config_key(idx.config)))
+        indexes[name], sources[name] = idx, str(path)
+    heads: dict[str, tuple[Head, list[str], Path]] = {}
+    for name, path in head_files.items():
+        head, meta = load_head(path)
+        identities.append((f"head {path}", meta["config"], meta.get("config_key") or config_key(meta["config"])))
+        heads[name] = (head, class_names(head, meta), path)
+
+    if identities:
+        what0, attrs, key = identities[0]
+        for what, other, k in identities[1:]:
+            if k != key:
+                raise BackboneError(
+                    f"{what} was made with backbone {other.get('backbone')} ({other.get('weights')}, "
+                    f"{other.get('dtype')}; config {k[:12]}) but {what0} with {attrs.get('backbone')} "
+                    f"({attrs.get('weights')}, {attrs.get('dtype')}; config {key[:12]}): one server serves one "
+                    "backbone, so every store, head and index must come from the same extraction configuration")
+        if config.backbone and config.backbone != attrs.get("backbone"):
+            raise BackboneError(f"--backbone {config.backbone} differs from {attrs.get('backbone')}, the backbone of "
+                                f"{what0}: drop --backbone (it is taken from the files)")
+        if attrs.get("backbone") == "arrays":
+            raise BackboneError(f"{what0} holds vectors that no backbone made (store_from_arrays): a server cannot "
+                                "embed uploads for it")
+        emb = embedder_for(attrs, device=config.device)
+    else:
+        emb = Embedder(create_backbone(config.backbone or DEFAULT_BACKBONE, config.weights), config.device,
+                       config.dtype)
+        key = config_key(emb.config)
+    for name, st in opened.items():  # only now that the configurations agree: indexing reads every vector
+        log.info("indexing store %s (%d x %d) as %r", stores[name], st.count, st.dim, name)
+        indexes[name], sources[name] = SearchIndex.build(st, IndexConfig()), str(stores[name])
+    for head, _, path in heads.values():
+        if head.n_features_in_ != emb.backbone.dim:
+            raise ValueError(f"head {path} expects {head.n_features_in_}-d features; {emb.backbone.name} gives "
+                             f"{emb.backbone.dim}")
+    log.info("serving %s (%s, %s on %s): %d heads, %d indexes", emb.backbone.name, emb.config["weights"], emb.dtype,
+             emb.device, len(heads), len(indexes))
+    os.makedirs(config.state_dir, exist_ok=True)
+    return Service(config, emb, key, heads, indexes, sources)

@@ -1,0 +1,86 @@
+"""The search page in a real headless browser (Debian's chromium via chromedriver): upload a gallery image through
+the file input, wait for the result cards, and read them.
+
+Not skipped when chromium is missing: CI installs it (.ci/run); locally `apt-get install chromium chromium-driver`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from probe.serve.process import running_server
+
+from .test_serve_api import make_served_files
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = os.environ.get("PROBE_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("PROBE_CHROMEDRIVER", "/usr/bin/chromedriver")
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--window-size=1200,1000")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        pytest.fail(f"the browser test needs {CHROMIUM} and {CHROMEDRIVER}: apt-get install -y chromium "
+                    "chromium-driver (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for f in FLAGS:
+        opts.add_argument(f)
+    opts.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_page_upload_shows_nearest_images_and_predicted_class(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    files = make_served_files(tmp_path)
+    query = sorted((files["gallery"] / "Ankle_boot").glob("*.png"))[1]
+    args = ["--index", f"gallery={files['index']}", "--head", f"proto={files['head']}",
+            "--state-dir", str(files["state"]), "--log-level", "warning"]
+    with running_server(args) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "index")).options) > 0)
+        assert Select(browser.find_element(By.ID, "classifier")).first_selected_option.get_attribute("value") == \
+            "head:proto"
+        browser.find_element(By.ID, "file").send_keys(str(query))
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+        status = browser.find_element(By.ID, "status").text
+        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", status
+
+        cards = browser.find_elements(By.CSS_SELECTOR, "#grid .card")
+        assert len(cards) == 12
+        top = cards[0]
+        assert top.get_attribute("data-path") == f"Ankle_boot/{query.name}"  # the image itself, it is in the gallery
+        assert float(top.get_attribute("data-score")) == pytest.approx(1.0, abs=1e-4)
+        assert "Ankle_boot" in top.text and "cosine 1.0000" in top.text
+        scores = [float(c.get_attribute("data-score")) for c in cards]
+        assert scores == sorted(scores, reverse=True)
+        # thumbnails were served and decoded by the browser
+        wait.until(EC.visibility_of(top.find_element(By.TAG_NAME, "img")))
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"))
+
+        preds = browser.find_elements(By.CSS_SELECTOR, "#pred-list .prediction")
+        assert preds and preds[0].get_attribute("data-class") in {c.name for c in files["gallery"].iterdir()}
+        assert "%" in preds[0].text
+        shot = Path(os.environ.get("PROBE_SCREENSHOT", tmp_path / "page.png"))
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
