@@ -17,6 +17,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -197,11 +198,32 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode ``path`` to an upright RGB image, or raise ImageDecodeError with the reason.
+class TooManyPixels(ImageDecodeError):
+    """An image above the pixel limit, refused before its pixels are decoded (decompression bombs)."""
 
-    EXIF orientation is applied; animations give their first frame; images above ``max_pixels`` are refused
-    before decoding (decompression bombs)."""
+    def __init__(self, width: int, height: int, limit: int):
+        self.width, self.height, self.limit = width, height, limit
+        super().__init__(f"decompression bomb: {width}x{height} = {width * height} pixels > limit {limit}")
+
+
+def decode(source: str | os.PathLike | BinaryIO, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open a file or file object as an upright 8-bit RGB image: EXIF orientation applied, first frame of an
+    animation, 16-bit scaled, alpha over white. Raises TooManyPixels before decoding a too-large image, and
+    Pillow's own errors (UnidentifiedImageError, OSError, …) for the rest: callers word those for their users."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(source) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise TooManyPixels(w, h, max_pixels)
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)  # animated: first frame
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode the file at ``path`` (see ``decode``), or raise ImageDecodeError with the reason recorded for it."""
     try:
         os.stat(path)
     except OSError as e:
@@ -212,17 +234,7 @@ def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         if os.path.getsize(path) == 0:
             raise ImageDecodeError("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise ImageDecodeError(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}")
-                if getattr(img, "n_frames", 1) > 1:
-                    img.seek(0)  # animated: first frame
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+        return decode(path, max_pixels)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:

@@ -8,11 +8,10 @@ Example:
 from __future__ import annotations
 
 import io
-import warnings
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from ..data import _to_rgb
+from ..data import TooManyPixels, decode
 from .errors import BadImage, NotAnImage, TooLarge
 
 
@@ -22,17 +21,10 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise BadImage("the upload is empty (0 bytes): expected an image file (JPEG, PNG, WebP, …)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise TooLarge(f"the image is {w}x{h} = {w * h} pixels; this server accepts at most "
-                                   f"{max_pixels} (--max-pixels)")
-                if getattr(img, "n_frames", 1) > 1:
-                    img.seek(0)  # animated: first frame
-                img.load()
-                return _to_rgb(ImageOps.exif_transpose(img))
+        return decode(io.BytesIO(data), max_pixels)
+    except TooManyPixels as e:
+        raise TooLarge(f"the image is {e.width}x{e.height} = {e.width * e.height} pixels; this server accepts at "
+                       f"most {max_pixels} (--max-pixels)") from None
     except (TooLarge, BadImage):
         raise
     except UnidentifiedImageError:
