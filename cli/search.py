@@ -2,4 +2,98 @@
 
 from __future__ import annotations
 
-from .app import app, emit, handles_errors  # noqa: F401
+from pathlib import Path
+
+import typer
+
+from .app import app, emit, handles_errors
+
+
+# -------------------------------------------------------------------------------------------------- index
+def _index_text(s: dict) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in s["params"].items())
+    recall = (f"recall@10 {s['recall_at_10']:.3f} on {s['recall_queries']} held-out queries "
+              f"(target {s['target_recall']})" if s["recall_queries"] else
+              "exact search (recall 1)" if s["type"] == "flat" else "recall not measured (too few rows)")
+    return (f"{s['index']}: {s['action']} {s['type']} index ({s['factory']}{', ' + params if params else ''}), "
+            f"{s['metric']}, {s['count']} x {s['dim']} from {s['backbone']}; added {s['added']}; {recall}; "
+            f"{s['bytes'] / 2**20:.1f} MiB, built in {s['build_seconds']:.1f}s")
+
+
+@app.command()
+@handles_errors
+def index(
+    store: Path = typer.Argument(..., help="Feature store (.h5) made by probe extract."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Index file (default: the store's path with "
+                                                              ".faiss); metadata goes to OUT.json."),
+    type_: str = typer.Option("auto", "--type", help="auto (exact below --exact-below vectors, else tuned ivf), "
+                                                     "flat, hnsw, ivf, ivfpq or ivfsq8."),
+    metric: str | None = typer.Option(None, "--metric", help="cosine (default) or l2."),
+    update: bool = typer.Option(False, "--update", help="Add the rows the store gained since the index was built "
+                                                        "(no rebuild)."),
+    target_recall: float = typer.Option(0.95, "--target-recall", help="recall@10 vs exact that approximate "
+                                                                      "indexes are tuned to reach."),
+    exact_below: int = typer.Option(50_000, "--exact-below", help="auto: exact (flat) search below this many "
+                                                                  "vectors."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Build a FAISS index of a store (or --update it) for `probe search`."""
+    from probe.search.index import IndexConfig, index_store
+
+    cfg = IndexConfig(type=type_, metric=metric or "cosine", target_recall=target_recall, exact_below=exact_below)
+    emit(index_store(store, out, cfg, update=update, metric=metric), as_json, _index_text)
+
+
+# ------------------------------------------------------------------------------------------------- search
+def _search_text(r: dict) -> str:
+    name = "cosine" if r["metric"] == "cosine" else "distance"
+    lines = [f"skipped {s['path']}: {s['reason']}" for s in r["skipped"]]
+    for q in r["results"]:
+        lines.append(f"query {q['query']} ({q['kind']})")
+        lines.append(f"  {'rank':>4}  {name:>8}  {'label':14} path")
+        lines += [f"  {h['rank']:>4}  {h['score']:>8.4f}  {str(h['label'] or '-'):14} {h['path']}" for h in q["hits"]]
+    return "\n".join(lines)
+
+
+@app.command()
+@handles_errors
+def search(
+    queries: list[str] = typer.Argument(..., help="Image files, folders of images, gallery ids or stored paths."),
+    index_path: Path = typer.Option(..., "--index", "-i", help="Index made by probe index."),
+    k: int = typer.Option(10, "-k", help="Hits per query."),
+    html: Path | None = typer.Option(None, "--html", help="Also write a contact sheet (self-contained HTML)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for embedding query images)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The k gallery images most similar to each query: rank, score, label and path."""
+    from probe.search.query import search_index
+
+    result = search_index(index_path, queries, k=k, device=device)
+    if html:
+        from probe.report import contact_sheet
+
+        result["html"] = str(contact_sheet(result, html))
+    emit(result, as_json, lambda r: _search_text(r) + (f"\ncontact sheet: {r['html']}" if html else ""))
+
+
+# -------------------------------------------------------------------------------------------------- dedup
+def _dedup_text(r: dict) -> str:
+    lines = [f"group {n + 1}: {len(g['paths'])} images, cosine >= {g['min_similarity']:.4f}\n  "
+             + "\n  ".join(g["paths"]) for n, g in enumerate(r["groups"])]
+    lines.append(f"{r['store']}: {len(r['groups'])} near-duplicate groups ({r['duplicates']} redundant images) "
+                 f"among {r['count']} at cosine >= {r['threshold']}")
+    return "\n".join(lines)
+
+
+@app.command()
+@handles_errors
+def dedup(
+    store: Path = typer.Argument(..., help="Feature store (.h5)."),
+    threshold: float = typer.Option(0.95, "--threshold", "-t", help="Cosine similarity at or above which two "
+                                                                    "images are near-duplicates."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Groups of near-duplicate images in a store (exact search over all pairs)."""
+    from probe.search.dedup import find_duplicates
+
+    emit(find_duplicates(store, threshold), as_json, _dedup_text)

@@ -1,0 +1,235 @@
+"""SearchIndex build/add/search/save/load, query resolution, HTML contact sheet and dedup: small and offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from probe.backbones import BackboneError
+from probe.extract import extract
+from probe.report import contact_sheet
+from probe.search import IndexConfig, IndexMismatchError, SearchIndex, find_duplicates, search_index
+from probe.search.index import index_store, recall_at, sidecar
+from probe.store import StoreError, store_from_arrays
+
+from .conftest import DEMO, make_image, make_imagefolder, tiny_config
+
+
+def clustered(n: int, dim: int = 32, clusters: int = 40, seed: int = 0) -> np.ndarray:
+    """(n, dim) float32: cluster centres plus a low-rank spread and a little isotropic noise, like embeddings."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    basis = rng.normal(size=(8, dim)) / 3
+    x = centres[rng.integers(0, clusters, n)] + rng.normal(size=(n, 8)) @ basis + 0.2 * rng.normal(size=(n, dim))
+    return x.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    x = clustered(3000)
+    path = tmp_path_factory.mktemp("synth") / "synth.h5"
+    store_from_arrays(path, x, np.arange(len(x)) % 4, classes=list("abcd"))
+    return path, x
+
+
+# --------------------------------------------------------------------------------------- build / save / load
+def test_round_trip_and_self_first(synth, tmp_path):
+    path, x = synth
+    idx = SearchIndex.build(path)
+    assert idx.kind == "flat" and idx.meta["recall"] == 1.0  # auto: small store -> exact
+    scores, ids = idx.search(x[[5, 17]], k=4)  # (2, 4)
+    assert ids[:, 0].tolist() == [5, 17] and np.allclose(scores[:, 0], 1.0, atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+    idx.save(tmp_path / "i.faiss")
+    assert sidecar(tmp_path / "i.faiss").is_file()
+    back = SearchIndex.load(tmp_path / "i.faiss")
+    s2, i2 = back.search(x[[5, 17]], k=4)
+    assert np.array_equal(i2, ids) and np.allclose(s2, scores)
+    assert back.paths[5] == "row00000005" and back.label_name(5) == "b" and back.count == len(x)
+
+
+def test_cosine_and_l2_agree_with_numpy(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 16)).astype(np.float32) * rng.uniform(0.1, 10, size=(200, 1)).astype(np.float32)
+    store = store_from_arrays(tmp_path / "s.h5", x)
+    q = rng.normal(size=(3, 16)).astype(np.float32)
+    cos = SearchIndex.build(store, IndexConfig(metric="cosine"))
+    l2 = SearchIndex.build(store, IndexConfig(metric="l2"))
+    sc, ic = cos.search(q, 5)
+    sl, il = l2.search(q, 5)
+    xn, qn = x / np.linalg.norm(x, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
+    assert np.array_equal(ic, np.argsort(-(qn @ xn.T), axis=1)[:, :5])
+    dist = np.linalg.norm(q[:, None] - x[None], axis=2)  # (3, 200)
+    assert np.array_equal(il, np.argsort(dist, axis=1)[:, :5])
+    assert np.allclose(sl, np.sort(dist, axis=1)[:, :5], rtol=1e-4)  # Euclidean, not squared
+    assert not np.array_equal(ic, il)  # the norms vary: the two metrics rank differently
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw", "ivfpq", "ivfsq8"])
+def test_approximate_types_reach_target_recall(synth, kind):
+    path, x = synth
+    idx = SearchIndex.build(path, IndexConfig(type=kind, tune_queries=400))
+    assert idx.kind == kind and idx.meta["recall_queries"] == 200
+    assert idx.meta["recall"] >= 0.95 and idx.meta["params"]
+    _, ids = idx.search(x[:50], 11)
+    _, truth = SearchIndex.build(path, IndexConfig(type="flat")).search(x[:50], 11)
+    assert recall_at(ids, truth, np.arange(50)) >= 0.9  # independent check on other queries
+
+
+def test_auto_switches_to_approximate_above_threshold(synth):
+    path, _ = synth
+    idx = SearchIndex.build(path, IndexConfig(exact_below=1000))
+    assert idx.kind == "ivf" and idx.meta["factory"].startswith("IVF")
+    assert idx.meta["recall"] >= 0.95 and idx.meta["recall_queries"] > 0
+    assert idx.meta["trained_on"] <= 3000 - 600  # held-out queries excluded from training
+    assert idx.summary()["recall_at_10"] == idx.meta["recall"]
+
+
+def test_recall_ignores_the_query_itself():
+    truth = np.array([[7, 1, 2]])
+    assert recall_at(np.array([[7, 1, 3]]), truth, np.array([7]), k=2) == 0.5
+
+
+# ------------------------------------------------------------------------------------------------- update
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_update_adds_grown_rows_without_rebuild(tmp_path, kind):
+    x = clustered(2500, seed=3)
+    path = tmp_path / "s.h5"
+    store_from_arrays(path, x[:2000])
+    first = index_store(path, tmp_path / "i.faiss", IndexConfig(type=kind))
+    assert first["action"] == "built" and first["count"] == 2000
+    centroids = SearchIndex.load(tmp_path / "i.faiss").index
+    store_from_arrays(path, x)  # the store grew: same rows first, 500 appended
+    out = index_store(path, tmp_path / "i.faiss", IndexConfig(type="auto"), update=True)
+    assert out["action"] == "updated" and out["added"] == 500 and out["count"] == 2500
+    idx = SearchIndex.load(tmp_path / "i.faiss")
+    assert idx.paths[2400] == "row00002400"
+    _, ids = idx.search(x[2400], 1)
+    assert ids[0, 0] == 2400
+    if kind == "ivf":  # not retrained: the same coarse centroids
+        import faiss
+
+        a = faiss.extract_index_ivf(centroids).quantizer.reconstruct_n(0, 4)
+        assert np.array_equal(a, faiss.extract_index_ivf(idx.index).quantizer.reconstruct_n(0, 4))
+        assert idx.meta["recall"] >= 0.95
+    again = index_store(path, tmp_path / "i.faiss", update=True)
+    assert again["added"] == 0
+
+
+def test_update_refuses_other_backbone_and_pruned_store(tmp_path):
+    x = clustered(300, seed=4)
+    store_from_arrays(tmp_path / "s.h5", x)
+    idx = SearchIndex.build(tmp_path / "s.h5")
+    other = store_from_arrays(tmp_path / "o.h5", x, config={"backbone": "resnet50"})
+    with pytest.raises(IndexMismatchError, match="backbone: index has 'arrays', store 'resnet50'"):
+        idx.add(other)
+    pruned = store_from_arrays(tmp_path / "p.h5", x[10:], paths=[f"row{i:08d}" for i in range(10, 300)])
+    with pytest.raises(IndexMismatchError, match="rows were removed or reordered"):
+        idx.add(pruned)
+    with pytest.raises(ValueError, match="--update keeps the index type"):
+        idx.save(tmp_path / "i.faiss")
+        index_store(tmp_path / "s.h5", tmp_path / "i.faiss", IndexConfig(type="hnsw"), update=True)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_are_clear_errors(synth, tmp_path):
+    path, x = synth
+    idx = SearchIndex.build(path)
+    with pytest.raises(ValueError, match=r"k=3001 is larger than the gallery \(3000 images\)"):
+        idx.search(x[:1], 3001)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        idx.search(x[:1], 0)
+    with pytest.raises(IndexMismatchError, match="shape \\(1, 5\\); this index holds 32-d"):
+        idx.search(np.zeros((1, 5)), 3)
+    with pytest.raises(StoreError, match="has no rows"):
+        SearchIndex.build(store_from_arrays(tmp_path / "e.h5", np.zeros((0, 8), np.float32)))
+    with pytest.raises(ValueError, match="unknown index type 'annoy'"):
+        IndexConfig(type="annoy")
+    with pytest.raises(FileNotFoundError, match="no search index"):
+        SearchIndex.load(tmp_path / "missing.faiss")
+    with pytest.raises(FileNotFoundError, match="is not an image file, a folder, a gallery id"):
+        search_index(idx, ["nothing-like-this"], k=3)
+    with pytest.raises(ValueError, match="query id 3000 is not in the gallery"):
+        search_index(idx, ["3000"], k=3)
+    with pytest.raises(ValueError, match="no backbone made"):
+        search_index(idx, [str(make_image(tmp_path / "q.png", 1))], k=3)
+
+
+# ---------------------------------------------------------------------------------- queries on the real demo
+@pytest.fixture(scope="module")
+def demo_index(demo_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demoidx") / "demo.faiss"
+    index_store(demo_store, out)
+    return out
+
+
+def test_image_file_in_gallery_comes_back_first(demo_index):
+    png = DEMO / "val" / "Bag" / "00754.png"
+    r = search_index(demo_index, [str(png)], k=5)
+    hit = r["results"][0]["hits"][0]
+    assert r["results"][0]["kind"] == "image" and hit["path"] == "val/Bag/00754.png"
+    assert hit["score"] > 0.99 and hit["label"] == "Bag" and len(r["results"][0]["hits"]) == 5
+
+
+def test_query_by_id_path_and_folder(demo_index):
+    idx = SearchIndex.load(demo_index)
+    rel = idx.paths[42]
+    r = search_index(idx, ["42", rel, idx.abspath(42), str(DEMO / "val" / "Bag")], k=3)
+    kinds = [q["kind"] for q in r["results"]]
+    n_bag = len(list((DEMO / "val" / "Bag").glob("*.png")))
+    assert kinds == ["id", "path", "image"] + ["image"] * n_bag  # an existing file is embedded, like any image
+    for q in r["results"][:3]:
+        assert q["hits"][0]["id"] == 42 and q["hits"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    for q in r["results"][3:]:  # each folder image is in the gallery, so it is its own first hit
+        assert q["hits"][0]["abspath"].endswith(q["query"].split("fashion-mnist/")[1])
+
+
+def test_undecodable_query_and_other_backbone(demo_index, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match="no query could be used: .*broken.png: not an image"):
+        search_index(demo_index, [str(bad)], k=3)
+    r = search_index(demo_index, [str(bad), "0"], k=3)  # one bad among good ones: skipped, listed
+    assert r["skipped"][0]["path"] == str(bad) and len(r["results"]) == 1
+    # an index whose recorded weights differ from the backbone available now: refused, not silently compared
+    other = tmp_path / "other.faiss"
+    shutil.copy(demo_index, other)
+    meta = json.loads(sidecar(demo_index).read_text())
+    meta["store_config"]["weights_sha256"] = "0" * 64
+    sidecar(other).write_text(json.dumps(meta))
+    with pytest.raises(BackboneError, match="differs from the one recorded"):
+        search_index(other, [str(DEMO / "val" / "Bag" / "00754.png")], k=3)
+
+
+def test_contact_sheet_html(demo_index, tmp_path):
+    r = search_index(demo_index, ["0", str(DEMO / "val" / "Coat")], k=4)
+    out = contact_sheet(r, tmp_path / "sheet.html")
+    page = out.read_text()
+    assert page.count("<img ") == len(r["results"]) * (1 + 4)
+    assert page.count('src="data:image/jpeg;base64,') == page.count("<img ")  # self-contained
+    assert r["results"][0]["hits"][1]["path"] in page
+
+
+# -------------------------------------------------------------------------------------------------- dedup
+def test_dedup_finds_an_injected_copy(tmp_path):
+    root = make_imagefolder(tmp_path / "data", per_class=3)
+    shutil.copy(root / "cat" / "img_0.png", root / "cat" / "img_0_copy.png")
+    extract(root, tmp_path / "s.h5", tiny_config())
+    r = find_duplicates(tmp_path / "s.h5", threshold=0.99)  # random tiny backbone: distinct images reach ~0.96
+    assert [g["paths"] for g in r["groups"]] == [["cat/img_0.png", "cat/img_0_copy.png"]]
+    assert r["duplicates"] == 1 and r["groups"][0]["min_similarity"] > 0.999
+    assert r["groups"][0]["labels"] == ["cat", "cat"]
+    with pytest.raises(ValueError, match="threshold is a cosine similarity in \\[-1, 1\\], got 2"):
+        find_duplicates(tmp_path / "s.h5", threshold=2)
+
+
+def test_dedup_joins_chains_into_groups(tmp_path):
+    x = np.eye(6, 8, dtype=np.float32)
+    x[1] = x[0] + 0.1 * np.eye(8)[6]  # 0~1
+    x[2] = x[1] + 0.1 * np.eye(8)[7]  # 1~2: one group {0, 1, 2} by transitivity
+    r = find_duplicates(store_from_arrays(tmp_path / "s.h5", x), threshold=0.99)
+    assert [g["ids"] for g in r["groups"]] == [[0, 1, 2]]
