@@ -1,4 +1,4 @@
-"""`probe backbones`, `probe extract`, `probe info`."""
+"""`probe backbones`, `probe extract`, `probe info`, `probe merge`."""
 
 from __future__ import annotations
 
@@ -66,6 +66,8 @@ def extract(
     tta: str = typer.Option("none", "--tta", help="none or hflip (mean of image and mirror)."),
     layout: str = typer.Option("auto", "--layout", help="auto, imagefolder, splits, flat or csv."),
     prune: bool = typer.Option(False, "--prune", help="Drop stored rows whose files are gone from DATA."),
+    shard: str | None = typer.Option(None, "--shard", help="I/N: embed only shard I of N into STORE.shard-I-of-N.h5 "
+                                                           "(under torchrun: the rank's shard, automatically)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Embed every image of DATA once and cache the features in an HDF5 store (resumable, incremental)."""
@@ -73,7 +75,7 @@ def extract(
     from probe.extract import extract as run
 
     cfg = ExtractConfig(backbone=backbone, weights=weights, batch_size=batch_size, workers=workers, device=device,
-                        dtype=dtype, tta=tta, layout=layout, prune=prune)
+                        dtype=dtype, tta=tta, layout=layout, prune=prune, shard=shard)
     summary = run(data, out, cfg, progress=sys.stderr.isatty() and not as_json)
     emit(summary, as_json, _extract_text)
 
@@ -106,3 +108,19 @@ def info(
         return "\n".join(lines)
 
     emit(s, as_json, text)
+
+
+@app.command()
+@handles_errors
+def merge(
+    shards: list[Path] = typer.Argument(..., help="Shard stores (STORE.shard-I-of-N.h5) of one extraction."),
+    out: Path = typer.Option(..., "--out", "-o", help="The merged store to write."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Merge even if some shard indices are absent."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Merge the shard stores of a sharded extraction into one store (every row exactly once)."""
+    from probe.shard import merge as run
+
+    s = run(shards, out, allow_missing)
+    emit(s, as_json, lambda s: f"{s['store']}: {s['count']} images x {s['dim']} from {s['shards']} shards, "
+                               f"{len(s['classes'])} classes, {s['skipped']} skipped files recorded")

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, BackboneError, create_backbone
 from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, fingerprint, load_image
+from .shard import parse_shard, shard_path, take_shard
 from .store import FeatureStore, Journal, StoreError, check_compatible, config_key, locked, write_store
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class ExtractConfig:
     max_pixels: int = MAX_PIXELS  # larger images are refused as decompression bombs
     channels_last: bool = True  # NHWC: faster convolutions on CPU (oneDNN) and GPU (tensor cores)
     prune: bool = False  # drop stored rows whose files have disappeared from DATA
+    shard: str | None = None  # "I/N": embed only shard I of N (None: from torchrun's RANK/WORLD_SIZE, if any)
 
     def __post_init__(self) -> None:  # cheap checks first: a bad option fails before any model loads
         if self.tta not in TTA_MODES:
@@ -60,6 +62,7 @@ class ExtractConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         resolve_device(self.device)
+        parse_shard(self.shard)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -236,17 +239,25 @@ def extract(data: str | os.PathLike, out: str | os.PathLike | None = None, confi
     Raises DatasetError / BackboneError / StoreError when the run cannot start; bad images never raise."""
     cfg = config or ExtractConfig()
     ds = discover(data, cfg.layout)
-    emb = Embedder(backbone or create_backbone(cfg.backbone, cfg.weights), cfg.device, cfg.dtype, cfg.tta,
+    shard = parse_shard(cfg.shard)
+    device = cfg.device
+    if shard and device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun rank
+    emb = Embedder(backbone or create_backbone(cfg.backbone, cfg.weights), device, cfg.dtype, cfg.tta,
                    cfg.channels_last)
     store_cfg = emb.config
     key = config_key(store_cfg)
     out = Path(out) if out else default_store_path(ds, emb.backbone.name, key)
+    if shard:
+        ds, out = take_shard(ds, shard), shard_path(out, shard)
+        log.info("shard %d/%d: %d files -> %s", *shard, len(ds), out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out):
-        return _extract_locked(ds, emb, store_cfg, key, out, cfg, progress)
+        return _extract_locked(ds, emb, store_cfg, key, out, cfg, progress, shard)
 
 
-def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, progress: bool) -> dict[str, Any]:
+def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, progress: bool,
+                    shard: tuple[int, int] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     stored: dict[str, str] = {}
     stored_meta: dict[str, tuple[int, str]] = {}
@@ -355,6 +366,8 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
         "versions": _versions(),
         "extract_config": {k: v for k, v in asdict(cfg).items() if k not in ("prune",)},
     }
+    if shard:  # the completion marker: the store file only ever appears whole (atomic rename)
+        attrs.update(shard=f"{shard[0]}/{shard[1]}", complete=True)
     if created:
         attrs["created"] = created
     changed = bool(new) or set(rows) != set(stored) or not out.exists() or \
@@ -369,6 +382,7 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
     elapsed = time.perf_counter() - t0
     return {
         "store": str(out),
+        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
         "count": len(rows),
         "dim": emb.backbone.dim,
         "backbone": emb.backbone.name,

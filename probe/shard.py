@@ -1,0 +1,122 @@
+"""Sharded extraction: a pure map over files, one store per shard, merged into one store at the end.
+
+A file's shard is a hash of its relative path modulo N, so the same file goes to the same shard whatever order each
+rank lists the folder in. Under ``torchrun`` every rank takes its shard from ``RANK``/``WORLD_SIZE``. Each shard is an
+ordinary resumable store (``STORE.shard-I-of-N.h5``, with ``shard`` and ``complete`` attributes): a lost rank is re-run
+alone and resumes from its journal; a finished shard has nothing left to do.
+
+Example:
+    torchrun --nproc-per-node 2 -m probe extract DATA --out cache/big.h5      # cache/big.shard-{0,1}-of-2.h5
+    probe merge cache/big.shard-*-of-2.h5 --out cache/big.h5
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .data import Dataset
+from .store import FeatureStore, StoreError, config_key, write_store
+
+log = logging.getLogger(__name__)
+
+_SHARD_RE = re.compile(r"^(\d+)/(\d+)$")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'I/N' (0 <= I < N) -> (I, N); None -> the torchrun rank when WORLD_SIZE > 1, else None."""
+    if text is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+    m = _SHARD_RE.match(text.strip())
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise ValueError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_of(path: str, n: int) -> int:
+    """Stable shard of a relative path: the first 8 bytes of its sha1, modulo n."""
+    return int.from_bytes(hashlib.sha1(path.encode()).digest()[:8], "big") % n
+
+
+def take_shard(ds: Dataset, shard: tuple[int, int]) -> Dataset:
+    """The files of shard I of N; the class list stays the whole dataset's, so labels agree across shards."""
+    i, n = shard
+    keep = [k for k, p in enumerate(ds.paths) if shard_of(p, n) == i]
+    return Dataset(ds.root, ds.layout, [ds.paths[k] for k in keep], ds.labels[keep], [ds.splits[k] for k in keep],
+                   ds.classes, ds.ignored)
+
+
+def shard_path(out: Path, shard: tuple[int, int]) -> Path:
+    return out.with_name(f"{out.stem}.shard-{shard[0]}-of-{shard[1]}{out.suffix or '.h5'}")
+
+
+def merge(shards: Sequence[str | os.PathLike], out: str | os.PathLike, allow_missing: bool = False,
+          chunk: int = 8192) -> dict[str, Any]:
+    """Merge shard stores into one store at ``out``: every row exactly once, features streamed chunk by chunk.
+
+    Refuses shards of different configurations, missing or duplicated shard indices (unless ``allow_missing``),
+    and a path present in two shards."""
+    stores = [FeatureStore(p) for p in shards]
+    if not stores:
+        raise ValueError("no shard stores given to merge")
+    keys = {s.attrs.get("config_key") for s in stores}
+    if len(keys) != 1:
+        raise StoreError("shards were built with different configurations (config_key "
+                         + ", ".join(f"{s.path.name}: {str(s.attrs.get('config_key'))[:8]}" for s in stores) + ")")
+    roots = {s.attrs.get("root") for s in stores}
+    if len(roots) != 1:
+        raise StoreError(f"shards come from different datasets: {sorted(roots)}")
+    marks = [s.attrs.get("shard") for s in stores]
+    if all(marks):
+        counts = {int(m.split("/")[1]) for m in marks}
+        if len(counts) != 1:
+            raise StoreError(f"shards of different counts: {sorted(marks)}")
+        n = counts.pop()
+        seen = [int(m.split("/")[0]) for m in marks]
+        dup = sorted({i for i in seen if seen.count(i) > 1})
+        if dup:
+            raise StoreError(f"shard {dup[0]}/{n} is given twice")
+        missing = sorted(set(range(n)) - set(seen))
+        if missing and not allow_missing:
+            raise StoreError(f"shards {', '.join(f'{i}/{n}' for i in missing)} are missing: run those ranks "
+                             f"(probe extract … --shard I/{n}) or pass --allow-missing")
+    classes = sorted(set().union(*(s.classes for s in stores)))
+    cindex = {c: i for i, c in enumerate(classes)}
+    rows: dict[str, tuple[str, int, str]] = {}
+    skipped: dict[str, tuple[str, str]] = {}
+    for s in stores:
+        for p, fp, y, sp in zip(s.paths(), s.fingerprints(), s.labels().tolist(), s.splits().tolist()):
+            if p in rows:
+                raise StoreError(f"{p!r} is in more than one shard (second: {s.path})")
+            rows[p] = (fp, cindex[s.classes[y]] if y >= 0 else -1, sp)
+        fps = s.skipped_fingerprints()
+        skipped.update({x["path"]: (fps[x["path"]], x["reason"]) for x in s.skipped()})
+    rows = dict(sorted(rows.items()))  # canonical order: by path, whatever the shard count
+
+    def batches():
+        import h5py
+
+        for s in stores:
+            paths, fps = s.paths().tolist(), s.fingerprints().tolist()
+            with h5py.File(s.path, "r") as f:
+                for a in range(0, s.count, chunk):
+                    yield paths[a: a + chunk], fps[a: a + chunk], f["features"][a: a + chunk]
+
+    attrs = {k: v for k, v in stores[0].attrs.items() if k not in ("shard", "complete", "created", "updated")}
+    attrs.update(classes=classes, merged_from=[str(s.path) for s in stores])
+    out = Path(out)
+    if out.exists():
+        raise StoreError(f"{out} exists: merge writes a new store (delete it or choose another --out)")
+    if config_key({k: attrs[k] for k in ("backbone", "weights", "weights_sha256", "preprocess", "pooling", "tta",
+                                         "dtype")}) != attrs["config_key"]:
+        raise StoreError("internal: shard attributes do not reproduce their config_key")
+    write_store(out, attrs, rows, batches(), skipped, stores[0].dim)
+    merged = FeatureStore(out)
+    return {"store": str(out), "count": merged.count, "dim": merged.dim, "shards": len(stores),
+            "classes": classes, "skipped": len(skipped)}
