@@ -23,7 +23,8 @@ def machine() -> dict[str, Any]:
     import torch
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "load_average_1m": round(os.getloadavg()[0], 2)}  # other work on the machine skews absolute figures
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
