@@ -79,7 +79,8 @@ def _finetune_text(s: dict) -> str:
         f"best val accuracy {s['best_val_acc']:.4f} at epoch {s['best_epoch']} of {s['epochs_run']}"
         + (" (stopped early)" if s["stopped_early"] else "")
         + f"; {s['trainable_params']:,} of {s['total_params']:,} parameters trainable; {s['seconds']:.1f}s on "
-        f"{s['device']}" + (f", {s['train_images_per_s']} img/s" if s["train_images_per_s"] else ""),
+        f"{s['device']}" + (f" x {s['world_size']} processes" if s.get("world_size", 1) > 1 else "")
+        + (f", {s['train_images_per_s']} img/s" if s["train_images_per_s"] else ""),
         f"best checkpoint {s['best']}  (probe extract DATA --weights {s['best']})",
         f"metrics {s['metrics']}, curves {s['curves']}",
     ]
@@ -97,11 +98,15 @@ def finetune(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     **config,
 ) -> None:
-    """Fine-tune a backbone with a new head; the best checkpoint is a --weights for probe extract."""
+    """Fine-tune a backbone with a new head; the best checkpoint is a --weights for probe extract.
+
+    Data-parallel on N GPUs (or CPU processes): torchrun --nproc-per-node N -m probe finetune DATA --out RUN …"""
     from probe.finetune import finetune as run
+    from probe.finetune.dist import is_main_process
 
     summary = run(data, out, _config(strategy=strategy, **config), progress=sys.stderr.isatty() and not as_json)
-    emit(summary, as_json, _finetune_text)
+    if is_main_process():  # under torchrun: one summary, not one per rank
+        emit(summary, as_json, _finetune_text)
 
 
 @app.command()
