@@ -199,6 +199,18 @@ def _load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
     model.load_state_dict({k: state[k] for k in own})
 
 
+def _local_weights(model: nn.Module, weights: str | None) -> str | None:
+    """Random init or a local checkpoint loaded into ``model``: their identity; None when the weights are the
+    name's pretrained ones (to be fetched by the caller)."""
+    if weights in RANDOM_WEIGHTS:
+        return "random"
+    if weights and Path(weights).is_file():
+        state, _ = load_checkpoint(weights)
+        _load_backbone_state(model, state, weights)
+        return f"file:{Path(weights).resolve()}"
+    return None
+
+
 # ------------------------------------------------------------------------------------------- offline
 def is_offline() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("PROBE_OFFLINE", "HF_HUB_OFFLINE"))
@@ -257,13 +269,8 @@ def _torchvision(name: str, weights: str | None) -> Backbone:
         "std": [float(v) for v in tf.std],
         "repr": repr(tf).replace("\n", " "),
     }
-    if weights in RANDOM_WEIGHTS:
-        ident = "random"
-    elif weights and Path(weights).is_file():
-        state, _ = load_checkpoint(weights)
-        _load_backbone_state(model, state, weights)
-        ident = f"file:{Path(weights).resolve()}"
-    else:
+    ident = _local_weights(model, weights)
+    if ident is None:
         filename = os.path.basename(wobj.url)
         target = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
         if not os.path.exists(target) and not _reachable(wobj.url):
@@ -332,21 +339,16 @@ def _timm_cached_file(cfg: Any) -> tuple[str | None, str, str]:
     return (target if url and os.path.exists(target) else None), url, target
 
 
-def _timm(name: str, weights: str | None, arch_override: str | None = None) -> Backbone:
+def _timm(name: str, weights: str | None) -> Backbone:
     import timm
 
-    arch = arch_override or name[5:]
+    arch = name[5:]
     model = timm.create_model(arch, pretrained=False, num_classes=0)  # num_classes=0 -> pooled pre-logits
-    if weights in RANDOM_WEIGHTS:
-        ident = "random"
-    elif weights and Path(weights).is_file():
-        state, _ = load_checkpoint(weights)
-        _load_backbone_state(model, state, weights)
-        ident = f"file:{Path(weights).resolve()}"
-    elif weights:
+    ident = _local_weights(model, weights)
+    if ident is None and weights:
         raise BackboneError(f"weights {weights!r} for {name}: expected 'random' or an existing checkpoint file; "
                             f"for a timm pretrained tag write it in the name, e.g. timm/resnet50.a1_in1k")
-    else:
+    if ident is None:
         cfg = model.pretrained_cfg
         cached, url, target = _timm_cached_file(timm.models.get_pretrained_cfg(arch) or cfg)
         if cached is None and not _reachable(url or "https://huggingface.co"):
