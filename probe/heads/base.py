@@ -41,7 +41,8 @@ class Head(ClassifierMixin, BaseEstimator):
         return self._proba(self.transform_features(X))
 
     def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        proba = self.predict_proba(X)  # (N, C); checks the head is fitted
+        return self.classes_[proba.argmax(1)]
 
     # ---- persistence (probe.heads.io): plain arrays + JSON-able hyperparameters, no pickle
     def get_state(self) -> dict[str, np.ndarray]:

@@ -1,0 +1,135 @@
+"""Classification metrics for a head on labelled features, and the confusion-matrix PNG.
+
+Example:
+    >>> report = evaluate("cache/demo.h5", "heads/demo-linear.safetensors", split="val")
+    >>> report["accuracy"], report["png"]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def metrics(y_true: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Accuracy, top-5, balanced accuracy, per-class precision/recall/F1 and the confusion matrix.
+
+    y_true (N,) column indices into proba (N, C); class_names (C,)."""
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    C = len(class_names)
+    y_true = np.asarray(y_true, np.int64)
+    if len(y_true) == 0:
+        raise ValueError("no labelled images to evaluate: got 0 rows")
+    pred = proba.argmax(1)
+    k = min(5, C)
+    topk = np.argpartition(-proba, k - 1, axis=1)[:, :k]  # (N, k) unordered top-k columns
+    labels = np.arange(C)
+    p, r, f, s = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
+    present = np.isin(labels, y_true)
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float((pred == y_true).mean()),
+        "top5": float((topk == y_true[:, None]).any(1).mean()),
+        "top5_k": k,  # top-5 is top-C when there are fewer than 5 classes
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)) if present.any() else 0.0,
+        "per_class": [{"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                       "support": int(s[i])} for i, c in enumerate(class_names)],
+        "confusion": confusion_matrix(y_true, pred, labels=labels).tolist(),  # rows: true, columns: predicted
+    }
+
+
+def confusion_png(confusion: list[list[int]], class_names: list[str], path: str | os.PathLike,
+                  title: str = "") -> Path:
+    """Write a row-normalised confusion matrix with counts in each cell as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(confusion, np.float64)
+    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)  # recall per true class
+    n = len(class_names)
+    size = max(4.0, 0.55 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size), dpi=110)
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:  # counts stay legible up to ~30 classes
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if rows[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def head_columns_for(store_classes: list[str], store_labels: np.ndarray, head_classes: list[str],
+                     where: str) -> np.ndarray:
+    """Map a store's label indices (N,) to the head's probability columns (N,), refusing classes the head lacks."""
+    col = {c: i for i, c in enumerate(head_classes)}
+    names = np.asarray(store_classes, dtype=object)[store_labels]
+    unknown = sorted({n for n in names.tolist() if n not in col})
+    if unknown:
+        raise ValueError(f"{where} has classes the head was not trained on: {', '.join(map(repr, unknown[:10]))} "
+                         f"(the head knows {', '.join(head_classes)})")
+    return np.array([col[n] for n in names.tolist()], np.int64)
+
+
+def check_head_matches_store(meta: dict[str, Any], store: Any) -> None:
+    """Refuse a head fit on features of another backbone configuration than ``store``'s."""
+    have, want = store.attrs.get("config_key"), meta.get("config_key")
+    if have != want:
+        diffs = [f"{k}: head {meta.get('config', {}).get(k)!r}, store {store.attrs.get(k)!r}"
+                 for k in ("backbone", "weights", "weights_sha256", "pooling", "tta", "dtype")
+                 if meta.get("config", {}).get(k) != store.attrs.get(k)] or ["preprocessing differs"]
+        raise ValueError(f"head was fit on features of another backbone configuration than {store.path} "
+                         f"(config_key {str(want)[:12]} vs {str(have)[:12]}): " + "; ".join(diffs))
+
+
+def evaluate(store_path: str | os.PathLike, head_path: str | os.PathLike, split: str | None = "test",
+             png: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Metrics of the head at ``head_path`` on the labelled rows of ``split`` (None: all rows) of a store,
+    plus a confusion-matrix PNG (default: beside the head, ``<head>.<split>.confusion.png``)."""
+    from probe.store import FeatureStore
+
+    from .io import load_head
+
+    store = FeatureStore(store_path)
+    head, meta = load_head(head_path)
+    check_head_matches_store(meta, store)
+    if split is not None:
+        have = sorted(set(store.splits().tolist()) - {""})
+        if split not in have:
+            raise ValueError(f"store {store.path} has no {split!r} split (it has: {', '.join(have) or 'none'}; "
+                             "pass --split all to evaluate every labelled row)")
+    X, y = store.features(split), store.labels(split)
+    keep = y >= 0
+    if not keep.any():
+        raise ValueError(f"no labelled images in split {split or 'all'!r} of {store.path}")
+    class_names = meta["class_names"]
+    cols = head_columns_for(store.classes, y[keep], class_names, f"split {split or 'all'!r} of {store.path}")
+    proba = head.predict_proba(X[keep])
+    report = metrics(cols, proba, class_names)
+    png = Path(png) if png else Path(f"{Path(head_path).with_suffix('')}.{split or 'all'}.confusion.png")
+    confusion_png(report["confusion"], class_names, png,
+                  f"{Path(head_path).name} on {store.path.name} [{split or 'all'}]: accuracy "
+                  f"{report['accuracy']:.3f}")
+    log.info("confusion matrix written to %s", png)
+    return {"store": str(store.path), "head": str(head_path), "head_type": meta["head"], "split": split or "all",
+            **report, "png": str(png)}

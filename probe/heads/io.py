@@ -1,0 +1,108 @@
+"""Save and load heads as one safetensors file: tensors for every learned array, JSON metadata for the rest.
+
+No pickle anywhere: loading a head runs no code. The metadata (``__metadata__["probe"]``) records the head type
+and hyperparameters, the class names, the backbone identity of the store it was fit on (backbone, weights,
+weights checksum, preprocessing, pooling, TTA, dtype and their ``config_key``) and the fit summary, so
+``probe predict`` can rebuild the exact embedder without the store.
+
+Example:
+    >>> save_head(head, "heads/demo-linear.safetensors", {"class_names": [...], "config": store.config})
+    >>> head, meta = load_head("heads/demo-linear.safetensors")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Head
+from .knn import KNNHead
+from .linear import LinearHead
+from .mlp import MLPHead
+from .prototype import PrototypeHead
+
+FORMAT = "probe-head/1"
+HEADS: dict[str, type[Head]] = {"linear": LinearHead, "mlp": MLPHead, "prototype": PrototypeHead, "knn": KNNHead}
+
+
+class HeadError(ValueError):
+    """A head file that cannot be read, or that does not fit the features it is used with."""
+
+
+def make_head(kind: str, **params: Any) -> Head:
+    """A head by name: ``make_head("linear", C=1.0)``. Unknown names and parameters raise ValueError."""
+    if kind not in HEADS:
+        raise ValueError(f"unknown head {kind!r}: expected one of {', '.join(HEADS)}")
+    cls = HEADS[kind]
+    allowed = cls().get_params()
+    bad = sorted(set(params) - set(allowed))
+    if bad:
+        raise ValueError(f"head {kind!r} has no parameter {bad[0]!r}: it takes {', '.join(allowed)}")
+    return cls(**params)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return list(v)
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def save_head(head: Head, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``head`` and ``meta`` (class names, store config, fit summary …) to ``path`` (.safetensors)."""
+    from safetensors.numpy import save_file
+
+    arrays = head.get_state()
+    classes = arrays["classes_"]
+    meta = dict(meta or {})
+    if classes.dtype.kind not in "iuf":  # string labels travel in the JSON, not as a tensor
+        meta["classes_"] = classes.tolist()
+        arrays = {k: v for k, v in arrays.items() if k != "classes_"}
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    header = {"format": FORMAT, "head": head.kind, "params": {k: _jsonable(v) for k, v in head.get_params().items()},
+              **meta}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(arrays, str(tmp), metadata={"probe": json.dumps(header, default=str)})
+    os.replace(tmp, path)  # atomic: a crash never leaves half a head
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a head file, without loading its tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise HeadError(f"head file {str(path)!r} does not exist (make one with `probe fit-head STORE --out {path}`)")
+    try:
+        with safe_open(str(path), "numpy") as f:
+            header = json.loads((f.metadata() or {}).get("probe", "null"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a foreign file
+        raise HeadError(f"{str(path)!r} is not a safetensors file: {e}") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise HeadError(f"{str(path)!r} is a safetensors file but not a probe head (format {FORMAT} expected)")
+    return header
+
+
+def load_head(path: str | os.PathLike) -> tuple[Head, dict[str, Any]]:
+    """(fitted head, metadata) from a file written by ``save_head``."""
+    from safetensors.numpy import load_file
+
+    meta = read_meta(path)
+    kind = meta.get("head")
+    if kind not in HEADS:
+        raise HeadError(f"{path}: unknown head type {kind!r} (this probe knows {', '.join(HEADS)})")
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
+    head = HEADS[kind](**params)
+    arrays = load_file(str(path))
+    if "classes_" in meta:
+        arrays["classes_"] = np.asarray(meta["classes_"])
+    head.set_state(arrays)
+    return head, meta

@@ -1,0 +1,68 @@
+"""Classify new images with a saved head: embed them with exactly the backbone and preprocessing recorded in the
+head, then the head's probabilities. The feature store is not needed.
+
+Example:
+    >>> out = predict(["photo.jpg", "more_photos/"], "heads/demo-linear.safetensors", top_k=3)
+    >>> out["predictions"][0]["top"][0]        # {"class": "Sneaker", "probability": 0.93}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import _is_image_name
+from .heads.io import load_head
+
+log = logging.getLogger(__name__)
+
+
+def list_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
+    """Files as given, folders expanded to their image files (recursively, sorted). A missing path raises
+    FileNotFoundError naming it; a folder without images raises ValueError."""
+    files: list[str] = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and _is_image_name(f.name))
+            if not found:
+                raise ValueError(f"folder {str(p)!r} contains no image files ({', '.join(('.jpg', '.png', '…'))})")
+            files += found
+        elif p.exists():
+            files.append(str(p))
+        else:
+            raise FileNotFoundError(f"no such image or folder: {str(p)!r}")
+    if not files:
+        raise ValueError("no images given: pass image files or folders")
+    return files
+
+
+def predict(inputs: Sequence[str | os.PathLike], head_path: str | os.PathLike, top_k: int = 5,
+            device: str = "auto", batch_size: int = 64) -> dict[str, Any]:
+    """Top-k classes with probabilities for every decodable image; undecodable files are listed in ``skipped``.
+
+    Raises BackboneError when the backbone available now differs from the one recorded in the head."""
+    from .extract import embedder_for
+
+    if top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    files = list_images(inputs)
+    head, meta = load_head(head_path)
+    names = meta["class_names"]
+    emb = embedder_for(meta["config"], device=device)
+    feats, ok, bad = emb.embed_files(files, batch_size)  # (n_ok, D)
+    if feats.shape[1] != head.n_features_in_:
+        raise ValueError(f"the backbone gives {feats.shape[1]}-d features, the head expects {head.n_features_in_}")
+    for b in bad:
+        log.warning("skipped %s: %s", b["path"], b["reason"])
+    proba = head.predict_proba(feats) if len(ok) else np.zeros((0, len(names)), np.float32)  # (n_ok, C)
+    k = min(top_k, len(names))
+    top = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+    preds = [{"path": files[i], "top": [{"class": names[c], "probability": round(float(proba[j, c]), 6)}
+                                        for c in top[j]]}
+             for j, i in enumerate(ok)]
+    return {"head": str(head_path), "backbone": meta["config"]["backbone"], "predictions": preds, "skipped": bad}
