@@ -58,6 +58,14 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
 
 
+def images_in(folder: str | os.PathLike) -> list[str]:
+    """Image files under ``folder`` (recursively, by extension, sorted); ValueError naming the folder if none."""
+    found = sorted(str(f) for f in Path(folder).rglob("*") if f.is_file() and _is_image_name(f.name))
+    if not found:
+        raise ValueError(f"folder {str(folder)!r} contains no image files ({', '.join(IMG_EXTENSIONS)})")
+    return found
+
+
 def _walk(folder: Path, root: Path, ignored: list[str]) -> list[str]:
     """Image files under ``folder`` (following links to folders), sorted, as paths relative to ``root``.
     A dangling link keeps its name: the decoder reports it instead of it vanishing silently."""
@@ -180,7 +188,7 @@ class ImageDecodeError(Exception):
     """A file that cannot become an RGB image; the message is the reason recorded in the store."""
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB, with alpha composited over white and 16-bit scaled (not clipped)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(img).astype(np.float64)
@@ -219,7 +227,7 @@ def decode(source: str | os.PathLike | BinaryIO, max_pixels: int = MAX_PIXELS) -
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)  # animated: first frame
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
+            return to_rgb(ImageOps.exif_transpose(img))
 
 
 def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:

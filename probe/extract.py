@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, BackboneError, create_backbone
-from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, fingerprint, load_image
+from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, fingerprint, load_image, to_rgb
 from .shard import parse_shard, shard_path, take_shard
 from .store import FeatureStore, Journal, StoreError, check_compatible, config_key, locked, write_store
 
@@ -133,9 +133,7 @@ class Embedder:
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
         """PIL images (any mode) -> (N, D) float32."""
-        from .data import _to_rgb
-
-        out = [self(torch.stack([self.backbone.transform(_to_rgb(im)) for im in images[s: s + batch_size]]))
+        out = [self(torch.stack([self.backbone.transform(to_rgb(im)) for im in images[s: s + batch_size]]))
                for s in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.backbone.dim), np.float32)
 

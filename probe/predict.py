@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import _is_image_name
+from .data import images_in
 from .heads.io import load_head
 
 log = logging.getLogger(__name__)
@@ -28,10 +28,7 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
     files: list[str] = []
     for p in map(Path, inputs):
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and _is_image_name(f.name))
-            if not found:
-                raise ValueError(f"folder {str(p)!r} contains no image files ({', '.join(('.jpg', '.png', '…'))})")
-            files += found
+            files += images_in(p)
         elif p.exists():
             files.append(str(p))
         else:

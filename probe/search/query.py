@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import _is_image_name
+from ..data import images_in
 from .index import SearchIndex, check_k
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,7 @@ def resolve(idx: SearchIndex, inputs: Sequence[str | os.PathLike]) -> list[Query
     for raw in map(str, inputs):
         p = Path(raw)
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and _is_image_name(f.name))
-            if not found:
-                raise ValueError(f"query folder {raw!r} contains no image files (.jpg, .png, …)")
-            out += [Query(f, "image", table.get(_norm(f))) for f in found]
+            out += [Query(f, "image", table.get(_norm(f))) for f in images_in(p)]
         elif p.is_file():
             out.append(Query(raw, "image", table.get(_norm(raw))))
         elif raw.lstrip("-").isdigit():
