@@ -78,6 +78,83 @@ def _solve(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float, W: torch
     return W.detach(), b.detach(), evals
 
 
+def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarray, K: int, max_iter: int,
+                tol: float, history: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every strength of a sweep at once: batched L-BFGS with backtracking (Armijo) line search.
+
+    A sweep is memory-bound when run one strength at a time: each evaluation streams all of Z (N, D) for a skinny
+    (D, K) product. Here S strengths share each pass — one (N, D) @ (D, S*K) product — so the sweep costs about
+    as many passes over Z as its slowest strength needs. Same scaled objective as ``_solve``; a problem stops when
+    its largest gradient entry is below ``tol`` or its line search cannot decrease the loss any further.
+
+    Z (N, D), y (N,), w (N,) weights, Cs (S,). Returns W (S, D, K), b (S, K)."""
+    N, D = Z.shape
+    S, P = len(Cs), D * K + K
+    wsum = w.sum()
+    lam_all = 1.0 / (2.0 * torch.as_tensor(Cs, dtype=Z.dtype, device=Z.device) * wsum)  # (S,)
+    onehot = torch.nn.functional.one_hot(y, K).to(Z.dtype)  # (N, K)
+    ww = (w / wsum)[:, None, None]  # (N, 1, 1)
+
+    def f_and_g(theta: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = theta.shape[0]
+        W, b = theta[:, : D * K].view(s, D, K), theta[:, D * K:]  # (s, D, K), (s, K)
+        logits = (Z @ W.permute(1, 0, 2).reshape(D, s * K)).view(N, s, K) + b  # (N, s, K)
+        lse = torch.logsumexp(logits, -1, keepdim=True)  # (N, s, 1)
+        G = (torch.exp(logits - lse) - onehot[:, None]) * ww  # (N, s, K): d loss / d logits
+        f = ((lse[..., 0] - (logits * onehot[:, None]).sum(-1)) * ww[..., 0]).sum(0) + lam * (W * W).sum((1, 2))
+        gW = (Z.T @ G.reshape(N, s * K)).view(D, s, K).permute(1, 0, 2) + 2 * lam[:, None, None] * W
+        return f, torch.cat([gW.reshape(s, D * K), G.sum(0)], 1)  # (s,), (s, P)
+
+    theta = torch.zeros(S, P, dtype=Z.dtype, device=Z.device)
+    f, g = f_and_g(theta, lam_all)
+    hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s_k, y_k, rho_k), each over all S
+    active = g.abs().amax(1) > tol
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        q = g.clone()  # two-loop recursion, batched over strengths (rho = 0 masks unusable pairs)
+        alphas = []
+        for s_, y_, r_ in reversed(hist):
+            a = r_ * (s_ * q).sum(1)
+            q -= a[:, None] * y_
+            alphas.append(a)
+        if hist:
+            s_, y_, r_ = hist[-1]
+            gamma = torch.where(r_ > 0, (s_ * y_).sum(1) / (y_ * y_).sum(1).clamp_min(1e-30), torch.ones_like(r_))
+        else:
+            gamma = 1.0 / g.abs().sum(1).clamp_min(1.0)  # torch's LBFGS first step
+        r = gamma[:, None] * q
+        for (s_, y_, r_), a in zip(hist, reversed(alphas)):
+            r += s_ * (a - r_ * (y_ * r).sum(1))[:, None]
+        d = -r
+        gd = (g * d).sum(1)
+        uphill = gd >= 0
+        d[uphill], gd[uphill] = -g[uphill], -(g[uphill] ** 2).sum(1)
+        idx = torch.nonzero(active).flatten()  # only unfinished strengths are evaluated
+        t = torch.ones(len(idx), dtype=Z.dtype, device=Z.device)
+        new_theta, new_f, new_g = theta.clone(), f.clone(), g.clone()
+        done = torch.zeros(len(idx), dtype=torch.bool, device=Z.device)
+        for _ls in range(30):
+            trial = theta[idx] + t[:, None] * d[idx]
+            ft, gt = f_and_g(trial, lam_all[idx])
+            ok = ~done & (ft <= f[idx] + 1e-4 * t * gd[idx])
+            sel = idx[ok]
+            new_theta[sel], new_f[sel], new_g[sel] = trial[ok], ft[ok], gt[ok]
+            done |= ok
+            if done.all():
+                break
+            t = torch.where(done, t, t * 0.5)
+        stuck = torch.zeros_like(active)
+        stuck[idx[~done]] = True  # no decrease left at float precision: as converged as it gets
+        s_new, y_new = new_theta - theta, new_g - g
+        sy = (s_new * y_new).sum(1)
+        hist.append((s_new, y_new, torch.where(sy > 1e-10, 1.0 / sy.clamp_min(1e-10), torch.zeros_like(sy))))
+        hist = hist[-history:]
+        theta, f, g = new_theta, new_f, new_g
+        active = active & ~stuck & (g.abs().amax(1) > tol)
+    return theta[:, : D * K].view(S, D, K), theta[:, D * K:]
+
+
 class LinearHead(Head):
     """L2-regularised multinomial logistic regression, scikit-learn compatible.
 
@@ -203,17 +280,14 @@ class LinearHead(Head):
         return Zv, np.searchsorted(self.classes_, yv)
 
     def _sweep(self, Z, y, w, Zv, yv) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Fit every C of the grid, strongest first, each warm-started from the last: (val accuracies, solutions).
+        """Fit every C of the grid at once (``_solve_many``): (val accuracies, solutions).
         Records ``sweep_`` ({"C", "val_accuracy"} per strength)."""
-        K = len(self.classes_)
-        W, b = torch.zeros(Z.shape[1], K, device=Z.device), torch.zeros(K, device=Z.device)
+        Ws, bs = _solve_many(Z, y, w, self.Cs(), len(self.classes_), self.max_iter, self.tol)  # all at once
         accs, sols = [], []
         self.sweep_ = []
-        for C in self.Cs():
-            W, b, n_eval = _solve(Z, y, w, float(C), W, b, self.max_iter, self.tol)
+        for C, W, b in zip(self.Cs(), Ws, bs):
             acc = float(((Zv @ W + b).argmax(1).cpu().numpy() == yv).mean())
             self.sweep_.append({"C": float(C), "val_accuracy": acc})
-            log.debug("C=%.3g  val accuracy %.4f  (%d evaluations)", C, acc, n_eval)
             accs.append(acc)
             sols.append((W, b))
         return np.array(accs), sols
