@@ -15,8 +15,9 @@ def _index_text(s: dict) -> str:
     recall = (f"recall@10 {s['recall_at_10']:.3f} on {s['recall_queries']} held-out queries "
               f"(target {s['target_recall']})" if s["recall_queries"] else
               "exact search (recall 1)" if s["type"] == "flat" else "recall not measured (too few rows)")
+    shards = f" in {s['shards']} shards" if s.get("shards", 1) > 1 else ""
     return (f"{s['index']}: {s['action']} {s['type']} index ({s['factory']}{', ' + params if params else ''}), "
-            f"{s['metric']}, {s['count']} x {s['dim']} from {s['backbone']}; added {s['added']}; {recall}; "
+            f"{s['metric']}, {s['count']} x {s['dim']} from {s['backbone']}{shards}; added {s['added']}; {recall}; "
             f"{s['bytes'] / 2**20:.1f} MiB, built in {s['build_seconds']:.1f}s")
 
 
@@ -35,12 +36,19 @@ def index(
                                                                       "indexes are tuned to reach."),
     exact_below: int = typer.Option(50_000, "--exact-below", help="auto: exact (flat) search below this many "
                                                                   "vectors."),
+    chunk_rows: int = typer.Option(16_384, "--chunk-rows", help="Store rows read at a time (approximate types "
+                                                                "train on a sample): memory = one chunk + index."),
+    nlist: int | None = typer.Option(None, "--nlist", help="IVF lists (default 4·sqrt(N)); fewer trains faster "
+                                                           "on a large store."),
+    shards: int = typer.Option(1, "--shards", help="Split the rows into K contiguous sub-indexes (OUT.shard-k), "
+                                                   "searched together and merged."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Build a FAISS index of a store (or --update it) for `probe search`."""
     from probe.search.index import IndexConfig, index_store
 
-    cfg = IndexConfig(type=type_, metric=metric or "cosine", target_recall=target_recall, exact_below=exact_below)
+    cfg = IndexConfig(type=type_, metric=metric or "cosine", target_recall=target_recall, exact_below=exact_below,
+                      chunk_rows=chunk_rows, shards=shards, nlist=nlist)
     emit(index_store(store, out, cfg, update=update, metric=metric), as_json, _index_text)
 
 

@@ -5,6 +5,13 @@ Files: ``INDEX`` (faiss.write_index) and ``INDEX.json`` (type, factory string, s
 store's configuration + config_key, paths, labels, measured recall). Ids are store rows: row i of the store is
 id i of the index, and ``add`` appends the rows a grown store has beyond those indexed.
 
+Out of core: the store's /features are never read whole. Approximate types train on a seeded sample of rows and
+add the rest ``chunk_rows`` at a time straight from HDF5, so memory is one chunk + the training sample + the index.
+With ``shards`` = K the rows are split into K contiguous ranges, each its own sub-index (cloned from one trained,
+empty index, so all share the coarse centroids) saved as ``INDEX.shard-k``; ``INDEX`` then holds that trained empty
+index, ``INDEX.json`` lists the shard files and their row ranges, and searches go through ``faiss.IndexShards``,
+which queries every shard and merges their top-k.
+
 Example:
     >>> idx = SearchIndex.build(FeatureStore("cache/demo.h5"))        # auto: exact below 50k vectors
     >>> scores, ids = idx.search(idx.vectors([0, 1]), k=5)              # (2, 5), (2, 5)
@@ -18,11 +25,13 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import faiss
+import h5py
 import numpy as np
 
 from ..store import KEY_FIELDS, FeatureStore, StoreError
@@ -52,6 +61,8 @@ class IndexConfig:
     hnsw_m: int = 32  # HNSW graph degree: 32 is FAISS's usual speed/recall/memory balance
     train_per_list: int = 40  # k-means training rows per IVF list (FAISS warns below 39)
     seed: int = 0
+    chunk_rows: int = 16_384  # rows read from the store per step: 80 MiB at D=1280, whatever the store's size
+    shards: int = 1  # sub-indexes over contiguous row ranges, searched together through faiss.IndexShards
 
     def __post_init__(self) -> None:
         if self.type not in INDEX_TYPES:
@@ -64,6 +75,12 @@ class IndexConfig:
             raise ValueError(f"target recall must be in (0, 1], got {self.target_recall}")
         if self.exact_below < 0:
             raise ValueError(f"exact_below must be >= 0, got {self.exact_below}")
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.nlist is not None and self.nlist < 1:
+            raise ValueError(f"nlist must be >= 1, got {self.nlist}")
+        if self.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {self.shards}")
 
 
 def set_threads(n: int | None = None) -> int:
@@ -90,6 +107,78 @@ def _pq_shape(dim: int, ntrain: int) -> tuple[int, int]:
     m = min((d for d in range(1, dim + 1) if dim % d == 0), key=lambda d: abs(d - dim / 16))
     bits = max(1, min(8, int(math.log2(max(2, ntrain // 39)))))
     return m, bits
+
+
+class Rows:
+    """(N, D) vectors read ``chunk_rows`` store rows at a time and prepared for ``metric`` on each read: a store's
+    HDF5 /features dataset (never read whole) or an in-memory array already prepared (``metric=None``, not copied).
+    ``n`` limits reading to the first n rows.
+
+    Example:
+        >>> with h5py.File("cache/big.h5") as f:
+        ...     for ids, x in Rows(f["features"], "cosine").blocks():   # (b,), (b, D) L2-normalised
+        ...         index.add_with_ids(x, ids)
+    """
+
+    def __init__(self, data: np.ndarray | h5py.Dataset, metric: str | None, chunk_rows: int = 16_384,
+                 n: int | None = None):
+        self.data, self.metric, self.chunk = data, metric, chunk_rows
+        self.n = data.shape[0] if n is None else n
+        self.dim = int(data.shape[1])
+
+    def _read(self, start: int, stop: int, sel: np.ndarray | None) -> np.ndarray:
+        if sel is None:
+            x = self.data[start:stop]
+        elif isinstance(self.data, np.ndarray) or len(sel) * 64 < stop - start:
+            x = self.data[sel]  # sparse rows: h5py reads just these (sorted) rows
+        else:
+            x = self.data[start:stop][sel - start]  # dense: one contiguous read beats ~0.1 ms per row
+        if self.metric is None:
+            return x
+        if isinstance(self.data, h5py.Dataset):  # a fresh array from disk: normalise it in place
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if self.metric == "cosine" and len(x):
+                faiss.normalize_L2(x)
+            return x
+        return prepare(x, self.metric)
+
+    def blocks(self, rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(row ids (b,) int64, prepared vectors (b, D)) of every row, or of the sorted ``rows``, block by block."""
+        for start in range(0, self.n, self.chunk):
+            stop = min(self.n, start + self.chunk)
+            if rows is None:
+                yield np.arange(start, stop, dtype=np.int64), self._read(start, stop, None)
+                continue
+            sel = rows[np.searchsorted(rows, start): np.searchsorted(rows, stop)]
+            if len(sel):
+                yield sel.astype(np.int64), self._read(start, stop, sel)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Prepared vectors (len(rows), D) of the sorted ``rows``: a sample, read without loading the rest."""
+        parts = [x for _, x in self.blocks(rows)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+
+
+def shard_bounds(n: int, shards: int) -> np.ndarray:
+    """(shards + 1,) row boundaries: shard k holds store rows bounds[k] <= row < bounds[k + 1]."""
+    return np.linspace(0, n, shards + 1).astype(np.int64)
+
+
+def sub_indexes(index: faiss.Index) -> list[faiss.Index]:
+    """The per-shard indexes of a faiss.IndexShards, or [index] for a single index."""
+    if isinstance(index, faiss.IndexShards):
+        return [faiss.downcast_index(index.at(i)) for i in range(index.count())]
+    return [index]
+
+
+def combine(subs: list[faiss.Index]) -> faiss.Index:
+    """One index searching all of ``subs`` and merging their top-k (ids are each sub-index's own: store rows)."""
+    if len(subs) == 1:
+        return subs[0]
+    shards = faiss.IndexShards(subs[0].d, True, False)  # threaded, successive_ids=False: keep the store rows
+    for sub in subs:
+        shards.add_shard(sub)  # faiss's wrapper keeps a reference: subs live as long as shards
+    return shards
 
 
 def factory_string(kind: str, n: int, dim: int, cfg: IndexConfig, trainable: int | None = None) -> tuple[str, int]:
@@ -119,7 +208,7 @@ def param_ladders(kind: str, index: faiss.Index) -> list[list[dict[str, int]]]:
     if kind == "hnsw":
         return [[{"efSearch": e} for e in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096)]]
     if kind in ("ivf", "ivfsq8", "ivfpq"):
-        nlist = faiss.extract_index_ivf(index).nlist
+        nlist = faiss.extract_index_ivf(sub_indexes(index)[0]).nlist
         probes = sorted({p for p in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
                          if p < nlist} | {nlist})
         if kind != "ivfpq":
@@ -152,18 +241,24 @@ def _timed_search(index: faiss.Index, q: np.ndarray, k: int) -> tuple[np.ndarray
     return ids, time.perf_counter() - t
 
 
-def held_out_truth(q: np.ndarray, x: np.ndarray, metric: str, exclude: np.ndarray | None = None,
+def held_out_truth(q: np.ndarray, x: np.ndarray | Rows, metric: str, exclude: np.ndarray | None = None,
                    k: int = RECALL_K) -> np.ndarray:
-    """Exact top-k ids (nq, k) of queries q among the rows of x, rows in ``exclude`` left out (they are not in
-    the index being tuned). Brute force over x without copying it: a few extra neighbours, then filtered."""
-    extra = 0 if exclude is None else int(np.ceil((k + 1) * 1.5 * len(x) / max(1, len(x) - len(exclude)))) + 10
-    kk = min(len(x), k + extra)
-    _, ids = faiss.knn(q, x, kk, metric=_faiss_metric(metric))  # (nq, kk)
-    if exclude is None or not len(q):
-        return ids[:, :k]
-    drop = np.isin(ids, exclude)
-    return np.stack([np.pad(row[~d][:k], (0, max(0, k - (~d).sum())), constant_values=-1)
-                     for row, d in zip(ids, drop)])
+    """Exact top-k ids (nq, k) of queries q among the rows of x (an array or Rows), rows in ``exclude`` left out
+    (they are not in the index being tuned), -1 where fewer exist. Brute force a block at a time, the blocks'
+    top-k merged with faiss.ResultHeap: memory stays one block deep whatever the store's size."""
+    rows = x if isinstance(x, Rows) else Rows(x, None)
+    heap = faiss.ResultHeap(len(q), k, keep_max=metric == "cosine")
+    for ids, block in rows.blocks():
+        if exclude is not None:
+            keep = ~np.isin(ids, exclude)
+            ids, block = ids[keep], block[keep]
+        kk = min(k, len(ids))
+        if not kk or not len(q):
+            continue
+        d, i = faiss.knn(q, block, kk, metric=_faiss_metric(metric))  # (nq, kk): positions in the block
+        heap.add_result(d, ids[i])
+    heap.finalize()
+    return heap.I
 
 
 def tune(kind: str, index: faiss.Index, q: np.ndarray, truth: np.ndarray, target: float,
@@ -212,48 +307,62 @@ def _split_rows(n: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(perm[:n_queries]), perm[n_queries:]
 
 
-def _add_rows(index: faiss.Index, x: np.ndarray, rows: np.ndarray, chunk: int = 65536) -> None:
-    """Add x[rows] with ids = rows, a chunk at a time (no copy of all of x)."""
-    for s in range(0, len(rows), chunk):
-        r = rows[s: s + chunk]
-        index.add_with_ids(x[r], r.astype(np.int64))
+def _add_rows(subs: list[faiss.Index], bounds: np.ndarray, rows: Rows, which: np.ndarray | None = None) -> None:
+    """Add the sorted rows ``which`` (default all) of ``rows``, a block at a time, each to the sub-index whose
+    range in ``bounds`` holds it, with ids = store rows."""
+    for ids, x in rows.blocks(which):
+        shard = np.searchsorted(bounds, ids, side="right") - 1  # (b,) blocks are sorted: shards are runs
+        for k in np.unique(shard):
+            m = shard == k
+            subs[k].add_with_ids(x[m], ids[m])
 
 
-def build_faiss(x: np.ndarray, cfg: IndexConfig) -> tuple[faiss.Index, str, dict[str, Any], int]:
-    """Build, train and tune a FAISS index over x (N, D), already ``prepare``d for cfg.metric (not copied).
-    Returns (index with tuned parameters set, type, tuning result incl. "factory", rows trained on).
+def build_faiss(x: np.ndarray | Rows, cfg: IndexConfig) -> tuple[faiss.Index, str, dict[str, Any], int]:
+    """Build, train and tune a FAISS index over x: an (N, D) array already ``prepare``d for cfg.metric (not
+    copied), or Rows reading a store chunk by chunk. Returns (index with tuned parameters set, type, tuning result
+    incl. "factory" and "bounds" (the shards' row ranges), rows trained on). With cfg.shards > 1 the index is a
+    faiss.IndexShards of IndexIDMap2 sub-indexes, one per contiguous row range.
 
     The held-out query rows are neither trained on nor in the index while it is tuned (they are added last), so
-    the recall measured is that of new images, not of gallery images finding themselves."""
+    the recall measured is that of new images, not of gallery images finding themselves. Only the training sample
+    (ntrain, D) and the queries (nq, D) are ever held besides one block and the index."""
     set_threads()
     t0 = time.perf_counter()
-    n, dim = x.shape
+    rows = x if isinstance(x, Rows) else Rows(x, None, cfg.chunk_rows)
+    n, dim = rows.n, rows.dim
     kind = cfg.type if cfg.type != "auto" else ("flat" if n < cfg.exact_below else cfg.approximate)
     nq = min(cfg.tune_queries, n // 5) if kind != "flat" else 0  # keep >= 80% of rows for training
     query_ids, rest = _split_rows(n, nq, cfg.seed)
     factory, ntrain = factory_string(kind, n, dim, cfg, trainable=len(rest))
-    index = faiss.IndexIDMap2(faiss.index_factory(dim, factory, _faiss_metric(cfg.metric)))  # ids = store rows
+    empty = faiss.IndexIDMap2(faiss.index_factory(dim, factory, _faiss_metric(cfg.metric)))  # ids = store rows
     if ntrain:
-        train_rows = np.sort(rest[:ntrain])
-        log.info("training %s on %d of %d rows", factory, len(train_rows), n)
-        index.train(x[train_rows])
-        faiss.extract_index_ivf(index).make_direct_map()  # reconstruct(id): query by id/path without the store
-    _add_rows(index, x, np.sort(rest))
-    log.info("added %d x %d to %s in %.1fs", len(rest), dim, factory, time.perf_counter() - t0)
-    q = x[query_ids]  # (nq, D)
-    tuned = tune(kind, index, q, held_out_truth(q, x, cfg.metric, exclude=query_ids), cfg.target_recall)
-    _add_rows(index, x, query_ids)
+        log.info("training %s on %d of %d rows", factory, ntrain, n)
+        empty.train(rows.take(np.sort(rest[:ntrain])))  # (ntrain, D): a sample, read by row index
+        faiss.extract_index_ivf(empty).make_direct_map()  # reconstruct(id): query by id/path without the store
+    bounds = shard_bounds(n, cfg.shards)
+    subs = [empty] if cfg.shards == 1 else [faiss.clone_index(empty) for _ in range(cfg.shards)]
+    del rest
+    _add_rows(subs, bounds, rows, np.setdiff1d(np.arange(n), query_ids) if nq else None)
+    index = combine(subs)
+    log.info("added %d x %d to %s (%d shards) in %.1fs", n - nq, dim, factory, len(subs), time.perf_counter() - t0)
+    q = rows.take(query_ids)  # (nq, D)
+    tuned = tune(kind, index, q, held_out_truth(q, rows, cfg.metric, exclude=query_ids), cfg.target_recall)
+    _add_rows(subs, bounds, rows, query_ids)
+    if len(subs) > 1:
+        index.syncWithSubIndexes()  # rows were added to the shards directly: refresh the total
     set_params(index, tuned["params"])
-    return index, kind, {**tuned, "factory": factory}, ntrain
+    extra = {"template": empty} if len(subs) > 1 else {}  # the trained empty index every shard was cloned from
+    return index, kind, {**tuned, "factory": factory, "bounds": bounds.tolist(), **extra}, ntrain
 
 
 class SearchIndex:
     """A FAISS index whose ids are store rows, with the metadata that makes its hits readable and its queries
     safe (backbone identity). Build with ``SearchIndex.build(store)``, reopen with ``SearchIndex.load(path)``."""
 
-    def __init__(self, index: faiss.Index, meta: dict[str, Any]):
+    def __init__(self, index: faiss.Index, meta: dict[str, Any], template: faiss.Index | None = None):
         self.index = index
         self.meta = meta
+        self.template = template  # sharded: the trained, empty index the shards were cloned from
         self.path: Path | None = None  # where it was saved or loaded from
 
     # ---- identity and mapping
@@ -272,6 +381,11 @@ class SearchIndex:
     @property
     def dim(self) -> int:
         return int(self.index.d)
+
+    @property
+    def bounds(self) -> list[int]:
+        """Shard k holds store rows bounds[k] <= row < bounds[k + 1] (one shard: [0, count])."""
+        return self.meta.get("bounds") or [0, self.count]
 
     @property
     def paths(self) -> list[str]:
@@ -303,26 +417,33 @@ class SearchIndex:
         for i in ids:
             if not 0 <= i < self.count:
                 raise ValueError(f"id {i} is not in the gallery: ids run from 0 to {self.count - 1}")
-        return np.stack([self.index.reconstruct(i) for i in ids]) if ids else np.zeros((0, self.dim), np.float32)
+        if not ids:
+            return np.zeros((0, self.dim), np.float32)
+        subs, bounds = sub_indexes(self.index), np.asarray(self.bounds)
+        shard = np.minimum(np.searchsorted(bounds, ids, side="right") - 1, len(subs) - 1)  # the last one grows
+        return np.stack([subs[k].reconstruct(i) for i, k in zip(ids, shard)])
 
     # ---- build / add
     @classmethod
     def build(cls, store: FeatureStore | str | os.PathLike, config: IndexConfig | None = None) -> SearchIndex:
         """Index every row of ``store``. ``auto`` picks exact search for small stores, else a tuned approximate
-        index whose recall@10 on held-out queries is recorded in ``meta["recall"]``."""
+        index whose recall@10 on held-out queries is recorded in ``meta["recall"]``. The store is read
+        ``config.chunk_rows`` rows at a time (a sample for training): it need not fit in memory."""
         cfg = config or IndexConfig()
         store = store if isinstance(store, FeatureStore) else FeatureStore(store)
         if store.count == 0:
             raise StoreError(f"store {str(store.path)!r} has no rows: nothing to index (extract a folder with "
                              "images into it first)")
+        if cfg.shards > store.count:
+            raise ValueError(f"shards={cfg.shards} is more than the store's {store.count} rows")
         t0 = time.perf_counter()
-        x = prepare(store.features(), cfg.metric)  # (N, D)
-        index, kind, tuned, ntrain = build_faiss(x, cfg)
+        with h5py.File(store.path, "r") as f:
+            index, kind, tuned, ntrain = build_faiss(Rows(f["features"], cfg.metric, cfg.chunk_rows), cfg)
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         meta = {
             "format": FORMAT, "version": FORMAT_VERSION, "type": kind, "requested_type": cfg.type,
-            "factory": tuned["factory"], "params": tuned["params"], "metric": cfg.metric, "dim": x.shape[1],
-            "count": len(x),
+            "factory": tuned["factory"], "params": tuned["params"], "metric": cfg.metric, "dim": store.dim,
+            "count": store.count, "shards": cfg.shards, "shard_files": [], "bounds": tuned["bounds"],
             "recall": tuned["recall"], "recall_k": RECALL_K, "recall_queries": tuned["queries"],
             "target_recall": cfg.target_recall, "tuning": tuned["tried"], "trained_on": ntrain,
             "build_seconds": round(time.perf_counter() - t0, 3), "config": asdict(cfg),
@@ -331,7 +452,7 @@ class SearchIndex:
             "classes": list(store.classes), "paths": store.paths().tolist(), "labels": store.labels().tolist(),
             "created": now, "updated": now,
         }
-        return cls(index, meta)
+        return cls(index, meta, tuned.get("template"))
 
     def check_store(self, store: FeatureStore) -> None:
         """Raise IndexMismatchError, naming the differing fields, when ``store`` has another backbone config."""
@@ -363,20 +484,27 @@ class SearchIndex:
             log.info("index is up to date: the store has no rows beyond the %d indexed", old)
             return 0
         set_threads()
-        x = prepare(store.features(), self.metric)  # (N, D)
-        new = np.arange(old, len(x))
+        n = len(paths)
+        new = np.arange(old, n)
         cfg = IndexConfig(**self.meta["config"])
         nq = min(cfg.tune_queries, len(new))
-        if retune and self.kind != "flat" and nq >= 20:  # new rows, before they are added, are held-out queries
-            q = x[np.sort(np.random.default_rng(cfg.seed).choice(new, nq, replace=False))]  # (nq, D)
-            tuned = tune(self.kind, self.index, q, held_out_truth(q, x[:old], self.metric), cfg.target_recall)
-            set_params(self.index, tuned["params"])
-            self.meta.update(params=tuned["params"], recall=tuned["recall"], recall_queries=tuned["queries"],
-                             tuning=tuned["tried"])
-        _add_rows(self.index, x, new)
-        log.info("added rows %d..%d to the %s index", old, len(x) - 1, self.kind)
-        self.meta.update(count=self.count, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        return len(x) - old
+        subs = sub_indexes(self.index)
+        bounds = np.asarray(self.bounds[:-1] + [n])  # the last shard takes the new rows
+        with h5py.File(store.path, "r") as f:
+            rows = Rows(f["features"], self.metric, cfg.chunk_rows)
+            if retune and self.kind != "flat" and nq >= 20:  # new rows, before they are added, are held-out queries
+                q = rows.take(np.sort(np.random.default_rng(cfg.seed).choice(new, nq, replace=False)))  # (nq, D)
+                truth = held_out_truth(q, Rows(rows.data, self.metric, cfg.chunk_rows, n=old), self.metric)
+                tuned = tune(self.kind, self.index, q, truth, cfg.target_recall)
+                set_params(self.index, tuned["params"])
+                self.meta.update(params=tuned["params"], recall=tuned["recall"], recall_queries=tuned["queries"],
+                                 tuning=tuned["tried"])
+            _add_rows(subs, bounds, rows, new)
+        if len(subs) > 1:
+            self.index.syncWithSubIndexes()
+        log.info("added rows %d..%d to the %s index", old, n - 1, self.kind)
+        self.meta.update(count=self.count, bounds=bounds.tolist(), updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        return n - old
 
     # ---- search
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -397,12 +525,22 @@ class SearchIndex:
 
     # ---- persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path`` (the FAISS index) and ``path.json`` (metadata), each atomically."""
+        """Write ``path`` (the FAISS index) and ``path.json`` (metadata), each atomically. Sharded: each
+        sub-index to ``path.shard-k`` and the trained empty index they were cloned from to ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, path)
+        subs = sub_indexes(self.index)
+        files = [path.with_name(f"{path.name}.shard-{k}") for k in range(len(subs))] if len(subs) > 1 else []
+        if files and self.template is None:
+            raise ValueError("internal: a sharded index without its trained template")
+        for index, dest in zip([self.template, *subs] if files else subs, [path, *files]):
+            tmp = dest.with_name(dest.name + ".tmp")
+            faiss.write_index(index, str(tmp))
+            os.replace(tmp, dest)
+        for stale in path.parent.glob(f"{path.name}.shard-*"):  # a previous build with more shards
+            if stale not in files and stale.name.rpartition("-")[2].isdigit():
+                stale.unlink()
+        self.meta["shard_files"] = [f.name for f in files]
         side = sidecar(path)
         tmp = side.with_name(side.name + ".tmp")
         tmp.write_text(json.dumps(self.meta))
@@ -424,17 +562,31 @@ class SearchIndex:
         if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{str(side)!r} is not a probe search index of version {FORMAT_VERSION} "
                              f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
+        files = [path.with_name(name) for name in meta.get("shard_files") or []]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{str(side)!r} lists shard {str(f)!r}, which is missing (copy every "
+                                        f"{path.name}.shard-* file with the index, or rebuild it)")
         try:
-            index = faiss.read_index(str(path))
+            first = faiss.read_index(str(path))
+            subs = [faiss.read_index(str(f)) for f in files] or [first]
         except RuntimeError as e:
             raise ValueError(f"{str(path)!r} is not a readable FAISS index: {str(e).splitlines()[-1]}") from None
+        index = combine(subs)
         if index.ntotal != len(meta["paths"]) or index.d != meta["dim"]:
             raise ValueError(f"{str(path)!r} holds {index.ntotal} x {index.d} vectors but its metadata lists "
-                             f"{len(meta['paths'])} x {meta['dim']}: the two files are out of step; rebuild it")
+                             f"{len(meta['paths'])} x {meta['dim']}: the files are out of step; rebuild it")
         set_params(index, meta["params"])
-        idx = cls(index, meta)
+        idx = cls(index, meta, first if files else None)
         idx.path = path
         return idx
+
+    def nbytes(self) -> int:
+        """Size of the index on disk (its files once saved; else serialised, which copies it)."""
+        if self.path is not None:
+            return sum(os.path.getsize(self.path.with_name(n)) for n in [self.path.name, *self.meta.get(
+                "shard_files", [])])
+        return sum(len(faiss.serialize_index(sub)) for sub in sub_indexes(self.index))
 
     def summary(self) -> dict[str, Any]:
         """What `probe index` reports."""
@@ -442,11 +594,13 @@ class SearchIndex:
         return {"type": m["type"], "factory": m["factory"], "params": m["params"], "metric": m["metric"],
                 "count": self.count, "dim": self.dim, "recall_at_10": m["recall"],
                 "recall_queries": m["recall_queries"], "target_recall": m["target_recall"],
-                "build_seconds": m["build_seconds"], "bytes": len(faiss.serialize_index(self.index)),
+                "build_seconds": m["build_seconds"], "bytes": self.nbytes(), "shards": m.get("shards", 1),
                 "store": m["store"], "backbone": self.config.get("backbone"), "config_key": m["config_key"]}
 
     def __repr__(self) -> str:
-        return f"SearchIndex({self.meta['factory']!r}, count={self.count}, dim={self.dim}, metric={self.metric!r})"
+        shards = f", shards={len(sub_indexes(self.index))}" if isinstance(self.index, faiss.IndexShards) else ""
+        return (f"SearchIndex({self.meta['factory']!r}, count={self.count}, dim={self.dim}, "
+                f"metric={self.metric!r}{shards})")
 
 
 def check_k(k: int, gallery: int) -> None:
