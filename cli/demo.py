@@ -15,8 +15,8 @@ def _text(r: dict) -> str:
     lines = [
         f"extract  {ex['count']} real Fashion-MNIST images -> {ex['store']} ({ex['backbone']}, {ex['dim']}-d, "
         f"{ex['dtype']} on {ex['device']}; {ex['embedded']} embedded, {ex['reused']} reused, {ex['seconds']:.1f}s)",
-        f"head     linear probe: 25 L2 strengths fit on {head['n_train']} train images, C={head['C']:.3g} chosen on val, "
-        f"refit on train+val, {head['fit_seconds']:.2f}s -> {head['path']}",
+        f"head     linear probe: 25 L2 strengths fit on {head['n_train']} train images, "
+        f"C={head['C']:.3g} chosen on val, refit on train+val, {head['fit_seconds']:.2f}s -> {head['path']}",
         f"         validation accuracy {head['val_accuracy']:.1%} on {head['n_val']} held-out images (10 classes)",
         f"search   {idx['type']} index of {idx['count']} images -> {idx['index']}",
         f"         precision@{se['k']} {se['precision_at_5']:.1%}: share of each val image's {se['k']} nearest "
