@@ -5,8 +5,9 @@ The objective is scikit-learn's (``LogisticRegression(C=C)``, lbfgs, multinomial
     0.5 * ||W||^2 + C * sum_i w_i * logloss_i        (no penalty on the intercept)
 
 solved full-batch with L-BFGS in torch (on the GPU when present). With ``C=None`` the head sweeps ``n_Cs``
-strengths on a log grid from the strongest regularisation to the weakest, each warm-started from the previous
-solution, picks the strength with the best accuracy on a validation set and refits on train + validation at that
+strengths on a log grid from the strongest regularisation to the weakest, ``block`` strengths at a time in one
+batched L-BFGS (``_solve_many``), each block warm-started from the previous block's weakest solution, picks
+the strength with the best accuracy on a validation set and refits on train + validation at that
 strength. Without a validation set the accuracy is averaged over a seeded stratified k-fold split of train (a
 single small holdout picks a noisy strength) and the final fit uses all training rows.
 """
@@ -79,7 +80,7 @@ def _solve(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float, W: torch
 
 
 def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarray, K: int, max_iter: int,
-                tol: float, history: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+                tol: float, history: int = 10, init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every strength of a sweep at once: batched L-BFGS with backtracking (Armijo) line search.
 
     A sweep is memory-bound when run one strength at a time: each evaluation streams all of Z (N, D) for a skinny
@@ -87,7 +88,8 @@ def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarra
     as many passes over Z as its slowest strength needs. Same scaled objective as ``_solve``; a problem stops when
     its largest gradient entry is below ``tol`` or its line search cannot decrease the loss any further.
 
-    Z (N, D), y (N,), w (N,) weights, Cs (S,). Returns W (S, D, K), b (S, K)."""
+    Z (N, D), y (N,), w (N,) weights, Cs (S,), init (D*K + K,) a warm start shared by all S (default zeros).
+    Returns W (S, D, K), b (S, K)."""
     N, D = Z.shape
     S, P = len(Cs), D * K + K
     wsum = w.sum()
@@ -105,7 +107,7 @@ def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarra
         gW = (Z.T @ G.reshape(N, s * K)).view(D, s, K).permute(1, 0, 2) + 2 * lam[:, None, None] * W
         return f, torch.cat([gW.reshape(s, D * K), G.sum(0)], 1)  # (s,), (s, P)
 
-    theta = torch.zeros(S, P, dtype=Z.dtype, device=Z.device)
+    theta = torch.zeros(S, P, dtype=Z.dtype, device=Z.device) if init is None else init.expand(S, P).clone()
     f, g = f_and_g(theta, lam_all)
     hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s_k, y_k, rho_k), each over all S
     active = g.abs().amax(1) > tol
@@ -159,7 +161,8 @@ class LinearHead(Head):
     """L2-regularised multinomial logistic regression, scikit-learn compatible.
 
     Parameters: ``C`` a fixed inverse strength, or None to sweep ``n_Cs`` values in ``C_range`` (log grid);
-    ``norm`` feature normalisation (default standardize); ``balanced`` class weights; ``max_iter`` L-BFGS
+    ``norm`` feature normalisation (default standardize); ``balanced`` class weights; ``block`` strengths solved
+    together in the sweep; ``max_iter`` L-BFGS
     iterations per strength (``max_iter_final`` for a fixed C and the refit); ``tol`` the largest gradient entry
     at convergence (scikit-learn's lbfgs default, on the same scaled objective); ``folds``/``seed`` the stratified
     k-fold cross-validation that chooses C when ``fit`` gets no ``eval_set``; ``device`` auto | cpu | cuda.
@@ -178,7 +181,7 @@ class LinearHead(Head):
     def __init__(self, C: float | None = None, n_Cs: int = 25, C_range: tuple[float, float] = (1e-6, 1e6),
                  norm: str = "standardize", balanced: bool = False, max_iter: int = 100,
                  max_iter_final: int = 1000, tol: float = 1e-4, folds: int = 5, seed: int = 0,
-                 refit: bool = True, device: str = "auto"):
+                 refit: bool = True, block: int = 5, device: str = "auto"):
         self.C = C
         self.n_Cs = n_Cs
         self.C_range = C_range
@@ -190,6 +193,7 @@ class LinearHead(Head):
         self.folds = folds
         self.seed = seed
         self.refit = refit
+        self.block = block
         self.device = device
 
     def Cs(self) -> np.ndarray:
@@ -282,7 +286,15 @@ class LinearHead(Head):
     def _sweep(self, Z, y, w, Zv, yv) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Fit every C of the grid at once (``_solve_many``): (val accuracies, solutions).
         Records ``sweep_`` ({"C", "val_accuracy"} per strength)."""
-        Ws, bs = _solve_many(Z, y, w, self.Cs(), len(self.classes_), self.max_iter, self.tol)  # all at once
+        # Blocks of strengths solved together, each block warm-started from the previous block's weakest
+        # regularisation: batching keeps the products wide, the path keeps the iterations few.
+        K, Cs, Ws, bs = len(self.classes_), self.Cs(), [], []
+        init = None
+        for a in range(0, len(Cs), self.block):
+            W, b = _solve_many(Z, y, w, Cs[a: a + self.block], K, self.max_iter, self.tol, init=init)
+            Ws += list(W)
+            bs += list(b)
+            init = torch.cat([W[-1].reshape(-1), b[-1]])
         accs, sols = [], []
         self.sweep_ = []
         for C, W, b in zip(self.Cs(), Ws, bs):
