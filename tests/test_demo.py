@@ -16,7 +16,7 @@ def test_probe_demo_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["extract"]["count"] == 400 and out["extract"]["skipped"] == []
-    assert out["head"]["val_accuracy"] >= 0.72  # real pretrained features on real images (80% measured)
+    assert out["head"]["val_accuracy"] >= 0.72  # real pretrained features on real images (79% measured)
     assert out["search"]["precision_at_5"] >= 0.55  # 66.8% measured; chance is 10%
     assert out["search"]["example"]["hits"] and out["index"]["count"] == 400
     again = json.loads(CliRunner().invoke(app, ["demo", "--out-dir", str(tmp_path), "--json"]).stdout)
