@@ -199,13 +199,12 @@ def _load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
     model.load_state_dict({k: state[k] for k in own})
 
 
-def _local_weights(model: nn.Module, weights: str | None) -> str | None:
-    """Random init or a local checkpoint loaded into ``model``: their identity; None when the weights are the
-    name's pretrained ones (to be fetched by the caller)."""
+def _local_weights(model: nn.Module, weights: str | None, state: dict[str, torch.Tensor] | None) -> str | None:
+    """Random init, or ``state`` (the checkpoint file ``weights``, read once by create_backbone) loaded into
+    ``model``: their identity; None when the weights are the name's pretrained ones (fetched by the caller)."""
     if weights in RANDOM_WEIGHTS:
         return "random"
-    if weights and Path(weights).is_file():
-        state, _ = load_checkpoint(weights)
+    if state is not None:
         _load_backbone_state(model, state, weights)
         return f"file:{Path(weights).resolve()}"
     return None
@@ -244,7 +243,7 @@ def _interp_name(x: Any) -> str:
     return getattr(x, "value", str(x)).lower()
 
 
-def _torchvision(name: str, weights: str | None) -> Backbone:
+def _torchvision(name: str, weights: str | None, state: dict[str, torch.Tensor] | None = None) -> Backbone:
     import torchvision
     from torchvision.models import get_model, get_model_weights
 
@@ -269,7 +268,7 @@ def _torchvision(name: str, weights: str | None) -> Backbone:
         "std": [float(v) for v in tf.std],
         "repr": repr(tf).replace("\n", " "),
     }
-    ident = _local_weights(model, weights)
+    ident = _local_weights(model, weights, state)
     if ident is None:
         filename = os.path.basename(wobj.url)
         target = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
@@ -339,12 +338,12 @@ def _timm_cached_file(cfg: Any) -> tuple[str | None, str, str]:
     return (target if url and os.path.exists(target) else None), url, target
 
 
-def _timm(name: str, weights: str | None) -> Backbone:
+def _timm(name: str, weights: str | None, state: dict[str, torch.Tensor] | None = None) -> Backbone:
     import timm
 
     arch = name[5:]
     model = timm.create_model(arch, pretrained=False, num_classes=0)  # num_classes=0 -> pooled pre-logits
-    ident = _local_weights(model, weights)
+    ident = _local_weights(model, weights, state)
     if ident is None and weights:
         raise BackboneError(f"weights {weights!r} for {name}: expected 'random' or an existing checkpoint file; "
                             f"for a timm pretrained tag write it in the name, e.g. timm/resnet50.a1_in1k")
@@ -360,12 +359,12 @@ def _timm(name: str, weights: str | None) -> Backbone:
     return Backbone(name, model, _timm_dim(model), tf, pre, ident)
 
 
-def _packaged(name: str, weights: str | None) -> Backbone:
+def _packaged(name: str, weights: str | None, state: dict[str, torch.Tensor] | None = None) -> Backbone:
     dist, module, cls, arch = PACKAGED[name]
     if weights and weights not in RANDOM_WEIGHTS and not Path(weights).is_file():
         raise BackboneError(f"weights {weights!r} for {name}: expected 'random' or an existing checkpoint file")
     if weights:  # random or a local file: plain timm path on the same architecture
-        bb = _timm(f"timm/{arch}", weights)
+        bb = _timm(f"timm/{arch}", weights, state)
         bb.name = name
         return bb
     if importlib.util.find_spec(module) is None:
@@ -393,8 +392,9 @@ def create_backbone(name: str | None = DEFAULT_BACKBONE, weights: str | None = N
     ``'random'`` for random init (tests), or a checkpoint path. A probe fine-tune checkpoint names its own
     backbone, so ``name`` may then be None (and must agree when given).
     """
+    state = None
     if weights and Path(weights).is_file():
-        _, meta = load_checkpoint(weights)
+        state, meta = load_checkpoint(weights)  # read once: its metadata here, its tensors in the family builder
         recorded = meta.get("backbone")
         if recorded and name and recorded != name:
             raise BackboneError(f"{weights} is a fine-tuned {recorded}, not {name}: drop --backbone or pass {recorded}")
@@ -405,7 +405,7 @@ def create_backbone(name: str | None = DEFAULT_BACKBONE, weights: str | None = N
     family = _check_name(name)
     if weights in RANDOM_WEIGHTS:
         torch.manual_seed(0)  # random weights are reproducible, so stores built from them can resume
-    bb = {"packaged": _packaged, "torchvision": _torchvision, "timm": _timm}[family](name, weights)
+    bb = {"packaged": _packaged, "torchvision": _torchvision, "timm": _timm}[family](name, weights, state)
     bb.model.eval().requires_grad_(False)
     bb.weights_sha256 = state_dict_sha256(bb.model.state_dict())
     return bb

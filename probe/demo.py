@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .extract import ExtractConfig, cache_dir, extract
+from .store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,7 @@ def run_demo(backbone: str = "efficientnet_lite0", out_dir: str | os.PathLike | 
     built = index_store(store, Path(store).with_suffix(".faiss"), IndexConfig())
     # Search quality: each val image queries the gallery; how many of its k nearest others share its class?
     idx = SearchIndex.load(built["index"])
-    splits = np.array([p.split("/", 1)[0] for p in idx.paths])
-    val = np.flatnonzero(splits == "val")
+    val = np.flatnonzero(FeatureStore(store).splits() == "val")  # index ids are store rows
     labels = np.asarray(idx.labels)
     _, hits = idx.search(idx.vectors(val), k=k + 1)  # (Q, k+1): the query itself comes back first
     hits = np.array([[h for h in row if h != q][:k] for q, row in zip(val, hits)])

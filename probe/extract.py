@@ -31,7 +31,7 @@ from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, BackboneError, create_backbone
 from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, fingerprint, load_image, to_rgb
 from .shard import parse_shard, shard_path, take_shard
-from .store import FeatureStore, Journal, StoreError, check_compatible, config_key, locked, write_store
+from .store import FeatureStore, Journal, check_compatible, config_key, locked, write_store
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +215,7 @@ def cache_dir() -> Path:
 
 def default_store_path(ds: Dataset, backbone: str, key: str) -> Path:
     """cache/<dataset>-<hash of its path>.<backbone>.<config key>.h5: a new configuration gets a new file."""
-    src = ds.root if ds.layout != "csv" else ds.root
-    slug = (Path(str(src)).name or "data") + "-" + hashlib.sha1(str(src).encode()).hexdigest()[:6]
+    slug = (ds.root.name or "data") + "-" + hashlib.sha1(str(ds.root).encode()).hexdigest()[:6]
     return cache_dir() / f"{slug}.{backbone.replace('/', '_')}.{key[:8]}.h5"
 
 
@@ -259,18 +258,21 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
     t0 = time.perf_counter()
     stored: dict[str, str] = {}
     stored_meta: dict[str, tuple[int, str]] = {}
-    old_skips: dict[str, str] = {}
+    old_skipped: dict[str, tuple[str, str]] = {}  # path -> (fingerprint, reason) recorded by earlier runs
     old_classes: list[str] = []
     created = None
     if out.exists():
         check_compatible(out, store_cfg)
         old = FeatureStore(out)
-        stored = dict(zip(old.paths(), old.fingerprints()))
-        stored_meta = dict(zip(old.paths(), zip(old.labels().tolist(), old.splits().tolist())))
-        old_skips = old.skipped_fingerprints()
+        old_paths = old.paths()
+        stored = dict(zip(old_paths, old.fingerprints()))
+        stored_meta = dict(zip(old_paths, zip(old.labels().tolist(), old.splits().tolist())))
+        skip_fps = old.skipped_fingerprints()
+        old_skipped = {x["path"]: (skip_fps[x["path"]], x["reason"]) for x in old.skipped()}
         old_classes, created = old.classes, old.attrs.get("created")
     fps = [fingerprint(ds.abspath(i)) for i in range(len(ds))]
-    todo = [i for i, p in enumerate(ds.paths) if stored.get(p) != fps[i] and old_skips.get(p) != fps[i]]
+    todo = [i for i, p in enumerate(ds.paths)
+            if stored.get(p) != fps[i] and old_skipped.get(p, ("",))[0] != fps[i]]
 
     journal = Journal(f"{out}.journal")
     header, records = journal.read()
@@ -352,7 +354,7 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
                 y = ds.labels[i]
                 rows[p] = (fps[i], cindex[ds.classes[y]] if y >= 0 else -1, ds.splits[i])
     skipped = {p: bad[p] for p in ds.paths if p in bad and bad[p][0] == fps[in_ds[p]]}
-    skipped.update({p: (fp, old_reason) for p, (fp, old_reason) in _old_skip_reasons(out).items()
+    skipped.update({p: (fp, old_reason) for p, (fp, old_reason) in old_skipped.items()
                     if p in in_ds and fp == fps[in_ds[p]] and p not in skipped and p not in new})
     attrs = {
         **store_cfg,
@@ -369,7 +371,7 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
     if created:
         attrs["created"] = created
     changed = bool(new) or set(rows) != set(stored) or not out.exists() or \
-        skipped.keys() != old_skips.keys() or classes != old_classes
+        skipped.keys() != old_skipped.keys() or classes != old_classes
     if changed:
         write_store(out, attrs, rows, journal.features(), skipped, emb.backbone.dim,
                     new={p for p in new if p not in stored})
@@ -398,13 +400,3 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
         "images_per_s": round(n_new / run_seconds, 2) if n_new and run_seconds > 0 else None,
     }
 
-
-def _old_skip_reasons(out: Path) -> dict[str, tuple[str, str]]:
-    if not out.exists():
-        return {}
-    try:
-        store = FeatureStore(out)
-    except StoreError:
-        return {}
-    fps = store.skipped_fingerprints()
-    return {s["path"]: (fps[s["path"]], s["reason"]) for s in store.skipped()}

@@ -113,8 +113,7 @@ def merge(shards: Sequence[str | os.PathLike], out: str | os.PathLike, allow_mis
     out = Path(out)
     if out.exists():
         raise StoreError(f"{out} exists: merge writes a new store (delete it or choose another --out)")
-    if config_key({k: attrs[k] for k in ("backbone", "weights", "weights_sha256", "preprocess", "pooling", "tta",
-                                         "dtype")}) != attrs["config_key"]:
+    if config_key(attrs) != attrs["config_key"]:
         raise StoreError("internal: shard attributes do not reproduce their config_key")
     write_store(out, attrs, rows, batches(), skipped, stores[0].dim)
     merged = FeatureStore(out)

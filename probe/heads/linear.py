@@ -22,6 +22,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from probe.extract import resolve_device
+
 from .base import Head
 from .features import apply_norm, balanced_weights, check_X
 
@@ -44,12 +46,6 @@ def threads_for(work: float, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
-
-
-def resolve_device(device: str) -> torch.device:
-    from probe.extract import resolve_device as _resolve
-
-    return _resolve(device)
 
 
 def _solve(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float, W: torch.Tensor, b: torch.Tensor,

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from probe.extract import resolve_device
+
 from .base import Head
 from .features import apply_norm, check_X, stratified_holdout
-from .linear import resolve_device
 
 log = logging.getLogger(__name__)
 
