@@ -60,10 +60,13 @@ def extract(
     out: Path | None = typer.Option(None, "--out", "-o", help="Store file (default: cache/<data>.<backbone>."
                                                                   "<config>.h5)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
-    workers: int = typer.Option(-1, "--workers", help="Decode processes (-1: one per core, at most 8)."),
+    workers: int = typer.Option(-1, "--workers", help="Decode processes (-1: auto: on a GPU one per core, at most 8; on the CPU a quarter of the "
+                                              "cores, as decoders compete with the forward pass)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     tta: str = typer.Option("none", "--tta", help="none or hflip (mean of image and mirror)."),
+    pixels: str = typer.Option("uint8", "--pixels", help="uint8: resize/crop on uint8 tensors (fast); pil: the "
+                                                           "weights' own Pillow transform, exactly."),
     layout: str = typer.Option("auto", "--layout", help="auto, imagefolder, splits, flat or csv."),
     prune: bool = typer.Option(False, "--prune", help="Drop stored rows whose files are gone from DATA."),
     shard: str | None = typer.Option(None, "--shard", help="I/N: embed only shard I of N into STORE.shard-I-of-N.h5 "
@@ -75,7 +78,7 @@ def extract(
     from probe.extract import extract as run
 
     cfg = ExtractConfig(backbone=backbone, weights=weights, batch_size=batch_size, workers=workers, device=device,
-                        dtype=dtype, tta=tta, layout=layout, prune=prune, shard=shard)
+                        dtype=dtype, tta=tta, pixels=pixels, layout=layout, prune=prune, shard=shard)
     summary = run(data, out, cfg, progress=sys.stderr.isatty() and not as_json)
     emit(summary, as_json, _extract_text)
 

@@ -46,6 +46,10 @@ class Dataset:
     splits: list[str]  # (N,) "" when the layout has none
     classes: list[str]
     ignored: list[str] = field(default_factory=list)  # files skipped by extension, relative paths
+    source: Path | None = None  # what DATA named: the folder (= root) or the CSV manifest
+
+    def __post_init__(self) -> None:
+        self.source = self.source or self.root
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -162,7 +166,9 @@ def _from_csv(path: Path) -> Dataset:
     if len(set(paths)) != len(paths):
         dup = next(p for p in paths if paths.count(p) > 1)
         raise DatasetError(f"{path}: path {dup!r} is listed more than once")
-    return _build(path.parent, "csv", paths, labels, splits, [])
+    ds = _build(path.parent, "csv", paths, labels, splits, [])
+    ds.source = path.resolve()  # two manifests in one folder are two datasets
+    return ds
 
 
 def _build(root, layout, paths, labels, splits, ignored) -> Dataset:

@@ -15,8 +15,9 @@ import hashlib
 import logging
 import os
 import platform
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from .store import FeatureStore, Journal, check_compatible, config_key, locked, 
 log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "hflip")
+PIXEL_PATHS = ("uint8", "pil")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -44,10 +46,11 @@ class ExtractConfig:
     backbone: str | None = DEFAULT_BACKBONE  # None: the one a probe checkpoint in `weights` names
     weights: str | None = None  # None: the name's default pretrained weights; 'random'; or a checkpoint path
     batch_size: int = 64  # large enough for efficient GEMMs on CPU, small enough for any GPU
-    workers: int = -1  # decode/resize processes; -1: one per core, at most 8
+    workers: int = -1  # decode/resize processes; -1: default_workers(device)
     device: str = "auto"  # auto: cuda when present, else cpu
     dtype: str = "auto"  # auto: float16 on CUDA, bfloat16 on CPUs with native bf16 (4x faster there), else float32
     tta: str = "none"  # "hflip": mean of the image and its mirror
+    pixels: str = "uint8"  # resize/crop on uint8 tensors (fast), or "pil": the weights' own PIL transform
     layout: str = "auto"  # see probe.data.discover
     max_pixels: int = MAX_PIXELS  # larger images are refused as decompression bombs
     channels_last: bool = True  # NHWC: faster convolutions on CPU (oneDNN) and GPU (tensor cores)
@@ -57,6 +60,8 @@ class ExtractConfig:
     def __post_init__(self) -> None:  # cheap checks first: a bad option fails before any model loads
         if self.tta not in TTA_MODES:
             raise ValueError(f"unknown TTA {self.tta!r}: expected one of {', '.join(TTA_MODES)}")
+        if self.pixels not in PIXEL_PATHS:
+            raise ValueError(f"unknown pixel path {self.pixels!r}: expected one of {', '.join(PIXEL_PATHS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
@@ -102,24 +107,54 @@ class Embedder:
     """
 
     def __init__(self, backbone: Backbone, device: str = "auto", dtype: str = "auto", tta: str = "none",
-                 channels_last: bool = True):
+                 channels_last: bool = True, pixels: str = "uint8"):
         if tta not in TTA_MODES:
             raise ValueError(f"unknown TTA {tta!r}: expected one of {', '.join(TTA_MODES)}")
+        if pixels not in PIXEL_PATHS:
+            raise ValueError(f"unknown pixel path {pixels!r}: expected one of {', '.join(PIXEL_PATHS)}")
         self.backbone = backbone
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tta = tta
+        # uint8: resize + crop on uint8 tensors, normalised per batch on the device; pil: the weights' own PIL
+        # transform per image (also where a transform has no uint8 form)
+        self.pixels = backbone.pixels if pixels == "uint8" else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = backbone.model.to(self.device, memory_format=self.memory_format).eval()
+        self._buffer: torch.Tensor | None = None  # reused (B, H, W, 3) float32 input on the CPU
+        self._lock = threading.Lock()  # the buffer is shared: one batch at a time (the CPU runs one anyway)
 
     @property
     def config(self) -> dict[str, Any]:
         """Everything that changes the numbers: the store's cache key is a hash of this."""
-        return {**self.backbone.identity(), "pooling": "penultimate", "tta": self.tta, "dtype": self.dtype}
+        ident = self.backbone.identity()
+        if self.pixels is not None:  # recorded only when used: stores made by the PIL path keep their key
+            ident["preprocess"] = {**ident["preprocess"], "pixels": "uint8"}
+        return {**ident, "pooling": "penultimate", "tta": self.tta, "dtype": self.dtype}
+
+    @property
+    def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
+        """One RGB image -> what ``__call__`` takes stacked: (H, W, 3) uint8, or (3, H, W) float on the PIL path.
+        A small picklable object (no model): DataLoader workers get it."""
+        return self.pixels if self.pixels is not None else self.backbone.transform
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 channels-last on the device."""
+        if self.device.type != "cpu":
+            return self.pixels.normalise(x.to(self.device, non_blocking=True))  # 1/4 of the bytes cross the bus
+        if self._buffer is None or self._buffer.shape[1:] != x.shape[1:] or self._buffer.shape[0] < x.shape[0]:
+            self._buffer = torch.empty(x.shape, dtype=torch.float32)  # fresh pages cost more than the arithmetic
+        return self.pixels.normalise(x, self._buffer[: x.shape[0]])
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> np.ndarray:
-        """(B, 3, H, W) preprocessed batch -> (B, D) float32 embeddings."""
+        """A batch from ``preprocess``: (B, H, W, 3) uint8 or (B, 3, H, W) float -> (B, D) float32 embeddings."""
+        with self._lock:
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> np.ndarray:
+        if x.dtype == torch.uint8:
+            x = self._normalise(x)
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         b = x.shape[0]
         if self.tta == "hflip":
@@ -133,20 +168,25 @@ class Embedder:
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
         """PIL images (any mode) -> (N, D) float32."""
-        out = [self(torch.stack([self.backbone.transform(to_rgb(im)) for im in images[s: s + batch_size]]))
+        out = [self(torch.stack([self.preprocess(to_rgb(im)) for im in images[s: s + batch_size]]))
                for s in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.backbone.dim), np.float32)
 
     def embed_files(self, paths: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, list[int], list[dict]]:
-        """Decode and embed files: (features of the decodable ones, their indices, [{path, reason}] skipped)."""
-        images, ok, bad = [], [], []
-        for i, p in enumerate(paths):
-            try:
-                images.append(load_image(str(p)))
-                ok.append(i)
-            except ImageDecodeError as e:
-                bad.append({"path": str(p), "reason": str(e)})
-        return self.embed_images(images, batch_size), ok, bad
+        """Decode and embed files a batch at a time: (features of the decodable ones, their indices, [{path,
+        reason}] skipped). Memory holds one batch of images, however many files."""
+        feats, ok, bad = [], [], []
+        for s in range(0, len(paths), batch_size):
+            images = []
+            for i in range(s, min(s + batch_size, len(paths))):
+                try:
+                    images.append(load_image(str(paths[i])))
+                    ok.append(i)
+                except ImageDecodeError as e:
+                    bad.append({"path": str(paths[i]), "reason": str(e)})
+            if images:
+                feats.append(self.embed_images(images, batch_size))
+        return (np.concatenate(feats) if feats else np.zeros((0, self.backbone.dim), np.float32)), ok, bad
 
 
 def weights_arg(identity: str) -> str | None:
@@ -165,7 +205,8 @@ def embedder_for(attrs: dict[str, Any], device: str = "auto") -> Embedder:
 
     Used to embed query images for predict and search with the same backbone, weights and preprocessing."""
     bb = create_backbone(attrs["backbone"], weights_arg(attrs["weights"]))
-    emb = Embedder(bb, device=device, dtype=attrs.get("dtype", "float32"), tta=attrs.get("tta", "none"))
+    emb = Embedder(bb, device=device, dtype=attrs.get("dtype", "float32"), tta=attrs.get("tta", "none"),
+                   pixels=(attrs.get("preprocess") or {}).get("pixels", "pil"))
     for k in ("weights_sha256", "preprocess"):
         want, have = attrs.get(k), emb.config[k]
         if isinstance(want, dict):  # ignore library-version-only fields of the recorded preprocessing
@@ -205,8 +246,13 @@ def _collate(items):
     return x, [i for _, i in ok], bad
 
 
-def default_workers() -> int:
-    return min(os.cpu_count() or 1, 8)
+def default_workers(device: torch.device | str = "cuda") -> int:
+    """Decode processes for a forward pass on ``device``. On a GPU: one per core, at most 8. On the CPU the
+    decoders share the cores with the forward pass's threads, and a decoder that takes a core mid-batch stalls
+    every thread at the next barrier: a quarter of the cores (0 on 2-3 cores: decode between batches in-process)
+    is faster than a worker per core there (benchmarks/bench_extract.py measures both)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores // 4 if torch.device(device).type == "cpu" else min(cores, 8)
 
 
 def cache_dir() -> Path:
@@ -214,8 +260,11 @@ def cache_dir() -> Path:
 
 
 def default_store_path(ds: Dataset, backbone: str, key: str) -> Path:
-    """cache/<dataset>-<hash of its path>.<backbone>.<config key>.h5: a new configuration gets a new file."""
-    slug = (ds.root.name or "data") + "-" + hashlib.sha1(str(ds.root).encode()).hexdigest()[:6]
+    """cache/<dataset>-<hash of its path>.<backbone>.<config key>.h5: a new configuration gets a new file.
+    The dataset is what DATA named: a folder, or a CSV manifest (two manifests in one folder get two stores)."""
+    src = ds.source or ds.root
+    name = src.stem if src != ds.root else src.name
+    slug = (name or "data") + "-" + hashlib.sha1(str(src).encode()).hexdigest()[:6]
     return cache_dir() / f"{slug}.{backbone.replace('/', '_')}.{key[:8]}.h5"
 
 
@@ -241,7 +290,7 @@ def extract(data: str | os.PathLike, out: str | os.PathLike | None = None, confi
     if shard and device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun rank
     emb = Embedder(backbone or create_backbone(cfg.backbone, cfg.weights), device, cfg.dtype, cfg.tta,
-                   cfg.channels_last)
+                   cfg.channels_last, cfg.pixels)
     store_cfg = emb.config
     key = config_key(store_cfg)
     out = Path(out) if out else default_store_path(ds, emb.backbone.name, key)
@@ -299,9 +348,9 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
     n_resumed = sum(finished(i) for i in todo)
     if n_resumed:
         log.info("resuming %s: %d images already done in the journal", out, n_resumed)
-    workers = default_workers() if cfg.workers < 0 else cfg.workers
+    workers = default_workers(emb.device) if cfg.workers < 0 else cfg.workers
     loader = DataLoader(
-        _Files([ds.abspath(i) for i in range(len(ds))], emb.backbone.transform, cfg.max_pixels),
+        _Files([ds.abspath(i) for i in range(len(ds))], emb.preprocess, cfg.max_pixels),
         batch_sampler=batches, num_workers=workers, collate_fn=_collate,
         pin_memory=emb.device.type == "cuda", prefetch_factor=4 if workers else None,
     )

@@ -183,3 +183,53 @@ def test_probe_checkpoint_names_its_backbone(tmp_path):
     assert bb.name == "timm/test_vit" and bb.weights == f"file:{tmp_path / 'best.pt'}"
     with pytest.raises(BackboneError, match="fine-tuned timm/test_vit, not resnet18"):
         create_backbone("resnet18", weights=str(tmp_path / "best.pt"))
+
+
+# ------------------------------------------------------------------------------------ uint8 pixel path
+def _photos() -> list[Image.Image]:
+    import skimage.data
+
+    return [Image.fromarray(a) for a in (skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket(),
+                                         skimage.data.astronaut())]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "timm/test_vit"])  # torchvision preset (bilinear), timm (bicubic)
+def test_uint8_pixel_path_matches_the_weights_own_transform(name):
+    bb = create_backbone(name, "random")
+    for img in _photos():
+        ref = bb.transform(img)  # (3, H, W) float, Pillow's resize
+        u8 = bb.pixels(img)  # (H, W, 3) uint8, torch's resize
+        assert u8.dtype == torch.uint8 and u8.shape == (ref.shape[1], ref.shape[2], 3)
+        got = bb.pixels.normalise(u8[None])[0]
+        grey = (got - ref).abs() * torch.tensor(bb.pixels.std).view(3, 1, 1) * 255  # in grey levels
+        assert grey.mean() < 0.3 and grey.max() <= 8, (grey.mean(), grey.max())
+
+
+def test_transform_without_a_uint8_form_keeps_the_pil_path():
+    from torchvision import transforms as T
+
+    from probe.backbones import PixelTransform
+
+    odd = T.Compose([T.Resize((160, 160)), T.Lambda(lambda im: im), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    assert PixelTransform.from_transform(odd) is None
+    bb = create_backbone("timm/test_vit", "random")
+    bb.transform = odd
+    bb.__dict__.pop("_pixels", None)
+    emb = Embedder(bb, device="cpu", dtype="float32")
+    assert emb.pixels is None and "pixels" not in emb.config["preprocess"]
+    assert emb.embed_images([Image.new("RGB", (50, 60))]).shape == (1, bb.dim)
+
+
+@pytest.mark.slow
+def test_uint8_path_embeddings_agree_with_pil_path_and_are_recorded():
+    """README: the uint8 pixel path's embeddings have cosine >= 0.999 to the weights' own PIL transform's."""
+    bb = create_backbone("efficientnet_lite0")
+    fast = Embedder(bb, device="cpu", dtype="float32")
+    slow = Embedder(bb, device="cpu", dtype="float32", pixels="pil")
+    a, b = fast.embed_images(_photos()), slow.embed_images(_photos())
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.999, cos
+    assert fast.config["preprocess"]["pixels"] == "uint8" and "pixels" not in slow.config["preprocess"]
+    # each path is rebuilt from what it recorded
+    assert embedder_for(fast.config, device="cpu").pixels is not None
+    assert embedder_for(slow.config, device="cpu").pixels is None

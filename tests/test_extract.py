@@ -65,7 +65,7 @@ def test_flat_folder_is_unlabelled(tmp_path):
     assert s.count == 5 and s.labels().tolist() == [-1] * 5 and s.classes == []
 
 
-def test_csv_manifest(tmp_path):
+def test_csv_manifest(tmp_path, monkeypatch):
     for k in range(4):
         make_image(tmp_path / "imgs" / f"{k}.png", seed=k)
     (tmp_path / "m.csv").write_text("path,label,split\nimgs/0.png,a,train\nimgs/1.png,b,train\n"
@@ -73,6 +73,12 @@ def test_csv_manifest(tmp_path):
     s = FeatureStore(extract(tmp_path / "m.csv", tmp_path / "s.h5", tiny_config())["store"])
     assert s.classes == ["a", "b"] and s.labels().tolist() == [0, 1, 0, -1]
     assert s.splits().tolist() == ["train", "train", "val", "test"]
+    # a second manifest in the same folder is another dataset: its own default store, no stale rows
+    (tmp_path / "m2.csv").write_text("path,label\nimgs/1.png,b\n")
+    monkeypatch.setenv("PROBE_CACHE_DIR", str(tmp_path / "cache"))
+    a, b = extract(tmp_path / "m.csv", config=tiny_config()), extract(tmp_path / "m2.csv", config=tiny_config())
+    assert a["store"] != b["store"] and Path(b["store"]).name.startswith("m2-")
+    assert b["count"] == 1 and b["stale"] == 0
     (tmp_path / "bad.csv").write_text("file,label\nx.png,a\n")
     with pytest.raises(DatasetError, match="'path' column"):
         discover(tmp_path / "bad.csv")

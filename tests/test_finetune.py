@@ -220,7 +220,8 @@ def test_best_checkpoint_extracts_finetuned_features(data, tmp_path):
     bb = create_backbone(None, s["best"])
     from probe.data import load_image
 
-    x = torch.stack([bb.transform(load_image(str(store.root / p))) for p in store.paths()])  # (N, 3, H, W)
+    u8 = torch.stack([bb.pixels(load_image(str(store.root / p))) for p in store.paths()])  # extract's pixel path
+    x = bb.pixels.normalise(u8).contiguous()  # (N, 3, H, W)
     with torch.no_grad():
         own = model.backbone(x).numpy()  # (N, dim)
         rand = create_backbone(CNN, "random").model(x).numpy()

@@ -126,7 +126,7 @@ class Service:
         await self.batcher.stop()
 
     def _forward(self, xs: list[torch.Tensor]) -> np.ndarray:
-        return self.embedder(torch.stack(xs))  # (B, 3, H, W) -> (B, D); runs in the batcher's thread
+        return self.embedder(torch.stack(xs))  # (B, ...) -> (B, D); runs in the batcher's thread
 
     # ---- lookups (404s name what exists)
     def _head(self, name: str) -> tuple[Head, list[str], Path]:
@@ -151,7 +151,7 @@ class Service:
             raise TooLarge(f"the upload is {len(data) / 2**20:.1f} MB; this server accepts at most "
                            f"{self.config.max_upload_mb:g} MB (--max-upload-mb)")
         img = decode_upload(data, self.config.max_pixels)
-        return self.embedder.backbone.transform(img)  # (3, H, W)
+        return self.embedder.preprocess(img)  # (H, W, 3) uint8, or (3, H, W) float on the PIL path
 
     async def embed_vector(self, data: bytes) -> np.ndarray:
         """Uploaded image bytes -> (D,) float32. Decoding runs in a worker thread, the forward in a shared batch."""
