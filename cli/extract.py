@@ -60,8 +60,9 @@ def extract(
     out: Path | None = typer.Option(None, "--out", "-o", help="Store file (default: cache/<data>.<backbone>."
                                                                   "<config>.h5)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
-    workers: int = typer.Option(-1, "--workers", help="Decode processes (-1: auto: on a GPU one per core, at most 8; on the CPU a quarter of the "
-                                              "cores, as decoders compete with the forward pass)."),
+    workers: int = typer.Option(
+        -1, "--workers", help="Decode processes (-1: auto: on a GPU one per core, at most 8; on the CPU a quarter "
+                              "of the cores, as decoders compete with the forward pass)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     tta: str = typer.Option("none", "--tta", help="none or hflip (mean of image and mirror)."),
