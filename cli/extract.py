@@ -39,8 +39,9 @@ def backbones(
 def _extract_text(s: dict) -> str:
     lines = [f"skipped {x['path']}: {x['reason']}" for x in s["skipped"]]
     rate = f", {s['images_per_s']} img/s" if s["images_per_s"] else ""
+    views = f" + {s['views']} augmented views each" if s["views"] else ""
     lines.append(
-        f"{s['store']}: {s['count']} images x {s['dim']} ({s['backbone']}, {s['dtype']} on {s['device']}); "
+        f"{s['store']}: {s['count']} images x {s['dim']}{views} ({s['backbone']}, {s['dtype']} on {s['device']}); "
         f"embedded {s['embedded']} new, reused {s['reused']}, skipped {len(s['skipped'])}"
         + (f", {s['stale']} stale kept" if s["stale"] else "") + f" in {s['seconds']:.1f}s{rate}"
     )
@@ -61,8 +62,7 @@ def extract(
                                                                   "<config>.h5)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     workers: int = typer.Option(
-        -1, "--workers", help="Decode processes (-1: auto: on a GPU one per core, at most 8; on the CPU a quarter "
-                              "of the cores, as decoders compete with the forward pass)."),
+        -1, "--workers", help="Decode processes (-1: one per core, at most 8)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
     tta: str = typer.Option("none", "--tta", help="none or hflip (mean of image and mirror)."),
@@ -72,6 +72,9 @@ def extract(
     prune: bool = typer.Option(False, "--prune", help="Drop stored rows whose files are gone from DATA."),
     shard: str | None = typer.Option(None, "--shard", help="I/N: embed only shard I of N into STORE.shard-I-of-N.h5 "
                                                            "(under torchrun: the rank's shard, automatically)."),
+    views: int = typer.Option(0, "--views", min=0, help="Also embed K seeded augmented views per image "
+                                                        "(RandomResizedCrop + flip) into /views, for `fit-head "
+                                                        "--head mlp`; --tta applies to the centre features only."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Embed every image of DATA once and cache the features in an HDF5 store (resumable, incremental)."""
@@ -79,7 +82,8 @@ def extract(
     from probe.extract import extract as run
 
     cfg = ExtractConfig(backbone=backbone, weights=weights, batch_size=batch_size, workers=workers, device=device,
-                        dtype=dtype, tta=tta, pixels=pixels, layout=layout, prune=prune, shard=shard)
+                        dtype=dtype, tta=tta, pixels=pixels, layout=layout, prune=prune, shard=shard,
+                        views=views)
     summary = run(data, out, cfg, progress=sys.stderr.isatty() and not as_json)
     emit(summary, as_json, _extract_text)
 
@@ -100,6 +104,7 @@ def info(
         lines = [
             f"store      {s['path']}",
             f"images     {s['count']} x {s['dim']} float32 ({s['unlabelled']} unlabelled)",
+            *([f"views      {s['views']} per image: {s['views_augment']}"] if s["views"] else []),
             f"backbone   {s['backbone']}  weights {s['weights']}  sha256 {str(s['weights_sha256'])[:16]}…",
             f"preprocess {pre.get('repr', pre)}",
             f"tta {s['tta']}  dtype {s['dtype']}  pooling {s['pooling']}  key {str(s['config_key'])[:12]}",

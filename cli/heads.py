@@ -34,7 +34,8 @@ def _fit_text(s: dict) -> str:
             lines.append(f"C={s['C']:.3g}" + (f", val accuracy {_pct(s['val_accuracy'])}" if s["val_accuracy"]
                                                 is not None else ""))
     if s["head"] == "mlp":
-        lines.append(f"early stopping: best epoch {s['best_epoch']} of {s['epochs_run']}")
+        lines.append(f"early stopping: best epoch {s['best_epoch']} of {s['epochs_run']}"
+                     + (f"; trained on centre crops + {s['views']} augmented views per image" if s["views"] else ""))
     lines.append(f"train accuracy {_pct(s['train_accuracy'])}")
     if s.get("val"):
         lines.append(_metrics_line("val", s["val"]))
@@ -63,6 +64,9 @@ def fit_head(
     hidden: str = typer.Option("512", "--hidden", help="mlp: hidden widths, comma-separated."),
     dropout: float = typer.Option(0.5, "--dropout", help="mlp: dropout."),
     epochs: int = typer.Option(200, "--epochs", help="mlp: at most this many epochs (early stopping)."),
+    views: bool | None = typer.Option(None, "--views/--no-views",
+                                      help="mlp: train on the store's augmented views (probe extract --views K); "
+                                           "default: when the store has them. Other heads ignore them."),
     k: int = typer.Option(20, "--k", help="knn: neighbours."),
     metric: str = typer.Option("cosine", "--metric", help="prototype: cosine or euclidean."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -81,7 +85,7 @@ def fit_head(
     except ValueError:
         raise ValueError(f"--hidden must be comma-separated integers like 512 or 1024,256, got {hidden!r}") from None
     cfg = HeadConfig(head=head, norm=norm, shots=shots, balanced=balanced, seed=seed, C=C, n_Cs=n_Cs,
-                     hidden=widths, dropout=dropout, epochs=epochs, k=k, metric=metric, device=device)
+                     hidden=widths, dropout=dropout, epochs=epochs, k=k, metric=metric, device=device, views=views)
     emit(run(store, out, cfg), as_json, _fit_text)
 
 
@@ -157,12 +161,15 @@ def fewshot(
     query: int = typer.Option(15, "--query", help="Query images per class."),
     episodes: int = typer.Option(10_000, "--episodes", help="Episodes per shot count."),
     seed: int = typer.Option(0, "--seed", help="Episode sampling seed."),
+    head: str = typer.Option("prototype", "--head", help="prototype, linear (logistic regression fitted on each "
+                                                         "support set) or both, on the same episodes."),
     norm: str = typer.Option("cl2n", "--norm", help="none, l2 or cl2n (SimpleShot; centred on the train mean)."),
-    metric: str = typer.Option("cosine", "--metric", help="cosine or euclidean."),
+    metric: str = typer.Option("cosine", "--metric", help="prototype: cosine or euclidean."),
+    C: float = typer.Option(1.0, "--C", help="linear: inverse L2 strength (1.0 as in Tian et al. 2020)."),
     split: str | None = typer.Option(None, "--split", help="Draw episodes from this split only (default: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Episodic few-shot accuracy of the prototype head, mean and 95% confidence interval."""
+    """Episodic few-shot accuracy of the prototype and/or linear head, mean and 95% confidence interval."""
     from probe.heads.fewshot import fewshot as run
 
     try:
@@ -170,12 +177,14 @@ def fewshot(
     except ValueError:
         raise ValueError(f"--shot must be comma-separated integers like 1,5, got {shot!r}") from None
     r = run(store, way=way, shots=shots, query=query, episodes=episodes, seed=seed, norm=norm, metric=metric,
-            split=split)
+            split=split, head=head, C=C)
 
     def text(r):
-        lines = [f"{r['store']}: {r['n_images']} images, {r['n_classes']} classes; prototype head, {r['norm']} "
-                 f"+ {r['metric']}, seed {r['seed']}"]
-        lines += [f"{r['way']}-way {x['shot']}-shot ({r['query']} queries): {_pct(x['accuracy'])} "
+        heads = {"prototype": f"prototype head ({r['metric']})", "linear": f"linear head (C={r['C']:g})",
+                 "both": f"prototype ({r['metric']}) and linear (C={r['C']:g}) heads"}[r["head"]]
+        lines = [f"{r['store']}: {r['n_images']} images, {r['n_classes']} classes; {heads}, {r['norm']}, "
+                 f"seed {r['seed']}"]
+        lines += [f"{x['head']:9} {r['way']}-way {x['shot']}-shot ({r['query']} queries): {_pct(x['accuracy'])} "
                   f"± {100 * x['ci95']:.2f} (95% CI, {x['episodes']} episodes, {x['episodes_per_s']:.0f}/s)"
                   for x in r["results"]]
         return "\n".join(lines)

@@ -93,8 +93,9 @@ class PixelTransform:
 
     Resize (same size rule, interpolation and antialiasing) and centre crop go through torch's vectorised uint8
     kernels, about 3x faster than the float path and within a grey level or two of Pillow's; the batch is normalised
-    later in one pass (``normalise``), on the device. A batch of uint8 images is a quarter of the bytes of floats
-    through the DataLoader's shared memory and the host-to-GPU copy.
+    later in one pass (``normalise``), on the device. Large JPEGs are decoded at a reduced scale (``draft``). A batch
+    of uint8 images is a quarter of the bytes of floats through the DataLoader's shared memory and the host-to-GPU
+    copy.
 
     Example:
         >>> pt = PixelTransform.from_transform(create_backbone("efficientnet_lite0").transform)
@@ -138,9 +139,19 @@ class PixelTransform:
             return None
         return cls(steps, mean, std)
 
+    @property
+    def draft(self) -> int | None:
+        """Smallest side a JPEG may be decoded at (DCT scaling, ``probe.data.decode``): twice the resize target, so
+        the antialiased resize still averages >= 2x2 decoded pixels per output pixel."""
+        for kind, kw in self.steps:
+            if kind == "resize":
+                size = kw["size"]
+                return 2 * (size if isinstance(size, int) else max(size))
+        return None
+
     def __call__(self, img) -> torch.Tensor:  # PIL RGB -> (H, W, 3) uint8
         import numpy as np
-        from torchvision.transforms import functional as F
+        from torchvision.transforms.v2 import functional as F  # v2: native uint8 kernels (v1 casts to float)
 
         x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W) view of HWC memory
         for kind, kw in self.steps:

@@ -220,10 +220,15 @@ class TooManyPixels(ImageDecodeError):
         super().__init__(f"decompression bomb: {width}x{height} = {width * height} pixels > limit {limit}")
 
 
-def decode(source: str | os.PathLike | BinaryIO, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode(source: str | os.PathLike | BinaryIO, max_pixels: int = MAX_PIXELS, draft: int | None = None
+           ) -> Image.Image:
     """Open a file or file object as an upright 8-bit RGB image: EXIF orientation applied, first frame of an
     animation, 16-bit scaled, alpha over white. Raises TooManyPixels before decoding a too-large image, and
-    Pillow's own errors (UnidentifiedImageError, OSError, …) for the rest: callers word those for their users."""
+    Pillow's own errors (UnidentifiedImageError, OSError, …) for the rest: callers word those for their users.
+
+    ``draft``: a JPEG at least twice this size on both sides is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+    scaling), never below ``draft`` pixels a side -- a 12-megapixel photo decodes ~4x faster when it is headed
+    for a 256-pixel resize anyway."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(source) as img:
@@ -232,11 +237,13 @@ def decode(source: str | os.PathLike | BinaryIO, max_pixels: int = MAX_PIXELS) -
                 raise TooManyPixels(w, h, max_pixels)
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)  # animated: first frame
+            if draft and img.format == "JPEG":
+                img.draft(None, (draft, draft))  # keeps both sides >= draft; no-op when the image is smaller
             img.load()
             return to_rgb(ImageOps.exif_transpose(img))
 
 
-def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(path: str, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> Image.Image:
     """Decode the file at ``path`` (see ``decode``), or raise ImageDecodeError with the reason recorded for it."""
     try:
         os.stat(path)
@@ -248,7 +255,7 @@ def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         if os.path.getsize(path) == 0:
             raise ImageDecodeError("empty file (0 bytes)")
-        return decode(path, max_pixels)
+        return decode(path, max_pixels, draft)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:

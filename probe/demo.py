@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .extract import ExtractConfig, cache_dir, extract
-from .store import FeatureStore
+from .store import FeatureStore, StoreMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,14 @@ def run_demo(backbone: str = "efficientnet_lite0", out_dir: str | os.PathLike | 
 
     out_dir = Path(out_dir) if out_dir else cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    ex = extract(DEMO_DATA, out_dir / f"demo.{backbone.replace('/', '_')}.h5", ExtractConfig(backbone=backbone),
-                 progress=progress)
+    path = out_dir / f"demo.{backbone.replace('/', '_')}.h5"
+    try:
+        ex = extract(DEMO_DATA, path, ExtractConfig(backbone=backbone), progress=progress)
+    except StoreMismatchError:  # made by another probe version's preprocessing: the demo's own, derived cache
+        log.warning("%s was extracted with another configuration (an earlier probe?): extracting the demo again",
+                    path)
+        path.unlink()
+        ex = extract(DEMO_DATA, path, ExtractConfig(backbone=backbone), progress=progress)
     store = ex["store"]
     fit = fit_head(store, Path(store).with_suffix(".linear.safetensors"), HeadConfig(head="linear"))
     built = index_store(store, Path(store).with_suffix(".faiss"), IndexConfig())

@@ -4,6 +4,10 @@ Resumable by construction: finished batches go to an fsync'd journal beside the 
 replaced atomically at the end. After ``kill -9`` the same call picks up at the first unfinished batch, with the
 same batch boundaries, so the features equal those of an uninterrupted run.
 
+With ``views=K`` every image also gets K augmented views (seeded RandomResizedCrop + flip, ``ViewTransform``),
+embedded into the store's ``views`` (N, K, D) beside its centre-crop ``features``: training data for heads that
+augment (the MLP), still one decode and one pass of the backbone per run.
+
 Example:
     >>> summary = extract("probe/demo/fashion-mnist", config=ExtractConfig(backbone="efficientnet_lite0"))
     >>> summary["count"], summary["store"]
@@ -13,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import platform
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import __version__
-from .backbones import DEFAULT_BACKBONE, Backbone, BackboneError, create_backbone
+from .backbones import DEFAULT_BACKBONE, Backbone, BackboneError, PixelTransform, create_backbone
 from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, fingerprint, load_image, to_rgb
 from .shard import parse_shard, shard_path, take_shard
 from .store import FeatureStore, Journal, check_compatible, config_key, locked, write_store
@@ -46,7 +52,7 @@ class ExtractConfig:
     backbone: str | None = DEFAULT_BACKBONE  # None: the one a probe checkpoint in `weights` names
     weights: str | None = None  # None: the name's default pretrained weights; 'random'; or a checkpoint path
     batch_size: int = 64  # large enough for efficient GEMMs on CPU, small enough for any GPU
-    workers: int = -1  # decode/resize processes; -1: default_workers(device)
+    workers: int = -1  # decode/resize processes; -1: one per core, at most 8
     device: str = "auto"  # auto: cuda when present, else cpu
     dtype: str = "auto"  # auto: float16 on CUDA, bfloat16 on CPUs with native bf16 (4x faster there), else float32
     tta: str = "none"  # "hflip": mean of the image and its mirror
@@ -56,6 +62,7 @@ class ExtractConfig:
     channels_last: bool = True  # NHWC: faster convolutions on CPU (oneDNN) and GPU (tensor cores)
     prune: bool = False  # drop stored rows whose files have disappeared from DATA
     shard: str | None = None  # "I/N": embed only shard I of N (None: from torchrun's RANK/WORLD_SIZE, if any)
+    views: int = 0  # K augmented views per image in /views (N, K, D), training data for the MLP head; 0: none
 
     def __post_init__(self) -> None:  # cheap checks first: a bad option fails before any model loads
         if self.tta not in TTA_MODES:
@@ -66,6 +73,11 @@ class ExtractConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.views < 0:
+            raise ValueError(f"--views must be >= 0 augmented views per image, got {self.views}")
+        if self.views and self.pixels == "pil":
+            raise ValueError(f"--views {self.views} makes its views on uint8 tensors: it needs --pixels uint8, "
+                             "not --pixels pil")
         resolve_device(self.device)
         parse_shard(self.shard)
 
@@ -133,6 +145,11 @@ class Embedder:
         return {**ident, "pooling": "penultimate", "tta": self.tta, "dtype": self.dtype}
 
     @property
+    def draft(self) -> int | None:
+        """JPEGs may be decoded down to this many pixels a side (the uint8 path; see probe.data.decode)."""
+        return self.pixels.draft if self.pixels is not None else None
+
+    @property
     def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
         """One RGB image -> what ``__call__`` takes stacked: (H, W, 3) uint8, or (3, H, W) float on the PIL path.
         A small picklable object (no model): DataLoader workers get it."""
@@ -147,22 +164,23 @@ class Embedder:
         return self.pixels.normalise(x, self._buffer[: x.shape[0]])
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
-        """A batch from ``preprocess``: (B, H, W, 3) uint8 or (B, 3, H, W) float -> (B, D) float32 embeddings."""
+    def __call__(self, x: torch.Tensor, tta: bool = True) -> np.ndarray:
+        """A batch from ``preprocess``: (B, H, W, 3) uint8 or (B, 3, H, W) float -> (B, D) float32 embeddings.
+        ``tta=False``: the plain forward even when the embedder has TTA (augmented views are embedded so)."""
         with self._lock:
-            return self._forward(x)
+            return self._forward(x, tta and self.tta == "hflip")
 
-    def _forward(self, x: torch.Tensor) -> np.ndarray:
+    def _forward(self, x: torch.Tensor, hflip: bool) -> np.ndarray:
         if x.dtype == torch.uint8:
             x = self._normalise(x)
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         b = x.shape[0]
-        if self.tta == "hflip":
+        if hflip:
             x = torch.cat([x, x.flip(3)])  # (2B, 3, H, W): one forward for both views
         with torch.autocast(self.device.type, dtype=getattr(torch, self.dtype), enabled=self.dtype != "float32"):
             f = self.model(x)
         f = f.float().flatten(1)
-        if self.tta == "hflip":
+        if hflip:
             f = (f[:b] + f[b:]) / 2
         return f.cpu().numpy()
 
@@ -180,7 +198,7 @@ class Embedder:
             images = []
             for i in range(s, min(s + batch_size, len(paths))):
                 try:
-                    images.append(load_image(str(paths[i])))
+                    images.append(load_image(str(paths[i]), draft=self.draft))
                     ok.append(i)
                 except ImageDecodeError as e:
                     bad.append({"path": str(paths[i]), "reason": str(e)})
@@ -220,19 +238,115 @@ def embedder_for(attrs: dict[str, Any], device: str = "auto") -> Embedder:
     return emb
 
 
+# ---------------------------------------------------------------------------------------- augmented views
+VIEW_SCALE = (0.25, 1.0)  # area fraction of a view's crop: wider than 0.08 (ImageNet training), since a frozen
+VIEW_RATIO = (3 / 4, 4 / 3)  # backbone is evaluated on whole objects, and tiny crops would mostly teach noise
+VIEW_FLIP = 0.5  # probability of a horizontal flip
+
+
+class ViewTransform:
+    """K seeded augmented views of an RGB image on uint8 tensors: RandomResizedCrop to the weights' crop size
+    (their interpolation, antialiased) + horizontal flip; PIL RGB -> (K, H, W, 3) uint8, normalised later by the
+    Embedder like ``PixelTransform``'s centre crops.
+
+    The crop and flip of view k of the file at relative path p are drawn from sha1(p, k): a file gets the same views
+    in every run — resumed, sharded or re-run on a grown folder — whatever else the folder holds.
+
+    Example:
+        >>> vt = ViewTransform(create_backbone("efficientnet_lite0").pixels, count=4)
+        >>> vt(Image.open("cat.jpg").convert("RGB"), "cats/cat.jpg").shape
+        torch.Size([4, 224, 224, 3])
+    """
+
+    def __init__(self, pixels: PixelTransform, count: int, scale: tuple[float, float] = VIEW_SCALE,
+                 ratio: tuple[float, float] = VIEW_RATIO, flip: float = VIEW_FLIP):
+        from torchvision.transforms import InterpolationMode
+
+        if count < 1:
+            raise ValueError(f"views per image must be >= 1, got {count}")
+        self.count, self.scale, self.ratio, self.flip = count, scale, ratio, flip
+        resize = next((kw for kind, kw in pixels.steps if kind == "resize"), {})
+        size = next((kw["size"] for kind, kw in reversed(pixels.steps) if kind == "crop"), None)
+        if size is None and isinstance(resize.get("size"), (list, tuple)) and len(resize["size"]) == 2:
+            size = resize["size"]  # resize to a fixed (H, W) without a crop
+        if size is None:
+            raise BackboneError(f"augmented views need a fixed input size, and {pixels!r} has none")
+        size = [size, size] if isinstance(size, int) else list(size)
+        self.size = [int(size[0]), int(size[-1])]  # (H, W) of the model's input
+        self.interpolation = resize.get("interpolation", InterpolationMode.BILINEAR)
+
+    @property
+    def recipe(self) -> str:
+        """What the store records (and its config key hashes): change the augmentation, change this string."""
+        interp = getattr(self.interpolation, "value", self.interpolation)
+        return (f"RandomResizedCrop({self.size[0]}x{self.size[1]}, scale=({self.scale[0]:g}, {self.scale[1]:g}), "
+                f"ratio=({self.ratio[0]:.4f}, {self.ratio[1]:.4f}), interpolation={interp}, antialias) "
+                f"+ HorizontalFlip(p={self.flip:g}); uint8; seed=sha1(path, view)")
+
+    def params(self, key: str, view: int, height: int, width: int) -> tuple[int, int, int, int, bool]:
+        """(top, left, h, w, flip) of view ``view`` of the file ``key`` in a height x width image: torchvision's
+        RandomResizedCrop.get_params (10 tries, then a centre crop of the nearest allowed ratio), seeded."""
+        seed = int.from_bytes(hashlib.sha1(f"{key}\0{view}".encode()).digest()[:8], "big")
+        rng = random.Random(seed)
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        box = None
+        for _ in range(10):
+            area = height * width * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                box = (rng.randint(0, height - h), rng.randint(0, width - w), h, w)
+                break
+        if box is None:
+            in_ratio = width / height
+            if in_ratio < min(self.ratio):
+                w, h = width, int(round(width / min(self.ratio)))
+            elif in_ratio > max(self.ratio):
+                w, h = int(round(height * max(self.ratio))), height
+            else:
+                w, h = width, height
+            box = ((height - h) // 2, (width - w) // 2, h, w)
+        return (*box, rng.random() < self.flip)
+
+    def __call__(self, img, key: str) -> torch.Tensor:  # PIL RGB -> (K, H, W, 3) uint8
+        from torchvision.transforms.v2 import functional as F  # v2: native uint8 kernels (v1 casts to float)
+
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W) view of HWC memory
+        views = []
+        for k in range(self.count):
+            top, left, h, w, flip = self.params(key, k, x.shape[1], x.shape[2])
+            v = F.resized_crop(x, top, left, h, w, self.size, interpolation=self.interpolation, antialias=True)
+            views.append(F.horizontal_flip(v) if flip else v)  # (3, H, W)
+        return torch.stack(views).permute(0, 2, 3, 1).contiguous()  # (K, H, W, 3)
+
+
+def embed_views(emb: Embedder, views: torch.Tensor, batch_size: int) -> np.ndarray:
+    """(B, K, H, W, 3) uint8 views -> (B, K, D) float32, forwarded ``batch_size`` at a time and without TTA (TTA
+    averages a mirror into the centre features; a view already is an augmentation)."""
+    b, k = views.shape[:2]
+    flat = views.flatten(0, 1)  # (B*K, H, W, 3)
+    out = [emb(flat[s: s + batch_size], tta=False) for s in range(0, len(flat), batch_size)]
+    return np.concatenate(out).reshape(b, k, -1) if out else np.zeros((b, k, emb.backbone.dim), np.float32)
+
+
 # ------------------------------------------------------------------------------------------- loading
 class _Files(torch.utils.data.Dataset):
-    """Decode + preprocess in DataLoader workers; a bad file becomes (None, i, reason), never an exception."""
+    """Decode + preprocess in DataLoader workers; a bad file becomes (None, i, reason), never an exception.
+    With ``views`` an item is (centre, views) of one decode, the views seeded by ``keys[i]`` (relative path)."""
 
-    def __init__(self, paths: list[str], transform, max_pixels: int):
-        self.paths, self.transform, self.max_pixels = paths, transform, max_pixels
+    def __init__(self, paths: list[str], transform, max_pixels: int, views: ViewTransform | None = None,
+                 keys: Sequence[str] = (), draft: int | None = None):
+        self.paths, self.transform, self.max_pixels, self.draft = paths, transform, max_pixels, draft
+        self.views, self.keys = views, keys
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(load_image(self.paths[i], self.max_pixels)), i, ""
+            img = load_image(self.paths[i], self.max_pixels, self.draft)
+            x = self.transform(img)
+            return (x if self.views is None else (x, self.views(img, self.keys[i]))), i, ""
         except ImageDecodeError as e:
             return None, i, str(e)
         except Exception as e:  # noqa: BLE001 - a transform failing on an odd image must not stop the run
@@ -242,17 +356,18 @@ class _Files(torch.utils.data.Dataset):
 def _collate(items):
     ok = [(x, i) for x, i, _ in items if x is not None]
     bad = [(i, r) for x, i, r in items if x is None]
-    x = torch.stack([t for t, _ in ok]) if ok else None  # (B, 3, H, W)
+    xs = [t for t, _ in ok]
+    x = None  # (B, H, W, 3) or (B, 3, H, W); with views ((B, H, W, 3), (B, K, H, W, 3))
+    if xs:
+        x = tuple(torch.stack(p) for p in zip(*xs)) if isinstance(xs[0], tuple) else torch.stack(xs)
     return x, [i for _, i in ok], bad
 
 
-def default_workers(device: torch.device | str = "cuda") -> int:
-    """Decode processes for a forward pass on ``device``. On a GPU: one per core, at most 8. On the CPU the
-    decoders share the cores with the forward pass's threads, and a decoder that takes a core mid-batch stalls
-    every thread at the next barrier: a quarter of the cores (0 on 2-3 cores: decode between batches in-process)
-    is faster than a worker per core there (benchmarks/bench_extract.py measures both)."""
+def default_workers() -> int:
+    """Decode processes: one per core, at most 8. With the uint8 pixel path decoding is ~1/10 of a CPU forward
+    pass, so on the CPU 0, 1 or 2 workers end within noise of each other (benchmarks/bench_extract.py runs each)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores // 4 if torch.device(device).type == "cpu" else min(cores, 8)
+    return min(cores, 8)
 
 
 def cache_dir() -> Path:
@@ -291,7 +406,14 @@ def extract(data: str | os.PathLike, out: str | os.PathLike | None = None, confi
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun rank
     emb = Embedder(backbone or create_backbone(cfg.backbone, cfg.weights), device, cfg.dtype, cfg.tta,
                    cfg.channels_last, cfg.pixels)
+    views = None
     store_cfg = emb.config
+    if cfg.views:
+        if emb.pixels is None:
+            raise BackboneError(f"--views {cfg.views}: augmented views are made on uint8 tensors, and the "
+                                f"transform of {emb.backbone.name} has no uint8 form ({emb.backbone.transform!r})")
+        views = ViewTransform(emb.pixels, cfg.views)
+        store_cfg = {**store_cfg, "views": {"count": cfg.views, "augment": views.recipe}}  # a key of its own
     key = config_key(store_cfg)
     out = Path(out) if out else default_store_path(ds, emb.backbone.name, key)
     if shard:
@@ -299,11 +421,11 @@ def extract(data: str | os.PathLike, out: str | os.PathLike | None = None, confi
         log.info("shard %d/%d: %d files -> %s", *shard, len(ds), out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out):
-        return _extract_locked(ds, emb, store_cfg, key, out, cfg, progress, shard)
+        return _extract_locked(ds, emb, store_cfg, key, out, cfg, progress, shard, views)
 
 
 def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, progress: bool,
-                    shard: tuple[int, int] | None = None) -> dict[str, Any]:
+                    shard: tuple[int, int] | None = None, views: ViewTransform | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     stored: dict[str, str] = {}
     stored_meta: dict[str, tuple[int, str]] = {}
@@ -348,9 +470,9 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
     n_resumed = sum(finished(i) for i in todo)
     if n_resumed:
         log.info("resuming %s: %d images already done in the journal", out, n_resumed)
-    workers = default_workers(emb.device) if cfg.workers < 0 else cfg.workers
+    workers = default_workers() if cfg.workers < 0 else cfg.workers
     loader = DataLoader(
-        _Files([ds.abspath(i) for i in range(len(ds))], emb.preprocess, cfg.max_pixels),
+        _Files([ds.abspath(i) for i in range(len(ds))], emb.preprocess, cfg.max_pixels, views, ds.paths, emb.draft),
         batch_sampler=batches, num_workers=workers, collate_fn=_collate,
         pin_memory=emb.device.type == "cuda", prefetch_factor=4 if workers else None,
     )
@@ -360,9 +482,14 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
     with tqdm(total=n_new, unit="img", disable=not progress, desc=f"extract {emb.backbone.name}",
               mininterval=0.5, dynamic_ncols=True) as bar:
         for x, idx, failed in loader:
+            x, v = x if isinstance(x, tuple) else (x, None)  # centre crops, and (B, K, H, W, 3) views if any
             feats = emb(x) if x is not None else np.zeros((0, emb.backbone.dim), np.float32)  # (B, D)
             for i, reason in failed:
                 log.warning("skipped %s: %s", ds.abspath(i), reason)
+            extra = {}
+            if views is not None:
+                extra["views"] = embed_views(emb, v, cfg.batch_size) if v is not None else \
+                    np.zeros((0, views.count, emb.backbone.dim), np.float32)  # (B, K, D)
             journal.append(
                 features=feats.astype(np.float32),
                 paths=np.array([ds.paths[i] for i in idx], dtype=str),
@@ -370,6 +497,7 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
                 bad_paths=np.array([ds.paths[i] for i, _ in failed], dtype=str),
                 bad_fingerprints=np.array([fps[i] for i, _ in failed], dtype=str),
                 bad_reasons=np.array([r for _, r in failed], dtype=str),
+                **extra,
             )
             n_embedded += len(idx)
             done.update((ds.paths[i], fps[i]) for i in idx)
@@ -423,7 +551,7 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
         skipped.keys() != old_skipped.keys() or classes != old_classes
     if changed:
         write_store(out, attrs, rows, journal.features(), skipped, emb.backbone.dim,
-                    new={p for p in new if p not in stored})
+                    new={p for p in new if p not in stored}, views=cfg.views)
     journal.remove()
     if stale:
         log.warning("%d stored images are no longer under %s (e.g. %s): %s", len(stale), ds.root, stale[0],
@@ -434,6 +562,7 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
         "shard": f"{shard[0]}/{shard[1]}" if shard else None,
         "count": len(rows),
         "dim": emb.backbone.dim,
+        "views": cfg.views,  # augmented views per image in /views (TTA applies to `features` only)
         "backbone": emb.backbone.name,
         "classes": classes,
         "embedded": n_embedded,  # by this process; `resumed` more came from an interrupted run's journal

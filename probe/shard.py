@@ -58,7 +58,8 @@ def shard_path(out: Path, shard: tuple[int, int]) -> Path:
 
 def merge(shards: Sequence[str | os.PathLike], out: str | os.PathLike, allow_missing: bool = False,
           chunk: int = 8192) -> dict[str, Any]:
-    """Merge shard stores into one store at ``out``: every row exactly once, features streamed chunk by chunk.
+    """Merge shard stores into one store at ``out``: every row exactly once, features (and augmented views, where
+    the extraction made them) streamed chunk by chunk.
 
     Refuses shards of different configurations, missing or duplicated shard indices (unless ``allow_missing``),
     and a path present in two shards."""
@@ -105,8 +106,10 @@ def merge(shards: Sequence[str | os.PathLike], out: str | os.PathLike, allow_mis
         for s in stores:
             paths, fps = s.paths().tolist(), s.fingerprints().tolist()
             with h5py.File(s.path, "r") as f:
-                for a in range(0, s.count, chunk):
-                    yield paths[a: a + chunk], fps[a: a + chunk], f["features"][a: a + chunk]
+                step = max(1, chunk // max(1, s.n_views))  # the same memory per read with views
+                for a in range(0, s.count, step):
+                    views = f["views"][a: a + step] if "views" in f else None  # (B, K, D)
+                    yield paths[a: a + step], fps[a: a + step], f["features"][a: a + step], views
 
     attrs = {k: v for k, v in stores[0].attrs.items() if k not in ("shard", "complete", "created", "updated")}
     attrs.update(classes=classes, merged_from=[str(s.path) for s in stores])
@@ -115,7 +118,7 @@ def merge(shards: Sequence[str | os.PathLike], out: str | os.PathLike, allow_mis
         raise StoreError(f"{out} exists: merge writes a new store (delete it or choose another --out)")
     if config_key(attrs) != attrs["config_key"]:
         raise StoreError("internal: shard attributes do not reproduce their config_key")
-    write_store(out, attrs, rows, batches(), skipped, stores[0].dim)
+    write_store(out, attrs, rows, batches(), skipped, stores[0].dim, views=stores[0].n_views)
     merged = FeatureStore(out)
-    return {"store": str(out), "count": merged.count, "dim": merged.dim, "shards": len(stores),
-            "classes": classes, "skipped": len(skipped)}
+    return {"store": str(out), "count": merged.count, "dim": merged.dim, "views": merged.n_views,
+            "shards": len(stores), "classes": classes, "skipped": len(skipped)}

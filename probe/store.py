@@ -7,13 +7,16 @@ Layout (schema version 1)::
     /paths                 (N,)   utf-8     relative to attrs["root"] (absolute where a manifest said so)
     /split                 (N,)   utf-8     "train" / "val" / "test" / "" (no split)
     /fingerprints          (N,)   utf-8     "size:mtime_ns" of the file when it was embedded
+    /views                 (N, K, D) float32  optional: K augmented views per image (``probe extract --views K``)
     /skipped/{paths,reasons,fingerprints}   files that could not be decoded, and why
     attrs: schema_version, classes, backbone, weights, weights_sha256, preprocess (JSON), tta, dtype,
-           pooling, config_key, root, layout, versions (JSON), created, updated, device
+           pooling, config_key, root, layout, versions (JSON), created, updated, device;
+           views (JSON: {"count": K, "augment": recipe}) only in stores with /views
 
 ``config_key`` hashes everything that changes the numbers (backbone, weights checksum, preprocessing, pooling,
-TTA, dtype): rows made under another key are never mixed in. Writes are atomic (a new file renamed over the
-old one), so a crash leaves either the old store or the new one; work in progress lives in a journal beside it.
+TTA, dtype, and the augmented views where there are any): rows made under another key are never mixed in. Writes
+are atomic (a new file renamed over the old one), so a crash leaves either the old store or the new one; work in
+progress lives in a journal beside it.
 
 Example:
     >>> store = FeatureStore("cache/demo.h5")
@@ -43,7 +46,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-KEY_FIELDS = ("backbone", "weights", "weights_sha256", "preprocess", "pooling", "tta", "dtype")
+KEY_FIELDS = ("backbone", "weights", "weights_sha256", "preprocess", "pooling", "tta", "dtype", "views")
+OPTIONAL_KEY_FIELDS = ("views",)  # hashed only when set: stores without augmented views keep their original key
 STR = h5py.string_dtype("utf-8")
 
 
@@ -56,9 +60,18 @@ class StoreMismatchError(StoreError):
 
 
 def config_key(config: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of every field that changes the features."""
-    payload = json.dumps({k: config[k] for k in KEY_FIELDS}, sort_keys=True, separators=(",", ":"))
+    """sha256 of the canonical JSON of every field that changes the features (an optional field only when set)."""
+    fields = {k: config[k] if k not in OPTIONAL_KEY_FIELDS else config.get(k) for k in KEY_FIELDS}
+    payload = json.dumps({k: v for k, v in fields.items() if v or k not in OPTIONAL_KEY_FIELDS}, sort_keys=True,
+                         separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def feature_key(config: dict[str, Any]) -> str:
+    """``config_key`` of the ``features`` alone. Augmented views are an extra dataset that leaves the features as
+    they are, so heads and indexes record this key: one made from a store with views serves the same data's store
+    without them, and the other way round."""
+    return config_key({k: v for k, v in config.items() if k not in OPTIONAL_KEY_FIELDS})
 
 
 def _attr(v: Any) -> Any:
@@ -86,12 +99,13 @@ class FeatureStore:
             with h5py.File(self.path, "r") as f:
                 self.attrs = {k: _attr(v) for k, v in f.attrs.items()}
                 self.count, self.dim = f["features"].shape
+                self.n_views = f["views"].shape[1] if "views" in f else 0  # augmented views per row
         except (OSError, KeyError) as e:
             raise StoreError(f"{str(self.path)!r} is not a probe feature store: {e}") from e
         version = self.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema version {version}, this probe reads {SCHEMA_VERSION}")
-        for k in ("preprocess", "versions"):
+        for k in ("preprocess", "versions", "views"):
             if isinstance(self.attrs.get(k), str):
                 self.attrs[k] = json.loads(self.attrs[k])
         self.classes: list[str] = list(self.attrs.get("classes", []))
@@ -99,7 +113,11 @@ class FeatureStore:
     # ---- identity
     @property
     def config(self) -> dict[str, Any]:
-        return {k: self.attrs.get(k) for k in KEY_FIELDS}
+        return {k: self.attrs.get(k) for k in KEY_FIELDS if k in self.attrs or k not in OPTIONAL_KEY_FIELDS}
+
+    @property
+    def feature_key(self) -> str:
+        return feature_key(self.config)
 
     @property
     def backbone(self) -> str:
@@ -121,6 +139,29 @@ class FeatureStore:
             m = self._mask(f, split)
             return f["features"][m] if isinstance(m, slice) else f["features"][np.sort(m)] if len(m) else \
                 np.zeros((0, self.dim), np.float32)
+
+    def views(self, split: str | None = None, rows: np.ndarray | None = None) -> np.ndarray | None:
+        """The augmented views (n, K, D) float32 of ``split`` (or of the row indices ``rows``, in their order);
+        None when the store has none. Read in chunks of rows, so asking for a subset holds only the subset."""
+        if not self.n_views:
+            return None
+        with h5py.File(self.path, "r") as f:
+            ds = f["views"]
+            if rows is None:
+                m = self._mask(f, split)
+                if isinstance(m, slice):
+                    return ds[:]
+                rows = m
+            rows = np.asarray(rows, np.int64)
+            out = np.empty((len(rows), self.n_views, self.dim), np.float32)  # (n, K, D)
+            order = np.argsort(rows, kind="stable")
+            srt = rows[order]
+            step = max(1, (64 << 20) // (4 * self.n_views * self.dim))  # ~64 MB of rows per read
+            for a in range(0, self.count, step):
+                lo, hi = np.searchsorted(srt, [a, a + step])
+                if hi > lo:
+                    out[order[lo:hi]] = ds[a: a + step][srt[lo:hi] - a]
+            return out
 
     def labels(self, split: str | None = None) -> np.ndarray:
         with h5py.File(self.path, "r") as f:
@@ -160,6 +201,8 @@ class FeatureStore:
             "path": str(self.path),
             "count": int(self.count),
             "dim": int(self.dim),
+            "views": int(self.n_views),  # augmented views per image (0: none)
+            "views_augment": (self.attrs.get("views") or {}).get("augment"),
             "backbone": self.backbone,
             "weights": self.attrs.get("weights"),
             "weights_sha256": self.attrs.get("weights_sha256"),
@@ -190,8 +233,8 @@ def check_compatible(path: str | os.PathLike, config: dict[str, Any]) -> None:
     store = FeatureStore(path)
     if store.attrs.get("config_key") == config_key(config):
         return
-    diffs = [f"{k}: store has {store.attrs.get(k)!r}, this run {config[k]!r}"
-             for k in KEY_FIELDS if store.attrs.get(k) != config[k]]
+    diffs = [f"{k}: store has {store.attrs.get(k)!r}, this run {config.get(k)!r}"
+             for k in KEY_FIELDS if store.attrs.get(k) != config.get(k)]
     raise StoreMismatchError(
         f"{path} was built with a different backbone configuration; its features must not be mixed with these.\n  "
         + "\n  ".join(diffs or ["config_key differs"])
@@ -253,9 +296,10 @@ class Journal:
                         yield f.tell(), {k: z[k] for k in z.files if k not in skip}
 
     def read(self) -> tuple[dict[str, Any] | None, list[dict[str, np.ndarray]]]:
-        """(header, batch records without their features) of every intact record; cuts off a torn tail."""
+        """(header, batch records without their features and views) of every intact record; cuts off a torn
+        tail."""
         header, records, good = None, [], 0
-        for end, rec in self._records(skip=("features",)):
+        for end, rec in self._records(skip=("features", "views")):
             good = end
             if header is None:
                 header = rec
@@ -267,12 +311,13 @@ class Journal:
                 f.truncate(good)
         return header, records
 
-    def features(self) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
-        """(paths, fingerprints, (B, D) features) of each batch record, in the order they were written."""
+    def features(self) -> Iterator[tuple[list[str], list[str], np.ndarray, np.ndarray | None]]:
+        """(paths, fingerprints, (B, D) features, (B, K, D) views or None) of each batch record, in the order they
+        were written."""
         records = self._records()
         next(records, None)  # header
         for _, r in records:
-            yield r["paths"].tolist(), r["fingerprints"].tolist(), r["features"]
+            yield r["paths"].tolist(), r["fingerprints"].tolist(), r["features"], r.get("views")
 
     def _append(self, payload: bytes) -> None:
         with open(self.path, "ab") as f:
@@ -300,22 +345,42 @@ def _replace_strings(f: h5py.File, name: str, values: list[str] | np.ndarray) ->
     f.create_dataset(name, data=np.asarray(list(values), dtype=object), dtype=STR)
 
 
+def _row_chunks(dim: int, views: int = 0) -> tuple[int, ...]:
+    """HDF5 chunk of about 1 MB of rows: (rows, D) for features, (rows, K, D) for views."""
+    per_row = dim * max(1, views)
+    return (max(1, min(1024, (1 << 20) // (4 * per_row))),) + ((views,) if views else ()) + (dim,)
+
+
+def _compact(f: h5py.File, name: str, keep: list[int]) -> h5py.Dataset:
+    """Replace dataset ``name`` by its rows ``keep`` (sorted), copied 4096 at a time."""
+    old = f[name]
+    fresh = f.create_dataset(f"{name}_compact", shape=(len(keep),) + old.shape[1:], maxshape=old.maxshape,
+                             dtype="f4", chunks=old.chunks)
+    for s in range(0, len(keep), 4096):
+        fresh[s: s + 4096] = old[keep[s: s + 4096]]
+    del f[name]
+    f.move(f"{name}_compact", name)
+    return f[name]
+
+
 def write_store(
     path: str | os.PathLike,
     attrs: dict[str, Any],
     rows: dict[str, tuple[str, int, str]],
-    batches: Iterable[tuple[list[str], list[str], np.ndarray]],
+    batches: Iterable[tuple[list[str], list[str], np.ndarray] | tuple[list[str], list[str], np.ndarray, Any]],
     skipped: dict[str, tuple[str, str]],
     dim: int,
     new: set[str] | None = None,
+    views: int = 0,
 ) -> None:
     """Write the store at ``path`` atomically.
 
     ``rows``: every row the store should hold, path -> (fingerprint, label, split), in order; stored rows keep
-    their position and features unless a batch brings a vector for them. ``batches``: (paths, fingerprints,
-    (B, D) features) — a vector is taken when its fingerprint is the row's (later batches win), so the journal can
-    be streamed in without holding all features in memory. ``new``: paths not yet stored that the batches will
-    fill (default: rows not in the old store). ``skipped``: path -> (fingerprint, reason).
+    their position and features (and views) unless a batch brings vectors for them. ``batches``: (paths,
+    fingerprints, (B, D) features[, (B, K, D) views]) — vectors are taken when their fingerprint is the row's
+    (later batches win), so the journal can be streamed in without holding all features in memory. ``new``: paths
+    not yet stored that the batches will fill (default: rows not in the old store). ``skipped``: path ->
+    (fingerprint, reason). ``views``: K augmented views per row in ``/views`` (N, K, D); 0: none.
     The old store is copied, updated and renamed over, so a crash at any point leaves a valid store."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -329,37 +394,43 @@ def write_store(
         tmp.unlink(missing_ok=True)
     with h5py.File(tmp, "a") as f:
         if "features" not in f:
-            f.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype="f4",
-                             chunks=(max(1, min(1024, (1 << 20) // (4 * dim))), dim))
+            f.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype="f4", chunks=_row_chunks(dim))
             f.attrs["created"] = now
-        feats = f["features"]
+        if views and "views" not in f:
+            if old_index:  # the config key includes the views: a store without them is never extended with them
+                raise StoreError(f"internal: {path} has no views to extend with {views} views per row")
+            f.create_dataset("views", shape=(0, views, dim), maxshape=(None, views, dim), dtype="f4",
+                             chunks=_row_chunks(dim, views))
+        if "views" in f and f["views"].shape[1:] != (views, dim):
+            raise StoreError(f"internal: {path} holds views of shape {f['views'].shape[1:]}, not {(views, dim)}")
+        arrays = ["features"] + (["views"] if views else [])
         dropped = [p for p in old_index if p not in rows]
-        if dropped:  # compaction: copy the kept rows, in their order, into a fresh dataset
+        if dropped:  # compaction: copy the kept rows, in their order, into fresh datasets
             keep = sorted(old_index[p] for p in old_index if p in rows)
-            fresh = f.create_dataset("features_compact", shape=(len(keep), dim), maxshape=(None, dim), dtype="f4",
-                                     chunks=feats.chunks)
-            for s in range(0, len(keep), 4096):
-                fresh[s: s + 4096] = feats[keep[s: s + 4096]]
-            del f["features"]
-            f.move("features_compact", "features")
-            feats = f["features"]
+            for name in arrays:
+                _compact(f, name, keep)
             kept_paths = sorted((p for p in old_index if p in rows), key=old_index.get)
             old_index = {p: i for i, p in enumerate(kept_paths)}
         appended = [p for p in rows if p not in old_index]
         order = sorted(old_index, key=old_index.get) + appended  # stored rows keep their position
         row_of = {p: i for i, p in enumerate(order)}
-        feats.resize((len(order), dim))
+        targets = [f[name] for name in arrays]  # features, then views if any
+        for ds in targets:
+            ds.resize(len(order), axis=0)
         filled = set()
-        for paths, fps, vecs in batches:
+        for paths, fps, *vecs in batches:  # vecs: [features (B, D)] or [features, views (B, K, D) or None]
             hit = [(row_of[p], j) for j, (p, fp) in enumerate(zip(paths, fps)) if p in row_of and rows[p][0] == fp]
             if not hit:
                 continue
+            if views and (len(vecs) < 2 or vecs[1] is None):
+                raise StoreError(f"internal: a batch without views for a store with {views} views per row")
             r, j = map(list, zip(*hit))
-            if r == list(range(r[0], r[0] + len(r))):  # the usual case: a batch of appended rows, contiguous
-                feats[r[0]: r[0] + len(r)] = vecs[j]
-            else:
-                for ri, ji in hit:
-                    feats[ri] = vecs[ji]
+            for ds, v in zip(targets, vecs):
+                if r == list(range(r[0], r[0] + len(r))):  # the usual case: a batch of appended rows, contiguous
+                    ds[r[0]: r[0] + len(r)] = v[j]
+                else:
+                    for ri, ji in hit:
+                        ds[ri] = v[ji]
             filled.update(order[ri] for ri in r)
         missing = set(appended if new is None else new) - filled
         if missing:
@@ -404,9 +475,11 @@ def store_from_arrays(
     classes: list[str] | None = None,
     config: dict[str, Any] | None = None,
     root: str = "",
+    views: np.ndarray | None = None,
 ) -> FeatureStore:
     """Write a store from in-memory arrays (tests, benchmarks, merges). ``config`` holds the KEY_FIELDS;
-    missing ones get placeholder values marking the features as not made by a backbone.
+    missing ones get placeholder values marking the features as not made by a backbone. ``views``: optional
+    (N, K, D) augmented views of the rows.
 
     Example:
         >>> store_from_arrays("cache/x.h5", np.random.rand(10, 4), np.arange(10) % 2, classes=["a", "b"])
@@ -418,6 +491,15 @@ def store_from_arrays(
     splits = splits if splits is not None else [""] * n
     cfg = {"backbone": "arrays", "weights": "none", "weights_sha256": "", "preprocess": {}, "pooling": "none",
            "tta": "none", "dtype": "float32", **(config or {})}
+    k = 0
+    if views is not None:
+        views = np.asarray(views, dtype=np.float32)
+        if views.ndim != 3 or views.shape[0] != n or views.shape[2] != dim:
+            raise StoreError(f"views must have shape ({n}, K, {dim}) like the features, got {views.shape}")
+        k = views.shape[1]
+        cfg.setdefault("views", {"count": k, "augment": "arrays"})
+    if not cfg.get("views"):
+        cfg.pop("views", None)  # no views: the key and attributes of a store that never had them
     classes = classes if classes is not None else [str(c) for c in range(int(labels.max()) + 1 if n else 0)]
     attrs = {**cfg, "config_key": config_key(cfg), "classes": classes, "root": root, "layout": "arrays",
              "versions": {}, "device": "none"}
@@ -425,5 +507,5 @@ def store_from_arrays(
     if len(rows) != n:
         raise StoreError("paths must be unique")
     Path(path).unlink(missing_ok=True)
-    write_store(path, attrs, rows, [(list(paths), [""] * n, features)], {}, dim)
+    write_store(path, attrs, rows, [(list(paths), [""] * n, features, views)], {}, dim, views=k)
     return FeatureStore(path)

@@ -233,3 +233,17 @@ def test_uint8_path_embeddings_agree_with_pil_path_and_are_recorded():
     # each path is rebuilt from what it recorded
     assert embedder_for(fast.config, device="cpu").pixels is not None
     assert embedder_for(slow.config, device="cpu").pixels is None
+
+
+def test_large_jpegs_decode_at_reduced_scale_never_below_twice_the_resize(tmp_path):
+    from probe.data import load_image
+
+    bb = create_backbone("timm/test_vit", "random")  # resize 168 -> draft 336
+    assert bb.pixels.draft == 2 * 168
+    big = _photos()[0].resize((2000, 1500))
+    big.save(tmp_path / "big.jpg", quality=90)
+    big.save(tmp_path / "big.png")
+    assert load_image(str(tmp_path / "big.jpg"), draft=bb.pixels.draft).size == (500, 375)  # 1/4: both >= 336
+    assert load_image(str(tmp_path / "big.jpg")).size == (2000, 1500)
+    assert load_image(str(tmp_path / "big.png"), draft=bb.pixels.draft).size == (2000, 1500)  # JPEG only
+    assert load_image(str(tmp_path / "big.jpg"), draft=1200).size == (2000, 1500)  # 1/2 would be < 1200

@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 
 from probe.heads import HEADS, KNNHead, LinearHead, MLPHead, PrototypeHead, load_head, make_head, save_head
 from probe.heads.features import apply_norm, fit_norm, k_per_class, stratified_holdout
-from probe.heads.fewshot import episode_accuracy, sample_episodes
+from probe.heads.fewshot import episode_accuracy, linear_episode_accuracy, sample_episodes
 
 FAST = {"linear": {"n_Cs": 6, "C_range": (1e-3, 1e2)}, "mlp": {"epochs": 30, "hidden": (32,)}, "prototype": {},
         "knn": {"k": 5}}
@@ -207,9 +207,28 @@ def test_episode_accuracy_matches_prototype_head_loop():
         np.testing.assert_allclose(gather, loop, atol=1e-9)
 
 
+@pytest.mark.parametrize("dim, C", [(24, 1.0), (24, 100.0), (8, 1.0)])  # dim 8 < 15 support rows: rank-deficient
+def test_linear_episodes_agree_with_sklearn(dim, C):
+    X, y = blobs(n_per=30, classes=6, dim=dim, spread=4.0)
+    Z = apply_norm(X, fit_norm(X, "cl2n"))
+    sup, qry = sample_episodes(y, 5, 3, 6, 30, seed=0)
+    gram = linear_episode_accuracy(Z, sup, qry, C, Z @ Z.T)
+    gather = linear_episode_accuracy(Z, sup, qry, C)
+    loop = [(LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(Z[s.ravel()].astype(np.float64),
+                                                                      np.repeat(np.arange(5), 3))
+             .predict(Z[q.ravel()]) == np.repeat(np.arange(5), 6)).mean() for s, q in zip(sup, qry)]
+    np.testing.assert_allclose(gram, gather, atol=1e-9)
+    assert abs(gram.mean() - np.mean(loop)) < 0.01  # the bar: within a point of mean accuracy
+    assert (gram == loop).mean() >= 0.9  # and episode by episode, up to near-ties
+    assert 0.3 < gram.mean() < 1.0  # a real task, not all-correct
+
+
 def test_episode_errors_name_the_value():
     y = np.repeat(np.arange(4), [20, 20, 5, 20])
     with pytest.raises(ValueError, match=r"class 2 has 5 images, fewer than --shot 5 \+ --query 15"):
         sample_episodes(y, 3, 5, 15, 10)
     with pytest.raises(ValueError, match="--way 6 needs at least 6 classes, the data has 4"):
         sample_episodes(y, 6, 1, 1, 10)
+    sup, qry = sample_episodes(y, 3, 1, 1, 2)
+    with pytest.raises(ValueError, match=r"--C must be a positive number .* got 0.0"):
+        linear_episode_accuracy(np.eye(len(y), 4, dtype=np.float32), sup, qry, C=0.0)

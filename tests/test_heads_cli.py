@@ -103,6 +103,27 @@ def test_fewshot_cli(tiny_store):
     assert [x["accuracy"] for x in again["results"]] == [x["accuracy"] for x in r["results"]]  # seeded
 
 
+def test_fewshot_both_heads_on_the_same_episodes(tiny_store):
+    args = ("fewshot", tiny_store, "--way", "3", "--shot", "1,2", "--query", "4", "--episodes", "200")
+    r = ok_json(*args, "--head", "both", "--C", "10")
+    assert r["head"] == "both" and r["C"] == 10
+    assert [(x["head"], x["shot"]) for x in r["results"]] == [("prototype", 1), ("linear", 1), ("prototype", 2),
+                                                                ("linear", 2)]
+    for x in r["results"]:
+        assert {"accuracy", "ci95", "episodes", "episodes_per_s"} <= set(x) and x["episodes"] == 200
+    proto = ok_json(*args)  # default head: the prototype rows alone, unchanged
+    assert [x["accuracy"] for x in proto["results"]] == [x["accuracy"] for x in r["results"][::2]]
+    text = run(*args, "--head", "linear")
+    assert text.exit_code == 0 and "linear head (C=1)" in text.output and "3-way 2-shot" in text.output
+
+
+def test_fewshot_bad_head_and_C(tiny_store):
+    fails("fewshot", tiny_store, "--head", "svm", match="unknown few-shot head 'svm': expected one of prototype, "
+                                                        "linear, both")
+    fails("fewshot", tiny_store, "--head", "linear", "--C", "-1", match="--C must be a positive number")
+    fails("fewshot", tiny_store, "--metric", "manhattan", match="unknown metric 'manhattan'")
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_unlabelled_and_single_class_stores(tmp_path):
     X = np.random.default_rng(0).normal(size=(12, 8))

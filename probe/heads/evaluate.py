@@ -93,7 +93,7 @@ def head_columns_for(store_classes: list[str], store_labels: np.ndarray, head_cl
 
 def check_head_matches_store(meta: dict[str, Any], store: Any) -> None:
     """Refuse a head fit on features of another backbone configuration than ``store``'s."""
-    have, want = store.attrs.get("config_key"), meta.get("config_key")
+    have, want = store.feature_key, meta.get("config_key")
     if have != want:
         diffs = [f"{k}: head {meta.get('config', {}).get(k)!r}, store {store.attrs.get(k)!r}"
                  for k in ("backbone", "weights", "weights_sha256", "pooling", "tta", "dtype")

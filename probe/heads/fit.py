@@ -2,7 +2,8 @@
 
 Rows: the store's ``train`` split fits the head, ``val`` selects (the linear head's L2 strength, the MLP's early
 stop), ``test`` is reported. A store without splits gets a seeded stratified 20% holdout as ``val`` (and no
-test). ``shots`` keeps that many training images per class, drawn with ``seed``.
+test). ``shots`` keeps that many training images per class, drawn with ``seed``. The MLP also trains on the
+store's augmented views (``probe extract --views K``) when it has them, unless ``views=False``.
 
 Example:
     >>> summary = fit_head("cache/demo.h5", "heads/demo-linear.safetensors", HeadConfig(head="linear"))
@@ -42,6 +43,7 @@ class HeadConfig:
     k: int = 20  # knn: neighbours (DINO's default)
     metric: str = "cosine"  # prototype: cosine | euclidean
     device: str = "auto"  # linear, mlp: cuda when present
+    views: bool | None = None  # mlp: train on the store's augmented views; None: when it has them; other heads ignore
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -92,7 +94,7 @@ def labelled_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
 def fit_head(store_path: str | os.PathLike, out: str | os.PathLike, config: HeadConfig | None = None
              ) -> dict[str, Any]:
     """Fit the head of ``config`` on a store, report validation/test metrics, save it to ``out``; returns a summary."""
-    from probe.store import FeatureStore
+    from probe.store import OPTIONAL_KEY_FIELDS, FeatureStore
 
     cfg = config or HeadConfig()
     head = make_head(cfg.head, **cfg.head_params())  # bad hyperparameters fail before any data is read
@@ -112,6 +114,15 @@ def fit_head(store_path: str | os.PathLike, out: str | os.PathLike, config: Head
     fit_kw: dict[str, Any] = {}
     if cfg.head in ("linear", "mlp") and len(val):
         fit_kw["eval_set"] = (X[val], y[val])
+    if cfg.views and not store.n_views:
+        raise ValueError(f"--views: store {store.path} has no augmented views (make a store with them: "
+                         "probe extract DATA --views K)")
+    if store.n_views and cfg.views is not False:
+        if cfg.head == "mlp":
+            fit_kw["views"] = store.views(rows=train)  # (n_train, K, D)
+        else:
+            log.info("the %s head ignores the store's %d augmented views per image (the mlp head trains on them)",
+                     cfg.head, store.n_views)
     head.fit(X[train], y[train], **fit_kw)
     fit_s = time.perf_counter() - t0
     class_names = [store.classes[i] for i in head.classes_]
@@ -134,6 +145,7 @@ def fit_head(store_path: str | os.PathLike, out: str | os.PathLike, config: Head
         "n_val": int(len(val)),
         "n_test": int(len(test)),
         "shots": cfg.shots,
+        "views": int(getattr(head, "n_views_", 0)),  # augmented views per training image the head trained on
         "seed": cfg.seed,
         "train_accuracy": float((head.predict(X[train]) == y[train]).mean()),
         "val": None,
@@ -155,8 +167,8 @@ def fit_head(store_path: str | os.PathLike, out: str | os.PathLike, config: Head
         summary["epochs_run"] = head.epochs_run_
     meta = {
         "class_names": class_names,
-        "config": store.config,
-        "config_key": store.attrs.get("config_key"),
+        "config": {k: v for k, v in store.config.items() if k not in OPTIONAL_KEY_FIELDS},  # the features' own
+        "config_key": store.feature_key,
         "store": str(store.path),
         "fit": {k: v for k, v in summary.items() if k not in ("sweep",)} | {"config": asdict(cfg)},
     }

@@ -3,6 +3,10 @@
 The seeds' few-shot head, trained on features instead of images: an epoch over 50k cached rows is a few
 milliseconds of matrix products, not a pass of the backbone. Training stops when the validation loss has not
 improved for ``patience`` epochs and the best epoch's weights are kept.
+
+Augmented views (``fit(X, y, views=V)``, V (N, K, D) from ``probe extract --views K``): every epoch each training
+row is drawn uniformly among its centre vector and its K views, so the head sees K + 1 crops of each image over
+its epochs at the cost of cached features; validation and early stopping use the centre vectors only.
 """
 
 from __future__ import annotations
@@ -22,6 +26,15 @@ from .features import apply_norm, check_X, stratified_holdout
 log = logging.getLogger(__name__)
 
 
+def pick_rows(Z: torch.Tensor, V: torch.Tensor, idx: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of the centre vectors Z (N, D), each replaced by its view ``choice - 1`` of V (N, K, D) where
+    ``choice`` > 0 (0 keeps the centre).  -> (B, D)"""
+    x = Z[idx]  # a copy: advanced indexing
+    m = choice > 0
+    x[m] = V[idx[m], choice[m] - 1]
+    return x
+
+
 def build_mlp(dim: int, hidden: tuple[int, ...], n_classes: int, dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
     for h in hidden:
@@ -39,10 +52,12 @@ class MLPHead(Head):
     ``balanced`` class weights in the loss; ``holdout``/``seed`` for the validation split when ``fit`` gets no
     ``eval_set``; ``device``.
 
-    Fitted: ``weights_`` (parameter name -> array), ``best_epoch_``, ``val_loss_``, ``val_accuracy_``.
+    Fitted: ``weights_`` (parameter name -> array), ``best_epoch_``, ``val_loss_``, ``val_accuracy_``,
+    ``n_views_`` (augmented views per row the fit drew from; 0: none).
 
     Example:
         >>> MLPHead(hidden=(512,)).fit(X, y, eval_set=(X_val, y_val)).predict(X_test)
+        >>> MLPHead().fit(X, y, eval_set=(X_val, y_val), views=V)     # V (N, K, D): K augmented views per row
     """
 
     kind = "mlp"
@@ -64,7 +79,9 @@ class MLPHead(Head):
         self.seed = seed
         self.device = device
 
-    def fit(self, X, y, sample_weight=None, eval_set=None) -> MLPHead:
+    def fit(self, X, y, sample_weight=None, eval_set=None, views=None) -> MLPHead:
+        """Train on X (N, D), y (N,); ``views`` (N, K, D): augmented views of X's rows, drawn from with the centre
+        vectors (normalised with the centre statistics). Validation: ``eval_set``, else a seeded holdout."""
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if any(int(h) < 1 for h in self.hidden):
@@ -73,11 +90,17 @@ class MLPHead(Head):
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         t0 = time.perf_counter()
         X, y = np.asarray(X, np.float32), np.asarray(y)
+        V = None if views is None else self._check_views(views, X)  # (N, K, D) or None
         if eval_set is None:
             tr, ho = stratified_holdout(y, self.holdout, self.seed)
             eval_set = (X[ho], y[ho])
             X, y = X[tr], y[tr]
+            V = V[tr] if V is not None else None
         Z, yi = self._start_fit(X, y)
+        self.n_views_ = 0 if V is None else V.shape[1]
+        if V is not None:  # normalised with the statistics of the centre vectors, like any input at predict time
+            n, k, d = V.shape
+            V = apply_norm(V.reshape(n * k, d), self.norm_).reshape(n, k, d)
         Xv, yv_raw = eval_set
         Zv = apply_norm(check_X(Xv, self.n_features_in_), self.norm_)
         unknown = np.setdiff1d(np.asarray(yv_raw), self.classes_)
@@ -91,6 +114,7 @@ class MLPHead(Head):
         loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(cw, dtype=torch.float32, device=dev))
         Zt, yt = torch.from_numpy(Z).to(dev), torch.from_numpy(yi).to(dev)
         Zvt, yvt = torch.from_numpy(Zv).to(dev), torch.from_numpy(yv).to(dev)
+        Vt = torch.from_numpy(V).to(dev) if V is not None else None  # (N, K, D)
         with torch.random.fork_rng(devices=[]):  # seeded init, shuffling and dropout without touching global state
             torch.manual_seed(self.seed)
             net = build_mlp(Z.shape[1], tuple(int(h) for h in self.hidden), K, self.dropout).to(dev)
@@ -99,10 +123,13 @@ class MLPHead(Head):
             for epoch in range(int(self.epochs)):
                 net.train()
                 order = torch.randperm(len(Zt), device=dev)
+                if Vt is not None:  # this epoch's input per row: 0 its centre vector, k its view k - 1
+                    choice = torch.randint(0, self.n_views_ + 1, (len(Zt),), device=dev)
                 for s in range(0, len(Zt), self.batch_size):
                     idx = order[s: s + self.batch_size]
                     opt.zero_grad()
-                    loss_fn(net(Zt[idx]), yt[idx]).backward()
+                    xb = Zt[idx] if Vt is None else pick_rows(Zt, Vt, idx, choice[idx])  # (B, D)
+                    loss_fn(net(xb), yt[idx]).backward()
                     opt.step()
                 net.eval()
                 with torch.no_grad():
@@ -120,9 +147,20 @@ class MLPHead(Head):
         self.val_loss_ = best_loss
         self.val_accuracy_ = float((self._proba(Zv).argmax(1) == yv).mean())
         self.fit_seconds_ = time.perf_counter() - t0
-        log.info("mlp: best epoch %d of %d, val loss %.4f, val accuracy %.4f", best_epoch, epoch + 1, best_loss,
-                 self.val_accuracy_)
+        log.info("mlp: best epoch %d of %d, val loss %.4f, val accuracy %.4f%s", best_epoch, epoch + 1, best_loss,
+                 self.val_accuracy_, f" ({self.n_views_} augmented views per row)" if self.n_views_ else "")
         return self
+
+    @staticmethod
+    def _check_views(views, X: np.ndarray) -> np.ndarray | None:
+        V = np.asarray(views, np.float32)
+        d = X.shape[1] if X.ndim == 2 else "D"
+        if V.ndim != 3 or len(V) != len(X) or (X.ndim == 2 and V.shape[2] != X.shape[1]):
+            raise ValueError(f"views must have shape ({len(X)}, K, {d}): K augmented views of each row of X, "
+                             f"got {V.shape}")
+        if not np.isfinite(V).all():
+            raise ValueError(f"views contain {int((~np.isfinite(V)).sum())} NaN/inf values")
+        return V if V.shape[1] else None
 
     def _net(self) -> nn.Sequential:
         K = len(self.classes_)

@@ -448,7 +448,7 @@ class SearchIndex:
             "target_recall": cfg.target_recall, "tuning": tuned["tried"], "trained_on": ntrain,
             "build_seconds": round(time.perf_counter() - t0, 3), "config": asdict(cfg),
             "store": str(Path(store.path).resolve()), "store_config": store.config,
-            "config_key": store.attrs.get("config_key"), "root": str(store.attrs.get("root", "")),
+            "config_key": store.feature_key, "root": str(store.attrs.get("root", "")),
             "classes": list(store.classes), "paths": store.paths().tolist(), "labels": store.labels().tolist(),
             "created": now, "updated": now,
         }
@@ -456,7 +456,7 @@ class SearchIndex:
 
     def check_store(self, store: FeatureStore) -> None:
         """Raise IndexMismatchError, naming the differing fields, when ``store`` has another backbone config."""
-        if store.attrs.get("config_key") == self.meta["config_key"]:
+        if store.feature_key == self.meta["config_key"]:
             return
         diffs = [f"{k}: index has {self.config.get(k)!r}, store {store.attrs.get(k)!r}"
                  for k in KEY_FIELDS if self.config.get(k) != store.attrs.get(k)]

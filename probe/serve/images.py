@@ -15,13 +15,13 @@ from ..data import TooManyPixels, decode
 from .errors import BadImage, NotAnImage, TooLarge
 
 
-def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+def decode_upload(data: bytes, max_pixels: int, draft: int | None = None) -> Image.Image:
     """Decode an uploaded file to RGB, or raise: BadImage (empty, truncated, corrupt), NotAnImage (unknown
     format), TooLarge (more than ``max_pixels`` pixels, refused before the pixels are decoded)."""
     if not data:
         raise BadImage("the upload is empty (0 bytes): expected an image file (JPEG, PNG, WebP, …)")
     try:
-        return decode(io.BytesIO(data), max_pixels)
+        return decode(io.BytesIO(data), max_pixels, draft)
     except TooManyPixels as e:
         raise TooLarge(f"the image is {e.width}x{e.height} = {e.width * e.height} pixels; this server accepts at "
                        f"most {max_pixels} (--max-pixels)") from None

@@ -31,7 +31,7 @@ from ..heads.base import Head
 from ..heads.io import load_head
 from ..search.index import IndexConfig, SearchIndex, check_k
 from ..search.query import search_index
-from ..store import FeatureStore, config_key
+from ..store import FeatureStore, config_key, feature_key
 from .batching import MicroBatcher
 from .errors import NotFound, TooLarge, available
 from .fewshot_sets import FewShotSets
@@ -150,7 +150,7 @@ class Service:
         if len(data) > self.config.max_upload_bytes:
             raise TooLarge(f"the upload is {len(data) / 2**20:.1f} MB; this server accepts at most "
                            f"{self.config.max_upload_mb:g} MB (--max-upload-mb)")
-        img = decode_upload(data, self.config.max_pixels)
+        img = decode_upload(data, self.config.max_pixels, self.embedder.draft)
         return self.embedder.preprocess(img)  # (H, W, 3) uint8, or (3, H, W) float on the PIL path
 
     async def embed_vector(self, data: bytes) -> np.ndarray:
@@ -266,15 +266,15 @@ def load_service(config: ServeConfig) -> Service:
     sources: dict[str, str] = {}
     opened = {name: FeatureStore(path) for name, path in stores.items()}  # attributes only: cheap
     for name, st in opened.items():
-        identities.append((f"store {stores[name]}", st.config, st.attrs.get("config_key") or config_key(st.config)))
+        identities.append((f"store {stores[name]}", st.config, st.feature_key))
     for name, path in index_files.items():
         idx = SearchIndex.load(path)
-        identities.append((f"index {path}", idx.config, idx.meta.get("config_key") or config_key(idx.config)))
+        identities.append((f"index {path}", idx.config, idx.meta.get("config_key") or feature_key(idx.config)))
         indexes[name], sources[name] = idx, str(path)
     heads: dict[str, tuple[Head, list[str], Path]] = {}
     for name, path in head_files.items():
         head, meta = load_head(path)
-        identities.append((f"head {path}", meta["config"], meta.get("config_key") or config_key(meta["config"])))
+        identities.append((f"head {path}", meta["config"], meta.get("config_key") or feature_key(meta["config"])))
         heads[name] = (head, class_names(head, meta), path)
 
     if identities:
