@@ -215,6 +215,22 @@ def test_fit_head_uses_views_for_mlp_only(views_store, tmp_path, caplog):
         fit_head(plain, tmp_path / "q.safetensors", HeadConfig(head="mlp", views=True))
 
 
+def test_heads_and_indexes_of_a_views_store_serve_the_same_data_without_views(views_store, tmp_path):
+    """Views are an extra dataset: the centre features, and so heads and indexes, are those of a plain store."""
+    from probe.heads.evaluate import evaluate
+    from probe.search.index import IndexConfig, SearchIndex
+
+    plain = extract(FeatureStore(views_store).root, tmp_path / "plain.h5", tiny_config())["store"]
+    head = tmp_path / "h.safetensors"
+    fit_head(views_store, head, HeadConfig(head="mlp", epochs=3, hidden=(16,)))
+    assert evaluate(plain, head, split="test")["n"] == 12  # no "another backbone configuration" refusal
+    idx = SearchIndex.build(FeatureStore(views_store), IndexConfig(type="flat"))
+    idx.check_store(FeatureStore(plain))  # an index of one serves the other
+    other = extract(FeatureStore(views_store).root, tmp_path / "hflip.h5", tiny_config(tta="hflip"))["store"]
+    with pytest.raises(ValueError, match="another backbone configuration"):
+        evaluate(other, head, split="test")
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 def test_cli_extract_info_and_fit_head_report_views(tmp_path):
     root = make_imagefolder(tmp_path / "d", per_class=3)
