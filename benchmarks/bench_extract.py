@@ -54,17 +54,18 @@ def make_photos(root: Path, n: int, seed: int = 0) -> Path:
 
 
 SEED_WORKERS = 2  # the seeds' DataLoader(num_workers=2)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # all three on the same device: GPU figures where there is one
 
 
 def pure_forward(backbone: str, n: int, batch: int, dtype: str) -> float:
     """(a) images/s of the model alone on tensors already decoded and preprocessed, probe's device settings."""
-    emb = Embedder(create_backbone(backbone), device="cpu", dtype=dtype)
+    emb = Embedder(create_backbone(backbone), device=DEVICE, dtype=dtype)
     crop = emb.backbone.preprocess["crop"]
-    x = torch.randn(batch, 3, crop, crop).contiguous(memory_format=torch.channels_last)  # already in its layout
-    emb(x)  # warm-up
+    x = torch.randn(batch, 3, crop, crop, device=emb.device).contiguous(memory_format=torch.channels_last)
+    emb(x)  # warm-up; already on the device, in its layout
     with timer() as t:
         for _ in range(max(1, min(n, 512) // batch)):
-            emb(x)
+            emb(x)  # returns host numpy: synchronises like extract does
     return max(1, min(n, 512) // batch) * batch / t["s"]
 
 
@@ -75,17 +76,17 @@ def seeds_loop(data: Path, backbone: str, batch: int, workers: int) -> float:
     bb = create_backbone(backbone)
     ds = datasets.ImageFolder(str(data), transform=bb.transform)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers)
-    model = bb.model.eval()
+    model = bb.model.eval().to(DEVICE)
     feats = []
     with timer() as t, torch.no_grad():
         for x, _ in loader:
-            feats.append(model(x).numpy())
+            feats.append(model(x.to(DEVICE)).cpu().numpy())
     return len(ds) / t["s"]
 
 
 def probe_extract(data: Path, out: Path, backbone: str, batch: int, workers: int, pixels: str = "uint8") -> dict:
     """End to end, as `probe extract` runs: model creation, listing, decoding, forward, journal and store."""
-    cfg = ExtractConfig(backbone=backbone, batch_size=batch, workers=workers, pixels=pixels)
+    cfg = ExtractConfig(backbone=backbone, batch_size=batch, workers=workers, pixels=pixels, device=DEVICE)
     out.unlink(missing_ok=True)
     with timer() as t:
         s = extract(data, out, cfg)
@@ -130,7 +131,7 @@ def main() -> None:
         small = make_photos(tmp / "photos-quarter", args.images // 4, seed=1)
         from probe.extract import resolve_device, resolve_dtype
 
-        dtype = resolve_dtype("auto", resolve_device("auto"))
+        dtype = resolve_dtype("auto", resolve_device(DEVICE))
         forward = forward_before = pure_forward(args.backbone, args.images, args.batch_size, dtype)
         forward_fp32 = pure_forward(args.backbone, args.images, args.batch_size, "float32")
         seeds = seeds_loop(data, args.backbone, args.seed_batch_size, workers=SEED_WORKERS)
@@ -143,7 +144,8 @@ def main() -> None:
         forward = (forward + forward_after) / 2  # the machine's speed drifts: bracket the extract runs
         mem_small = peak_memory(small, tmp / "m1.h5", args.backbone, auto)
         mem_big = peak_memory(data, tmp / "m4.h5", args.backbone, auto)
-    write_result("extract", {
+    write_result("extract" if DEVICE == "cpu" else "extract_gpu", {
+        "device": DEVICE,
         "backbone": args.backbone,
         "images": args.images,
         "image_size": "500x375 JPEG",
