@@ -27,6 +27,7 @@ import socket
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +72,10 @@ class Backbone:
     weights_sha256: str = ""  # checksum of the loaded state dict (the backbone part)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def pixels(self) -> PixelTransform | None:
         """``transform``'s resize and crop on uint8 tensors (None where it has steps that have no such form)."""
-        if not hasattr(self, "_pixels"):
-            self._pixels = PixelTransform.from_transform(self.transform)
-        return self._pixels
+        return PixelTransform.from_transform(self.transform)
 
     def identity(self) -> dict[str, Any]:
         """What a store or head records to refuse features from another backbone."""
@@ -149,11 +148,17 @@ class PixelTransform:
                 return 2 * (size if isinstance(size, int) else max(size))
         return None
 
-    def __call__(self, img) -> torch.Tensor:  # PIL RGB -> (H, W, 3) uint8
+    @staticmethod
+    def chw(img) -> torch.Tensor:
+        """PIL RGB -> (3, H, W) uint8, a view of HWC memory (the layout torch's uint8 resize kernels prefer)."""
         import numpy as np
+
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+    def __call__(self, img) -> torch.Tensor:  # PIL RGB -> (H, W, 3) uint8
         from torchvision.transforms.v2 import functional as F  # v2: native uint8 kernels (v1 casts to float)
 
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W) view of HWC memory
+        x = self.chw(img)
         for kind, kw in self.steps:
             x = F.resize(x, **kw) if kind == "resize" else F.center_crop(x, kw["size"])
         return x.permute(1, 2, 0).contiguous()

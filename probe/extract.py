@@ -311,7 +311,7 @@ class ViewTransform:
     def __call__(self, img, key: str) -> torch.Tensor:  # PIL RGB -> (K, H, W, 3) uint8
         from torchvision.transforms.v2 import functional as F  # v2: native uint8 kernels (v1 casts to float)
 
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W) view of HWC memory
+        x = PixelTransform.chw(img)  # (3, H, W)
         views = []
         for k in range(self.count):
             top, left, h, w, flip = self.params(key, k, x.shape[1], x.shape[2])
@@ -377,7 +377,7 @@ def cache_dir() -> Path:
 def default_store_path(ds: Dataset, backbone: str, key: str) -> Path:
     """cache/<dataset>-<hash of its path>.<backbone>.<config key>.h5: a new configuration gets a new file.
     The dataset is what DATA named: a folder, or a CSV manifest (two manifests in one folder get two stores)."""
-    src = ds.source or ds.root
+    src = ds.source
     name = src.stem if src != ds.root else src.name
     slug = (name or "data") + "-" + hashlib.sha1(str(src).encode()).hexdigest()[:6]
     return cache_dir() / f"{slug}.{backbone.replace('/', '_')}.{key[:8]}.h5"

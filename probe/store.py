@@ -67,11 +67,16 @@ def config_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def feature_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The configuration of the ``features`` alone. Augmented views are an extra dataset that leaves the features
+    as they are, so heads and indexes record this (and ``feature_key``): one made from a store with views serves
+    the same data's store without them, and the other way round."""
+    return {k: v for k, v in config.items() if k not in OPTIONAL_KEY_FIELDS}
+
+
 def feature_key(config: dict[str, Any]) -> str:
-    """``config_key`` of the ``features`` alone. Augmented views are an extra dataset that leaves the features as
-    they are, so heads and indexes record this key: one made from a store with views serves the same data's store
-    without them, and the other way round."""
-    return config_key({k: v for k, v in config.items() if k not in OPTIONAL_KEY_FIELDS})
+    """``config_key`` of ``feature_config(config)``."""
+    return config_key(feature_config(config))
 
 
 def _attr(v: Any) -> Any:

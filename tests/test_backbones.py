@@ -214,7 +214,7 @@ def test_transform_without_a_uint8_form_keeps_the_pil_path():
     assert PixelTransform.from_transform(odd) is None
     bb = create_backbone("timm/test_vit", "random")
     bb.transform = odd
-    bb.__dict__.pop("_pixels", None)
+    bb.__dict__.pop("pixels", None)  # drop a cached uint8 form of the old transform (cached_property)
     emb = Embedder(bb, device="cpu", dtype="float32")
     assert emb.pixels is None and "pixels" not in emb.config["preprocess"]
     assert emb.embed_images([Image.new("RGB", (50, 60))]).shape == (1, bb.dim)

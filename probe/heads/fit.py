@@ -94,7 +94,7 @@ def labelled_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
 def fit_head(store_path: str | os.PathLike, out: str | os.PathLike, config: HeadConfig | None = None
              ) -> dict[str, Any]:
     """Fit the head of ``config`` on a store, report validation/test metrics, save it to ``out``; returns a summary."""
-    from probe.store import OPTIONAL_KEY_FIELDS, FeatureStore
+    from probe.store import FeatureStore, feature_config
 
     cfg = config or HeadConfig()
     head = make_head(cfg.head, **cfg.head_params())  # bad hyperparameters fail before any data is read
@@ -167,7 +167,7 @@ def fit_head(store_path: str | os.PathLike, out: str | os.PathLike, config: Head
         summary["epochs_run"] = head.epochs_run_
     meta = {
         "class_names": class_names,
-        "config": {k: v for k, v in store.config.items() if k not in OPTIONAL_KEY_FIELDS},  # the features' own
+        "config": feature_config(store.config),
         "config_key": store.feature_key,
         "store": str(store.path),
         "fit": {k: v for k, v in summary.items() if k not in ("sweep",)} | {"config": asdict(cfg)},
