@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import traceback
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -30,20 +32,39 @@ def emit(obj: Any, as_json: bool, text: Callable[[Any], str]) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str) if as_json else text(obj))
 
 
+FLAGS = {"shots": "--shots", "n_Cs": "--n-cs", "batch_size": "--batch-size", "max_pixels": "--max-pixels"}
+"""Library parameter names that appear in messages, and the flag a CLI user types instead."""
+
+
+def as_flags(message: str) -> str:
+    """The library names its parameters (``shots``); the CLI user typed flags (``--shots``)."""
+    for name, flag in FLAGS.items():
+        message = re.sub(rf"(?<![\w-])`?{name}`?(?=\b)", flag, message)
+    return message
+
+
 def handles_errors(fn: Callable) -> Callable:
-    """User-facing errors (bad data, backbone, store, value) -> one clear line on stderr and exit code 1."""
+    """User-facing errors (``ProbeError``: bad data, backbone, store, value) -> one clear line on stderr and exit
+    code 1. Anything else is a bug in probe: its traceback is shown, with a line asking to report it."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        from probe.errors import USER_ERRORS
+        from probe.errors import ProbeError
 
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            typer.echo(f"error: {e}", err=True)
+        except ProbeError as e:
+            typer.echo(f"error: {as_flags(str(e))}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: finished work is kept; re-run the same command to resume", err=True)
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception:
+            typer.echo(traceback.format_exc().rstrip(), err=True)
+            typer.echo("this is a bug in probe, not in your input: please report it with the traceback above",
+                       err=True)
+            raise typer.Exit(2) from None
 
     return wrapper

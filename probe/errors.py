@@ -1,11 +1,33 @@
-"""The exceptions a user can cause (bad data, names, files, values): the CLI and the service turn these into a
-clear message (exit code 1 / HTTP 4xx); anything else is a bug and keeps its traceback."""
+"""The one base of every error a user can cause (bad data, names, files, values, mismatched artefacts).
+
+The CLI prints a ``ProbeError`` as one line and exits 1, the service answers it with a 4xx; any other exception is
+a bug in probe and keeps its traceback. ``ProbeError`` is a ``ValueError``, so scikit-learn's tools (and callers
+that caught ``ValueError`` before) treat a bad value as they expect. Messages name the library's parameters
+(``shots``); the CLI maps them to its flags (``--shots``).
+"""
 
 from __future__ import annotations
 
-from .backbones import BackboneError
-from .data import DatasetError
-from .store import StoreError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (BackboneError, DatasetError, StoreError, ValueError,
-                                                FileNotFoundError)
+class ProbeError(ValueError):
+    """A user-facing error: its message says what was wrong (the file or value) and what was expected."""
+
+
+class DatasetError(ProbeError):
+    """DATA cannot be read as a dataset (no images, unknown layout, a bad manifest)."""
+
+
+class BackboneError(ProbeError):
+    """A backbone name, weights or checkpoint that cannot be used."""
+
+
+class StoreError(ProbeError):
+    """A feature store that cannot be read or written as asked."""
+
+
+class IndexMismatchError(ProbeError):
+    """A search index and what it is used with (a store's rows, query vectors) do not belong together."""
+
+
+class MissingFileError(ProbeError, FileNotFoundError):
+    """A file or folder the user named does not exist (also a FileNotFoundError, for callers that catch that)."""

@@ -24,7 +24,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, BackboneError, PixelTransform, create_backbone
 from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, fingerprint, load_image, to_rgb
+from .errors import ProbeError
+from .identity import FeatureIdentity, Side
 from .shard import parse_shard, shard_path, take_shard
-from .store import FeatureStore, Journal, check_compatible, config_key, locked, write_store
+from .store import FeatureStore, Journal, locked, write_store
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +68,17 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:  # cheap checks first: a bad option fails before any model loads
         if self.tta not in TTA_MODES:
-            raise ValueError(f"unknown TTA {self.tta!r}: expected one of {', '.join(TTA_MODES)}")
+            raise ProbeError(f"unknown TTA {self.tta!r}: expected one of {', '.join(TTA_MODES)}")
         if self.pixels not in PIXEL_PATHS:
-            raise ValueError(f"unknown pixel path {self.pixels!r}: expected one of {', '.join(PIXEL_PATHS)}")
+            raise ProbeError(f"unknown pixel path {self.pixels!r}: expected one of {', '.join(PIXEL_PATHS)}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+            raise ProbeError(f"unknown dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+            raise ProbeError(f"batch size must be >= 1, got {self.batch_size}")
         if self.views < 0:
-            raise ValueError(f"--views must be >= 0 augmented views per image, got {self.views}")
+            raise ProbeError(f"--views must be >= 0 augmented views per image, got {self.views}")
         if self.views and self.pixels == "pil":
-            raise ValueError(f"--views {self.views} makes its views on uint8 tensors: it needs --pixels uint8, "
+            raise ProbeError(f"--views {self.views} makes its views on uint8 tensors: it needs --pixels uint8, "
                              "not --pixels pil")
         resolve_device(self.device)
         parse_shard(self.shard)
@@ -86,9 +88,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available on this machine (use cpu or auto)")
+        raise ProbeError(f"--device {device}: no CUDA device is available on this machine (use cpu or auto)")
     if device.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {device!r}: expected auto, cpu or cuda")
+        raise ProbeError(f"unknown device {device!r}: expected auto, cpu or cuda")
     return torch.device(device)
 
 
@@ -101,7 +103,7 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise ProbeError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if dtype != "auto":
         return dtype
     if device.type == "cuda":
@@ -121,9 +123,9 @@ class Embedder:
     def __init__(self, backbone: Backbone, device: str = "auto", dtype: str = "auto", tta: str = "none",
                  channels_last: bool = True, pixels: str = "uint8"):
         if tta not in TTA_MODES:
-            raise ValueError(f"unknown TTA {tta!r}: expected one of {', '.join(TTA_MODES)}")
+            raise ProbeError(f"unknown TTA {tta!r}: expected one of {', '.join(TTA_MODES)}")
         if pixels not in PIXEL_PATHS:
-            raise ValueError(f"unknown pixel path {pixels!r}: expected one of {', '.join(PIXEL_PATHS)}")
+            raise ProbeError(f"unknown pixel path {pixels!r}: expected one of {', '.join(PIXEL_PATHS)}")
         self.backbone = backbone
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -137,12 +139,17 @@ class Embedder:
         self._lock = threading.Lock()  # the buffer is shared: one batch at a time (the CPU runs one anyway)
 
     @property
-    def config(self) -> dict[str, Any]:
+    def identity(self) -> FeatureIdentity:
         """Everything that changes the numbers: the store's cache key is a hash of this."""
         ident = self.backbone.identity()
         if self.pixels is not None:  # recorded only when used: stores made by the PIL path keep their key
             ident["preprocess"] = {**ident["preprocess"], "pixels": "uint8"}
-        return {**ident, "pooling": "penultimate", "tta": self.tta, "dtype": self.dtype}
+        return FeatureIdentity(**ident, pooling="penultimate", tta=self.tta, dtype=self.dtype)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``identity`` as recorded in files."""
+        return self.identity.to_dict()
 
     @property
     def draft(self) -> int | None:
@@ -225,16 +232,10 @@ def embedder_for(attrs: dict[str, Any], device: str = "auto") -> Embedder:
     bb = create_backbone(attrs["backbone"], weights_arg(attrs["weights"]))
     emb = Embedder(bb, device=device, dtype=attrs.get("dtype", "float32"), tta=attrs.get("tta", "none"),
                    pixels=(attrs.get("preprocess") or {}).get("pixels", "pil"))
-    for k in ("weights_sha256", "preprocess"):
-        want, have = attrs.get(k), emb.config[k]
-        if isinstance(want, dict):  # ignore library-version-only fields of the recorded preprocessing
-            want, have = {k2: v for k2, v in want.items() if k2 != "timm"}, {
-                k2: v for k2, v in have.items() if k2 != "timm"}
-        if want != have:
-            raise BackboneError(
-                f"the backbone {attrs['backbone']} ({attrs['weights']}) available now differs from the one recorded "
-                f"({k}: recorded {want!r}, now {have!r}); its features would not be comparable"
-            )
+    FeatureIdentity.from_config(attrs).check(
+        emb.identity, mine=Side("recorded", verb=""), theirs=f"the backbone {attrs['backbone']} available now", features_only=True,
+        ignore_versions=True, fix="The backbone available now differs from the one recorded: restore those weights "
+        "or extract the features again with the weights you have.")
     return emb
 
 
@@ -263,7 +264,7 @@ class ViewTransform:
         from torchvision.transforms import InterpolationMode
 
         if count < 1:
-            raise ValueError(f"views per image must be >= 1, got {count}")
+            raise ProbeError(f"views per image must be >= 1, got {count}")
         self.count, self.scale, self.ratio, self.flip = count, scale, ratio, flip
         resize = next((kw for kind, kw in pixels.steps if kind == "resize"), {})
         size = next((kw["size"] for kind, kw in reversed(pixels.steps) if kind == "crop"), None)
@@ -407,24 +408,24 @@ def extract(data: str | os.PathLike, out: str | os.PathLike | None = None, confi
     emb = Embedder(backbone or create_backbone(cfg.backbone, cfg.weights), device, cfg.dtype, cfg.tta,
                    cfg.channels_last, cfg.pixels)
     views = None
-    store_cfg = emb.config
+    identity = emb.identity
     if cfg.views:
         if emb.pixels is None:
             raise BackboneError(f"--views {cfg.views}: augmented views are made on uint8 tensors, and the "
                                 f"transform of {emb.backbone.name} has no uint8 form ({emb.backbone.transform!r})")
         views = ViewTransform(emb.pixels, cfg.views)
-        store_cfg = {**store_cfg, "views": {"count": cfg.views, "augment": views.recipe}}  # a key of its own
-    key = config_key(store_cfg)
+        identity = replace(identity, views={"count": cfg.views, "augment": views.recipe})  # a key of its own
+    key = identity.key
     out = Path(out) if out else default_store_path(ds, emb.backbone.name, key)
     if shard:
         ds, out = take_shard(ds, shard), shard_path(out, shard)
         log.info("shard %d/%d: %d files -> %s", *shard, len(ds), out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out):
-        return _extract_locked(ds, emb, store_cfg, key, out, cfg, progress, shard, views)
+        return _extract_locked(ds, emb, identity, out, cfg, progress, shard, views)
 
 
-def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, progress: bool,
+def _extract_locked(ds, emb, identity: FeatureIdentity, out: Path, cfg: ExtractConfig, progress: bool,
                     shard: tuple[int, int] | None = None, views: ViewTransform | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     stored: dict[str, str] = {}
@@ -432,9 +433,11 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
     old_skipped: dict[str, tuple[str, str]] = {}  # path -> (fingerprint, reason) recorded by earlier runs
     old_classes: list[str] = []
     created = None
+    key = identity.key
     if out.exists():
-        check_compatible(out, store_cfg)
         old = FeatureStore(out)
+        old.identity.check(identity, mine=Side("store", str(out)), theirs="this run", fix="Use another --out "
+                           "(the default path is keyed by configuration) or delete the old store.")
         old_paths = old.paths()
         stored = dict(zip(old_paths, old.fingerprints()))
         stored_meta = dict(zip(old_paths, zip(old.labels().tolist(), old.splits().tolist())))
@@ -534,7 +537,7 @@ def _extract_locked(ds, emb, store_cfg, key, out: Path, cfg: ExtractConfig, prog
     skipped.update({p: (fp, old_reason) for p, (fp, old_reason) in old_skipped.items()
                     if p in in_ds and fp == fps[in_ds[p]] and p not in skipped and p not in new})
     attrs = {
-        **store_cfg,
+        **identity.to_dict(),
         "config_key": key,
         "classes": classes,
         "root": str(ds.root),

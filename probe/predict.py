@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .data import images_in
+from .errors import MissingFileError, ProbeError
 from .heads.io import load_head
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,9 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
         elif p.exists():
             files.append(str(p))
         else:
-            raise FileNotFoundError(f"no such image or folder: {str(p)!r}")
+            raise MissingFileError(f"no such image or folder: {str(p)!r}")
     if not files:
-        raise ValueError("no images given: pass image files or folders")
+        raise ProbeError("no images given: pass image files or folders")
     return files
 
 
@@ -46,14 +47,14 @@ def predict(inputs: Sequence[str | os.PathLike], head_path: str | os.PathLike, t
     from .extract import embedder_for
 
     if top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+        raise ProbeError(f"--top-k must be >= 1, got {top_k}")
     files = list_images(inputs)
     head, meta = load_head(head_path)
     names = meta["class_names"]
     emb = embedder_for(meta["config"], device=device)
     feats, ok, bad = emb.embed_files(files, batch_size)  # (n_ok, D)
     if feats.shape[1] != head.n_features_in_:
-        raise ValueError(f"the backbone gives {feats.shape[1]}-d features, the head expects {head.n_features_in_}")
+        raise ProbeError(f"the backbone gives {feats.shape[1]}-d features, the head expects {head.n_features_in_}")
     for b in bad:
         log.warning("skipped %s: %s", b["path"], b["reason"])
     proba = head.predict_proba(feats) if len(ok) else np.zeros((0, len(names)), np.float32)  # (n_ok, C)

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .data import Dataset
-from .store import FeatureStore, StoreError, config_key, write_store
+from .errors import ProbeError
+from .identity import Side
+from .store import FeatureStore, StoreError, write_store
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
         return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
     m = _SHARD_RE.match(text.strip())
     if not m or not int(m.group(1)) < int(m.group(2)):
-        raise ValueError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+        raise ProbeError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -65,11 +67,10 @@ def merge(shards: Sequence[str | os.PathLike], out: str | os.PathLike, allow_mis
     and a path present in two shards."""
     stores = [FeatureStore(p) for p in shards]
     if not stores:
-        raise ValueError("no shard stores given to merge")
-    keys = {s.attrs.get("config_key") for s in stores}
-    if len(keys) != 1:
-        raise StoreError("shards were built with different configurations (config_key "
-                         + ", ".join(f"{s.path.name}: {str(s.attrs.get('config_key'))[:8]}" for s in stores) + ")")
+        raise StoreError("no shard stores given to merge")
+    for s in stores[1:]:
+        stores[0].identity.check(s.identity, mine=Side("shard", str(stores[0].path)), theirs=Side("shard", str(s.path)),
+                                 fix="Merge only the shards of one extraction (the same backbone and options).")
     roots = {s.attrs.get("root") for s in stores}
     if len(roots) != 1:
         raise StoreError(f"shards come from different datasets: {sorted(roots)}")
@@ -116,8 +117,7 @@ def merge(shards: Sequence[str | os.PathLike], out: str | os.PathLike, allow_mis
     out = Path(out)
     if out.exists():
         raise StoreError(f"{out} exists: merge writes a new store (delete it or choose another --out)")
-    if config_key(attrs) != attrs["config_key"]:
-        raise StoreError("internal: shard attributes do not reproduce their config_key")
+    assert stores[0].identity.key == attrs["config_key"], "shard attributes do not reproduce their config_key"
     write_store(out, attrs, rows, batches(), skipped, stores[0].dim, views=stores[0].n_views)
     merged = FeatureStore(out)
     return {"store": str(out), "count": merged.count, "dim": merged.dim, "views": merged.n_views,

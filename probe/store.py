@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import io
 import json
 import logging
@@ -43,40 +42,15 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .errors import StoreError
+from .identity import FeatureIdentity, IdentityMismatchError
+
+StoreMismatchError = IdentityMismatchError  # the name this error had when only stores were compared
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-KEY_FIELDS = ("backbone", "weights", "weights_sha256", "preprocess", "pooling", "tta", "dtype", "views")
-OPTIONAL_KEY_FIELDS = ("views",)  # hashed only when set: stores without augmented views keep their original key
 STR = h5py.string_dtype("utf-8")
-
-
-class StoreError(ValueError):
-    """A feature store that cannot be read or written as asked."""
-
-
-class StoreMismatchError(StoreError):
-    """The store was built with another backbone configuration: its rows must not be mixed with these."""
-
-
-def config_key(config: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of every field that changes the features (an optional field only when set)."""
-    fields = {k: config[k] if k not in OPTIONAL_KEY_FIELDS else config.get(k) for k in KEY_FIELDS}
-    payload = json.dumps({k: v for k, v in fields.items() if v or k not in OPTIONAL_KEY_FIELDS}, sort_keys=True,
-                         separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def feature_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The configuration of the ``features`` alone. Augmented views are an extra dataset that leaves the features
-    as they are, so heads and indexes record this (and ``feature_key``): one made from a store with views serves
-    the same data's store without them, and the other way round."""
-    return {k: v for k, v in config.items() if k not in OPTIONAL_KEY_FIELDS}
-
-
-def feature_key(config: dict[str, Any]) -> str:
-    """``config_key`` of ``feature_config(config)``."""
-    return config_key(feature_config(config))
 
 
 def _attr(v: Any) -> Any:
@@ -117,12 +91,13 @@ class FeatureStore:
 
     # ---- identity
     @property
-    def config(self) -> dict[str, Any]:
-        return {k: self.attrs.get(k) for k in KEY_FIELDS if k in self.attrs or k not in OPTIONAL_KEY_FIELDS}
+    def identity(self) -> FeatureIdentity:
+        """What made these features (backbone, weights, preprocessing, pooling, TTA, dtype, views)."""
+        return FeatureIdentity.from_config(self.attrs)
 
     @property
     def feature_key(self) -> str:
-        return feature_key(self.config)
+        return self.identity.feature_key
 
     @property
     def backbone(self) -> str:
@@ -231,20 +206,6 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, count={self.count}, dim={self.dim}, backbone={self.backbone!r})"
-
-
-def check_compatible(path: str | os.PathLike, config: dict[str, Any]) -> None:
-    """Raise StoreMismatchError naming every field where the store at ``path`` differs from ``config``."""
-    store = FeatureStore(path)
-    if store.attrs.get("config_key") == config_key(config):
-        return
-    diffs = [f"{k}: store has {store.attrs.get(k)!r}, this run {config.get(k)!r}"
-             for k in KEY_FIELDS if store.attrs.get(k) != config.get(k)]
-    raise StoreMismatchError(
-        f"{path} was built with a different backbone configuration; its features must not be mixed with these.\n  "
-        + "\n  ".join(diffs or ["config_key differs"])
-        + "\n  Use another --out (the default path is keyed by configuration) or delete the old store."
-    )
 
 
 # ------------------------------------------------------------------------------------------ locking
@@ -403,11 +364,11 @@ def write_store(
             f.attrs["created"] = now
         if views and "views" not in f:
             if old_index:  # the config key includes the views: a store without them is never extended with them
-                raise StoreError(f"internal: {path} has no views to extend with {views} views per row")
+                raise RuntimeError(f"internal: {path} has no views to extend with {views} views per row")
             f.create_dataset("views", shape=(0, views, dim), maxshape=(None, views, dim), dtype="f4",
                              chunks=_row_chunks(dim, views))
         if "views" in f and f["views"].shape[1:] != (views, dim):
-            raise StoreError(f"internal: {path} holds views of shape {f['views'].shape[1:]}, not {(views, dim)}")
+            raise RuntimeError(f"internal: {path} holds views of shape {f['views'].shape[1:]}, not {(views, dim)}")
         arrays = ["features"] + (["views"] if views else [])
         dropped = [p for p in old_index if p not in rows]
         if dropped:  # compaction: copy the kept rows, in their order, into fresh datasets
@@ -428,7 +389,7 @@ def write_store(
             if not hit:
                 continue
             if views and (len(vecs) < 2 or vecs[1] is None):
-                raise StoreError(f"internal: a batch without views for a store with {views} views per row")
+                raise RuntimeError(f"internal: a batch without views for a store with {views} views per row")
             r, j = map(list, zip(*hit))
             for ds, v in zip(targets, vecs):
                 if r == list(range(r[0], r[0] + len(r))):  # the usual case: a batch of appended rows, contiguous
@@ -439,7 +400,7 @@ def write_store(
             filled.update(order[ri] for ri in r)
         missing = set(appended if new is None else new) - filled
         if missing:
-            raise StoreError(f"internal: no features for {len(missing)} new rows, e.g. {next(iter(missing))!r}")
+            raise RuntimeError(f"internal: no features for {len(missing)} new rows, e.g. {next(iter(missing))!r}")
         fps, labels, splits = zip(*(rows[p] for p in order)) if order else ((), (), ())
         _replace_strings(f, "paths", order)
         _replace_strings(f, "fingerprints", fps)
@@ -478,13 +439,13 @@ def store_from_arrays(
     paths: list[str] | None = None,
     splits: list[str] | None = None,
     classes: list[str] | None = None,
-    config: dict[str, Any] | None = None,
+    config: dict[str, Any] | FeatureIdentity | None = None,
     root: str = "",
     views: np.ndarray | None = None,
 ) -> FeatureStore:
-    """Write a store from in-memory arrays (tests, benchmarks, merges). ``config`` holds the KEY_FIELDS;
-    missing ones get placeholder values marking the features as not made by a backbone. ``views``: optional
-    (N, K, D) augmented views of the rows.
+    """Write a store from in-memory arrays (tests, benchmarks, merges). ``config`` holds the identity's fields
+    (or is a FeatureIdentity); missing ones get placeholder values marking the features as not made by a
+    backbone. ``views``: optional (N, K, D) augmented views of the rows.
 
     Example:
         >>> store_from_arrays("cache/x.h5", np.random.rand(10, 4), np.arange(10) % 2, classes=["a", "b"])
@@ -495,7 +456,8 @@ def store_from_arrays(
     paths = paths if paths is not None else [f"row{i:08d}" for i in range(n)]
     splits = splits if splits is not None else [""] * n
     cfg = {"backbone": "arrays", "weights": "none", "weights_sha256": "", "preprocess": {}, "pooling": "none",
-           "tta": "none", "dtype": "float32", **(config or {})}
+           "tta": "none", "dtype": "float32",
+           **(config.to_dict() if isinstance(config, FeatureIdentity) else config or {})}
     k = 0
     if views is not None:
         views = np.asarray(views, dtype=np.float32)
@@ -506,8 +468,8 @@ def store_from_arrays(
     if not cfg.get("views"):
         cfg.pop("views", None)  # no views: the key and attributes of a store that never had them
     classes = classes if classes is not None else [str(c) for c in range(int(labels.max()) + 1 if n else 0)]
-    attrs = {**cfg, "config_key": config_key(cfg), "classes": classes, "root": root, "layout": "arrays",
-             "versions": {}, "device": "none"}
+    attrs = {**cfg, "config_key": FeatureIdentity.from_config(cfg).key, "classes": classes, "root": root,
+             "layout": "arrays", "versions": {}, "device": "none"}
     rows = {p: ("", int(y), s) for p, y, s in zip(paths, labels, splits)}
     if len(rows) != n:
         raise StoreError("paths must be unique")

@@ -276,9 +276,9 @@ def test_torn_journal_tail_is_ignored(tiny_folder, tmp_path):
     shutil.copy(out, tmp_path / "ref.h5")
     out.unlink()
     # a journal holding one finished batch and a torn record after it
-    from probe.store import config_key
+    from probe.identity import config_key
 
-    cfg = FeatureStore(tmp_path / "ref.h5").config
+    cfg = FeatureStore(tmp_path / "ref.h5").identity.to_dict()
     j.start({"config_key": config_key(cfg), "store": str(out)})
     ref = FeatureStore(tmp_path / "ref.h5")
     from probe.data import fingerprint

@@ -22,8 +22,9 @@ from probe.heads import mlp as mlp_module
 from probe.heads.features import apply_norm
 from probe.heads.fit import HeadConfig, fit_head
 from probe.heads.mlp import MLPHead
+from probe.identity import config_key
 from probe.shard import merge
-from probe.store import FeatureStore, Journal, StoreMismatchError, config_key, store_from_arrays
+from probe.store import FeatureStore, Journal, StoreMismatchError, store_from_arrays
 
 from .conftest import DEMO, TINY, make_image, make_imagefolder, tiny_config
 
@@ -120,10 +121,11 @@ def test_views_get_their_own_config_key_and_store(views_store, tmp_path, monkeyp
     assert with_views != without  # the default path carries the config key
     a, b = FeatureStore(with_views), FeatureStore(without)
     assert a.attrs["config_key"] != b.attrs["config_key"]
-    legacy = {k: b.config[k] for k in ("backbone", "weights", "weights_sha256", "preprocess", "pooling", "tta",
+    recorded = b.identity.to_dict()
+    legacy = {k: recorded[k] for k in ("backbone", "weights", "weights_sha256", "preprocess", "pooling", "tta",
                                        "dtype")}  # a store without views keeps the key it always had
     assert b.attrs["config_key"] == hashlib.sha256(
-        json.dumps(legacy, sort_keys=True, separators=(",", ":")).encode()).hexdigest() == config_key(b.config)
+        json.dumps(legacy, sort_keys=True, separators=(",", ":")).encode()).hexdigest() == config_key(recorded)
     with pytest.raises(StoreMismatchError, match="views"):
         extract(root, without, tiny_config(views=K))
     with pytest.raises(StoreMismatchError, match="views"):

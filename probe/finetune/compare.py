@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..data import discover
+from ..errors import ProbeError
 from .config import STRATEGIES, FinetuneConfig
 from .data import train_val_indices
 from .plots import plot_compare
@@ -39,7 +40,7 @@ def parse_strategies(text: str | list[str]) -> list[str]:
         return list(STRATEGIES)
     bad = [s for s in items if s not in STRATEGIES]
     if bad or not items:
-        raise ValueError(f"unknown strategies {bad or text!r}: expected a comma-separated list of "
+        raise ProbeError(f"unknown strategies {bad or text!r}: expected a comma-separated list of "
                          f"{', '.join(STRATEGIES)}, or 'all'")
     return list(dict.fromkeys(items))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..errors import ProbeError
+
 STRATEGIES = ("feature-extract", "full", "differential", "gradual")
 AUGMENTS = ("seeds", "randaugment", "none")
 OPTIMIZERS = ("adamw", "sgd")
@@ -42,24 +44,24 @@ class FinetuneConfig:
     def __post_init__(self) -> None:  # cheap checks first: a bad option fails before any model loads
         def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
             if value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(allowed)}")
+                raise ProbeError(f"unknown {name} {value!r}: expected one of {', '.join(allowed)}")
 
         one_of("strategy", self.strategy, STRATEGIES)
         one_of("augment", self.augment, AUGMENTS)
         one_of("optimizer", self.optimizer, OPTIMIZERS)
         for name, low in (("epochs", 1), ("batch_size", 1), ("unfreeze_every", 1), ("in_chans", 1)):
             if getattr(self, name) < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+                raise ProbeError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+            raise ProbeError(f"--lr must be > 0, got {self.lr}")
         if not self.lr_mult >= 1:
-            raise ValueError(f"--lr-mult must be >= 1 (the first group trains at lr / lr_mult), got {self.lr_mult}")
+            raise ProbeError(f"--lr-mult must be >= 1 (the first group trains at lr / lr_mult), got {self.lr_mult}")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+            raise ProbeError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ProbeError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_epochs < 0 or self.patience < 0:
-            raise ValueError("--weight-decay, --grad-clip, --warmup-epochs and --patience must be >= 0")
+            raise ProbeError("--weight-decay, --grad-clip, --warmup-epochs and --patience must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import ProbeError
 from ..extract import resolve_device
 
 log = logging.getLogger(__name__)
@@ -116,18 +117,18 @@ def distributed(device: str = "auto") -> Iterator[DistContext]:
         return
     for var in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
-            raise ValueError(f"WORLD_SIZE={world} but {var} is not set: start distributed fine-tuning with "
+            raise ProbeError(f"WORLD_SIZE={world} but {var} is not set: start distributed fine-tuning with "
                              f"`torchrun --nproc-per-node N -m probe finetune …`")
     local_rank = int(os.environ["LOCAL_RANK"])
     dev = resolve_device(device)
     if dev.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices: use "
+            raise ProbeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices: use "
                              f"--nproc-per-node <= {torch.cuda.device_count()} or --device cpu")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     elif dev.type != "cpu":
-        raise ValueError(f"--device {device}: distributed fine-tuning runs on cuda (NCCL) or cpu (gloo)")
+        raise ProbeError(f"--device {device}: distributed fine-tuning runs on cuda (NCCL) or cpu (gloo)")
     owned = not dist.is_initialized()
     if owned:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",

@@ -8,6 +8,8 @@ import logging
 import torch
 from torch import nn
 
+from ..errors import ProbeError
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +36,7 @@ def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d) and m.in_channels == 3:
             return name, m
-    raise ValueError(f"{type(model).__name__} has no 3-channel Conv2d to adapt for --in-chans")
+    raise ProbeError(f"{type(model).__name__} has no 3-channel Conv2d to adapt for --in-chans")
 
 
 def adapt_rgb_kernel(w: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -59,7 +61,7 @@ def adapt_first_conv(model: nn.Module, in_chans: int) -> nn.Module:
         return model
     name, conv = first_conv(model)
     if conv.groups != 1:
-        raise ValueError(f"cannot adapt {name} of {type(model).__name__} to {in_chans} channels: grouped convolution")
+        raise ProbeError(f"cannot adapt {name} of {type(model).__name__} to {in_chans} channels: grouped convolution")
     new = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                     bias=conv.bias is not None, padding_mode=conv.padding_mode)
     with torch.no_grad():

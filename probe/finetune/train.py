@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ..backbones import create_backbone
 from ..data import DatasetError, discover
+from ..errors import ProbeError
 from ..extract import default_workers
 from .config import RESUME_FREE, FinetuneConfig
 from .data import Images, collate, eval_transform, train_transform, train_val_indices
@@ -109,7 +110,7 @@ def _check_resume(saved: dict[str, Any], cfg: FinetuneConfig, run_dir: Path) -> 
     diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_FREE and saved.get(k) != now[k]}
     if diff:
         detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-        raise ValueError(f"--resume: {run_dir} was started with other settings ({detail}); resume with the same "
+        raise ProbeError(f"--resume: {run_dir} was started with other settings ({detail}); resume with the same "
                          f"options or choose another --out")
 
 
@@ -188,7 +189,7 @@ def _load_last(run_dir: Path, cfg: FinetuneConfig) -> dict[str, Any] | None:
             log.info("--resume: no last.pt in %s yet, starting from scratch", run_dir)
         return None
     if not cfg.resume:
-        raise ValueError(f"{run_dir} already holds a run (last.pt): pass --resume to continue it, "
+        raise ProbeError(f"{run_dir} already holds a run (last.pt): pass --resume to continue it, "
                          f"or choose another --out")
     saved = torch.load(last_path, map_location="cpu", weights_only=True)
     _check_resume(saved["config"], cfg, run_dir)
@@ -204,7 +205,7 @@ def _finetune(data: str | os.PathLike, run_dir: Path, cfg: FinetuneConfig, ctx: 
         found = (str(e), None)
     error, saved = ctx.from_main(found)
     if error:
-        raise ValueError(error)
+        raise ProbeError(error)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ProbeError
+
 log = logging.getLogger(__name__)
 
 
@@ -26,7 +28,7 @@ def metrics(y_true: np.ndarray, proba: np.ndarray, class_names: list[str]) -> di
     C = len(class_names)
     y_true = np.asarray(y_true, np.int64)
     if len(y_true) == 0:
-        raise ValueError("no labelled images to evaluate: got 0 rows")
+        raise ProbeError("no labelled images to evaluate: got 0 rows")
     pred = proba.argmax(1)
     k = min(5, C)
     topk = np.argpartition(-proba, k - 1, axis=1)[:, :k]  # (N, k) unordered top-k columns
@@ -86,20 +88,18 @@ def head_columns_for(store_classes: list[str], store_labels: np.ndarray, head_cl
     names = np.asarray(store_classes, dtype=object)[store_labels]
     unknown = sorted({n for n in names.tolist() if n not in col})
     if unknown:
-        raise ValueError(f"{where} has classes the head was not trained on: {', '.join(map(repr, unknown[:10]))} "
+        raise ProbeError(f"{where} has classes the head was not trained on: {', '.join(map(repr, unknown[:10]))} "
                          f"(the head knows {', '.join(head_classes)})")
     return np.array([col[n] for n in names.tolist()], np.int64)
 
 
 def check_head_matches_store(meta: dict[str, Any], store: Any) -> None:
     """Refuse a head fit on features of another backbone configuration than ``store``'s."""
-    have, want = store.feature_key, meta.get("config_key")
-    if have != want:
-        diffs = [f"{k}: head {meta.get('config', {}).get(k)!r}, store {store.attrs.get(k)!r}"
-                 for k in ("backbone", "weights", "weights_sha256", "pooling", "tta", "dtype")
-                 if meta.get("config", {}).get(k) != store.attrs.get(k)] or ["preprocessing differs"]
-        raise ValueError(f"head was fit on features of another backbone configuration than {store.path} "
-                         f"(config_key {str(want)[:12]} vs {str(have)[:12]}): " + "; ".join(diffs))
+    from probe.identity import FeatureIdentity, Side
+
+    FeatureIdentity.from_config(meta["config"]).check(
+        store.identity, mine="head", theirs=Side("store", str(store.path)), features_only=True,
+        fix="Fit a head on this store (probe fit-head STORE) or evaluate on a store of the head's configuration.")
 
 
 def evaluate(store_path: str | os.PathLike, head_path: str | os.PathLike, split: str | None = "test",
@@ -116,12 +116,12 @@ def evaluate(store_path: str | os.PathLike, head_path: str | os.PathLike, split:
     if split is not None:
         have = sorted(set(store.splits().tolist()) - {""})
         if split not in have:
-            raise ValueError(f"store {store.path} has no {split!r} split (it has: {', '.join(have) or 'none'}; "
+            raise ProbeError(f"store {store.path} has no {split!r} split (it has: {', '.join(have) or 'none'}; "
                              "pass --split all to evaluate every labelled row)")
     X, y = store.features(split), store.labels(split)
     keep = y >= 0
     if not keep.any():
-        raise ValueError(f"no labelled images in split {split or 'all'!r} of {store.path}")
+        raise ProbeError(f"no labelled images in split {split or 'all'!r} of {store.path}")
     class_names = meta["class_names"]
     cols = head_columns_for(store.classes, y[keep], class_names, f"split {split or 'all'!r} of {store.path}")
     proba = head.predict_proba(X[keep])

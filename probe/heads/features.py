@@ -18,13 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ProbeError
+
 NORMS = ("none", "l2", "cl2n", "standardize", "l2+standardize")
 EPS = 1e-12
 
 
 def check_norm(norm: str) -> str:
     if norm not in NORMS:
-        raise ValueError(f"unknown normalisation {norm!r}: expected one of {', '.join(NORMS)}")
+        raise ProbeError(f"unknown normalisation {norm!r}: expected one of {', '.join(NORMS)}")
     return norm
 
 
@@ -53,7 +55,7 @@ def apply_norm(X: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     X = np.asarray(X, np.float32)
     norm = params["norm"]
     if X.ndim != 2 or X.shape[1] != len(params["mean"]):
-        raise ValueError(f"expected features of shape (n, {len(params['mean'])}), got {X.shape}")
+        raise ProbeError(f"expected features of shape (n, {len(params['mean'])}), got {X.shape}")
     if norm == "none":
         return X
     if norm == "l2":
@@ -70,23 +72,23 @@ def check_Xy(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y)
     if X.ndim != 2:
-        raise ValueError(f"expected 2-d features (n_samples, n_features), got shape {X.shape}")
+        raise ProbeError(f"expected 2-d features (n_samples, n_features), got shape {X.shape}")
     if y.ndim != 1 or len(y) != len(X):
-        raise ValueError(f"expected {len(X)} labels (one per row of X), got shape {y.shape}")
+        raise ProbeError(f"expected {len(X)} labels (one per row of X), got shape {y.shape}")
     if len(X) == 0:
-        raise ValueError("no training samples: got 0 rows")
+        raise ProbeError("no training samples: got 0 rows")
     if not np.isfinite(X).all():
-        raise ValueError(f"features contain {int((~np.isfinite(X)).sum())} NaN/inf values")
+        raise ProbeError(f"features contain {int((~np.isfinite(X)).sum())} NaN/inf values")
     n_classes = len(np.unique(y))
     if n_classes < 2:
-        raise ValueError(f"a classifier needs at least 2 classes in the training labels, got {n_classes} class")
+        raise ProbeError(f"a classifier needs at least 2 classes in the training labels, got {n_classes} class")
     return X, y
 
 
 def check_X(X: Any, dim: int) -> np.ndarray:
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2 or X.shape[1] != dim:
-        raise ValueError(f"expected features of shape (n, {dim}) like the training data, got {X.shape}")
+        raise ProbeError(f"expected features of shape (n, {dim}) like the training data, got {X.shape}")
     return X
 
 
@@ -105,7 +107,7 @@ def k_per_class(y: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
         >>> k_per_class(np.array([0, 0, 0, 1, 1]), 2, seed=0)   # two of class 0, both of class 1
     """
     if k < 1:
-        raise ValueError(f"--shots must be >= 1 images per class, got {k}")
+        raise ProbeError(f"--shots must be >= 1 images per class, got {k}")
     rng = np.random.default_rng(seed)
     keep = [rng.permutation(np.flatnonzero(y == c))[:k] for c in np.unique(y)]
     return np.sort(np.concatenate(keep))
@@ -115,7 +117,7 @@ def stratified_holdout(y: np.ndarray, fraction: float = 0.2, seed: int = 0) -> t
     """(train indices, holdout indices): ``fraction`` of each class held out (at least one row of every class
     with >= 2 rows; a class with one row stays in train)."""
     if not 0 < fraction < 1:
-        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+        raise ProbeError(f"holdout fraction must be in (0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
     held = []
     for c in np.unique(y):

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ProbeError
 from .features import apply_norm, check_norm, fit_norm
 from .linear import threads_for
 from .prototype import METRICS
@@ -43,11 +44,11 @@ CHUNK = 2_000_000  # elements of the biggest per-chunk array: bounds memory what
 def _check(head: str = HEADS[0], C: float = C_LINEAR, metric: str = METRICS[0]) -> None:
     """ValueError naming a bad --head, --C or --metric and what was expected."""
     if head not in HEADS:
-        raise ValueError(f"unknown few-shot head {head!r}: expected one of {', '.join(HEADS)}")
+        raise ProbeError(f"unknown few-shot head {head!r}: expected one of {', '.join(HEADS)}")
     if not (np.isfinite(C) and C > 0):
-        raise ValueError(f"--C must be a positive number (inverse L2 strength of the linear head), got {C}")
+        raise ProbeError(f"--C must be a positive number (inverse L2 strength of the linear head), got {C}")
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}: expected one of {', '.join(METRICS)}")
+        raise ProbeError(f"unknown metric {metric!r}: expected one of {', '.join(METRICS)}")
 
 
 def sample_episodes(y: np.ndarray, way: int, shot: int, query: int, episodes: int, seed: int = 0,
@@ -59,20 +60,20 @@ def sample_episodes(y: np.ndarray, way: int, shot: int, query: int, episodes: in
     (``class_names[label]`` when given)."""
     y = np.asarray(y)
     if way < 2:
-        raise ValueError(f"--way must be >= 2 classes per episode, got {way}")
+        raise ProbeError(f"--way must be >= 2 classes per episode, got {way}")
     if shot < 1 or query < 1:
-        raise ValueError(f"--shot and --query must be >= 1, got shot={shot}, query={query}")
+        raise ProbeError(f"--shot and --query must be >= 1, got shot={shot}, query={query}")
     if episodes < 1:
-        raise ValueError(f"--episodes must be >= 1, got {episodes}")
+        raise ProbeError(f"--episodes must be >= 1, got {episodes}")
     classes, counts = np.unique(y, return_counts=True)
     if way > len(classes):
-        raise ValueError(f"--way {way} needs at least {way} classes, the data has {len(classes)}")
+        raise ProbeError(f"--way {way} needs at least {way} classes, the data has {len(classes)}")
     need = shot + query
     small = counts < need
     if small.any():
         c = int(np.flatnonzero(small)[0])
         name = class_names[classes[c]] if class_names is not None else classes[c].item()
-        raise ValueError(f"class {name!r} has {counts[c]} images, fewer than --shot {shot} + --query {query} "
+        raise ProbeError(f"class {name!r} has {counts[c]} images, fewer than --shot {shot} + --query {query} "
                          f"= {need} ({int(small.sum())} classes are that small)")
     n_cls, m = len(classes), int(counts.max())
     order = np.argsort(y, kind="stable")
@@ -262,10 +263,10 @@ def fewshot(store_path: str | os.PathLike, way: int = 5, shots: tuple[int, ...] 
     y_all = store.labels()
     sp = store.splits()
     if not (y_all >= 0).any():
-        raise ValueError(f"store {store.path} has no labelled images: few-shot episodes need classes")
+        raise ProbeError(f"store {store.path} has no labelled images: few-shot episodes need classes")
     if split is not None and not (sp == split).any():
         have = sorted(set(sp.tolist()) - {""})
-        raise ValueError(f"store {store.path} has no {split!r} split (it has: {', '.join(have) or 'none'})")
+        raise ProbeError(f"store {store.path} has no {split!r} split (it has: {', '.join(have) or 'none'})")
     rows = np.flatnonzero((y_all >= 0) & ((sp == split) if split else True))
     X = store.features()
     base = np.flatnonzero((y_all >= 0) & (sp == "train")) if (sp == "train").any() else np.flatnonzero(y_all >= 0)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ProbeError
 from .evaluate import metrics
 from .features import k_per_class, stratified_holdout
 from .io import HEADS, make_head, save_head
@@ -47,9 +48,9 @@ class HeadConfig:
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
-            raise ValueError(f"unknown head {self.head!r}: expected one of {', '.join(HEADS)}")
+            raise ProbeError(f"unknown head {self.head!r}: expected one of {', '.join(HEADS)}")
         if self.shots is not None and self.shots < 1:
-            raise ValueError(f"--shots must be >= 1 images per class, got {self.shots}")
+            raise ProbeError(f"--shots must be >= 1 images per class, got {self.shots}")
 
     def head_params(self) -> dict[str, Any]:
         p: dict[str, Any] = {"norm": self.norm} if self.norm else {}
@@ -73,7 +74,7 @@ def labelled_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
     sp = store.splits()
     lab = y >= 0
     if not lab.any():
-        raise ValueError(f"store {store.path} has no labelled images (all {len(y)} rows have no class): a head "
+        raise ProbeError(f"store {store.path} has no labelled images (all {len(y)} rows have no class): a head "
                          "needs a labelled store (class folders, a split root or a CSV with labels)")
     rows = {s: np.flatnonzero(lab & (sp == s)) for s in ("train", "val", "test")}
     if len(rows["train"]) == 0:  # no splits: seeded stratified holdout of every labelled row
@@ -86,7 +87,7 @@ def labelled_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
     if len(present) < 2:
         where = "the train split" if (sp == "train").any() else "its labelled rows"
         name = store.classes[present[0]] if len(present) else "none"
-        raise ValueError(f"store {store.path} has {len(present)} class ({name!r}) in {where}: a classifier needs "
+        raise ProbeError(f"store {store.path} has {len(present)} class ({name!r}) in {where}: a classifier needs "
                          "at least 2 classes")
     return rows
 
@@ -94,7 +95,7 @@ def labelled_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
 def fit_head(store_path: str | os.PathLike, out: str | os.PathLike, config: HeadConfig | None = None
              ) -> dict[str, Any]:
     """Fit the head of ``config`` on a store, report validation/test metrics, save it to ``out``; returns a summary."""
-    from probe.store import FeatureStore, feature_config
+    from probe.store import FeatureStore
 
     cfg = config or HeadConfig()
     head = make_head(cfg.head, **cfg.head_params())  # bad hyperparameters fail before any data is read
@@ -115,7 +116,7 @@ def fit_head(store_path: str | os.PathLike, out: str | os.PathLike, config: Head
     if cfg.head in ("linear", "mlp") and len(val):
         fit_kw["eval_set"] = (X[val], y[val])
     if cfg.views and not store.n_views:
-        raise ValueError(f"--views: store {store.path} has no augmented views (make a store with them: "
+        raise ProbeError(f"--views: store {store.path} has no augmented views (make a store with them: "
                          "probe extract DATA --views K)")
     if store.n_views and cfg.views is not False:
         if cfg.head == "mlp":
@@ -167,7 +168,7 @@ def fit_head(store_path: str | os.PathLike, out: str | os.PathLike, config: Head
         summary["epochs_run"] = head.epochs_run_
     meta = {
         "class_names": class_names,
-        "config": feature_config(store.config),
+        "config": store.identity.features_only().to_dict(),
         "config_key": store.feature_key,
         "store": str(store.path),
         "fit": {k: v for k, v in summary.items() if k not in ("sweep",)} | {"config": asdict(cfg)},

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ProbeError
 from .base import Head
 from .knn import KNNHead
 from .linear import LinearHead
@@ -29,19 +30,19 @@ FORMAT = "probe-head/1"
 HEADS: dict[str, type[Head]] = {"linear": LinearHead, "mlp": MLPHead, "prototype": PrototypeHead, "knn": KNNHead}
 
 
-class HeadError(ValueError):
+class HeadError(ProbeError):
     """A head file that cannot be read, or that does not fit the features it is used with."""
 
 
 def make_head(kind: str, **params: Any) -> Head:
     """A head by name: ``make_head("linear", C=1.0)``. Unknown names and parameters raise ValueError."""
     if kind not in HEADS:
-        raise ValueError(f"unknown head {kind!r}: expected one of {', '.join(HEADS)}")
+        raise ProbeError(f"unknown head {kind!r}: expected one of {', '.join(HEADS)}")
     cls = HEADS[kind]
     allowed = cls().get_params()
     bad = sorted(set(params) - set(allowed))
     if bad:
-        raise ValueError(f"head {kind!r} has no parameter {bad[0]!r}: it takes {', '.join(allowed)}")
+        raise ProbeError(f"head {kind!r} has no parameter {bad[0]!r}: it takes {', '.join(allowed)}")
     return cls(**params)
 
 

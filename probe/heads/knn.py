@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import ProbeError
 from .base import Head
 
 
@@ -30,9 +31,9 @@ class KNNHead(Head):
 
     def fit(self, X, y, sample_weight=None) -> KNNHead:
         if int(self.k) < 1:
-            raise ValueError(f"k must be >= 1 neighbours, got {self.k}")
+            raise ProbeError(f"k must be >= 1 neighbours, got {self.k}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise ProbeError(f"temperature must be > 0, got {self.temperature}")
         Z, yi = self._start_fit(X, y)
         self.bank_ = Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)  # (N, D) unit rows
         self.bank_labels_ = yi

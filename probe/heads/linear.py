@@ -24,6 +24,7 @@ import torch
 
 from probe.extract import resolve_device
 
+from ..errors import ProbeError
 from .base import Head
 from .features import apply_norm, balanced_weights, check_X
 
@@ -196,14 +197,14 @@ class LinearHead(Head):
         """The sweep grid, strongest regularisation first."""
         lo, hi = self.C_range
         if not (0 < lo <= hi):
-            raise ValueError(f"C_range must be two positive numbers low <= high, got {self.C_range}")
+            raise ProbeError(f"C_range must be two positive numbers low <= high, got {self.C_range}")
         if int(self.n_Cs) < 1:
-            raise ValueError(f"n_Cs must be >= 1, got {self.n_Cs}")
+            raise ProbeError(f"n_Cs must be >= 1, got {self.n_Cs}")
         return np.logspace(np.log10(lo), np.log10(hi), int(self.n_Cs))
 
     def fit(self, X, y, sample_weight=None, eval_set=None) -> LinearHead:
         if self.C is not None and not self.C > 0:
-            raise ValueError(f"C must be > 0 (inverse regularisation strength), got {self.C}")
+            raise ProbeError(f"C must be > 0 (inverse regularisation strength), got {self.C}")
         t0 = time.perf_counter()
         Z, yi = self._start_fit(X, y)  # (N, D) normalised, (N,) class indices
         dev = resolve_device(self.device)
@@ -216,7 +217,7 @@ class LinearHead(Head):
         K = len(self.classes_)
         sw = None if sample_weight is None else np.asarray(sample_weight, np.float32)
         if sw is not None and sw.shape != yi.shape:
-            raise ValueError(f"expected {len(yi)} sample weights (one per row), got shape {sw.shape}")
+            raise ProbeError(f"expected {len(yi)} sample weights (one per row), got shape {sw.shape}")
 
         def weights(yi_: np.ndarray, sw_: np.ndarray | None) -> torch.Tensor:
             """(N,) per-row weights: balanced class weights times the caller's sample weights."""
@@ -251,7 +252,7 @@ class LinearHead(Head):
 
             smallest = int(np.bincount(yi).min())
             if smallest < 2:
-                raise ValueError(f"class {self.classes_[np.bincount(yi).argmin()]!r} has {smallest} training row: "
+                raise ProbeError(f"class {self.classes_[np.bincount(yi).argmin()]!r} has {smallest} training row: "
                                  "choosing C by cross-validation needs >= 2 per class; pass eval_set or a fixed C")
             folds = StratifiedKFold(min(int(self.folds), smallest), shuffle=True, random_state=self.seed)
             per_fold = []
@@ -276,7 +277,7 @@ class LinearHead(Head):
         yv = np.asarray(yv)
         unknown = np.setdiff1d(yv, self.classes_)
         if len(unknown):
-            raise ValueError(f"validation labels {unknown[:5].tolist()} do not occur in the training labels")
+            raise ProbeError(f"validation labels {unknown[:5].tolist()} do not occur in the training labels")
         return Zv, np.searchsorted(self.classes_, yv)
 
     def _sweep(self, Z, y, w, Zv, yv) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]:

@@ -20,6 +20,7 @@ from torch import nn
 
 from probe.extract import resolve_device
 
+from ..errors import ProbeError
 from .base import Head
 from .features import apply_norm, check_X, stratified_holdout
 
@@ -83,11 +84,11 @@ class MLPHead(Head):
         """Train on X (N, D), y (N,); ``views`` (N, K, D): augmented views of X's rows, drawn from with the centre
         vectors (normalised with the centre statistics). Validation: ``eval_set``, else a seeded holdout."""
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ProbeError(f"dropout must be in [0, 1), got {self.dropout}")
         if any(int(h) < 1 for h in self.hidden):
-            raise ValueError(f"hidden layer widths must be >= 1, got {list(self.hidden)}")
+            raise ProbeError(f"hidden layer widths must be >= 1, got {list(self.hidden)}")
         if int(self.epochs) < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+            raise ProbeError(f"epochs must be >= 1, got {self.epochs}")
         t0 = time.perf_counter()
         X, y = np.asarray(X, np.float32), np.asarray(y)
         V = None if views is None else self._check_views(views, X)  # (N, K, D) or None
@@ -105,7 +106,7 @@ class MLPHead(Head):
         Zv = apply_norm(check_X(Xv, self.n_features_in_), self.norm_)
         unknown = np.setdiff1d(np.asarray(yv_raw), self.classes_)
         if len(unknown):
-            raise ValueError(f"validation labels {unknown[:5].tolist()} do not occur in the training labels")
+            raise ProbeError(f"validation labels {unknown[:5].tolist()} do not occur in the training labels")
         yv = np.searchsorted(self.classes_, np.asarray(yv_raw))
         K = len(self.classes_)
         dev = resolve_device(self.device)
@@ -156,10 +157,10 @@ class MLPHead(Head):
         V = np.asarray(views, np.float32)
         d = X.shape[1] if X.ndim == 2 else "D"
         if V.ndim != 3 or len(V) != len(X) or (X.ndim == 2 and V.shape[2] != X.shape[1]):
-            raise ValueError(f"views must have shape ({len(X)}, K, {d}): K augmented views of each row of X, "
+            raise ProbeError(f"views must have shape ({len(X)}, K, {d}): K augmented views of each row of X, "
                              f"got {V.shape}")
         if not np.isfinite(V).all():
-            raise ValueError(f"views contain {int((~np.isfinite(V)).sum())} NaN/inf values")
+            raise ProbeError(f"views contain {int((~np.isfinite(V)).sum())} NaN/inf values")
         return V if V.shape[1] else None
 
     def _net(self) -> nn.Sequential:

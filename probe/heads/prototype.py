@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ProbeError
 from .base import Head
 
 METRICS = ("cosine", "euclidean")
@@ -39,9 +40,9 @@ class PrototypeHead(Head):
 
     def fit(self, X, y, sample_weight=None) -> PrototypeHead:
         if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}: expected one of {', '.join(METRICS)}")
+            raise ProbeError(f"unknown metric {self.metric!r}: expected one of {', '.join(METRICS)}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise ProbeError(f"temperature must be > 0, got {self.temperature}")
         Z, yi = self._start_fit(X, y)
         k = len(self.classes_)
         self.prototypes_ = np.stack([Z[yi == c].mean(0) for c in range(k)]).astype(np.float32)  # (C, D)

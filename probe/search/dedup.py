@@ -17,6 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from ..errors import ProbeError
 from ..store import FeatureStore, StoreError
 from .index import prepare, set_threads
 
@@ -51,7 +52,7 @@ def find_duplicates(store: FeatureStore | str | os.PathLike, threshold: float = 
     """Groups (size >= 2) of rows whose vectors are within ``threshold`` cosine similarity, linked transitively;
     largest group first. Each group lists ids, paths, labels and its lowest linking similarity."""
     if not -1 <= threshold <= 1:
-        raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
+        raise ProbeError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     if store.count == 0:
         raise StoreError(f"store {str(store.path)!r} has no rows: nothing to deduplicate")

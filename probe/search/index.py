@@ -34,7 +34,9 @@ import faiss
 import h5py
 import numpy as np
 
-from ..store import KEY_FIELDS, FeatureStore, StoreError
+from ..errors import IndexMismatchError, MissingFileError, ProbeError
+from ..identity import FeatureIdentity, Side
+from ..store import FeatureStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +45,6 @@ FORMAT_VERSION = 1
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq", "ivfsq8")
 METRICS = ("cosine", "l2")
 RECALL_K = 10  # recall@10 is what the build promises and reports
-
-
-class IndexMismatchError(ValueError):
-    """An index used with a store, backbone or vectors it was not built for."""
 
 
 @dataclass
@@ -66,21 +64,21 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         if self.type not in INDEX_TYPES:
-            raise ValueError(f"unknown index type {self.type!r}: expected one of {', '.join(INDEX_TYPES)}")
+            raise ProbeError(f"unknown index type {self.type!r}: expected one of {', '.join(INDEX_TYPES)}")
         if self.approximate not in INDEX_TYPES[2:]:
-            raise ValueError(f"approximate type {self.approximate!r}: expected one of {', '.join(INDEX_TYPES[2:])}")
+            raise ProbeError(f"approximate type {self.approximate!r}: expected one of {', '.join(INDEX_TYPES[2:])}")
         if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}: expected one of {', '.join(METRICS)}")
+            raise ProbeError(f"unknown metric {self.metric!r}: expected one of {', '.join(METRICS)}")
         if not 0 < self.target_recall <= 1:
-            raise ValueError(f"target recall must be in (0, 1], got {self.target_recall}")
+            raise ProbeError(f"target recall must be in (0, 1], got {self.target_recall}")
         if self.exact_below < 0:
-            raise ValueError(f"exact_below must be >= 0, got {self.exact_below}")
+            raise ProbeError(f"exact_below must be >= 0, got {self.exact_below}")
         if self.chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+            raise ProbeError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
         if self.nlist is not None and self.nlist < 1:
-            raise ValueError(f"nlist must be >= 1, got {self.nlist}")
+            raise ProbeError(f"nlist must be >= 1, got {self.nlist}")
         if self.shards < 1:
-            raise ValueError(f"shards must be >= 1, got {self.shards}")
+            raise ProbeError(f"shards must be >= 1, got {self.shards}")
 
 
 def set_threads(n: int | None = None) -> int:
@@ -200,7 +198,7 @@ def factory_string(kind: str, n: int, dim: int, cfg: IndexConfig, trainable: int
         # polysemous training (only used for Hamming filtering, which we do not use)
         m, bits = _pq_shape(dim, ntrain)
         return f"IVF{nlist},PQ{m}x{bits}np,RFlat", max(ntrain, min(trainable, 39 * 2 ** bits))
-    raise ValueError(f"unknown index type {kind!r}: expected one of {', '.join(INDEX_TYPES)}")
+    raise ProbeError(f"unknown index type {kind!r}: expected one of {', '.join(INDEX_TYPES)}")
 
 
 def param_ladders(kind: str, index: faiss.Index) -> list[list[dict[str, int]]]:
@@ -404,6 +402,11 @@ class SearchIndex:
         """The store's backbone configuration: query images must be embedded with exactly this."""
         return self.meta["store_config"]
 
+    @property
+    def identity(self) -> FeatureIdentity:
+        """What made the indexed vectors."""
+        return FeatureIdentity.from_config(self.meta["store_config"])
+
     def label_name(self, i: int) -> str | None:
         y = self.labels[i]
         return self.classes[y] if 0 <= y < len(self.classes) else None
@@ -416,7 +419,7 @@ class SearchIndex:
         ids = [int(i) for i in ids]
         for i in ids:
             if not 0 <= i < self.count:
-                raise ValueError(f"id {i} is not in the gallery: ids run from 0 to {self.count - 1}")
+                raise ProbeError(f"id {i} is not in the gallery: ids run from 0 to {self.count - 1}")
         if not ids:
             return np.zeros((0, self.dim), np.float32)
         subs, bounds = sub_indexes(self.index), np.asarray(self.bounds)
@@ -435,7 +438,7 @@ class SearchIndex:
             raise StoreError(f"store {str(store.path)!r} has no rows: nothing to index (extract a folder with "
                              "images into it first)")
         if cfg.shards > store.count:
-            raise ValueError(f"shards={cfg.shards} is more than the store's {store.count} rows")
+            raise ProbeError(f"shards={cfg.shards} is more than the store's {store.count} rows")
         t0 = time.perf_counter()
         with h5py.File(store.path, "r") as f:
             index, kind, tuned, ntrain = build_faiss(Rows(f["features"], cfg.metric, cfg.chunk_rows), cfg)
@@ -447,7 +450,7 @@ class SearchIndex:
             "recall": tuned["recall"], "recall_k": RECALL_K, "recall_queries": tuned["queries"],
             "target_recall": cfg.target_recall, "tuning": tuned["tried"], "trained_on": ntrain,
             "build_seconds": round(time.perf_counter() - t0, 3), "config": asdict(cfg),
-            "store": str(Path(store.path).resolve()), "store_config": store.config,
+            "store": str(Path(store.path).resolve()), "store_config": store.identity.to_dict(),
             "config_key": store.feature_key, "root": str(store.attrs.get("root", "")),
             "classes": list(store.classes), "paths": store.paths().tolist(), "labels": store.labels().tolist(),
             "created": now, "updated": now,
@@ -456,14 +459,8 @@ class SearchIndex:
 
     def check_store(self, store: FeatureStore) -> None:
         """Raise IndexMismatchError, naming the differing fields, when ``store`` has another backbone config."""
-        if store.feature_key == self.meta["config_key"]:
-            return
-        diffs = [f"{k}: index has {self.config.get(k)!r}, store {store.attrs.get(k)!r}"
-                 for k in KEY_FIELDS if self.config.get(k) != store.attrs.get(k)]
-        raise IndexMismatchError(
-            f"store {str(store.path)!r} was embedded with another backbone configuration than this index "
-            f"({self.config.get('backbone')}); its vectors are not comparable.\n  " + "\n  ".join(diffs or [
-                "config_key differs"]) + "\n  Build a new index for it: probe index STORE --out OTHER.faiss")
+        self.identity.check(store.identity, mine="index", theirs=Side("store", str(store.path)), features_only=True,
+                            fix="Build a new index for it: probe index STORE --out OTHER.faiss")
 
     def add(self, store: FeatureStore | str | os.PathLike, retune: bool = True) -> int:
         """Add the rows ``store`` has beyond those indexed (a grown store); returns how many. No retraining: IVF
@@ -532,7 +529,7 @@ class SearchIndex:
         subs = sub_indexes(self.index)
         files = [path.with_name(f"{path.name}.shard-{k}") for k in range(len(subs))] if len(subs) > 1 else []
         if files and self.template is None:
-            raise ValueError("internal: a sharded index without its trained template")
+            raise RuntimeError("internal: a sharded index without its trained template")
         for index, dest in zip([self.template, *subs] if files else subs, [path, *files]):
             tmp = dest.with_name(dest.name + ".tmp")
             faiss.write_index(index, str(tmp))
@@ -553,28 +550,28 @@ class SearchIndex:
         path = Path(path)
         side = sidecar(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no search index at {str(path)!r} (build one with `probe index STORE --out "
+            raise MissingFileError(f"no search index at {str(path)!r} (build one with `probe index STORE --out "
                                     f"{path}`)")
         if not side.is_file():
-            raise ValueError(f"{str(path)!r} has no metadata file {str(side)!r}: it was not saved by probe "
+            raise ProbeError(f"{str(path)!r} has no metadata file {str(side)!r}: it was not saved by probe "
                              "(rebuild with `probe index`)")
         meta = json.loads(side.read_text())
         if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{str(side)!r} is not a probe search index of version {FORMAT_VERSION} "
+            raise ProbeError(f"{str(side)!r} is not a probe search index of version {FORMAT_VERSION} "
                              f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
         files = [path.with_name(name) for name in meta.get("shard_files") or []]
         for f in files:
             if not f.is_file():
-                raise FileNotFoundError(f"{str(side)!r} lists shard {str(f)!r}, which is missing (copy every "
+                raise MissingFileError(f"{str(side)!r} lists shard {str(f)!r}, which is missing (copy every "
                                         f"{path.name}.shard-* file with the index, or rebuild it)")
         try:
             first = faiss.read_index(str(path))
             subs = [faiss.read_index(str(f)) for f in files] or [first]
         except RuntimeError as e:
-            raise ValueError(f"{str(path)!r} is not a readable FAISS index: {str(e).splitlines()[-1]}") from None
+            raise ProbeError(f"{str(path)!r} is not a readable FAISS index: {str(e).splitlines()[-1]}") from None
         index = combine(subs)
         if index.ntotal != len(meta["paths"]) or index.d != meta["dim"]:
-            raise ValueError(f"{str(path)!r} holds {index.ntotal} x {index.d} vectors but its metadata lists "
+            raise ProbeError(f"{str(path)!r} holds {index.ntotal} x {index.d} vectors but its metadata lists "
                              f"{len(meta['paths'])} x {meta['dim']}: the files are out of step; rebuild it")
         set_params(index, meta["params"])
         idx = cls(index, meta, first if files else None)
@@ -605,9 +602,9 @@ class SearchIndex:
 
 def check_k(k: int, gallery: int) -> None:
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ProbeError(f"k must be >= 1, got {k}")
     if k > gallery:
-        raise ValueError(f"k={k} is larger than the gallery ({gallery} images): pass -k {gallery} or less")
+        raise ProbeError(f"k={k} is larger than the gallery ({gallery} images): pass -k {gallery} or less")
 
 
 def sidecar(path: str | os.PathLike) -> Path:
@@ -631,10 +628,10 @@ def index_store(store: str | os.PathLike, out: str | os.PathLike | None = None, 
     if update and out.is_file():
         idx = SearchIndex.load(out)
         if cfg.type != "auto" and cfg.type != idx.kind:
-            raise ValueError(f"--update keeps the index type: {str(out)!r} is {idx.kind!r}, --type says "
+            raise ProbeError(f"--update keeps the index type: {str(out)!r} is {idx.kind!r}, --type says "
                              f"{cfg.type!r} (drop --update to rebuild as {cfg.type!r})")
         if metric and metric != idx.metric:
-            raise ValueError(f"--update keeps the metric: {str(out)!r} uses {idx.metric!r}, --metric says "
+            raise ProbeError(f"--update keeps the metric: {str(out)!r} uses {idx.metric!r}, --metric says "
                              f"{metric!r} (drop --update to rebuild)")
         added = idx.add(store)
         action = "updated"

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..data import images_in
+from ..errors import MissingFileError, ProbeError
 from .index import SearchIndex, check_k
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def resolve(idx: SearchIndex, inputs: Sequence[str | os.PathLike]) -> list[Query
     """Classify every input; folders expand to their image files. Raises FileNotFoundError / ValueError naming
     an input that is none of image file, folder, gallery id or stored path."""
     if not inputs:
-        raise ValueError("no queries given: pass image files, folders, gallery ids or stored paths")
+        raise ProbeError("no queries given: pass image files, folders, gallery ids or stored paths")
     table = _gallery_lookup(idx)
     out: list[Query] = []
     for raw in map(str, inputs):
@@ -60,12 +61,12 @@ def resolve(idx: SearchIndex, inputs: Sequence[str | os.PathLike]) -> list[Query
         elif raw.lstrip("-").isdigit():
             i = int(raw)
             if not 0 <= i < idx.count:
-                raise ValueError(f"query id {i} is not in the gallery: ids run from 0 to {idx.count - 1}")
+                raise ProbeError(f"query id {i} is not in the gallery: ids run from 0 to {idx.count - 1}")
             out.append(Query(raw, "id", i))
         elif raw in table or _norm(raw) in table:
             out.append(Query(raw, "path", table.get(raw, table.get(_norm(raw)))))
         else:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"query {raw!r} is not an image file, a folder, a gallery id (0..{idx.count - 1}) or a path stored "
                 f"in the index (e.g. {idx.paths[0]!r})")
     return out
@@ -86,7 +87,7 @@ def embed_queries(idx: SearchIndex, queries: list[Query], device: str = "auto",
         from ..extract import embedder_for
 
         if idx.config.get("backbone") == "arrays":
-            raise ValueError("this index was built from vectors that no backbone made (store_from_arrays): image "
+            raise ProbeError("this index was built from vectors that no backbone made (store_from_arrays): image "
                              "queries cannot be embedded; query by gallery id or stored path instead")
         emb = embedder_for(idx.config, device=device)  # BackboneError if the weights/preprocessing differ
         feats, ok, bad = emb.embed_files([queries[j].text for j in images], batch_size)  # (n_ok, D)
@@ -126,7 +127,7 @@ def search_index(index: str | os.PathLike | SearchIndex, inputs: Sequence[str | 
     for b in bad:
         log.warning("skipped query %s: %s", b["path"], b["reason"])
     if not ok:
-        raise ValueError("no query could be used: " + "; ".join(f"{b['path']}: {b['reason']}" for b in bad))
+        raise ProbeError("no query could be used: " + "; ".join(f"{b['path']}: {b['reason']}" for b in bad))
     scores, ids = idx.search(x, k)  # (n, k)
     results = []
     for row, j in enumerate(ok):

@@ -31,7 +31,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
-from ..errors import USER_ERRORS
+from ..errors import ProbeError
 from .errors import ServiceError
 from .service import ServeConfig, Service, load_service
 
@@ -92,10 +92,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _validation_message(exc), "errors": _jsonable_errors(exc)}, status_code=422)
 
-    for exc_type in USER_ERRORS:  # ValueError & co. from the library: bad input the caller can fix
-        @app.exception_handler(exc_type)
-        async def user_error(request: Request, exc: Exception) -> JSONResponse:
-            return JSONResponse({"detail": str(exc)}, status_code=422)
+    @app.exception_handler(ProbeError)  # from the library: bad input the caller can fix
+    async def user_error(request: Request, exc: ProbeError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
+from ..errors import ProbeError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -64,9 +66,9 @@ class MicroBatcher(Generic[T, R]):
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], max_batch: int = 32, max_wait_ms: float = 5.0):
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise ProbeError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+            raise ProbeError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self.fn = fn
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000

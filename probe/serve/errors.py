@@ -3,8 +3,10 @@ CLI's and the library's user-error handling treat them like any other bad input.
 
 from __future__ import annotations
 
+from ..errors import ProbeError
 
-class ServiceError(ValueError):
+
+class ServiceError(ProbeError):
     """A request the service refuses; ``status`` is the HTTP status code (4xx)."""
 
     status = 422

@@ -26,12 +26,14 @@ import torch
 
 from ..backbones import DEFAULT_BACKBONE, BackboneError, create_backbone
 from ..data import ImageDecodeError, load_image
+from ..errors import ProbeError
 from ..extract import Embedder, embedder_for
 from ..heads.base import Head
 from ..heads.io import load_head
+from ..identity import FeatureIdentity, Side
 from ..search.index import IndexConfig, SearchIndex, check_k
 from ..search.query import search_index
-from ..store import FeatureStore, config_key, feature_key
+from ..store import FeatureStore
 from .batching import MicroBatcher
 from .errors import NotFound, TooLarge, available
 from .fewshot_sets import FewShotSets
@@ -60,11 +62,11 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
-            raise ValueError(f"--max-batch must be >= 1, got {self.max_batch}")
+            raise ProbeError(f"--max-batch must be >= 1, got {self.max_batch}")
         if self.max_wait_ms < 0:
-            raise ValueError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
+            raise ProbeError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
         if self.max_upload_mb <= 0 or self.max_pixels <= 0:
-            raise ValueError("--max-upload-mb and --max-pixels must be > 0")
+            raise ProbeError("--max-upload-mb and --max-pixels must be > 0")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -80,9 +82,9 @@ def parse_named(specs: tuple[str, ...] | list[str], kind: str) -> dict[str, Path
             name, path = Path(spec).stem, spec
         name = name.strip()
         if not name or not path:
-            raise ValueError(f"--{kind} {spec!r}: expected NAME=PATH or PATH")
+            raise ProbeError(f"--{kind} {spec!r}: expected NAME=PATH or PATH")
         if name in out:
-            raise ValueError(f"two {kind}s are named {name!r} ({out[name]} and {path}): name them with "
+            raise ProbeError(f"two {kind}s are named {name!r} ({out[name]} and {path}): name them with "
                              f"--{kind} NAME=PATH")
         out[name] = Path(path)
     return out
@@ -141,7 +143,7 @@ class Service:
 
     def _check_k(self, k: int, limit: int | None = None) -> None:
         if not 1 <= k <= self.config.max_k:
-            raise ValueError(f"k must be between 1 and {self.config.max_k}, got {k}")
+            raise ProbeError(f"k must be between 1 and {self.config.max_k}, got {k}")
         if limit is not None:
             check_k(k, limit)
 
@@ -200,7 +202,7 @@ class Service:
         if not 0 <= gallery_id < idx.count:
             raise NotFound(f"id {gallery_id} is not in index {index_name!r}: ids run from 0 to {idx.count - 1}")
         if not 16 <= size <= 1024:
-            raise ValueError(f"size must be between 16 and 1024 pixels, got {size}")
+            raise ProbeError(f"size must be between 16 and 1024 pixels, got {size}")
         try:
             img = load_image(idx.abspath(gallery_id), self.config.max_pixels)
         except ImageDecodeError as e:
@@ -259,33 +261,30 @@ def load_service(config: ServeConfig) -> Service:
     index_files = parse_named(config.indexes, "index")
     clash = set(stores) & set(index_files)
     if clash:
-        raise ValueError(f"a store and an index are both named {sorted(clash)[0]!r}: name one of them with NAME=PATH")
+        raise ProbeError(f"a store and an index are both named {sorted(clash)[0]!r}: name one of them with NAME=PATH")
 
-    identities: list[tuple[str, dict[str, Any], str]] = []  # (what, backbone config, config_key)
+    identities: list[tuple[Side, FeatureIdentity]] = []
     indexes: dict[str, SearchIndex] = {}
     sources: dict[str, str] = {}
     opened = {name: FeatureStore(path) for name, path in stores.items()}  # attributes only: cheap
     for name, st in opened.items():
-        identities.append((f"store {stores[name]}", st.config, st.feature_key))
+        identities.append((Side("store", str(stores[name])), st.identity))
     for name, path in index_files.items():
         idx = SearchIndex.load(path)
-        identities.append((f"index {path}", idx.config, idx.meta.get("config_key") or feature_key(idx.config)))
+        identities.append((Side("index", str(path)), idx.identity))
         indexes[name], sources[name] = idx, str(path)
     heads: dict[str, tuple[Head, list[str], Path]] = {}
     for name, path in head_files.items():
         head, meta = load_head(path)
-        identities.append((f"head {path}", meta["config"], meta.get("config_key") or feature_key(meta["config"])))
+        identities.append((Side("head", str(path)), FeatureIdentity.from_config(meta["config"])))
         heads[name] = (head, class_names(head, meta), path)
 
     if identities:
-        what0, attrs, key = identities[0]
-        for what, other, k in identities[1:]:
-            if k != key:
-                raise BackboneError(
-                    f"{what} was made with backbone {other.get('backbone')} ({other.get('weights')}, "
-                    f"{other.get('dtype')}; config {k[:12]}) but {what0} with {attrs.get('backbone')} "
-                    f"({attrs.get('weights')}, {attrs.get('dtype')}; config {key[:12]}): one server serves one "
-                    "backbone, so every store, head and index must come from the same extraction configuration")
+        what0, first = identities[0]
+        for what, other in identities[1:]:
+            first.check(other, mine=what0, theirs=what, features_only=True, fix="one server serves one backbone, "
+                        "so every store, head and index must come from the same extraction configuration.")
+        attrs = first.to_dict()
         if config.backbone and config.backbone != attrs.get("backbone"):
             raise BackboneError(f"--backbone {config.backbone} differs from {attrs.get('backbone')}, the backbone of "
                                 f"{what0}: drop --backbone (it is taken from the files)")
@@ -296,13 +295,13 @@ def load_service(config: ServeConfig) -> Service:
     else:
         emb = Embedder(create_backbone(config.backbone or DEFAULT_BACKBONE, config.weights), config.device,
                        config.dtype)
-        key = config_key(emb.config)
+    key = emb.identity.feature_key
     for name, st in opened.items():  # only now that the configurations agree: indexing reads every vector
         log.info("indexing store %s (%d x %d) as %r", stores[name], st.count, st.dim, name)
         indexes[name], sources[name] = SearchIndex.build(st, IndexConfig()), str(stores[name])
     for head, _, path in heads.values():
         if head.n_features_in_ != emb.backbone.dim:
-            raise ValueError(f"head {path} expects {head.n_features_in_}-d features; {emb.backbone.name} gives "
+            raise ProbeError(f"head {path} expects {head.n_features_in_}-d features; {emb.backbone.name} gives "
                              f"{emb.backbone.dim}")
     log.info("serving %s (%s, %s on %s): %d heads, %d indexes", emb.backbone.name, emb.config["weights"], emb.dtype,
              emb.device, len(heads), len(indexes))
