@@ -107,7 +107,7 @@ import json, re, sys
 def hwm():  # this process's peak RSS in MiB (ru_maxrss would carry the parent's over exec)
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
 from cli.main import app
-from probe.search.index import prepare
+from probe.search import prepare
 from probe.store import FeatureStore
 base = hwm()  # after the imports: what follows is the work's own memory
 if sys.argv[1] == "whole":  # what the build did before streaming: the store read whole, then normalised

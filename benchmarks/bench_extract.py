@@ -91,9 +91,9 @@ def probe_extract(data: Path, out: Path, backbone: str, batch: int, workers: int
     with timer() as t:
         s = extract(data, out, cfg)
     n = len_images(data)
-    return {"images_per_s": round(n / t["s"], 2), "loop_images_per_s": s["images_per_s"],
-            "startup_s": round(t["s"] - n / s["images_per_s"], 2),
-            "dtype": s["dtype"], "workers": workers, "pixels": pixels, "wall_s": round(t["s"], 2)}
+    return {"images_per_s": round(n / t["s"], 2), "loop_images_per_s": s.images_per_s,
+            "startup_s": round(t["s"] - n / s.images_per_s, 2),
+            "dtype": s.dtype, "workers": workers, "pixels": pixels, "wall_s": round(t["s"], 2)}
 
 
 def len_images(data: Path) -> int:
@@ -129,7 +129,7 @@ def main() -> None:
         tmp = Path(tmp)
         data = make_photos(tmp / "photos", args.images)
         small = make_photos(tmp / "photos-quarter", args.images // 4, seed=1)
-        from probe.extract import resolve_device, resolve_dtype
+        from probe.device import resolve_device, resolve_dtype
 
         dtype = resolve_dtype("auto", resolve_device(DEVICE))
         forward = forward_before = pure_forward(args.backbone, args.images, args.batch_size, dtype)

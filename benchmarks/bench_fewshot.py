@@ -162,7 +162,7 @@ def main() -> None:
         if store is None:
             from probe.extract import ExtractConfig, extract
 
-            store = extract(DEMO, Path(tmp) / "demo.h5", ExtractConfig(workers=2))["store"]
+            store = extract(DEMO, Path(tmp) / "demo.h5", ExtractConfig(workers=2)).store
         res = {"demo": bench_demo(Path(store), a.way, shots, a.query, a.episodes, a.C, a.sk_episodes)}
         res["demo"]["store"]["source"] = str(a.store) if a.store else "extracted in this run"
     res["gather_12000x1280"] = bench_gather(min(a.episodes, 2000), a.C)

@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import peak_rss_mb, timer, write_result  # noqa: E402
-from probe.search.index import IndexConfig, build_faiss, prepare, set_threads  # noqa: E402
+from probe.search import IndexConfig, build_faiss, prepare  # noqa: E402
+from probe.search.factory import set_threads  # noqa: E402
 
 K = 10
 

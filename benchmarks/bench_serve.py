@@ -93,8 +93,8 @@ def offline(backbone: str, payload: bytes, n: int) -> dict:
             (folder / f"{i:04d}.jpg").write_bytes(payload)
         with timer() as t:
             s = extract(folder.parent, Path(d) / "store.h5", ExtractConfig(backbone=backbone, batch_size=32))
-    return {"images": n, "images_per_s": s["images_per_s"], "seconds_with_model_load": round(t["s"], 2),
-            "dtype": s["dtype"]}
+    return {"images": n, "images_per_s": s.images_per_s, "seconds_with_model_load": round(t["s"], 2),
+            "dtype": s.dtype}
 
 
 def main() -> None:

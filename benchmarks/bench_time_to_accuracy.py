@@ -69,11 +69,11 @@ def probe_run(dtype: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp, timer() as total:
         with timer() as t_ex:
             summary = extract(DEMO, Path(tmp) / "demo.h5", ExtractConfig(dtype=dtype, workers=2))
-        store = FeatureStore(summary["store"])
+        store = FeatureStore(summary.store)
         with timer() as t_fit:
             head = LinearHead().fit(store.features("train"), store.labels("train"))
         acc = float((head.predict(store.features("val")) == store.labels("val")).mean())
-    return {"dtype": summary["dtype"], "extract_s": round(t_ex["s"], 2), "fit_head_s": round(t_fit["s"], 2),
+    return {"dtype": summary.dtype, "extract_s": round(t_ex["s"], 2), "fit_head_s": round(t_fit["s"], 2),
             "seconds": round(total["s"], 2), "val_accuracy": acc, "chosen_C": head.C_}
 
 

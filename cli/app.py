@@ -32,7 +32,8 @@ def emit(obj: Any, as_json: bool, text: Callable[[Any], str]) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str) if as_json else text(obj))
 
 
-FLAGS = {"shots": "--shots", "n_Cs": "--n-cs", "batch_size": "--batch-size", "max_pixels": "--max-pixels"}
+FLAGS = {"shots": "--shots", "n_Cs": "--n-cs", "batch_size": "--batch-size", "max_pixels": "--max-pixels",
+         "allow_missing": "--allow-missing"}
 """Library parameter names that appear in messages, and the flag a CLI user types instead."""
 
 

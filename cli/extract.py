@@ -36,7 +36,7 @@ def backbones(
 
 
 # ------------------------------------------------------------------------------------------------ extract
-def _extract_text(s: dict) -> str:
+def _extract_text(s: dict) -> str:  # ExtractSummary.to_dict()
     lines = [f"skipped {x['path']}: {x['reason']}" for x in s["skipped"]]
     rate = f", {s['images_per_s']} img/s" if s["images_per_s"] else ""
     views = f" + {s['views']} augmented views each" if s["views"] else ""
@@ -85,7 +85,7 @@ def extract(
                         dtype=dtype, tta=tta, pixels=pixels, layout=layout, prune=prune, shard=shard,
                         views=views)
     summary = run(data, out, cfg, progress=sys.stderr.isatty() and not as_json)
-    emit(summary, as_json, _extract_text)
+    emit(summary.to_dict(), as_json, _extract_text)
 
 
 @app.command()

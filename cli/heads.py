@@ -73,20 +73,23 @@ def fit_head(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Train a head on cached features, report validation/test metrics and save it."""
-    from probe.heads.fit import HeadConfig
+    from probe.errors import ProbeError
+    from probe.heads import make_head
     from probe.heads.fit import fit_head as run
 
     if l2 or standardize:
         if norm:
-            raise ValueError(f"give either --norm {norm} or --l2/--standardize, not both")
+            raise ProbeError(f"give either --norm {norm} or --l2/--standardize, not both")
         norm = "l2+standardize" if l2 and standardize else "l2" if l2 else "standardize"
     try:
         widths = tuple(int(h) for h in hidden.split(",") if h.strip())
     except ValueError:
-        raise ValueError(f"--hidden must be comma-separated integers like 512 or 1024,256, got {hidden!r}") from None
-    cfg = HeadConfig(head=head, norm=norm, shots=shots, balanced=balanced, seed=seed, C=C, n_Cs=n_Cs,
-                     hidden=widths, dropout=dropout, epochs=epochs, k=k, metric=metric, device=device, views=views)
-    emit(run(store, out, cfg), as_json, _fit_text)
+        raise ProbeError(f"--hidden must be comma-separated integers like 512 or 1024,256, got {hidden!r}") from None
+    params = {"linear": dict(C=C, n_Cs=n_Cs, balanced=balanced, seed=seed, device=device),  # the flags of each head
+              "mlp": dict(hidden=widths, dropout=dropout, epochs=epochs, balanced=balanced, seed=seed, device=device),
+              "knn": dict(k=k), "prototype": dict(metric=metric)}.get(head, {})
+    built = make_head(head, **params, **({"norm": norm} if norm else {}))
+    emit(run(store, built, out, shots=shots, seed=seed, views=views).to_dict(), as_json, _fit_text)
 
 
 # ----------------------------------------------------------------------------------------------- predict
@@ -136,9 +139,10 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Accuracy, top-5, balanced accuracy, per-class precision/recall/F1 and a confusion-matrix PNG."""
-    from probe.heads.evaluate import evaluate
+    from probe.heads.evaluate import evaluate_store
 
-    r = evaluate(store, head, None if split == "all" else split, png)
+    png = png or Path(f"{head.with_suffix('')}.{split}.confusion.png")
+    r = evaluate_store(store, head, None if split == "all" else split, png).to_dict()
 
     def text(r):
         lines = [f"{r['head_type']} head {r['head']} on {r['store']} [{r['split']}]", _metrics_line("", r).strip(),

@@ -45,7 +45,7 @@ def index(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Build a FAISS index of a store (or --update it) for `probe search`."""
-    from probe.search.index import IndexConfig, index_store
+    from probe.search import IndexConfig, index_store
 
     cfg = IndexConfig(type=type_, metric=metric or "cosine", target_recall=target_recall, exact_below=exact_below,
                       chunk_rows=chunk_rows, shards=shards, nlist=nlist)
@@ -74,7 +74,7 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The k gallery images most similar to each query: rank, score, label and path."""
-    from probe.search.query import search_index
+    from probe.search import search_index
 
     result = search_index(index_path, queries, k=k, device=device)
     if html:
@@ -102,6 +102,6 @@ def dedup(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Groups of near-duplicate images in a store (exact search over all pairs)."""
-    from probe.search.dedup import find_duplicates
+    from probe.search import find_duplicates
 
     emit(find_duplicates(store, threshold), as_json, _dedup_text)

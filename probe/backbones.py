@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .errors import BackboneError
+from .transforms import PixelTransform  # re-exported: probe.backbones.PixelTransform
 
 log = logging.getLogger(__name__)
 
@@ -83,94 +84,6 @@ class Backbone:
             "weights_sha256": self.weights_sha256,
             "preprocess": self.preprocess,
         }
-
-
-class PixelTransform:
-    """The geometric half of a weights' eval transform, run on uint8 tensors: PIL RGB -> (H, W, 3) uint8.
-
-    Resize (same size rule, interpolation and antialiasing) and centre crop go through torch's vectorised uint8
-    kernels, about 3x faster than the float path and within a grey level or two of Pillow's; the batch is normalised
-    later in one pass (``normalise``), on the device. Large JPEGs are decoded at a reduced scale (``draft``). A batch
-    of uint8 images is a quarter of the bytes of floats through the DataLoader's shared memory and the host-to-GPU
-    copy.
-
-    Example:
-        >>> pt = PixelTransform.from_transform(create_backbone("efficientnet_lite0").transform)
-        >>> pt(Image.open("cat.jpg").convert("RGB")).shape
-        torch.Size([224, 224, 3])
-    """
-
-    def __init__(self, steps: list[tuple[str, dict[str, Any]]], mean: list[float], std: list[float]):
-        self.steps, self.mean, self.std = steps, [float(v) for v in mean], [float(v) for v in std]
-
-    @classmethod
-    def from_transform(cls, tf: Callable) -> PixelTransform | None:
-        """Read a torchvision ``ImageClassification`` preset or a Compose of Resize / CenterCrop / ToTensor /
-        Normalize (what timm's eval transform is); None for anything else (the caller keeps the PIL path)."""
-        from torchvision import transforms as T
-        from torchvision.transforms._presets import ImageClassification
-
-        tf = getattr(tf, "tf", tf)  # _PilToTensor
-        if isinstance(tf, ImageClassification):
-            return cls([("resize", {"size": list(tf.resize_size), "interpolation": tf.interpolation,
-                                    "antialias": tf.antialias}),
-                        ("crop", {"size": list(tf.crop_size)})], tf.mean, tf.std)
-        if not isinstance(tf, T.Compose):
-            return None
-        steps: list[tuple[str, dict[str, Any]]] = []
-        mean = std = None
-        tensor = False  # after ToTensor only Normalize may follow
-        for t in tf.transforms:
-            if isinstance(t, T.Resize) and not tensor:
-                steps.append(("resize", {"size": t.size, "interpolation": t.interpolation, "max_size": t.max_size,
-                                         "antialias": t.antialias}))
-            elif isinstance(t, T.CenterCrop) and not tensor:
-                steps.append(("crop", {"size": list(t.size)}))
-            elif type(t).__name__ in ("ToTensor", "MaybeToTensor", "PILToTensor") and not tensor:
-                tensor = True
-            elif isinstance(t, T.Normalize) and tensor and mean is None:
-                mean, std = [float(v) for v in t.mean], [float(v) for v in t.std]
-            else:
-                return None
-        if mean is None:
-            return None
-        return cls(steps, mean, std)
-
-    @property
-    def draft(self) -> int | None:
-        """Smallest side a JPEG may be decoded at (DCT scaling, ``probe.data.decode``): twice the resize target, so
-        the antialiased resize still averages >= 2x2 decoded pixels per output pixel."""
-        for kind, kw in self.steps:
-            if kind == "resize":
-                size = kw["size"]
-                return 2 * (size if isinstance(size, int) else max(size))
-        return None
-
-    @staticmethod
-    def chw(img) -> torch.Tensor:
-        """PIL RGB -> (3, H, W) uint8, a view of HWC memory (the layout torch's uint8 resize kernels prefer)."""
-        import numpy as np
-
-        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-
-    def __call__(self, img) -> torch.Tensor:  # PIL RGB -> (H, W, 3) uint8
-        from torchvision.transforms.v2 import functional as F  # v2: native uint8 kernels (v1 casts to float)
-
-        x = self.chw(img)
-        for kind, kw in self.steps:
-            x = F.resize(x, **kw) if kind == "resize" else F.center_crop(x, kw["size"])
-        return x.permute(1, 2, 0).contiguous()
-
-    def normalise(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 channels-last, ``(x / 255 - mean) / std``; into ``out``
-        (a reused (B, H, W, 3) float32 buffer) when given: no fresh allocation per batch."""
-        scale = torch.tensor([1 / (255 * s) for s in self.std], device=x.device)
-        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], device=x.device)
-        y = out.copy_(x) if out is not None else x.float()
-        return y.mul_(scale).add_(shift).permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels-last
-
-    def __repr__(self) -> str:
-        return f"PixelTransform({self.steps}, mean={self.mean}, std={self.std})"
 
 
 # ----------------------------------------------------------------------------------------------- names

@@ -28,8 +28,8 @@ def run_demo(backbone: str = "efficientnet_lite0", out_dir: str | os.PathLike | 
              progress: bool = False, k: int = 5) -> dict[str, Any]:
     """Extract the demo set, fit a linear head on train (strength picked on val), build a search index and query
     it with every val image. Returns the three summaries and the figures a person reads first."""
-    from .heads.fit import HeadConfig, fit_head
-    from .search.index import IndexConfig, SearchIndex, index_store
+    from .heads.fit import fit_head
+    from .search import IndexConfig, SearchIndex, index_store
 
     out_dir = Path(out_dir) if out_dir else cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -41,8 +41,8 @@ def run_demo(backbone: str = "efficientnet_lite0", out_dir: str | os.PathLike | 
                     path)
         path.unlink()
         ex = extract(DEMO_DATA, path, ExtractConfig(backbone=backbone), progress=progress)
-    store = ex["store"]
-    fit = fit_head(store, Path(store).with_suffix(".linear.safetensors"), HeadConfig(head="linear"))
+    store = ex.store
+    fit = fit_head(store, "linear", Path(store).with_suffix(".linear.safetensors"))
     built = index_store(store, Path(store).with_suffix(".faiss"), IndexConfig())
     # Search quality: each val image queries the gallery; how many of its k nearest others share its class?
     idx = SearchIndex.load(built["index"])
@@ -54,10 +54,10 @@ def run_demo(backbone: str = "efficientnet_lite0", out_dir: str | os.PathLike | 
     example = {"query": idx.paths[val[0]], "label": idx.classes[labels[val[0]]],
                "hits": [{"path": idx.paths[h], "label": idx.classes[labels[h]]} for h in hits[0]]}
     return {
-        "extract": ex,
+        "extract": ex.to_dict(),
         # val accuracy at the strength the sweep chose on val, before the refit on train + val
-        "head": {"path": fit["out"], "val_accuracy": fit["val_accuracy"], "C": fit.get("C"),
-                 "n_train": fit["n_train"], "n_val": fit["n_val"], "fit_seconds": fit["fit_seconds"]},
+        "head": {"path": fit.out, "val_accuracy": fit.val_accuracy, "C": fit.get("C"),
+                 "n_train": fit.n_train, "n_val": fit.n_val, "fit_seconds": fit.fit_seconds},
         "index": built,
         "search": {"queries": int(len(val)), "k": k, "precision_at_5": precision, "example": example},
     }

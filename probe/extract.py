@@ -1,5 +1,12 @@
 """Run a frozen backbone over a dataset once and cache the embeddings in a feature store.
 
+A runner of four named steps, each taking and returning typed records:
+
+    make_plan   old store + journal + folder -> Plan        which files to embed, in which batches
+    run_plan    Plan -> RunStats                             reader (DataLoader) -> Embedder -> journal
+    reconcile   Plan + journal -> Reconciled                 the new store's rows, labels and skipped files
+    write_result                                             attributes + write_store, then the journal goes
+
 Resumable by construction: finished batches go to an fsync'd journal beside the store, the store itself is
 replaced atomically at the end. After ``kill -9`` the same call picks up at the first unfinished batch, with the
 same batch boundaries, so the features equal those of an uninterrupted run.
@@ -10,43 +17,45 @@ augment (the MLP), still one decode and one pass of the backbone per run.
 
 Example:
     >>> summary = extract("probe/demo/fashion-mnist", config=ExtractConfig(backbone="efficientnet_lite0"))
-    >>> summary["count"], summary["store"]
+    >>> summary.count, summary.store
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import platform
-import random
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import __version__
-from .backbones import DEFAULT_BACKBONE, Backbone, BackboneError, PixelTransform, create_backbone
-from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, fingerprint, load_image, to_rgb
+from ._callable import make_module_callable
+from .backbones import DEFAULT_BACKBONE, Backbone, BackboneError, create_backbone
+from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, fingerprint, load_image
+from .device import DTYPES, cpu_has_native_bf16, resolve_device, resolve_dtype
+from .embedder import PIXEL_PATHS, TTA_MODES, Embedder, embed_views, embedder_for, weights_arg
 from .errors import ProbeError
 from .identity import FeatureIdentity, Side
 from .shard import parse_shard, shard_path, take_shard
-from .store import FeatureStore, Journal, locked, write_store
+from .store import ClassMerge, FeatureStore, Journal, Row, Skip, StoreRows, locked, write_store
+from .transforms import VIEW_FLIP, VIEW_RATIO, VIEW_SCALE, PixelTransform, ViewTransform
+
+__all__ = [  # the names moved to device / embedder / transforms stay importable from here
+    "DTYPES", "PIXEL_PATHS", "TTA_MODES", "VIEW_FLIP", "VIEW_RATIO", "VIEW_SCALE", "Embedder", "ExtractConfig",
+    "ExtractSummary", "PixelTransform", "ViewTransform", "cache_dir", "cpu_has_native_bf16", "default_store_path",
+    "default_workers", "embed_views", "embedder_for", "extract", "resolve_device", "resolve_dtype", "weights_arg",
+]
 
 log = logging.getLogger(__name__)
-
-TTA_MODES = ("none", "hflip")
-PIXEL_PATHS = ("uint8", "pil")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -74,7 +83,9 @@ class ExtractConfig:
         if self.dtype not in DTYPES:
             raise ProbeError(f"unknown dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
-            raise ProbeError(f"batch size must be >= 1, got {self.batch_size}")
+            raise ProbeError(f"batch_size must be >= 1, got {self.batch_size}")
+        # these two keep the flags in their wording: tests/test_views.py matches "--views must be >= 0" and
+        # "--pixels uint8" (cli/app.py leaves a name that already is a flag alone)
         if self.views < 0:
             raise ProbeError(f"--views must be >= 0 augmented views per image, got {self.views}")
         if self.views and self.pixels == "pil":
@@ -84,253 +95,263 @@ class ExtractConfig:
         parse_shard(self.shard)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ProbeError(f"--device {device}: no CUDA device is available on this machine (use cpu or auto)")
-    if device.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise ProbeError(f"unknown device {device!r}: expected auto, cpu or cuda")
-    return torch.device(device)
+@dataclass
+class ExtractSummary:
+    """What ``extract`` did. ``to_dict()`` is the summary as JSON prints it; ``summary["count"]`` reads it too."""
+
+    store: str
+    shard: str | None  # "I/N" for a shard store
+    count: int  # rows in the store
+    dim: int
+    views: int  # augmented views per image in /views (TTA applies to `features` only)
+    backbone: str
+    classes: list[str]
+    embedded: int  # by this process; `resumed` more came from an interrupted run's journal
+    reused: int  # rows whose vectors were already stored
+    resumed: int
+    skipped: list[dict[str, str]]  # [{path, reason}] of files that could not be embedded
+    stale: int  # stored rows whose files are gone, kept
+    pruned: int  # stored rows whose files are gone, dropped (prune)
+    ignored: int  # files without an image extension
+    device: str
+    dtype: str
+    seconds: float
+    images_per_s: float | None  # of the embedding loop; None when it had nothing to do
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # noqa: BLE001 - older torch builds lack the op
-        return False
+# -------------------------------------------------------------------------------------------- records
+@dataclass
+class Job:
+    """One extraction, resolved from its config: the files, the embedder, the features' identity, the store."""
+
+    ds: Dataset
+    emb: Embedder
+    identity: FeatureIdentity  # with the augmented views, when there are any: the store's config_key
+    out: Path
+    cfg: ExtractConfig
+    shard: tuple[int, int] | None = None
+    views: ViewTransform | None = None
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    if dtype not in DTYPES:
-        raise ProbeError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if dtype != "auto":
-        return dtype
-    if device.type == "cuda":
-        return "float16"
-    return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
+@dataclass
+class Journaled:
+    """The journal beside the store and what it holds: every path embedded (-> its fingerprint then) and every
+    path that failed (-> Skip). ``append`` writes a batch (fsync'd) and records it; the vectors stay on disk."""
+
+    journal: Journal
+    done: dict[str, str] = field(default_factory=dict)
+    bad: dict[str, Skip] = field(default_factory=dict)
+
+    @classmethod
+    def recover(cls, out: Path, key: str) -> Journaled:
+        """The journal of ``out``: an interrupted run's, if it was made under ``key``; else a new one."""
+        journal = Journal(f"{out}.journal")
+        header, records = journal.read()
+        if header is not None and header.get("config_key") != key:
+            log.warning("%s belongs to another configuration: discarding it", journal.path)
+            header, records = None, []
+        if header is None:
+            journal.start({"config_key": key, "store": str(out)})
+        state = cls(journal)
+        for r in records:
+            state._record(r["paths"].tolist(), r["fingerprints"].tolist(), zip(
+                r["bad_paths"].tolist(), r["bad_fingerprints"].tolist(), r["bad_reasons"].tolist()))
+        return state
+
+    def _record(self, paths: Sequence[str], fps: Sequence[str], bad: Iterable[tuple[str, str, str]]) -> None:
+        self.done.update(zip(paths, fps))
+        self.bad.update((p, Skip(fp, why)) for p, fp, why in bad)
+
+    def failed(self, path: str, fp: str) -> bool:
+        """Whether the file, as it is now (``fp``), failed to decode in this run or the interrupted one."""
+        return path in self.bad and self.bad[path].fingerprint == fp
+
+    def finished(self, path: str, fp: str) -> bool:
+        return self.done.get(path) == fp or self.failed(path, fp)
+
+    def append(self, batch: Embedded, paths: Sequence[str], fps: Sequence[str]) -> None:
+        """Journal one embedded batch; ``paths``/``fps`` are the dataset's, indexed by ``batch``'s indices."""
+        ok_paths, ok_fps = [paths[i] for i in batch.indices], [fps[i] for i in batch.indices]
+        bad = [(paths[i], fps[i], why) for i, why in batch.failed]
+        bad_paths, bad_fps, reasons = (list(c) for c in zip(*bad)) if bad else ([], [], [])
+        self.journal.append(
+            features=batch.features, paths=np.array(ok_paths, dtype=str), fingerprints=np.array(ok_fps, dtype=str),
+            bad_paths=np.array(bad_paths, dtype=str), bad_fingerprints=np.array(bad_fps, dtype=str),
+            bad_reasons=np.array(reasons, dtype=str), **({"views": batch.views} if batch.views is not None else {}))
+        self._record(ok_paths, ok_fps, bad)
+
+    def vectors(self) -> Iterable[tuple[list[str], list[str], np.ndarray, np.ndarray | None]]:
+        """(paths, fingerprints, (B, D) features, (B, K, D) views or None) of every journalled batch, streamed."""
+        return self.journal.features()
+
+    def remove(self) -> None:
+        self.journal.remove()
 
 
-class Embedder:
-    """A backbone on a device with a dtype and TTA: images in, float32 embeddings out.
+@dataclass
+class Plan:
+    """Step 1's answer: what this run embeds, decided before any image is decoded."""
 
-    Example:
-        >>> emb = Embedder(create_backbone("efficientnet_lite0"))
-        >>> emb.embed_images([Image.open("cat.jpg")]).shape
-        (1, 1280)
-    """
-
-    def __init__(self, backbone: Backbone, device: str = "auto", dtype: str = "auto", tta: str = "none",
-                 channels_last: bool = True, pixels: str = "uint8"):
-        if tta not in TTA_MODES:
-            raise ProbeError(f"unknown TTA {tta!r}: expected one of {', '.join(TTA_MODES)}")
-        if pixels not in PIXEL_PATHS:
-            raise ProbeError(f"unknown pixel path {pixels!r}: expected one of {', '.join(PIXEL_PATHS)}")
-        self.backbone = backbone
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.tta = tta
-        # uint8: resize + crop on uint8 tensors, normalised per batch on the device; pil: the weights' own PIL
-        # transform per image (also where a transform has no uint8 form)
-        self.pixels = backbone.pixels if pixels == "uint8" else None
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = backbone.model.to(self.device, memory_format=self.memory_format).eval()
-        self._buffer: torch.Tensor | None = None  # reused (B, H, W, 3) float32 input on the CPU
-        self._lock = threading.Lock()  # the buffer is shared: one batch at a time (the CPU runs one anyway)
-
-    @property
-    def identity(self) -> FeatureIdentity:
-        """Everything that changes the numbers: the store's cache key is a hash of this."""
-        ident = self.backbone.identity()
-        if self.pixels is not None:  # recorded only when used: stores made by the PIL path keep their key
-            ident["preprocess"] = {**ident["preprocess"], "pixels": "uint8"}
-        return FeatureIdentity(**ident, pooling="penultimate", tta=self.tta, dtype=self.dtype)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """``identity`` as recorded in files."""
-        return self.identity.to_dict()
-
-    @property
-    def draft(self) -> int | None:
-        """JPEGs may be decoded down to this many pixels a side (the uint8 path; see probe.data.decode)."""
-        return self.pixels.draft if self.pixels is not None else None
-
-    @property
-    def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
-        """One RGB image -> what ``__call__`` takes stacked: (H, W, 3) uint8, or (3, H, W) float on the PIL path.
-        A small picklable object (no model): DataLoader workers get it."""
-        return self.pixels if self.pixels is not None else self.backbone.transform
-
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 channels-last on the device."""
-        if self.device.type != "cpu":
-            return self.pixels.normalise(x.to(self.device, non_blocking=True))  # 1/4 of the bytes cross the bus
-        if self._buffer is None or self._buffer.shape[1:] != x.shape[1:] or self._buffer.shape[0] < x.shape[0]:
-            self._buffer = torch.empty(x.shape, dtype=torch.float32)  # fresh pages cost more than the arithmetic
-        return self.pixels.normalise(x, self._buffer[: x.shape[0]])
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor, tta: bool = True) -> np.ndarray:
-        """A batch from ``preprocess``: (B, H, W, 3) uint8 or (B, 3, H, W) float -> (B, D) float32 embeddings.
-        ``tta=False``: the plain forward even when the embedder has TTA (augmented views are embedded so)."""
-        with self._lock:
-            return self._forward(x, tta and self.tta == "hflip")
-
-    def _forward(self, x: torch.Tensor, hflip: bool) -> np.ndarray:
-        if x.dtype == torch.uint8:
-            x = self._normalise(x)
-        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        b = x.shape[0]
-        if hflip:
-            x = torch.cat([x, x.flip(3)])  # (2B, 3, H, W): one forward for both views
-        with torch.autocast(self.device.type, dtype=getattr(torch, self.dtype), enabled=self.dtype != "float32"):
-            f = self.model(x)
-        f = f.float().flatten(1)
-        if hflip:
-            f = (f[:b] + f[b:]) / 2
-        return f.cpu().numpy()
-
-    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
-        """PIL images (any mode) -> (N, D) float32."""
-        out = [self(torch.stack([self.preprocess(to_rgb(im)) for im in images[s: s + batch_size]]))
-               for s in range(0, len(images), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, self.backbone.dim), np.float32)
-
-    def embed_files(self, paths: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, list[int], list[dict]]:
-        """Decode and embed files a batch at a time: (features of the decodable ones, their indices, [{path,
-        reason}] skipped). Memory holds one batch of images, however many files."""
-        feats, ok, bad = [], [], []
-        for s in range(0, len(paths), batch_size):
-            images = []
-            for i in range(s, min(s + batch_size, len(paths))):
-                try:
-                    images.append(load_image(str(paths[i]), draft=self.draft))
-                    ok.append(i)
-                except ImageDecodeError as e:
-                    bad.append({"path": str(paths[i]), "reason": str(e)})
-            if images:
-                feats.append(self.embed_images(images, batch_size))
-        return (np.concatenate(feats) if feats else np.zeros((0, self.backbone.dim), np.float32)), ok, bad
-
-
-def weights_arg(identity: str) -> str | None:
-    """Turn a recorded weights identity back into the `weights` argument that reproduces it."""
-    if identity == "random":
-        return "random"
-    if identity.startswith("file:"):
-        return identity[5:]
-    if identity.startswith("torchvision:"):
-        return identity.rsplit(".", 1)[-1]
-    return None
-
-
-def embedder_for(attrs: dict[str, Any], device: str = "auto") -> Embedder:
-    """Rebuild the exact embedder recorded in a store's or head's attributes, refusing any difference.
-
-    Used to embed query images for predict and search with the same backbone, weights and preprocessing."""
-    bb = create_backbone(attrs["backbone"], weights_arg(attrs["weights"]))
-    emb = Embedder(bb, device=device, dtype=attrs.get("dtype", "float32"), tta=attrs.get("tta", "none"),
-                   pixels=(attrs.get("preprocess") or {}).get("pixels", "pil"))
-    FeatureIdentity.from_config(attrs).check(
-        emb.identity, mine=Side("recorded", verb=""), theirs=f"the backbone {attrs['backbone']} available now", features_only=True,
-        ignore_versions=True, fix="The backbone available now differs from the one recorded: restore those weights "
-        "or extract the features again with the weights you have.")
-    return emb
-
-
-# ---------------------------------------------------------------------------------------- augmented views
-VIEW_SCALE = (0.25, 1.0)  # area fraction of a view's crop: wider than 0.08 (ImageNet training), since a frozen
-VIEW_RATIO = (3 / 4, 4 / 3)  # backbone is evaluated on whole objects, and tiny crops would mostly teach noise
-VIEW_FLIP = 0.5  # probability of a horizontal flip
-
-
-class ViewTransform:
-    """K seeded augmented views of an RGB image on uint8 tensors: RandomResizedCrop to the weights' crop size
-    (their interpolation, antialiased) + horizontal flip; PIL RGB -> (K, H, W, 3) uint8, normalised later by the
-    Embedder like ``PixelTransform``'s centre crops.
-
-    The crop and flip of view k of the file at relative path p are drawn from sha1(p, k): a file gets the same views
-    in every run — resumed, sharded or re-run on a grown folder — whatever else the folder holds.
-
-    Example:
-        >>> vt = ViewTransform(create_backbone("efficientnet_lite0").pixels, count=4)
-        >>> vt(Image.open("cat.jpg").convert("RGB"), "cats/cat.jpg").shape
-        torch.Size([4, 224, 224, 3])
-    """
-
-    def __init__(self, pixels: PixelTransform, count: int, scale: tuple[float, float] = VIEW_SCALE,
-                 ratio: tuple[float, float] = VIEW_RATIO, flip: float = VIEW_FLIP):
-        from torchvision.transforms import InterpolationMode
-
-        if count < 1:
-            raise ProbeError(f"views per image must be >= 1, got {count}")
-        self.count, self.scale, self.ratio, self.flip = count, scale, ratio, flip
-        resize = next((kw for kind, kw in pixels.steps if kind == "resize"), {})
-        size = next((kw["size"] for kind, kw in reversed(pixels.steps) if kind == "crop"), None)
-        if size is None and isinstance(resize.get("size"), (list, tuple)) and len(resize["size"]) == 2:
-            size = resize["size"]  # resize to a fixed (H, W) without a crop
-        if size is None:
-            raise BackboneError(f"augmented views need a fixed input size, and {pixels!r} has none")
-        size = [size, size] if isinstance(size, int) else list(size)
-        self.size = [int(size[0]), int(size[-1])]  # (H, W) of the model's input
-        self.interpolation = resize.get("interpolation", InterpolationMode.BILINEAR)
+    fingerprints: list[str]  # (N,) of every file of the dataset, as it is now
+    todo: list[int]  # dataset indices neither stored nor recorded as skipped as they are now
+    batches: list[list[int]]  # ``todo`` cut into batch_size, less what the journal already holds
+    resumed: int  # files of ``todo`` the journal already holds (an interrupted run's)
+    old: StoreRows  # the store before this run (empty when there is none)
+    created: str | None  # the old store's creation time, kept
+    journal: Journaled
 
     @property
-    def recipe(self) -> str:
-        """What the store records (and its config key hashes): change the augmentation, change this string."""
-        interp = getattr(self.interpolation, "value", self.interpolation)
-        return (f"RandomResizedCrop({self.size[0]}x{self.size[1]}, scale=({self.scale[0]:g}, {self.scale[1]:g}), "
-                f"ratio=({self.ratio[0]:.4f}, {self.ratio[1]:.4f}), interpolation={interp}, antialias) "
-                f"+ HorizontalFlip(p={self.flip:g}); uint8; seed=sha1(path, view)")
-
-    def params(self, key: str, view: int, height: int, width: int) -> tuple[int, int, int, int, bool]:
-        """(top, left, h, w, flip) of view ``view`` of the file ``key`` in a height x width image: torchvision's
-        RandomResizedCrop.get_params (10 tries, then a centre crop of the nearest allowed ratio), seeded."""
-        seed = int.from_bytes(hashlib.sha1(f"{key}\0{view}".encode()).digest()[:8], "big")
-        rng = random.Random(seed)
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        box = None
-        for _ in range(10):
-            area = height * width * rng.uniform(*self.scale)
-            aspect = math.exp(rng.uniform(*log_ratio))
-            w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                box = (rng.randint(0, height - h), rng.randint(0, width - w), h, w)
-                break
-        if box is None:
-            in_ratio = width / height
-            if in_ratio < min(self.ratio):
-                w, h = width, int(round(width / min(self.ratio)))
-            elif in_ratio > max(self.ratio):
-                w, h = int(round(height * max(self.ratio))), height
-            else:
-                w, h = width, height
-            box = ((height - h) // 2, (width - w) // 2, h, w)
-        return (*box, rng.random() < self.flip)
-
-    def __call__(self, img, key: str) -> torch.Tensor:  # PIL RGB -> (K, H, W, 3) uint8
-        from torchvision.transforms.v2 import functional as F  # v2: native uint8 kernels (v1 casts to float)
-
-        x = PixelTransform.chw(img)  # (3, H, W)
-        views = []
-        for k in range(self.count):
-            top, left, h, w, flip = self.params(key, k, x.shape[1], x.shape[2])
-            v = F.resized_crop(x, top, left, h, w, self.size, interpolation=self.interpolation, antialias=True)
-            views.append(F.horizontal_flip(v) if flip else v)  # (3, H, W)
-        return torch.stack(views).permute(0, 2, 3, 1).contiguous()  # (K, H, W, 3)
+    def count(self) -> int:
+        """Files this run decodes."""
+        return sum(len(b) for b in self.batches)
 
 
-def embed_views(emb: Embedder, views: torch.Tensor, batch_size: int) -> np.ndarray:
-    """(B, K, H, W, 3) uint8 views -> (B, K, D) float32, forwarded ``batch_size`` at a time and without TTA (TTA
-    averages a mirror into the centre features; a view already is an augmentation)."""
-    b, k = views.shape[:2]
-    flat = views.flatten(0, 1)  # (B*K, H, W, 3)
-    out = [emb(flat[s: s + batch_size], tta=False) for s in range(0, len(flat), batch_size)]
-    return np.concatenate(out).reshape(b, k, -1) if out else np.zeros((b, k, emb.backbone.dim), np.float32)
+class Decoded(NamedTuple):
+    """A batch from the reader, collated in a DataLoader worker (a NamedTuple: pin_memory keeps its type)."""
+
+    images: torch.Tensor | None  # (B, H, W, 3) uint8 or (B, 3, H, W) float; None when no file decoded
+    views: torch.Tensor | None  # (B, K, H, W, 3) uint8 when the run makes augmented views
+    indices: list[int]  # dataset indices of the B decoded files
+    failed: list[tuple[int, str]]  # (dataset index, reason) of the files that did not decode
 
 
-# ------------------------------------------------------------------------------------------- loading
+@dataclass
+class Embedded:
+    """A batch through the embedder: what the journal records."""
+
+    indices: list[int]
+    failed: list[tuple[int, str]]
+    features: np.ndarray  # (B, D) float32
+    views: np.ndarray | None  # (B, K, D) float32 when the run makes augmented views
+
+
+@dataclass
+class RunStats:
+    embedded: int  # files embedded by this process
+    seconds: float  # wall time of the loop
+
+
+@dataclass
+class Reconciled:
+    """Step 3's answer: the rows of the new store."""
+
+    classes: list[str]  # the old store's and the dataset's, merged
+    rows: dict[str, Row]  # stored rows first, in their order; then new files, in dataset order
+    new: set[str]  # paths whose vectors come from the journal
+    skipped: dict[str, Skip]
+    stale: list[str]  # stored paths gone from the dataset (dropped when pruning)
+
+
+# ------------------------------------------------------------------------------------------- the runner
+def extract(data: str | os.PathLike, out: str | os.PathLike | None = None, config: ExtractConfig | None = None,
+            progress: bool = False, backbone: Backbone | None = None) -> ExtractSummary:
+    """Embed every image of DATA not already in the store; returns an ExtractSummary.
+
+    Raises DatasetError / BackboneError / StoreError when the run cannot start; bad images never raise."""
+    job = _job(data, out, config or ExtractConfig(), backbone)
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    with locked(job.out):
+        return _extract_locked(job, progress)
+
+
+def _extract_locked(job: Job, progress: bool = False) -> ExtractSummary:
+    """plan -> run -> reconcile -> write, under the store's lock."""
+    t0 = time.perf_counter()
+    plan = make_plan(job)
+    stats = run_plan(job, plan, progress)
+    result = reconcile(job.ds, plan, job.cfg.prune)
+    write_result(job, plan, result)
+    return _summary(job, plan, stats, result, time.perf_counter() - t0)
+
+
+def _job(data: str | os.PathLike, out: str | os.PathLike | None, cfg: ExtractConfig,
+         backbone: Backbone | None) -> Job:
+    """Resolve a config: list the files, build the embedder, key the features, choose the store (and shard)."""
+    ds = discover(data, cfg.layout)
+    shard = parse_shard(cfg.shard)
+    device = cfg.device
+    if shard and device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun rank
+    emb = Embedder(backbone or create_backbone(cfg.backbone, cfg.weights), device, cfg.dtype, cfg.tta,
+                   cfg.channels_last, cfg.pixels)
+    views, identity = None, emb.identity
+    if cfg.views:
+        if emb.pixels is None:
+            raise BackboneError(f"views={cfg.views}: augmented views are made on uint8 tensors, and the "
+                                f"transform of {emb.backbone.name} has no uint8 form ({emb.backbone.transform!r})")
+        views = ViewTransform(emb.pixels, cfg.views)
+        identity = replace(identity, views={"count": cfg.views, "augment": views.recipe})  # a key of its own
+    out = Path(out) if out else default_store_path(ds, emb.backbone.name, identity.key)
+    if shard:
+        ds, out = take_shard(ds, shard), shard_path(out, shard)
+        log.info("shard %d/%d: %d files -> %s", *shard, len(ds), out)
+    return Job(ds, emb, identity, out, cfg, shard, views)
+
+
+# ------------------------------------------------------------------------------------------- 1. plan
+def make_plan(job: Job) -> Plan:
+    """What to embed: the files whose current fingerprint the old store neither holds nor recorded as skipped,
+    cut into batches, less what an interrupted run's journal already holds."""
+    old, created = _old_rows(job)
+    paths = job.ds.paths
+    fps = [fingerprint(job.ds.abspath(i)) for i in range(len(job.ds))]
+    todo = [i for i, p in enumerate(paths) if not old.has(p, fps[i])]
+    journal = Journaled.recover(job.out, job.identity.key)
+    finished = {i for i in todo if journal.finished(paths[i], fps[i])}
+    # Batches are cut from the to-do list before the journal is consulted: a resumed run sees the same batch
+    # boundaries as an uninterrupted one, so every image goes through the same forward pass.
+    bs = job.cfg.batch_size
+    cut = [todo[s: s + bs] for s in range(0, len(todo), bs)]
+    batches = [b for b in ([i for i in b if i not in finished] for b in cut) if b]
+    if finished:
+        log.info("resuming %s: %d images already done in the journal", job.out, len(finished))
+    return Plan(fps, todo, batches, len(finished), old, created, journal)
+
+
+def _old_rows(job: Job) -> tuple[StoreRows, str | None]:
+    """The rows of the store this run extends (refused unless made the same way), and when it was created."""
+    if not job.out.exists():
+        return StoreRows(), None
+    old = FeatureStore(job.out)
+    old.identity.check(job.identity, mine=Side("store", str(job.out)), theirs="this run", fix="Use another out "
+                       "path (the default one is keyed by configuration) or delete the old store.")
+    return StoreRows.read(old), old.attrs.get("created")
+
+
+# -------------------------------------------------------------------------------------------- 2. run
+def run_plan(job: Job, plan: Plan, progress: bool = False) -> RunStats:
+    """The planned batches through reader (decode + preprocess in DataLoader workers) -> embedder -> journal.
+    A batch is in the fsync'd journal before the next one is embedded: a kill loses at most the one in flight."""
+    loader = _reader(job, plan.batches)
+    embedded, t0 = 0, time.perf_counter()
+    with tqdm(total=plan.count, unit="img", disable=not progress, desc=f"extract {job.emb.backbone.name}",
+              mininterval=0.5, dynamic_ncols=True) as bar:
+        for batch in loader:
+            for i, reason in batch.failed:
+                log.warning("skipped %s: %s", job.ds.abspath(i), reason)
+            plan.journal.append(_embed(job, batch), job.ds.paths, plan.fingerprints)
+            embedded += len(batch.indices)
+            bar.update(len(batch.indices) + len(batch.failed))
+    return RunStats(embedded, time.perf_counter() - t0)
+
+
+def _embed(job: Job, batch: Decoded) -> Embedded:
+    """The mapper: centre crops -> (B, D) features; augmented views (without TTA) -> (B, K, D)."""
+    emb, k = job.emb, job.cfg.views
+    feats = emb(batch.images) if batch.images is not None else np.zeros((0, emb.dim), np.float32)
+    views = None
+    if k:
+        views = embed_views(emb, batch.views, job.cfg.batch_size) if batch.views is not None else \
+            np.zeros((0, k, emb.dim), np.float32)
+    return Embedded(batch.indices, batch.failed, feats.astype(np.float32), views)
+
+
 class _Files(torch.utils.data.Dataset):
     """Decode + preprocess in DataLoader workers; a bad file becomes (None, i, reason), never an exception.
     With ``views`` an item is (centre, views) of one decode, the views seeded by ``keys[i]`` (relative path)."""
@@ -354,14 +375,25 @@ class _Files(torch.utils.data.Dataset):
             return None, i, f"preprocessing failed: {type(e).__name__}: {e}"
 
 
-def _collate(items):
+def _collate(items) -> Decoded:
     ok = [(x, i) for x, i, _ in items if x is not None]
-    bad = [(i, r) for x, i, r in items if x is None]
-    xs = [t for t, _ in ok]
-    x = None  # (B, H, W, 3) or (B, 3, H, W); with views ((B, H, W, 3), (B, K, H, W, 3))
-    if xs:
-        x = tuple(torch.stack(p) for p in zip(*xs)) if isinstance(xs[0], tuple) else torch.stack(xs)
-    return x, [i for _, i in ok], bad
+    xs = [x for x, _ in ok]
+    images = views = None
+    if xs and isinstance(xs[0], tuple):  # (centre, views) per file
+        images, views = (torch.stack(p) for p in zip(*xs))
+    elif xs:
+        images = torch.stack(xs)
+    return Decoded(images, views, [i for _, i in ok], [(i, r) for x, i, r in items if x is None])
+
+
+def _reader(job: Job, batches: list[list[int]]) -> DataLoader:
+    """Batches of dataset indices -> ``Decoded`` batches, decoded in ``workers`` processes."""
+    ds, emb, cfg = job.ds, job.emb, job.cfg
+    workers = default_workers() if cfg.workers < 0 else cfg.workers
+    files = _Files([ds.abspath(i) for i in range(len(ds))], emb.preprocess, cfg.max_pixels, job.views, ds.paths,
+                   emb.draft)
+    return DataLoader(files, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                      pin_memory=emb.device.type == "cuda", prefetch_factor=4 if workers else None)
 
 
 def default_workers() -> int:
@@ -371,6 +403,93 @@ def default_workers() -> int:
     return min(cores, 8)
 
 
+# -------------------------------------------------------------------------------------- 3. reconcile
+def reconcile(ds: Dataset, plan: Plan, prune: bool = False) -> Reconciled:
+    """The new store mirrors the dataset. Stored rows come first, in their order: one still in the dataset takes
+    its label and split from it (and its fingerprint from the journal when re-embedded), one gone stays unless
+    ``prune``, one that changed and no longer decodes goes. Then the newly embedded files, in dataset order.
+    Labels index the merged class list (as a merge of shards does, ``probe.shard.merge``)."""
+    old, journal, fps = plan.old, plan.journal, plan.fingerprints
+    classes = ClassMerge(ds.classes, old.classes)
+    here = {p: i for i, p in enumerate(ds.paths)}
+
+    def row(i: int, fp: str) -> Row:
+        return Row(fp, classes.label(int(ds.labels[i]), ds.classes), ds.splits[i])
+
+    rows: dict[str, Row] = {}
+    for p, stored in old.relabelled(classes):
+        i = here.get(p)
+        if i is None:
+            if not prune:
+                rows[p] = stored
+        elif not journal.failed(p, fps[i]):  # a file that changed and no longer decodes: its old row is wrong
+            rows[p] = row(i, journal.done.get(p, stored.fingerprint))
+    new = {p for i, p in enumerate(ds.paths) if journal.done.get(p) == fps[i]}
+    rows.update((p, row(i, fps[i])) for i, p in enumerate(ds.paths) if p in new and p not in rows)
+    skipped = {p: journal.bad[p] for p in ds.paths if journal.failed(p, fps[here[p]])}
+    skipped.update((p, s) for p, s in old.skipped.items()
+                   if p in here and s.fingerprint == fps[here[p]] and p not in skipped and p not in new)
+    return Reconciled(classes.classes, rows, new, skipped, stale=[p for p in old.rows if p not in here])
+
+
+# ------------------------------------------------------------------------------------------ 4. write
+def write_result(job: Job, plan: Plan, result: Reconciled) -> None:
+    """Write the store when anything changed (vectors streamed from the journal), then drop the journal."""
+    old = plan.old
+    changed = bool(result.new) or set(result.rows) != set(old.rows) or not job.out.exists() or \
+        result.skipped.keys() != old.skipped.keys() or result.classes != old.classes
+    if changed:
+        write_store(job.out, _attrs(job, result.classes, plan.created), result.rows, plan.journal.vectors(),
+                    result.skipped, job.emb.dim, new={p for p in result.new if p not in old.rows},
+                    views=job.cfg.views)
+    plan.journal.remove()
+    if result.stale:
+        log.warning("%d stored images are no longer under %s (e.g. %s): %s", len(result.stale), job.ds.root,
+                    result.stale[0], "dropped (prune)" if job.cfg.prune else "kept; prune (--prune) drops them")
+
+
+def _attrs(job: Job, classes: list[str], created: str | None) -> dict[str, Any]:
+    attrs = {
+        **job.identity.to_dict(),
+        "config_key": job.identity.key,
+        "classes": classes,
+        "root": str(job.ds.root),
+        "layout": job.ds.layout,
+        "device": str(job.emb.device),
+        "versions": _versions(),
+        "extract_config": {k: v for k, v in asdict(job.cfg).items() if k not in ("prune",)},
+    }
+    if job.shard:  # the completion marker: the store file only ever appears whole (atomic rename)
+        attrs.update(shard=f"{job.shard[0]}/{job.shard[1]}", complete=True)
+    if created:
+        attrs["created"] = created
+    return attrs
+
+
+def _versions() -> dict[str, str]:
+    import h5py
+    import timm
+    import torchvision
+
+    return {"probe": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "h5py": h5py.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _summary(job: Job, plan: Plan, stats: RunStats, result: Reconciled, seconds: float) -> ExtractSummary:
+    cfg, emb, pruning = job.cfg, job.emb, job.cfg.prune
+    return ExtractSummary(
+        store=str(job.out), shard=f"{job.shard[0]}/{job.shard[1]}" if job.shard else None, count=len(result.rows),
+        dim=emb.dim, views=cfg.views, backbone=emb.backbone.name, classes=result.classes,
+        embedded=stats.embedded, reused=len(result.rows) - len(result.new), resumed=plan.resumed,
+        skipped=[{"path": p, "reason": s.reason} for p, s in sorted(result.skipped.items())],
+        stale=0 if pruning else len(result.stale), pruned=len(result.stale) if pruning else 0,
+        ignored=len(job.ds.ignored), device=str(emb.device), dtype=emb.dtype, seconds=round(seconds, 3),
+        images_per_s=round(plan.count / stats.seconds, 2) if plan.count and stats.seconds > 0 else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------- paths
 def cache_dir() -> Path:
     return Path(os.environ.get("PROBE_CACHE_DIR", "cache"))
 
@@ -384,200 +503,4 @@ def default_store_path(ds: Dataset, backbone: str, key: str) -> Path:
     return cache_dir() / f"{slug}.{backbone.replace('/', '_')}.{key[:8]}.h5"
 
 
-def _versions() -> dict[str, str]:
-    import h5py
-    import timm
-    import torchvision
-
-    return {"probe": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "h5py": h5py.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
-
-
-def extract(data: str | os.PathLike, out: str | os.PathLike | None = None, config: ExtractConfig | None = None,
-            progress: bool = False, backbone: Backbone | None = None) -> dict[str, Any]:
-    """Embed every image of DATA not already in the store; returns a summary dict.
-
-    Raises DatasetError / BackboneError / StoreError when the run cannot start; bad images never raise."""
-    cfg = config or ExtractConfig()
-    ds = discover(data, cfg.layout)
-    shard = parse_shard(cfg.shard)
-    device = cfg.device
-    if shard and device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun rank
-    emb = Embedder(backbone or create_backbone(cfg.backbone, cfg.weights), device, cfg.dtype, cfg.tta,
-                   cfg.channels_last, cfg.pixels)
-    views = None
-    identity = emb.identity
-    if cfg.views:
-        if emb.pixels is None:
-            raise BackboneError(f"--views {cfg.views}: augmented views are made on uint8 tensors, and the "
-                                f"transform of {emb.backbone.name} has no uint8 form ({emb.backbone.transform!r})")
-        views = ViewTransform(emb.pixels, cfg.views)
-        identity = replace(identity, views={"count": cfg.views, "augment": views.recipe})  # a key of its own
-    key = identity.key
-    out = Path(out) if out else default_store_path(ds, emb.backbone.name, key)
-    if shard:
-        ds, out = take_shard(ds, shard), shard_path(out, shard)
-        log.info("shard %d/%d: %d files -> %s", *shard, len(ds), out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with locked(out):
-        return _extract_locked(ds, emb, identity, out, cfg, progress, shard, views)
-
-
-def _extract_locked(ds, emb, identity: FeatureIdentity, out: Path, cfg: ExtractConfig, progress: bool,
-                    shard: tuple[int, int] | None = None, views: ViewTransform | None = None) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    stored: dict[str, str] = {}
-    stored_meta: dict[str, tuple[int, str]] = {}
-    old_skipped: dict[str, tuple[str, str]] = {}  # path -> (fingerprint, reason) recorded by earlier runs
-    old_classes: list[str] = []
-    created = None
-    key = identity.key
-    if out.exists():
-        old = FeatureStore(out)
-        old.identity.check(identity, mine=Side("store", str(out)), theirs="this run", fix="Use another --out "
-                           "(the default path is keyed by configuration) or delete the old store.")
-        old_paths = old.paths()
-        stored = dict(zip(old_paths, old.fingerprints()))
-        stored_meta = dict(zip(old_paths, zip(old.labels().tolist(), old.splits().tolist())))
-        skip_fps = old.skipped_fingerprints()
-        old_skipped = {x["path"]: (skip_fps[x["path"]], x["reason"]) for x in old.skipped()}
-        old_classes, created = old.classes, old.attrs.get("created")
-    fps = [fingerprint(ds.abspath(i)) for i in range(len(ds))]
-    todo = [i for i, p in enumerate(ds.paths)
-            if stored.get(p) != fps[i] and old_skipped.get(p, ("",))[0] != fps[i]]
-
-    journal = Journal(f"{out}.journal")
-    header, records = journal.read()
-    if header is not None and header.get("config_key") != key:
-        log.warning("%s belongs to another configuration: discarding it", journal.path)
-        header, records = None, []
-    if header is None:
-        journal.start({"config_key": key, "store": str(out)})
-    done: dict[str, str] = {}  # path -> fingerprint of every image embedded in the journal (features stay on disk)
-    bad: dict[str, tuple[str, str]] = {}  # path -> (fingerprint, reason)
-    for r in records:
-        done.update(zip(r["paths"].tolist(), r["fingerprints"].tolist()))
-        for p, fp, why in zip(r["bad_paths"].tolist(), r["bad_fingerprints"].tolist(), r["bad_reasons"].tolist()):
-            bad[p] = (fp, why)
-
-    def finished(i: int) -> bool:
-        p = ds.paths[i]
-        return done.get(p) == fps[i] or (p in bad and bad[p][0] == fps[i])
-
-    # Batches are cut from the to-do list before the journal is consulted: a resumed run sees the same batch
-    # boundaries as an uninterrupted one, so every image goes through the same forward pass.
-    batches = [todo[s: s + cfg.batch_size] for s in range(0, len(todo), cfg.batch_size)]
-    batches = [b for b in ([i for i in b if not finished(i)] for b in batches) if b]
-    n_resumed = sum(finished(i) for i in todo)
-    if n_resumed:
-        log.info("resuming %s: %d images already done in the journal", out, n_resumed)
-    workers = default_workers() if cfg.workers < 0 else cfg.workers
-    loader = DataLoader(
-        _Files([ds.abspath(i) for i in range(len(ds))], emb.preprocess, cfg.max_pixels, views, ds.paths, emb.draft),
-        batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-        pin_memory=emb.device.type == "cuda", prefetch_factor=4 if workers else None,
-    )
-    n_new = sum(len(b) for b in batches)
-    t_run = time.perf_counter()
-    n_embedded = 0
-    with tqdm(total=n_new, unit="img", disable=not progress, desc=f"extract {emb.backbone.name}",
-              mininterval=0.5, dynamic_ncols=True) as bar:
-        for x, idx, failed in loader:
-            x, v = x if isinstance(x, tuple) else (x, None)  # centre crops, and (B, K, H, W, 3) views if any
-            feats = emb(x) if x is not None else np.zeros((0, emb.backbone.dim), np.float32)  # (B, D)
-            for i, reason in failed:
-                log.warning("skipped %s: %s", ds.abspath(i), reason)
-            extra = {}
-            if views is not None:
-                extra["views"] = embed_views(emb, v, cfg.batch_size) if v is not None else \
-                    np.zeros((0, views.count, emb.backbone.dim), np.float32)  # (B, K, D)
-            journal.append(
-                features=feats.astype(np.float32),
-                paths=np.array([ds.paths[i] for i in idx], dtype=str),
-                fingerprints=np.array([fps[i] for i in idx], dtype=str),
-                bad_paths=np.array([ds.paths[i] for i, _ in failed], dtype=str),
-                bad_fingerprints=np.array([fps[i] for i, _ in failed], dtype=str),
-                bad_reasons=np.array([r for _, r in failed], dtype=str),
-                **extra,
-            )
-            n_embedded += len(idx)
-            done.update((ds.paths[i], fps[i]) for i in idx)
-            for i, r in failed:
-                bad[ds.paths[i]] = (fps[i], r)
-            bar.update(len(idx) + len(failed))
-    run_seconds = time.perf_counter() - t_run
-
-    # ---- merge: the store mirrors DATA; rows of vanished files stay unless prune
-    classes = sorted(set(ds.classes) | set(old_classes))
-    cindex = {c: i for i, c in enumerate(classes)}
-    in_ds = {p: i for i, p in enumerate(ds.paths)}
-    rows: dict[str, tuple[str, int, str]] = {}
-    new: set[str] = set()  # paths whose vectors come from the journal
-    stale = [p for p in stored if p not in in_ds]
-    for p in stored:  # stored rows first, in stored order
-        if p in in_ds:
-            i = in_ds[p]
-            if p in bad and bad[p][0] == fps[i]:
-                continue  # the file changed and no longer decodes: its old row would be wrong
-            y = ds.labels[i]
-            rows[p] = (done.get(p, stored[p]),
-                       cindex[ds.classes[y]] if y >= 0 else -1, ds.splits[i])
-        elif not cfg.prune:
-            y, sp = stored_meta[p]
-            rows[p] = (stored[p], cindex[old_classes[y]] if y >= 0 else -1, sp)
-    for i, p in enumerate(ds.paths):
-        if done.get(p) == fps[i]:
-            new.add(p)
-            if p not in rows:
-                y = ds.labels[i]
-                rows[p] = (fps[i], cindex[ds.classes[y]] if y >= 0 else -1, ds.splits[i])
-    skipped = {p: bad[p] for p in ds.paths if p in bad and bad[p][0] == fps[in_ds[p]]}
-    skipped.update({p: (fp, old_reason) for p, (fp, old_reason) in old_skipped.items()
-                    if p in in_ds and fp == fps[in_ds[p]] and p not in skipped and p not in new})
-    attrs = {
-        **identity.to_dict(),
-        "config_key": key,
-        "classes": classes,
-        "root": str(ds.root),
-        "layout": ds.layout,
-        "device": str(emb.device),
-        "versions": _versions(),
-        "extract_config": {k: v for k, v in asdict(cfg).items() if k not in ("prune",)},
-    }
-    if shard:  # the completion marker: the store file only ever appears whole (atomic rename)
-        attrs.update(shard=f"{shard[0]}/{shard[1]}", complete=True)
-    if created:
-        attrs["created"] = created
-    changed = bool(new) or set(rows) != set(stored) or not out.exists() or \
-        skipped.keys() != old_skipped.keys() or classes != old_classes
-    if changed:
-        write_store(out, attrs, rows, journal.features(), skipped, emb.backbone.dim,
-                    new={p for p in new if p not in stored}, views=cfg.views)
-    journal.remove()
-    if stale:
-        log.warning("%d stored images are no longer under %s (e.g. %s): %s", len(stale), ds.root, stale[0],
-                    "dropped (--prune)" if cfg.prune else "kept; pass --prune to drop them")
-    elapsed = time.perf_counter() - t0
-    return {
-        "store": str(out),
-        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
-        "count": len(rows),
-        "dim": emb.backbone.dim,
-        "views": cfg.views,  # augmented views per image in /views (TTA applies to `features` only)
-        "backbone": emb.backbone.name,
-        "classes": classes,
-        "embedded": n_embedded,  # by this process; `resumed` more came from an interrupted run's journal
-        "reused": len(rows) - len(new),
-        "resumed": n_resumed,
-        "skipped": [{"path": p, "reason": r} for p, (_, r) in sorted(skipped.items())],
-        "stale": 0 if cfg.prune else len(stale),
-        "pruned": len(stale) if cfg.prune else 0,
-        "ignored": len(ds.ignored),
-        "device": str(emb.device),
-        "dtype": emb.dtype,
-        "seconds": round(elapsed, 3),
-        "images_per_s": round(n_new / run_seconds, 2) if n_new and run_seconds > 0 else None,
-    }
-
+make_module_callable(__name__, extract)  # `probe.extract(...)` whether Python bound the module or the function

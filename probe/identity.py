@@ -161,3 +161,9 @@ class FeatureIdentity:
 def config_key(config: Mapping[str, Any]) -> str:
     """The key of the identity recorded in ``config`` (a store's attributes, an identity's ``to_dict()``)."""
     return FeatureIdentity.from_config(config).key
+
+
+ARRAYS_IDENTITY = FeatureIdentity(backbone="arrays", weights="none", weights_sha256="", preprocess={},
+                                  pooling="none", tta="none", dtype="float32")
+"""Vectors that no backbone made (``store_from_arrays``, ``SearchIndex.from_arrays``, a head fit on arrays):
+they can be searched and classified, but no query image can be embedded for them."""

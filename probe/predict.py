@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ._callable import make_module_callable
 from .data import images_in
 from .errors import MissingFileError, ProbeError
 from .heads.io import load_head
@@ -44,7 +45,7 @@ def predict(inputs: Sequence[str | os.PathLike], head_path: str | os.PathLike, t
     """Top-k classes with probabilities for every decodable image; undecodable files are listed in ``skipped``.
 
     Raises BackboneError when the backbone available now differs from the one recorded in the head."""
-    from .extract import embedder_for
+    from .embedder import embedder_for
 
     if top_k < 1:
         raise ProbeError(f"--top-k must be >= 1, got {top_k}")
@@ -64,3 +65,6 @@ def predict(inputs: Sequence[str | os.PathLike], head_path: str | os.PathLike, t
                                         for c in top[j]]}
              for j, i in enumerate(ok)]
     return {"head": str(head_path), "backbone": meta["config"]["backbone"], "predictions": preds, "skipped": bad}
+
+
+make_module_callable(__name__, predict)  # `probe.predict(...)` whether Python bound the module or the function

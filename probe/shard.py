@@ -16,14 +16,16 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .data import Dataset
 from .errors import ProbeError
 from .identity import Side
-from .store import FeatureStore, StoreError, write_store
+from .store import ClassMerge, FeatureStore, Row, Skip, StoreError, StoreRows, write_store
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
         return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
     m = _SHARD_RE.match(text.strip())
     if not m or not int(m.group(1)) < int(m.group(2)):
-        raise ProbeError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+        raise ProbeError(f"shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -66,6 +68,33 @@ def merge(shards: Sequence[str | os.PathLike], out: str | os.PathLike, allow_mis
     Refuses shards of different configurations, missing or duplicated shard indices (unless ``allow_missing``),
     and a path present in two shards."""
     stores = [FeatureStore(p) for p in shards]
+    _check_shards(stores, allow_missing)
+    out = Path(out)
+    if out.exists():
+        raise StoreError(f"{out} exists: merge writes a new store (delete it or choose another out path)")
+    sources = [StoreRows.read(s) for s in stores]
+    classes = ClassMerge(*(src.classes for src in sources))  # labels remapped as extraction's reconcile does
+    rows: dict[str, Row] = {}
+    skipped: dict[str, Skip] = {}
+    for s, src in zip(stores, sources):
+        for p, row in src.relabelled(classes):
+            if p in rows:
+                raise StoreError(f"{p!r} is in more than one shard (second: {s.path})")
+            rows[p] = row
+        skipped.update(src.skipped)
+    rows = dict(sorted(rows.items()))  # canonical order: by path, whatever the shard count
+    attrs = {k: v for k, v in stores[0].attrs.items() if k not in ("shard", "complete", "created", "updated")}
+    attrs.update(classes=classes.classes, merged_from=[str(s.path) for s in stores])
+    if stores[0].identity.key != attrs["config_key"]:
+        raise RuntimeError(f"internal: the attributes of {stores[0].path} do not reproduce its config_key")
+    write_store(out, attrs, rows, _vectors(stores, chunk), skipped, stores[0].dim, views=stores[0].n_views)
+    merged = FeatureStore(out)
+    return {"store": str(out), "count": merged.count, "dim": merged.dim, "views": merged.n_views,
+            "shards": len(stores), "classes": classes.classes, "skipped": len(skipped)}
+
+
+def _check_shards(stores: list[FeatureStore], allow_missing: bool) -> None:
+    """The shards of one extraction: one configuration, one dataset, each index of I/N once, none missing."""
     if not stores:
         raise StoreError("no shard stores given to merge")
     for s in stores[1:]:
@@ -75,50 +104,30 @@ def merge(shards: Sequence[str | os.PathLike], out: str | os.PathLike, allow_mis
     if len(roots) != 1:
         raise StoreError(f"shards come from different datasets: {sorted(roots)}")
     marks = [s.attrs.get("shard") for s in stores]
-    if all(marks):
-        counts = {int(m.split("/")[1]) for m in marks}
-        if len(counts) != 1:
-            raise StoreError(f"shards of different counts: {sorted(marks)}")
-        n = counts.pop()
-        seen = [int(m.split("/")[0]) for m in marks]
-        dup = sorted({i for i in seen if seen.count(i) > 1})
-        if dup:
-            raise StoreError(f"shard {dup[0]}/{n} is given twice")
-        missing = sorted(set(range(n)) - set(seen))
-        if missing and not allow_missing:
-            raise StoreError(f"shards {', '.join(f'{i}/{n}' for i in missing)} are missing: run those ranks "
-                             f"(probe extract … --shard I/{n}) or pass --allow-missing")
-    classes = sorted(set().union(*(s.classes for s in stores)))
-    cindex = {c: i for i, c in enumerate(classes)}
-    rows: dict[str, tuple[str, int, str]] = {}
-    skipped: dict[str, tuple[str, str]] = {}
+    if not all(marks):
+        return
+    counts = {int(m.split("/")[1]) for m in marks}
+    if len(counts) != 1:
+        raise StoreError(f"shards of different counts: {sorted(marks)}")
+    n = counts.pop()
+    seen = [int(m.split("/")[0]) for m in marks]
+    dup = sorted({i for i in seen if seen.count(i) > 1})
+    if dup:
+        raise StoreError(f"shard {dup[0]}/{n} is given twice")
+    missing = sorted(set(range(n)) - set(seen))
+    if missing and not allow_missing:
+        raise StoreError(f"shards {', '.join(f'{i}/{n}' for i in missing)} are missing: extract them first, or "
+                         "merge with allow_missing")
+
+
+def _vectors(stores: list[FeatureStore], chunk: int) -> Iterator[tuple[list[str], list[str], np.ndarray, Any]]:
+    """(paths, fingerprints, (B, D) features, (B, K, D) views or None) of every shard, ``chunk`` rows at a time."""
+    import h5py
+
     for s in stores:
-        for p, fp, y, sp in zip(s.paths(), s.fingerprints(), s.labels().tolist(), s.splits().tolist()):
-            if p in rows:
-                raise StoreError(f"{p!r} is in more than one shard (second: {s.path})")
-            rows[p] = (fp, cindex[s.classes[y]] if y >= 0 else -1, sp)
-        fps = s.skipped_fingerprints()
-        skipped.update({x["path"]: (fps[x["path"]], x["reason"]) for x in s.skipped()})
-    rows = dict(sorted(rows.items()))  # canonical order: by path, whatever the shard count
-
-    def batches():
-        import h5py
-
-        for s in stores:
-            paths, fps = s.paths().tolist(), s.fingerprints().tolist()
-            with h5py.File(s.path, "r") as f:
-                step = max(1, chunk // max(1, s.n_views))  # the same memory per read with views
-                for a in range(0, s.count, step):
-                    views = f["views"][a: a + step] if "views" in f else None  # (B, K, D)
-                    yield paths[a: a + step], fps[a: a + step], f["features"][a: a + step], views
-
-    attrs = {k: v for k, v in stores[0].attrs.items() if k not in ("shard", "complete", "created", "updated")}
-    attrs.update(classes=classes, merged_from=[str(s.path) for s in stores])
-    out = Path(out)
-    if out.exists():
-        raise StoreError(f"{out} exists: merge writes a new store (delete it or choose another --out)")
-    assert stores[0].identity.key == attrs["config_key"], "shard attributes do not reproduce their config_key"
-    write_store(out, attrs, rows, batches(), skipped, stores[0].dim, views=stores[0].n_views)
-    merged = FeatureStore(out)
-    return {"store": str(out), "count": merged.count, "dim": merged.dim, "views": merged.n_views,
-            "shards": len(stores), "classes": classes, "skipped": len(skipped)}
+        paths, fps = s.paths().tolist(), s.fingerprints().tolist()
+        with h5py.File(s.path, "r") as f:
+            step = max(1, chunk // max(1, s.n_views))  # the same memory per read with views
+            for a in range(0, s.count, step):
+                views = f["views"][a: a + step] if "views" in f else None  # (B, K, D)
+                yield paths[a: a + step], fps[a: a + step], f["features"][a: a + step], views

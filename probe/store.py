@@ -34,16 +34,17 @@ import shutil
 import struct
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
 
 from .errors import StoreError
-from .identity import FeatureIdentity, IdentityMismatchError
+from .identity import ARRAYS_IDENTITY, FeatureIdentity, IdentityMismatchError
 
 StoreMismatchError = IdentityMismatchError  # the name this error had when only stores were compared
 
@@ -304,6 +305,72 @@ class Journal:
         self.path.unlink(missing_ok=True)
 
 
+# --------------------------------------------------------------------------------------------- rows
+class Row(NamedTuple):
+    """A store row without its vectors: what ``write_store``'s ``rows`` maps each path to."""
+
+    fingerprint: str  # of the file when it was embedded (probe.data.fingerprint)
+    label: int  # index into the store's classes; -1: unlabelled
+    split: str  # "train" / "val" / "test" / "" (no split)
+
+
+class Skip(NamedTuple):
+    """A file that could not be embedded: its fingerprint then, and why."""
+
+    fingerprint: str
+    reason: str
+
+
+class ClassMerge:
+    """Labels of several sources, each an index into its own class list (an earlier store's, a dataset's, each
+    shard's), as indices into the sorted union of those lists: the class list of the store they are written to.
+
+    Example:
+        >>> m = ClassMerge(["cat", "dog"], ["bee", "dog"])
+        >>> m.classes, m.label(1, ["cat", "dog"]), m.label(-1, ["cat", "dog"])
+        (['bee', 'cat', 'dog'], 2, -1)
+    """
+
+    def __init__(self, *class_lists: Sequence[str]):
+        self.classes: list[str] = sorted(set().union(*class_lists))
+        self._index = {c: i for i, c in enumerate(self.classes)}
+
+    def label(self, y: int, classes: Sequence[str]) -> int:
+        """``y`` (an index into ``classes``; -1 unlabelled) as an index into the merged ``self.classes``."""
+        return self._index[classes[y]] if y >= 0 else -1
+
+
+@dataclass
+class StoreRows:
+    """What a store holds besides its vectors: its rows in store order, its class list and its skipped files.
+    Read from the store an extraction extends and from each shard a merge joins, and reconciled into the rows
+    ``write_store`` writes."""
+
+    classes: list[str] = field(default_factory=list)
+    rows: dict[str, Row] = field(default_factory=dict)  # path -> Row, in store order
+    skipped: dict[str, Skip] = field(default_factory=dict)  # path -> Skip
+
+    @classmethod
+    def read(cls, store: FeatureStore) -> StoreRows:
+        fps = store.skipped_fingerprints()
+        return cls(store.classes,
+                   {p: Row(fp, y, sp) for p, fp, y, sp in zip(store.paths(), store.fingerprints(),
+                                                                 store.labels().tolist(), store.splits().tolist())},
+                   {x["path"]: Skip(fps[x["path"]], x["reason"]) for x in store.skipped()})
+
+    def relabelled(self, merge: ClassMerge) -> Iterator[tuple[str, Row]]:
+        """(path, row) with the label an index into ``merge.classes``, in store order."""
+        for p, row in self.rows.items():
+            yield p, row._replace(label=merge.label(row.label, self.classes))
+
+    def has(self, path: str, fingerprint: str) -> bool:
+        """Whether the file at ``path``, as it is now (its ``fingerprint``), is already stored or recorded as
+        skipped: nothing to embed."""
+        row, skip = self.rows.get(path), self.skipped.get(path)
+        return (row is not None and row.fingerprint == fingerprint) or \
+            (skip is not None and skip.fingerprint == fingerprint)
+
+
 # ------------------------------------------------------------------------------------------ writing
 def _replace_strings(f: h5py.File, name: str, values: list[str] | np.ndarray) -> None:
     if name in f:
@@ -359,77 +426,104 @@ def write_store(
     else:
         tmp.unlink(missing_ok=True)
     with h5py.File(tmp, "a") as f:
-        if "features" not in f:
-            f.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype="f4", chunks=_row_chunks(dim))
-            f.attrs["created"] = now
-        if views and "views" not in f:
-            if old_index:  # the config key includes the views: a store without them is never extended with them
-                raise RuntimeError(f"internal: {path} has no views to extend with {views} views per row")
-            f.create_dataset("views", shape=(0, views, dim), maxshape=(None, views, dim), dtype="f4",
-                             chunks=_row_chunks(dim, views))
-        if "views" in f and f["views"].shape[1:] != (views, dim):
-            raise RuntimeError(f"internal: {path} holds views of shape {f['views'].shape[1:]}, not {(views, dim)}")
-        arrays = ["features"] + (["views"] if views else [])
-        dropped = [p for p in old_index if p not in rows]
-        if dropped:  # compaction: copy the kept rows, in their order, into fresh datasets
-            keep = sorted(old_index[p] for p in old_index if p in rows)
-            for name in arrays:
-                _compact(f, name, keep)
-            kept_paths = sorted((p for p in old_index if p in rows), key=old_index.get)
-            old_index = {p: i for i, p in enumerate(kept_paths)}
+        arrays = _vector_datasets(f, path, dim, views, now, extending=bool(old_index))
+        old_index = _drop_rows(f, arrays, old_index, rows)
         appended = [p for p in rows if p not in old_index]
         order = sorted(old_index, key=old_index.get) + appended  # stored rows keep their position
-        row_of = {p: i for i, p in enumerate(order)}
-        targets = [f[name] for name in arrays]  # features, then views if any
-        for ds in targets:
-            ds.resize(len(order), axis=0)
-        filled = set()
-        for paths, fps, *vecs in batches:  # vecs: [features (B, D)] or [features, views (B, K, D) or None]
-            hit = [(row_of[p], j) for j, (p, fp) in enumerate(zip(paths, fps)) if p in row_of and rows[p][0] == fp]
-            if not hit:
-                continue
-            if views and (len(vecs) < 2 or vecs[1] is None):
-                raise RuntimeError(f"internal: a batch without views for a store with {views} views per row")
-            r, j = map(list, zip(*hit))
-            for ds, v in zip(targets, vecs):
-                if r == list(range(r[0], r[0] + len(r))):  # the usual case: a batch of appended rows, contiguous
-                    ds[r[0]: r[0] + len(r)] = v[j]
-                else:
-                    for ri, ji in hit:
-                        ds[ri] = v[ji]
-            filled.update(order[ri] for ri in r)
+        for name in arrays:
+            f[name].resize(len(order), axis=0)
+        filled = _fill_vectors([f[name] for name in arrays], order, rows, batches, views)
         missing = set(appended if new is None else new) - filled
         if missing:
             raise RuntimeError(f"internal: no features for {len(missing)} new rows, e.g. {next(iter(missing))!r}")
-        fps, labels, splits = zip(*(rows[p] for p in order)) if order else ((), (), ())
-        _replace_strings(f, "paths", order)
-        _replace_strings(f, "fingerprints", fps)
-        _replace_strings(f, "split", splits)
-        if "labels" in f:
-            del f["labels"]
-        f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-        if "skipped" in f:
-            del f["skipped"]
-        g = f.create_group("skipped")
-        sk = sorted(skipped)
-        _replace_strings(g, "paths", sk)
-        _replace_strings(g, "fingerprints", [skipped[p][0] for p in sk])
-        _replace_strings(g, "reasons", [skipped[p][1] for p in sk])
-        for k, v in attrs.items():
-            if isinstance(v, dict):
-                v = json.dumps(v, sort_keys=True)
-            elif isinstance(v, (list, tuple)):
-                v = np.asarray(list(v), dtype=object) if v else np.asarray([], dtype=STR)
-            if isinstance(v, np.ndarray) and v.dtype == object:
-                f.attrs.create(k, v, dtype=STR)
-            else:
-                f.attrs[k] = v
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["updated"] = now
+        _write_rows(f, order, rows, skipped)
+        _write_attrs(f, attrs, now)
         f.flush()
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _vector_datasets(f: h5py.File, path: Path, dim: int, views: int, now: str, extending: bool) -> list[str]:
+    """Create ``features`` (and ``views``) in a new store, check an old store's; returns the names of both."""
+    if "features" not in f:
+        f.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype="f4", chunks=_row_chunks(dim))
+        f.attrs["created"] = now
+    if views and "views" not in f:
+        if extending:  # the config key includes the views: a store without them is never extended with them
+            raise RuntimeError(f"internal: {path} has no views to extend with {views} views per row")
+        f.create_dataset("views", shape=(0, views, dim), maxshape=(None, views, dim), dtype="f4",
+                         chunks=_row_chunks(dim, views))
+    if "views" in f and f["views"].shape[1:] != (views, dim):
+        raise RuntimeError(f"internal: {path} holds views of shape {f['views'].shape[1:]}, not {(views, dim)}")
+    return ["features"] + (["views"] if views else [])
+
+
+def _drop_rows(f: h5py.File, arrays: list[str], old_index: dict[str, int], rows: dict) -> dict[str, int]:
+    """Compaction: stored rows not in ``rows`` go, the kept ones keep their order (copied into fresh datasets).
+    Returns path -> row of what is kept."""
+    if all(p in rows for p in old_index):
+        return old_index
+    keep = sorted(old_index[p] for p in old_index if p in rows)
+    for name in arrays:
+        _compact(f, name, keep)
+    kept_paths = sorted((p for p in old_index if p in rows), key=old_index.get)
+    return {p: i for i, p in enumerate(kept_paths)}
+
+
+def _fill_vectors(targets: list[h5py.Dataset], order: list[str], rows: dict, batches: Iterable, views: int) -> set[str]:
+    """Write each batch's vectors into the rows whose fingerprint they were made from (later batches win);
+    returns the paths filled. ``targets``: features, then views if any."""
+    row_of = {p: i for i, p in enumerate(order)}
+    filled = set()
+    for paths, fps, *vecs in batches:  # vecs: [features (B, D)] or [features, views (B, K, D) or None]
+        hit = [(row_of[p], j) for j, (p, fp) in enumerate(zip(paths, fps)) if p in row_of and rows[p][0] == fp]
+        if not hit:
+            continue
+        if views and (len(vecs) < 2 or vecs[1] is None):
+            raise RuntimeError(f"internal: a batch without views for a store with {views} views per row")
+        r, j = map(list, zip(*hit))
+        for ds, v in zip(targets, vecs):
+            if r == list(range(r[0], r[0] + len(r))):  # the usual case: a batch of appended rows, contiguous
+                ds[r[0]: r[0] + len(r)] = v[j]
+            else:
+                for ri, ji in hit:
+                    ds[ri] = v[ji]
+        filled.update(order[ri] for ri in r)
+    return filled
+
+
+def _write_rows(f: h5py.File, order: list[str], rows: dict, skipped: dict[str, tuple[str, str]]) -> None:
+    """paths, fingerprints, split, labels in ``order``; the skipped files."""
+    fps, labels, splits = zip(*(rows[p] for p in order)) if order else ((), (), ())
+    _replace_strings(f, "paths", order)
+    _replace_strings(f, "fingerprints", fps)
+    _replace_strings(f, "split", splits)
+    if "labels" in f:
+        del f["labels"]
+    f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+    if "skipped" in f:
+        del f["skipped"]
+    g = f.create_group("skipped")
+    sk = sorted(skipped)
+    _replace_strings(g, "paths", sk)
+    _replace_strings(g, "fingerprints", [skipped[p][0] for p in sk])
+    _replace_strings(g, "reasons", [skipped[p][1] for p in sk])
+
+
+def _write_attrs(f: h5py.File, attrs: dict[str, Any], now: str) -> None:
+    """Dicts as JSON, lists as string arrays; plus the schema version and the update time."""
+    for k, v in attrs.items():
+        if isinstance(v, dict):
+            v = json.dumps(v, sort_keys=True)
+        elif isinstance(v, (list, tuple)):
+            v = np.asarray(list(v), dtype=object) if v else np.asarray([], dtype=STR)
+        if isinstance(v, np.ndarray) and v.dtype == object:
+            f.attrs.create(k, v, dtype=STR)
+        else:
+            f.attrs[k] = v
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["updated"] = now
 
 
 def store_from_arrays(
@@ -455,8 +549,7 @@ def store_from_arrays(
     labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
     paths = paths if paths is not None else [f"row{i:08d}" for i in range(n)]
     splits = splits if splits is not None else [""] * n
-    cfg = {"backbone": "arrays", "weights": "none", "weights_sha256": "", "preprocess": {}, "pooling": "none",
-           "tta": "none", "dtype": "float32",
+    cfg = {**ARRAYS_IDENTITY.to_dict(),
            **(config.to_dict() if isinstance(config, FeatureIdentity) else config or {})}
     k = 0
     if views is not None:

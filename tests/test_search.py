@@ -12,8 +12,16 @@ import pytest
 from probe.backbones import BackboneError
 from probe.extract import extract
 from probe.report import contact_sheet
-from probe.search import IndexConfig, IndexMismatchError, SearchIndex, find_duplicates, search_index
-from probe.search.index import index_store, recall_at, sidecar
+from probe.search import (
+    IndexConfig,
+    IndexMismatchError,
+    SearchIndex,
+    find_duplicates,
+    index_store,
+    recall_at,
+    search_index,
+    sidecar,
+)
 from probe.store import StoreError, store_from_arrays
 
 from .conftest import DEMO, make_image, make_imagefolder, tiny_config
@@ -233,3 +241,54 @@ def test_dedup_joins_chains_into_groups(tmp_path):
     x[2] = x[1] + 0.1 * np.eye(8)[7]  # 1~2: one group {0, 1, 2} by transitivity
     r = find_duplicates(store_from_arrays(tmp_path / "s.h5", x), threshold=0.99)
     assert [g["ids"] for g in r["groups"]] == [[0, 1, 2]]
+
+
+# ------------------------------------------------------------------------------------------- from arrays
+def test_from_arrays_searches_like_a_store_index(synth, tmp_path):
+    from probe.errors import ProbeError
+    from probe.identity import FeatureIdentity
+
+    path, x = synth
+    idx = SearchIndex.from_arrays(x, labels=np.arange(len(x)) % 4, classes=list("abcd"))
+    ref = SearchIndex.build(path)
+    s, i = idx.search(x[[5, 17]], k=4)  # (2, 4)
+    s_ref, i_ref = ref.search(x[[5, 17]], k=4)
+    assert np.array_equal(i, i_ref) and np.allclose(s, s_ref)
+    assert idx.identity == ref.identity and not idx.has_backbone  # the placeholder store_from_arrays records
+    assert isinstance(idx.config, IndexConfig) and idx.config == IndexConfig()
+    assert idx.paths[5] == "row00000005" and idx.label_name(5) == "b"
+    r = search_index(idx, ["5"], k=2)  # gallery ids need no backbone
+    assert r["results"][0]["hits"][0]["id"] == 5 and r["backbone"] == "arrays"
+    with pytest.raises(ProbeError, match="no backbone made"):
+        search_index(idx, [str(make_image(tmp_path / "q.png", 1))], k=3)
+
+    idx.save(tmp_path / "a.faiss")  # optional, and loads like any other
+    back = SearchIndex.load(tmp_path / "a.faiss")
+    assert np.array_equal(back.search(x[[5, 17]], k=4)[1], i) and back.config == idx.config
+    assert back.meta["store"] == "" and back.meta["config_key"] == ref.meta["config_key"]
+
+    made = FeatureIdentity(backbone="resnet50", weights="DEFAULT", weights_sha256="ab" * 32,
+                           preprocess={"resize": 232, "crop": 224}, pooling="penultimate")
+    named = SearchIndex.from_arrays(x[:100], paths=[f"img/{i}.png" for i in range(100)], identity=made,
+                                    config=IndexConfig(metric="l2"))
+    assert named.identity == made and named.has_backbone and named.config.metric == "l2"
+    assert named.classes == [] and named.label_name(0) is None and named.paths[3] == "img/3.png"
+    with pytest.raises(IndexMismatchError, match="backbone: index has 'resnet50', store 'arrays'"):
+        named.add(path)
+
+
+def test_from_arrays_approximate_sharded_and_bad_input(synth, tmp_path):
+    from probe.errors import ProbeError
+
+    _, x = synth
+    idx = SearchIndex.from_arrays(x, config=IndexConfig(type="ivf", shards=2, tune_queries=400))
+    assert idx.kind == "ivf" and idx.meta["recall"] >= 0.95 and idx.bounds == [0, 1500, 3000]
+    assert idx.config.shards == 2 and idx.search(x[2999], 1)[1][0, 0] == 2999
+    idx.save(tmp_path / "s.faiss")
+    assert SearchIndex.load(tmp_path / "s.faiss").search(x[10], 1)[1][0, 0] == 10
+    with pytest.raises(ProbeError, match=r"needs an \(N, D\) array"):
+        SearchIndex.from_arrays(x[0])
+    with pytest.raises(ProbeError, match="labels has 2 entries for 3000 vectors"):
+        SearchIndex.from_arrays(x, labels=[0, 1])
+    with pytest.raises(ProbeError, match="paths must be unique"):
+        SearchIndex.from_arrays(x[:2], paths=["a", "a"])

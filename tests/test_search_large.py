@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from probe.search import IndexConfig, SearchIndex
-from probe.search.index import Rows, index_store, prepare, recall_at, sidecar
+from probe.search import IndexConfig, Rows, SearchIndex, index_store, prepare, recall_at, sidecar
 from probe.store import store_from_arrays
 
 from .test_search import clustered

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from probe.extract import embedder_for, extract
-from probe.heads.fit import HeadConfig, fit_head
+from probe.heads.fit import fit_head
 from probe.predict import predict
 from probe.search import SearchIndex
 from probe.serve.process import ServerProcess
@@ -37,7 +37,7 @@ def make_served_files(root: Path, per_class: int = 3) -> dict[str, Path]:
     store = root / "gallery.h5"
     extract(gallery, store, tiny_config())
     head = root / "proto.safetensors"
-    fit_head(store, head, HeadConfig(head="prototype"))
+    fit_head(store, "prototype", head)
     index = root / "gallery.faiss"
     SearchIndex.build(store).save(index)
     return {"gallery": gallery, "store": store, "head": head, "index": index, "state": root / "state"}

@@ -20,7 +20,8 @@ from probe.backbones import BackboneError, create_backbone
 from probe.extract import ExtractConfig, ViewTransform, extract
 from probe.heads import mlp as mlp_module
 from probe.heads.features import apply_norm
-from probe.heads.fit import HeadConfig, fit_head
+from probe.heads.fit import fit_head
+from probe.heads.io import make_head
 from probe.heads.mlp import MLPHead
 from probe.identity import config_key
 from probe.shard import merge
@@ -204,27 +205,27 @@ def test_mlp_draws_uniformly_among_centre_and_views(monkeypatch):
 
 
 def test_fit_head_uses_views_for_mlp_only(views_store, tmp_path, caplog):
-    s = fit_head(views_store, tmp_path / "m.safetensors", HeadConfig(head="mlp", epochs=5, hidden=(16,)))
+    s = fit_head(views_store, make_head("mlp", epochs=5, hidden=(16,)), tmp_path / "m.safetensors")
     assert s["views"] == K
-    s = fit_head(views_store, tmp_path / "n.safetensors", HeadConfig(head="mlp", epochs=5, hidden=(16,),
-                                                                    views=False))
+    s = fit_head(views_store, make_head("mlp", epochs=5, hidden=(16,)), tmp_path / "n.safetensors",
+                 views=False)
     assert s["views"] == 0
     with caplog.at_level(logging.INFO, logger="probe.heads.fit"):
-        s = fit_head(views_store, tmp_path / "p.safetensors", HeadConfig(head="prototype"))
+        s = fit_head(views_store, "prototype", tmp_path / "p.safetensors")
     assert s["views"] == 0 and "ignores the store's 2 augmented views" in caplog.text
     plain = store_from_arrays(tmp_path / "plain.h5", *blobs()).path
     with pytest.raises(ValueError, match="has no augmented views"):
-        fit_head(plain, tmp_path / "q.safetensors", HeadConfig(head="mlp", views=True))
+        fit_head(plain, "mlp", tmp_path / "q.safetensors", views=True)
 
 
 def test_heads_and_indexes_of_a_views_store_serve_the_same_data_without_views(views_store, tmp_path):
     """Views are an extra dataset: the centre features, and so heads and indexes, are those of a plain store."""
-    from probe.heads.evaluate import evaluate
+    from probe.heads.evaluate import evaluate_store as evaluate  # the store-and-file form
     from probe.search.index import IndexConfig, SearchIndex
 
     plain = extract(FeatureStore(views_store).root, tmp_path / "plain.h5", tiny_config())["store"]
     head = tmp_path / "h.safetensors"
-    fit_head(views_store, head, HeadConfig(head="mlp", epochs=3, hidden=(16,)))
+    fit_head(views_store, make_head("mlp", epochs=3, hidden=(16,)), head)
     assert evaluate(plain, head, split="test")["n"] == 12  # no "another backbone configuration" refusal
     idx = SearchIndex.build(FeatureStore(views_store), IndexConfig(type="flat"))
     idx.check_store(FeatureStore(plain))  # an index of one serves the other
@@ -264,9 +265,8 @@ def test_demo_mlp_with_views(tmp_path):
     """Packaged demo set, pretrained lite0: the MLP trained on 4 views per image against centre crops only."""
     out = tmp_path / "demo.h5"
     extract(DEMO, out, ExtractConfig(batch_size=64, workers=1, views=4))
-    cfg = dict(head="mlp", seed=0)
-    with_views = fit_head(out, tmp_path / "v.safetensors", HeadConfig(**cfg))
-    without = fit_head(out, tmp_path / "n.safetensors", HeadConfig(**cfg, views=False))
+    with_views = fit_head(out, make_head("mlp", seed=0), tmp_path / "v.safetensors")
+    without = fit_head(out, make_head("mlp", seed=0), tmp_path / "n.safetensors", views=False)
     logging.getLogger(__name__).warning("demo mlp val accuracy: %.3f with 4 views, %.3f without",
                                         with_views["val_accuracy"], without["val_accuracy"])
     assert with_views["views"] == 4 and without["views"] == 0

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..device import resolve_device
 from ..errors import ProbeError
-from ..extract import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -1,48 +1,143 @@
 """What every head shares: the scikit-learn estimator contract, normalisation, and a tensor state for saving.
 
-A head's ``__init__`` only stores keyword hyperparameters; ``fit(X, y)`` validates, learns attributes ending in
-``_`` (``classes_``, ``norm_`` and the head's own) and returns ``self``; ``predict`` / ``predict_proba`` refuse an
-unfitted head with sklearn's ``NotFittedError`` (a ValueError).
+A head's ``__init__`` only stores keyword hyperparameters; ``fit(X, y)`` validates (the hyperparameters against the
+class's ``_parameter_constraints``, the data with sklearn's ``validate_data``), learns attributes ending in ``_``
+(``classes_``, ``n_features_in_``, ``norm_`` and the head's own) and returns ``self``; ``predict`` /
+``predict_proba`` refuse an unfitted head with sklearn's ``NotFittedError`` (a ValueError) and check the features
+against ``n_features_in_``. ``sklearn.utils.estimator_checks`` holds every head to this (tests/test_heads_sklearn.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from numbers import Integral
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions, make_constraint
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from .features import apply_norm, check_norm, check_X, check_Xy, fit_norm
+from ..errors import ProbeError
+from .features import NORMS, apply_norm, fit_norm
+
+NOUNS = {"norm": "normalisation"}  # what a parameter's value is, for "unknown normalisation 'zca'"
+
+
+class ParameterError(ProbeError, InvalidParameterError):
+    """A hyperparameter outside its declared constraints: a ProbeError for the CLI, and the InvalidParameterError
+    scikit-learn's tools expect."""
+
+
+def _describe(constraint: Any) -> str:
+    """A constraint in words: ``> 0``, ``an integer >= 1``, ``in [0, 1)``, ``one of a, b``; else sklearn's own."""
+    if isinstance(constraint, StrOptions):
+        return "one of " + ", ".join(sorted(constraint.options))
+    if isinstance(constraint, Interval):
+        lo_in, hi_in = constraint.closed in ("left", "both"), constraint.closed in ("right", "both")
+        if constraint.left is not None and constraint.right is not None:
+            text = f"in {'[' if lo_in else '('}{constraint.left:g}, {constraint.right:g}{']' if hi_in else ')'}"
+        elif constraint.left is not None:
+            text = f"{'>=' if lo_in else '>'} {constraint.left:g}"
+        else:
+            text = f"{'<=' if hi_in else '<'} {constraint.right:g}"
+        return f"an integer {text}" if constraint.type is Integral else text
+    return str(constraint)
+
+
+def check_params(params: dict[str, Any], constraints: dict[str, list]) -> None:
+    """scikit-learn's declared validation (``_parameter_constraints``) with messages that name the parameter, the
+    bad value and what was expected: ``C must be > 0 or None, got -1``, ``unknown normalisation 'zca': ...``."""
+    for name, allowed in constraints.items():
+        value = params[name]
+        cs = [make_constraint(c) for c in allowed]
+        if any(c.is_satisfied_by(value) for c in cs):
+            continue
+        if all(isinstance(c, StrOptions) for c in cs) and isinstance(value, str):
+            raise ParameterError(f"unknown {NOUNS.get(name, name)} {value!r}: {name} must be "
+                                 f"{' or '.join(_describe(c) for c in cs)}")
+        raise ParameterError(f"{name} must be {' or '.join(_describe(c) for c in cs)}, got {value!r}")
+
+
+@contextmanager
+def user_errors(hint: str = "") -> Iterator[None]:
+    """scikit-learn's validation ValueErrors re-raised as ProbeError (same message, plus ``hint``), so the CLI and
+    the service report them as bad input rather than as a bug. TypeErrors (sparse input) pass unchanged."""
+    try:
+        yield
+    except ProbeError:
+        raise
+    except ValueError as e:
+        raise ProbeError(f"{e}{hint}") from e
 
 
 class Head(ClassifierMixin, BaseEstimator):
-    """Base class: subclasses implement ``_fit(Z, y_idx, sample_weight)``, ``_proba(Z)`` and ``_arrays()``."""
+    """Base class: subclasses implement ``fit``, ``_proba(Z)`` and, for heads with scores other than their
+    probabilities, ``_scores(Z)``; ``_state_attrs`` names the fitted arrays saved with the head."""
 
     kind = "head"
     _state_attrs: tuple[str, ...] = ()  # fitted numpy attributes saved with the head
+    _parameter_constraints: dict[str, list] = {"norm": [StrOptions(set(NORMS))]}
 
-    def _start_fit(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Validate, learn ``classes_`` and ``norm_``; returns (normalised X (N, D), class indices (N,))."""
-        X, y = check_Xy(X, y)
-        check_norm(self.norm)
+    def _validate_params(self) -> None:
+        check_params(self.get_params(deep=False), self._parameter_constraints)
+
+    def _validate_fit(self, X: Any, y: Any, sample_weight: Any = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Hyperparameters, then training data: (X (N, D) finite float32, y (N,), sample weights (N,) float64 or
+        None). Sets ``n_features_in_`` (and ``feature_names_in_`` for a DataFrame)."""
+        self._validate_params()
+        with user_errors():
+            X, y = validate_data(self, X, y, dtype=np.float32)  # 2-d, dense, finite, non-empty, one label per row
+            check_classification_targets(y)  # "Unknown label type: continuous"
+            if sample_weight is not None:  # one per row, >= 0, not all zero
+                sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+        n_classes = len(np.unique(y))
+        if n_classes < 2:
+            raise ProbeError(f"a classifier needs at least 2 classes in the training labels, got {n_classes} class")
+        return X, y, sample_weight
+
+    def _fit_classes_and_norm(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
+                              ) -> tuple[np.ndarray, np.ndarray]:
+        """Learn ``classes_`` and ``norm_`` (weighted statistics); returns (normalised X (N, D), class indices)."""
         self.classes_, y_idx = np.unique(y, return_inverse=True)
-        self.n_features_in_ = X.shape[1]
-        self.norm_ = fit_norm(X, self.norm)
+        self.norm_ = fit_norm(X, self.norm, sample_weight)
         return apply_norm(X, self.norm_), y_idx.astype(np.int64)
+
+    def _start_fit(self, X: Any, y: Any, sample_weight: Any = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Validate, learn ``classes_`` and ``norm_``: (normalised X (N, D), class indices (N,), weights or None)."""
+        X, y, sample_weight = self._validate_fit(X, y, sample_weight)
+        Z, y_idx = self._fit_classes_and_norm(X, y, sample_weight)
+        return Z, y_idx, sample_weight
 
     def transform_features(self, X: Any) -> np.ndarray:
         """Raw features (N, D) -> the normalised features the head works on."""
-        check_is_fitted(self, "norm_")
-        return apply_norm(check_X(X, self.n_features_in_), self.norm_)
+        check_is_fitted(self)
+        with user_errors(f" ({type(self).__name__} takes features of shape (n, {self.n_features_in_}), like the "
+                         "training data)"):
+            X = validate_data(self, X, reset=False, dtype=np.float32)  # also checks n_features_in_
+        return apply_norm(X, self.norm_)
+
+    def _scores(self, Z: np.ndarray) -> np.ndarray:
+        """(N, D) normalised -> (N, C) scores whose argmax is the prediction; by default the probabilities."""
+        return self._proba(Z)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """(N, D) -> (N, n_classes) class probabilities, columns in the order of ``classes_``."""
         return self._proba(self.transform_features(X))
 
     def predict(self, X: Any) -> np.ndarray:
-        proba = self.predict_proba(X)  # (N, C); checks the head is fitted
-        return self.classes_[proba.argmax(1)]
+        scores = self._scores(self.transform_features(X))  # (N, C); checks the head is fitted
+        return self.classes_[scores.argmax(1)]
+
+    def _decision(self, X: Any) -> np.ndarray:
+        """sklearn's ``decision_function`` shape: (N, C) scores, or (N,) ``score[1] - score[0]`` for two classes
+        (positive means ``classes_[1]``)."""
+        scores = self._scores(self.transform_features(X))
+        return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
 
     # ---- persistence (probe.heads.io): plain arrays + JSON-able hyperparameters, no pickle
     def get_state(self) -> dict[str, np.ndarray]:

@@ -1,20 +1,23 @@
 """Classification metrics for a head on labelled features, and the confusion-matrix PNG.
 
 Example:
-    >>> report = evaluate("cache/demo.h5", "heads/demo-linear.safetensors", split="val")
-    >>> report["accuracy"], report["png"]
+    >>> report = evaluate(head, X_test, y_test)                     # arrays in, an EvalReport out
+    >>> report = evaluate_store("cache/demo.h5", "heads/demo-linear.safetensors", split="val", png="cm.png")
+    >>> report.accuracy, report.to_dict()
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ProbeError
+from ..identity import FeatureIdentity, Side
 
 log = logging.getLogger(__name__)
 
@@ -95,41 +98,92 @@ def head_columns_for(store_classes: list[str], store_labels: np.ndarray, head_cl
 
 def check_head_matches_store(meta: dict[str, Any], store: Any) -> None:
     """Refuse a head fit on features of another backbone configuration than ``store``'s."""
-    from probe.identity import FeatureIdentity, Side
-
     FeatureIdentity.from_config(meta["config"]).check(
         store.identity, mine="head", theirs=Side("store", str(store.path)), features_only=True,
         fix="Fit a head on this store (probe fit-head STORE) or evaluate on a store of the head's configuration.")
 
 
-def evaluate(store_path: str | os.PathLike, head_path: str | os.PathLike, split: str | None = "test",
-             png: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Metrics of the head at ``head_path`` on the labelled rows of ``split`` (None: all rows) of a store,
-    plus a confusion-matrix PNG (default: beside the head, ``<head>.<split>.confusion.png``)."""
+@dataclass
+class EvalReport:
+    """Metrics of a head on labelled features. ``to_dict()`` (and ``report["accuracy"]``) give the JSON of
+    `probe eval --json`; ``confusion_png(path)`` draws the confusion matrix."""
+
+    n: int
+    accuracy: float
+    top5: float
+    top5_k: int  # top-5 is top-C when there are fewer than 5 classes
+    balanced_accuracy: float
+    per_class: list[dict[str, Any]]  # class, precision, recall, f1, support
+    confusion: list[list[int]]  # rows: true, columns: predicted
+    class_names: list[str]
+    context: dict[str, Any] = field(default_factory=dict)  # store, head, head_type, split, png when from files
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("n", "accuracy", "top5", "top5_k", "balanced_accuracy", "per_class",
+                                           "confusion")}
+        return {**{k: v for k, v in self.context.items() if k != "png"}, **d,
+                **({"png": self.context["png"]} if "png" in self.context else {})}
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def confusion_png(self, path: str | os.PathLike, title: str = "") -> Path:
+        return confusion_png(self.confusion, self.class_names, path, title or f"accuracy {self.accuracy:.3f}")
+
+
+def evaluate(head: Any, X: np.ndarray, y: np.ndarray, *, class_names: list[str] | None = None,
+             png: str | os.PathLike | None = None) -> EvalReport:
+    """Metrics of a fitted ``head`` on features X (N, D) with labels y (N,) in the head's label space (the values
+    of ``head.classes_``). A confusion-matrix PNG is written only when ``png`` is given.
+
+    Example:
+        >>> report = evaluate(head, store.features("test"), store.labels("test"))
+        >>> report.accuracy, report.per_class[0]
+    """
+    y = np.asarray(y)
+    known = np.isin(y, head.classes_)
+    if not known.all():
+        raise ProbeError(f"y has labels the head was not trained on: {sorted(set(y[~known].tolist()))[:10]} "
+                         f"(the head knows {head.classes_.tolist()})")
+    names = class_names if class_names is not None else [str(c) for c in head.classes_.tolist()]
+    report = EvalReport(**metrics(np.searchsorted(head.classes_, y), head.predict_proba(X), names),
+                        class_names=names)
+    if png is not None:
+        report.context["png"] = str(report.confusion_png(png))
+    return report
+
+
+def evaluate_store(store: Any, head: str | os.PathLike, split: str | None = "test",
+                   png: str | os.PathLike | None = None) -> EvalReport:
+    """Metrics of the head file ``head`` on the labelled rows of ``split`` (None: all rows) of a store (a path or
+    FeatureStore), after checking the head was fit on features made the same way. PNG only when ``png`` is given.
+
+    Example:
+        >>> evaluate_store("cache/demo.h5", "heads/demo-linear.safetensors", split="val").accuracy
+    """
     from probe.store import FeatureStore
 
     from .io import load_head
 
-    store = FeatureStore(store_path)
-    head, meta = load_head(head_path)
+    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    fitted, meta = load_head(head)
     check_head_matches_store(meta, store)
     if split is not None:
         have = sorted(set(store.splits().tolist()) - {""})
         if split not in have:
             raise ProbeError(f"store {store.path} has no {split!r} split (it has: {', '.join(have) or 'none'}; "
-                             "pass --split all to evaluate every labelled row)")
+                             "pass split=None (--split all) to evaluate every labelled row)")
     X, y = store.features(split), store.labels(split)
     keep = y >= 0
     if not keep.any():
         raise ProbeError(f"no labelled images in split {split or 'all'!r} of {store.path}")
     class_names = meta["class_names"]
     cols = head_columns_for(store.classes, y[keep], class_names, f"split {split or 'all'!r} of {store.path}")
-    proba = head.predict_proba(X[keep])
-    report = metrics(cols, proba, class_names)
-    png = Path(png) if png else Path(f"{Path(head_path).with_suffix('')}.{split or 'all'}.confusion.png")
-    confusion_png(report["confusion"], class_names, png,
-                  f"{Path(head_path).name} on {store.path.name} [{split or 'all'}]: accuracy "
-                  f"{report['accuracy']:.3f}")
-    log.info("confusion matrix written to %s", png)
-    return {"store": str(store.path), "head": str(head_path), "head_type": meta["head"], "split": split or "all",
-            **report, "png": str(png)}
+    report = EvalReport(**metrics(cols, fitted.predict_proba(X[keep]), class_names), class_names=class_names,
+                        context={"store": str(store.path), "head": str(head), "head_type": meta["head"],
+                                 "split": split or "all"})
+    if png is not None:
+        report.context["png"] = str(report.confusion_png(
+            png, f"{Path(head).name} on {store.path.name} [{split or 'all'}]: accuracy {report.accuracy:.3f}"))
+        log.info("confusion matrix written to %s", png)
+    return report

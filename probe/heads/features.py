@@ -22,6 +22,7 @@ from ..errors import ProbeError
 
 NORMS = ("none", "l2", "cl2n", "standardize", "l2+standardize")
 EPS = 1e-12
+BLOCK = 8192  # rows per float64 block when accumulating weighted statistics
 
 
 def check_norm(norm: str) -> str:
@@ -35,19 +36,35 @@ def l2(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), EPS)
 
 
-def fit_norm(X: np.ndarray, norm: str) -> dict[str, Any]:
-    """Learn the statistics of ``norm`` on training features X (N, D): {"norm", "mean" (D,), "scale" (D,)}."""
+def fit_norm(X: np.ndarray, norm: str, sample_weight: np.ndarray | None = None) -> dict[str, Any]:
+    """Learn the statistics of ``norm`` on training features X (N, D), rows weighted by ``sample_weight`` (N,):
+    {"norm", "mean" (D,), "scale" (D,)}. Sums run in float64, so a row of weight 2 and a repeated row give the
+    same float32 statistics."""
     check_norm(norm)
     X = np.asarray(X, np.float32)
     d = X.shape[1]
     mean, scale = np.zeros(d, np.float32), np.ones(d, np.float32)
-    if norm == "cl2n":
-        mean = X.mean(0)
-    elif norm in ("standardize", "l2+standardize"):
-        Z = l2(X) if norm == "l2+standardize" else X
-        mean, std = Z.mean(0), Z.std(0)
+    if norm in ("none", "l2"):
+        return {"norm": norm, "mean": mean, "scale": scale}
+    total = len(X) if sample_weight is None else float(np.sum(sample_weight))
+    Z = l2(X) if norm == "l2+standardize" else X
+    mean = (weighted_sum(Z, sample_weight) / total).astype(np.float32)
+    if norm in ("standardize", "l2+standardize"):
+        std = np.sqrt(weighted_sum((Z - mean) ** 2, sample_weight) / total)
         scale = np.where(std > EPS, std, 1.0).astype(np.float32)  # constant dims pass through centred
-    return {"norm": norm, "mean": mean.astype(np.float32), "scale": scale.astype(np.float32)}
+    return {"norm": norm, "mean": mean, "scale": scale}
+
+
+def weighted_sum(A: np.ndarray, sample_weight: np.ndarray | None = None) -> np.ndarray:
+    """sum_i w_i a_i over the rows of A (N, D) -> (D,) float64: accumulated in float64 without a float64 copy of A
+    (blocks of rows when weighted)."""
+    if sample_weight is None:
+        return A.sum(0, dtype=np.float64)
+    w = np.asarray(sample_weight, np.float64)
+    out = np.zeros(A.shape[1])
+    for s in range(0, len(A), BLOCK):
+        out += w[s: s + BLOCK] @ A[s: s + BLOCK].astype(np.float64)
+    return out
 
 
 def apply_norm(X: np.ndarray, params: dict[str, Any]) -> np.ndarray:
@@ -66,36 +83,11 @@ def apply_norm(X: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     return ((Z - params["mean"]) / params["scale"]).astype(np.float32)
 
 
-# ------------------------------------------------------------------------------------------ validation
-def check_Xy(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Validate labelled training data: (N, D) finite float32 and (N,) int labels with >= 2 classes."""
-    X = np.asarray(X, dtype=np.float32)
-    y = np.asarray(y)
-    if X.ndim != 2:
-        raise ProbeError(f"expected 2-d features (n_samples, n_features), got shape {X.shape}")
-    if y.ndim != 1 or len(y) != len(X):
-        raise ProbeError(f"expected {len(X)} labels (one per row of X), got shape {y.shape}")
-    if len(X) == 0:
-        raise ProbeError("no training samples: got 0 rows")
-    if not np.isfinite(X).all():
-        raise ProbeError(f"features contain {int((~np.isfinite(X)).sum())} NaN/inf values")
-    n_classes = len(np.unique(y))
-    if n_classes < 2:
-        raise ProbeError(f"a classifier needs at least 2 classes in the training labels, got {n_classes} class")
-    return X, y
-
-
-def check_X(X: Any, dim: int) -> np.ndarray:
-    X = np.asarray(X, dtype=np.float32)
-    if X.ndim != 2 or X.shape[1] != dim:
-        raise ProbeError(f"expected features of shape (n, {dim}) like the training data, got {X.shape}")
-    return X
-
-
-def balanced_weights(y_idx: np.ndarray, n_classes: int) -> np.ndarray:
-    """Per-sample weights n / (k * n_c), scikit-learn's class_weight='balanced'.  (N,) int -> (N,) float32"""
-    counts = np.bincount(y_idx, minlength=n_classes).astype(np.float64)
-    w = len(y_idx) / (n_classes * np.maximum(counts, 1))
+def balanced_weights(y_idx: np.ndarray, n_classes: int, sample_weight: np.ndarray | None = None) -> np.ndarray:
+    """Per-sample class weights n / (k * n_c), scikit-learn's class_weight='balanced', with n and n_c the (weighted)
+    counts of rows, as ``compute_class_weight(..., sample_weight=)``.  (N,) int -> (N,) float32"""
+    counts = np.bincount(y_idx, weights=sample_weight, minlength=n_classes).astype(np.float64)
+    w = counts.sum() / (n_classes * np.where(counts > 0, counts, 1.0))  # an absent class weighs nothing anyway
     return w[y_idx].astype(np.float32)
 
 
@@ -107,7 +99,7 @@ def k_per_class(y: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
         >>> k_per_class(np.array([0, 0, 0, 1, 1]), 2, seed=0)   # two of class 0, both of class 1
     """
     if k < 1:
-        raise ProbeError(f"--shots must be >= 1 images per class, got {k}")
+        raise ProbeError(f"shots must be >= 1 images per class, got {k}")
     rng = np.random.default_rng(seed)
     keep = [rng.permutation(np.flatnonzero(y == c))[:k] for c in np.unique(y)]
     return np.sort(np.concatenate(keep))

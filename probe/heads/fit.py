@@ -6,8 +6,8 @@ test). ``shots`` keeps that many training images per class, drawn with ``seed``.
 store's augmented views (``probe extract --views K``) when it has them, unless ``views=False``.
 
 Example:
-    >>> summary = fit_head("cache/demo.h5", "heads/demo-linear.safetensors", HeadConfig(head="linear"))
-    >>> summary["test"] or summary["val"]
+    >>> fit = fit_head("cache/demo.h5", LinearHead(), out="heads/demo-linear.safetensors")
+    >>> fit.test or fit.val_accuracy
 """
 
 from __future__ import annotations
@@ -15,55 +15,22 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.base import clone
 
 from ..errors import ProbeError
+from ..identity import FeatureIdentity
+from ..store import FeatureStore
+from .base import Head
 from .evaluate import metrics
 from .features import k_per_class, stratified_holdout
-from .io import HEADS, make_head, save_head
+from .io import make_head, save_head
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class HeadConfig:
-    head: str = "linear"  # linear | mlp | prototype | knn
-    norm: str | None = None  # None: the head's default (standardize: linear, mlp; cl2n: prototype; l2: knn)
-    shots: int | None = None  # keep K training images per class (few-shot linear probes)
-    balanced: bool = False  # class weights n / (k * n_c) in the loss (linear, mlp)
-    seed: int = 0  # k-shot draw, holdout, MLP init
-    C: float | None = None  # linear: a fixed inverse L2 strength; None sweeps n_Cs values
-    n_Cs: int = 25  # linear: sweep size on the log grid 1e-6..1e6 (Kornblith et al. use a similar range)
-    hidden: tuple[int, ...] = (512,)  # mlp: hidden widths
-    dropout: float = 0.5  # mlp
-    epochs: int = 200  # mlp: at most; early stopping usually ends far sooner
-    k: int = 20  # knn: neighbours (DINO's default)
-    metric: str = "cosine"  # prototype: cosine | euclidean
-    device: str = "auto"  # linear, mlp: cuda when present
-    views: bool | None = None  # mlp: train on the store's augmented views; None: when it has them; other heads ignore
-
-    def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise ProbeError(f"unknown head {self.head!r}: expected one of {', '.join(HEADS)}")
-        if self.shots is not None and self.shots < 1:
-            raise ProbeError(f"--shots must be >= 1 images per class, got {self.shots}")
-
-    def head_params(self) -> dict[str, Any]:
-        p: dict[str, Any] = {"norm": self.norm} if self.norm else {}
-        if self.head == "linear":
-            p.update(C=self.C, n_Cs=self.n_Cs, balanced=self.balanced, seed=self.seed, device=self.device)
-        elif self.head == "mlp":
-            p.update(hidden=tuple(self.hidden), dropout=self.dropout, epochs=self.epochs, balanced=self.balanced,
-                     seed=self.seed, device=self.device)
-        elif self.head == "knn":
-            p.update(k=self.k)
-        else:
-            p.update(metric=self.metric)
-        return p
 
 
 def labelled_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
@@ -92,88 +59,121 @@ def labelled_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
     return rows
 
 
-def fit_head(store_path: str | os.PathLike, out: str | os.PathLike, config: HeadConfig | None = None
-             ) -> dict[str, Any]:
-    """Fit the head of ``config`` on a store, report validation/test metrics, save it to ``out``; returns a summary."""
-    from probe.store import FeatureStore
+@dataclass
+class HeadFit:
+    """What ``fit_head`` returns: the fitted head, what it was fit on, and its scores. ``to_dict()`` (and
+    ``fit["key"]``) give the summary the CLI prints and ``--json`` writes."""
 
-    cfg = config or HeadConfig()
-    head = make_head(cfg.head, **cfg.head_params())  # bad hyperparameters fail before any data is read
-    t0 = time.perf_counter()
-    store = FeatureStore(store_path)
-    rows = labelled_splits(store, cfg.seed)
-    X, y = store.features(), store.labels()  # (N, D), (N,)
+    head: Head
+    class_names: list[str]  # the head's columns
+    identity: FeatureIdentity  # of the features it was fit on (``features_only``)
+    store: str
+    n_train: int
+    n_val: int
+    n_test: int
+    val_accuracy: float | None  # linear: at the chosen C, before the refit on train + val
+    val: dict[str, Any] | None  # metrics (see evaluate.metrics); linear heads report val_accuracy only
+    test: dict[str, Any] | None
+    fit_seconds: float
+    out: str | None = None  # the head file, when one was written
+    details: dict[str, Any] = field(default_factory=dict)  # per head: the sweep and C, MLP epochs, views …
+
+    def to_dict(self) -> dict[str, Any]:
+        h = self.head
+        return {"store": self.store, "head": h.kind, "out": self.out, "backbone": self.identity.backbone,
+                "dim": int(h.n_features_in_), "classes": self.class_names, "norm": h.norm, "n_train": self.n_train,
+                "n_val": self.n_val, "n_test": self.n_test, **self.details, "val": self.val, "test": self.test,
+                "val_accuracy": self.val_accuracy, "fit_seconds": self.fit_seconds}
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+
+def _training_rows(store: FeatureStore, y: np.ndarray, shots: int | None, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(train, val, test, test rows dropped) indices: the store's splits, ``shots`` per class kept in train, and
+    val/test limited to the classes train has (a row of a class the head never saw cannot be scored)."""
+    rows = labelled_splits(store, seed)
     train = rows["train"]
-    if cfg.shots:
-        train = train[k_per_class(y[train], cfg.shots, cfg.seed)]
-    val, test = rows["val"], rows["test"]
-    # a validation row whose class is missing from train cannot be scored: keep only the classes the head knows
+    if shots:
+        train = train[k_per_class(y[train], shots, seed)]
     known = np.unique(y[train])
+    val, test = rows["val"], rows["test"]
     val = val[np.isin(y[val], known)]
-    test_dropped = int((~np.isin(y[test], known)).sum())
-    test = test[np.isin(y[test], known)]
+    dropped = int((~np.isin(y[test], known)).sum())
+    return train, val, test[np.isin(y[test], known)], dropped
+
+
+def _head_details(head: Head, cfg: dict[str, Any], n_val: int) -> dict[str, Any]:
+    """The summary fields that belong to one kind of head."""
+    d: dict[str, Any] = {"shots": cfg["shots"], "seed": cfg["seed"],
+                         "views": int(getattr(head, "n_views_", 0))}  # augmented views per image it trained on
+    if head.kind == "linear":
+        d.update(C=head.C_, sweep=head.sweep_,
+                 refit_on="train+val" if head.sweep_ and head.refit and n_val else "train")
+    if head.kind == "mlp":
+        d.update(best_epoch=head.best_epoch_, epochs_run=head.epochs_run_)
+    return d
+
+
+def fit_head(store: FeatureStore | str | os.PathLike, head: Head | str = "linear",
+             out: str | os.PathLike | None = None, *, shots: int | None = None, seed: int = 0,
+             views: bool | None = None) -> HeadFit:
+    """Fit ``head`` (an unfitted head object, or a kind: "linear", "mlp", "prototype", "knn") on a store's
+    train split, choosing on val (the linear head's L2 strength, the MLP's early stop) and scoring val and test.
+
+    ``shots`` keeps that many training images per class (drawn with ``seed``); ``views``: the MLP trains on the
+    store's augmented views (None: when the store has them). The head file is written only when ``out`` is given.
+
+    Example:
+        >>> fit = fit_head("cache/demo.h5", LinearHead(n_Cs=25), out="heads/demo.safetensors")
+        >>> fit.val_accuracy, fit.head.predict(X)
+    """
+    if shots is not None and shots < 1:
+        raise ProbeError(f"shots must be >= 1 images per class, got {shots}")
+    head = make_head(head) if isinstance(head, str) else clone(head)
+    t0 = time.perf_counter()
+    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    X, y = store.features(), store.labels()  # (N, D), (N,)
+    train, val, test, test_dropped = _training_rows(store, y, shots, seed)
     fit_kw: dict[str, Any] = {}
-    if cfg.head in ("linear", "mlp") and len(val):
+    if head.kind in ("linear", "mlp") and len(val):
         fit_kw["eval_set"] = (X[val], y[val])
-    if cfg.views and not store.n_views:
-        raise ProbeError(f"--views: store {store.path} has no augmented views (make a store with them: "
+    if views and not store.n_views:
+        raise ProbeError(f"views: store {store.path} has no augmented views (make a store with them: "
                          "probe extract DATA --views K)")
-    if store.n_views and cfg.views is not False:
-        if cfg.head == "mlp":
+    if store.n_views and views is not False:
+        if head.kind == "mlp":
             fit_kw["views"] = store.views(rows=train)  # (n_train, K, D)
         else:
             log.info("the %s head ignores the store's %d augmented views per image (the mlp head trains on them)",
-                     cfg.head, store.n_views)
+                     head.kind, store.n_views)
     head.fit(X[train], y[train], **fit_kw)
     fit_s = time.perf_counter() - t0
     class_names = [store.classes[i] for i in head.classes_]
 
     def report(idx: np.ndarray) -> dict[str, Any] | None:
-        if not len(idx):
-            return None
-        cols = np.searchsorted(head.classes_, y[idx])
-        return metrics(cols, head.predict_proba(X[idx]), class_names)
+        return metrics(np.searchsorted(head.classes_, y[idx]), head.predict_proba(X[idx]), class_names) \
+            if len(idx) else None
 
-    summary: dict[str, Any] = {
-        "store": str(store.path),
-        "head": cfg.head,
-        "out": str(out),
-        "backbone": store.backbone,
-        "dim": int(store.dim),
-        "classes": class_names,
-        "norm": head.norm,
-        "n_train": int(len(train)),
-        "n_val": int(len(val)),
-        "n_test": int(len(test)),
-        "shots": cfg.shots,
-        "views": int(getattr(head, "n_views_", 0)),  # augmented views per training image the head trained on
-        "seed": cfg.seed,
-        "train_accuracy": float((head.predict(X[train]) == y[train]).mean()),
-        "val": None,
-        "test": report(test),
-        "fit_seconds": round(fit_s, 3),
-    }
+    val_report = None if head.kind == "linear" else report(val)
+    details = _head_details(head, {"shots": shots, "seed": seed}, len(val))
+    details["train_accuracy"] = float((head.predict(X[train]) == y[train]).mean())
     if test_dropped:
-        summary["test_dropped_unknown_class"] = test_dropped
-    if cfg.head == "linear":
-        summary["C"] = head.C_
-        summary["sweep"] = head.sweep_
-        summary["val_accuracy"] = head.val_accuracy_  # before the refit on train + val
-        summary["refit_on"] = "train+val" if head.sweep_ and head.refit and len(val) else "train"
-    else:
-        summary["val"] = report(val)
-        summary["val_accuracy"] = summary["val"]["accuracy"] if summary["val"] else None
-    if cfg.head == "mlp":
-        summary["best_epoch"] = head.best_epoch_
-        summary["epochs_run"] = head.epochs_run_
-    meta = {
-        "class_names": class_names,
-        "config": store.identity.features_only().to_dict(),
-        "config_key": store.feature_key,
-        "store": str(store.path),
-        "fit": {k: v for k, v in summary.items() if k not in ("sweep",)} | {"config": asdict(cfg)},
-    }
-    save_head(head, out, meta)
-    log.info("saved %s head to %s", cfg.head, out)
-    summary["out"] = str(Path(out))
-    return summary
+        details["test_dropped_unknown_class"] = test_dropped
+    fit = HeadFit(head, class_names, store.identity.features_only(), str(store.path), int(len(train)),
+                  int(len(val)), int(len(test)),
+                  head.val_accuracy_ if head.kind == "linear" else (val_report or {}).get("accuracy"),
+                  val_report, report(test), round(fit_s, 3), details=details)
+    if out is not None:
+        summary = fit.to_dict()
+        save_head(head, out, {"store": str(store.path),
+                              "fit": {k: v for k, v in summary.items() if k not in ("sweep",)}
+                              | {"config": {"head": head.kind, "shots": shots, "seed": seed, "views": views}}},
+                  identity=fit.identity, class_names=class_names)
+        log.info("saved %s head to %s", head.kind, out)
+        fit.out = str(Path(out))
+    return fit

@@ -6,7 +6,7 @@ weights checksum, preprocessing, pooling, TTA, dtype and their ``config_key``) a
 ``probe predict`` can rebuild the exact embedder without the store.
 
 Example:
-    >>> save_head(head, "heads/demo-linear.safetensors", {"class_names": [...], "config": store.config})
+    >>> save_head(head, "heads/demo-linear.safetensors", identity=store.identity, class_names=[...])
     >>> head, meta = load_head("heads/demo-linear.safetensors")
 """
 
@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.utils.validation import check_is_fitted
 
 from ..errors import ProbeError
+from ..identity import ARRAYS_IDENTITY, FeatureIdentity
 from .base import Head
 from .knn import KNNHead
 from .linear import LinearHead
@@ -35,7 +37,8 @@ class HeadError(ProbeError):
 
 
 def make_head(kind: str, **params: Any) -> Head:
-    """A head by name: ``make_head("linear", C=1.0)``. Unknown names and parameters raise ValueError."""
+    """A head by name: ``make_head("linear", C=1.0)``. Unknown names, parameters and values outside a parameter's
+    constraints raise ProbeError at once, before any data is read."""
     if kind not in HEADS:
         raise ProbeError(f"unknown head {kind!r}: expected one of {', '.join(HEADS)}")
     cls = HEADS[kind]
@@ -43,7 +46,9 @@ def make_head(kind: str, **params: Any) -> Head:
     bad = sorted(set(params) - set(allowed))
     if bad:
         raise ProbeError(f"head {kind!r} has no parameter {bad[0]!r}: it takes {', '.join(allowed)}")
-    return cls(**params)
+    head = cls(**params)
+    head._validate_params()  # scikit-learn's declared constraints (ParameterError names the value)
+    return head
 
 
 def _jsonable(v: Any) -> Any:
@@ -54,13 +59,32 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def save_head(head: Head, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``head`` and ``meta`` (class names, store config, fit summary …) to ``path`` (.safetensors)."""
+def save_head(head: Head, path: str | os.PathLike, meta: dict[str, Any] | None = None, *,
+              identity: FeatureIdentity | None = None, class_names: list[str] | None = None,
+              classes: list[str] | None = None) -> Path:
+    """Write a fitted ``head`` to ``path`` (.safetensors). ``identity``: what made the features it was fit on
+    (``store.identity``); without one (and without ``meta["config"]``) the head is recorded as fit on vectors no
+    backbone made, and `probe predict` cannot embed images for it. ``class_names``: the names of its columns
+    (default: its classes as strings); or ``classes``: the name of every label value, as a store's ``classes``
+    (the head's columns are then ``classes[c]`` for c in ``head.classes_``). ``meta``: more JSON to record.
+
+    Example:
+        >>> save_head(LinearHead().fit(X, y), "h.safetensors", identity=store.identity, classes=store.classes)
+    """
     from safetensors.numpy import save_file
 
+    check_is_fitted(head)
+    names = classes
     arrays = head.get_state()
     classes = arrays["classes_"]
     meta = dict(meta or {})
+    if identity is None and "config" in meta:  # recorded by the caller, as load_head returns it
+        identity = FeatureIdentity.from_config(meta["config"])
+    identity = identity if identity is not None else ARRAYS_IDENTITY
+    meta.update(config=identity.features_only().to_dict(), config_key=identity.feature_key)
+    if class_names is None and names is not None:
+        class_names = [names[int(c)] for c in classes.tolist()]
+    meta.setdefault("class_names", class_names if class_names is not None else [str(c) for c in classes.tolist()])
     if classes.dtype.kind not in "iuf":  # string labels travel in the JSON, not as a tensor
         meta["classes_"] = classes.tolist()
         arrays = {k: v for k, v in arrays.items() if k != "classes_"}

@@ -6,10 +6,12 @@ Features are L2-normalised, the k most cosine-similar training rows vote for the
 
 from __future__ import annotations
 
+from numbers import Integral, Real
+
 import numpy as np
 import torch
+from sklearn.utils._param_validation import Interval
 
-from ..errors import ProbeError
 from .base import Head
 
 
@@ -22,6 +24,9 @@ class KNNHead(Head):
 
     kind = "knn"
     _state_attrs = ("bank_", "bank_labels_")
+    _parameter_constraints = {**Head._parameter_constraints, "k": [Interval(Integral, 1, None, closed="left")],
+                              "temperature": [Interval(Real, 0, None, closed="neither")],
+                              "batch_size": [Interval(Integral, 1, None, closed="left")]}
 
     def __init__(self, k: int = 20, temperature: float = 0.07, norm: str = "l2", batch_size: int = 1024):
         self.k = k
@@ -29,12 +34,12 @@ class KNNHead(Head):
         self.norm = norm
         self.batch_size = batch_size
 
-    def fit(self, X, y, sample_weight=None) -> KNNHead:
-        if int(self.k) < 1:
-            raise ProbeError(f"k must be >= 1 neighbours, got {self.k}")
-        if not self.temperature > 0:
-            raise ProbeError(f"temperature must be > 0, got {self.temperature}")
-        Z, yi = self._start_fit(X, y)
+    def fit(self, X, y) -> KNNHead:
+        """Keep the normalised, unit-length rows of X (N, D) as the voting bank.
+
+        No ``sample_weight``: scikit-learn's contract means a row of weight 2 acts as that row twice, and a repeated
+        row takes two of the k neighbour slots, which a weight on one slot's vote does not reproduce."""
+        Z, yi, _ = self._start_fit(X, y)
         self.bank_ = Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)  # (N, D) unit rows
         self.bank_labels_ = yi
         return self

@@ -18,15 +18,17 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from numbers import Integral, Real
 
 import numpy as np
 import torch
+from sklearn.utils._param_validation import Interval
 
-from probe.extract import resolve_device
+from probe.device import resolve_device
 
 from ..errors import ProbeError
 from .base import Head
-from .features import apply_norm, balanced_weights, check_X
+from .features import balanced_weights
 
 log = logging.getLogger(__name__)
 SMALL_WORK = 2e7  # multiply-adds per logits product below which one CPU thread is faster than several
@@ -53,18 +55,15 @@ def _solve(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float, W: torch
            max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Minimise sklearn's objective, scaled by 1/(C * sum w) so that float32 stays well-conditioned.
 
-    Z (N, D), y (N,) int64, w (N,) sample weights, W (D, K), b (K,) warm start. Returns (W, b, evaluations)."""
+    Z (N, D), y (N,) int64, w (N,) sample weights, W (D, K), b (K,) warm start. Returns (W, b, L-BFGS iterations)."""
     W = W.clone().requires_grad_(True)
     b = b.clone().requires_grad_(True)
     wsum = w.sum()
     lam = 1.0 / (2.0 * C * wsum)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=tol,
                             tolerance_change=1e-10, line_search_fn="strong_wolfe")
-    evals = 0
 
     def closure():
-        nonlocal evals
-        evals += 1
         opt.zero_grad()
         logits = Z @ W + b  # (N, K)
         loss = (torch.nn.functional.cross_entropy(logits, y, reduction="none") * w).sum() / wsum
@@ -73,11 +72,12 @@ def _solve(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float, W: torch
         return loss
 
     opt.step(closure)
-    return W.detach(), b.detach(), evals
+    return W.detach(), b.detach(), int(opt.state[W].get("n_iter", 0))
 
 
 def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarray, K: int, max_iter: int,
-                tol: float, history: int = 10, init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                tol: float, history: int = 10, init: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every strength of a sweep at once: batched L-BFGS with backtracking (Armijo) line search.
 
     A sweep is memory-bound when run one strength at a time: each evaluation streams all of Z (N, D) for a skinny
@@ -86,7 +86,7 @@ def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarra
     its largest gradient entry is below ``tol`` or its line search cannot decrease the loss any further.
 
     Z (N, D), y (N,), w (N,) weights, Cs (S,), init (D*K + K,) a warm start shared by all S (default zeros).
-    Returns W (S, D, K), b (S, K)."""
+    Returns W (S, D, K), b (S, K), iterations (S,)."""
     N, D = Z.shape
     S, P = len(Cs), D * K + K
     wsum = w.sum()
@@ -108,9 +108,11 @@ def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarra
     f, g = f_and_g(theta, lam_all)
     hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s_k, y_k, rho_k), each over all S
     active = g.abs().amax(1) > tol
+    iters = torch.zeros(S, dtype=torch.int64, device=Z.device)
     for _ in range(max_iter):
         if not active.any():
             break
+        iters += active
         q = g.clone()  # two-loop recursion, batched over strengths (rho = 0 masks unusable pairs)
         alphas = []
         for s_, y_, r_ in reversed(hist):
@@ -151,7 +153,7 @@ def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarra
         hist = hist[-history:]
         theta, f, g = new_theta, new_f, new_g
         active = active & ~stuck & (g.abs().amax(1) > tol)
-    return theta[:, : D * K].view(S, D, K), theta[:, D * K:]
+    return theta[:, : D * K].view(S, D, K), theta[:, D * K:], iters
 
 
 class LinearHead(Head):
@@ -165,7 +167,8 @@ class LinearHead(Head):
     k-fold cross-validation that chooses C when ``fit`` gets no ``eval_set``; ``device`` auto | cpu | cuda.
 
     Fitted: ``coef_`` (K, D) and ``intercept_`` (K,) on normalised features, ``C_``, ``sweep_`` (list of
-    {"C", "val_accuracy"}; empty for a fixed C), ``val_accuracy_``.
+    {"C", "val_accuracy"}; empty for a fixed C), ``val_accuracy_``, ``n_iter_`` (L-BFGS iterations of the solve
+    that gave ``coef_``).
 
     Example:
         >>> head = LinearHead().fit(X_train, y_train, eval_set=(X_val, y_val))
@@ -174,6 +177,21 @@ class LinearHead(Head):
 
     kind = "linear"
     _state_attrs = ("coef_", "intercept_")
+    _parameter_constraints = {
+        **Head._parameter_constraints,
+        "C": [Interval(Real, 0, None, closed="neither"), None],
+        "n_Cs": [Interval(Integral, 1, None, closed="left")],
+        "C_range": [tuple, list],  # two positive numbers, low <= high: checked by Cs()
+        "balanced": ["boolean"],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "max_iter_final": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "folds": [Interval(Integral, 2, None, closed="left")],
+        "seed": [Interval(Integral, 0, None, closed="left")],
+        "refit": ["boolean"],
+        "block": [Interval(Integral, 1, None, closed="left")],
+        "device": [str],  # auto, cpu, cuda, cuda:1 ...: resolve_device checks
+    }
 
     def __init__(self, C: float | None = None, n_Cs: int = 25, C_range: tuple[float, float] = (1e-6, 1e6),
                  norm: str = "standardize", balanced: bool = False, max_iter: int = 100,
@@ -198,30 +216,29 @@ class LinearHead(Head):
         lo, hi = self.C_range
         if not (0 < lo <= hi):
             raise ProbeError(f"C_range must be two positive numbers low <= high, got {self.C_range}")
-        if int(self.n_Cs) < 1:
-            raise ProbeError(f"n_Cs must be >= 1, got {self.n_Cs}")
         return np.logspace(np.log10(lo), np.log10(hi), int(self.n_Cs))
 
     def fit(self, X, y, sample_weight=None, eval_set=None) -> LinearHead:
-        if self.C is not None and not self.C > 0:
-            raise ProbeError(f"C must be > 0 (inverse regularisation strength), got {self.C}")
+        """Fit on X (N, D), y (N,); ``eval_set`` (X_val, y_val) chooses C in a sweep (else k-fold CV of X).
+
+        ``sample_weight`` (N,) scales each row's loss -- and its share of the normalisation statistics, of the
+        balanced class weights and of the cross-validation accuracy: a row of weight 2 counts as that row twice."""
         t0 = time.perf_counter()
-        Z, yi = self._start_fit(X, y)  # (N, D) normalised, (N,) class indices
+        Z, yi, sw = self._start_fit(X, y, sample_weight)  # (N, D) normalised, (N,) class indices, (N,) or None
+        if self.C is None:
+            self.Cs()  # a bad C_range fails before any solve
         dev = resolve_device(self.device)
         with threads_for(Z.shape[0] * Z.shape[1] * len(self.classes_), dev):
-            self._fit(Z, yi, dev, sample_weight, eval_set)
+            self._fit(Z, yi, dev, None if sw is None else sw.astype(np.float32), eval_set)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
-    def _fit(self, Z: np.ndarray, yi: np.ndarray, dev: torch.device, sample_weight, eval_set) -> None:
+    def _fit(self, Z: np.ndarray, yi: np.ndarray, dev: torch.device, sw: np.ndarray | None, eval_set) -> None:
         K = len(self.classes_)
-        sw = None if sample_weight is None else np.asarray(sample_weight, np.float32)
-        if sw is not None and sw.shape != yi.shape:
-            raise ProbeError(f"expected {len(yi)} sample weights (one per row), got shape {sw.shape}")
 
         def weights(yi_: np.ndarray, sw_: np.ndarray | None) -> torch.Tensor:
             """(N,) per-row weights: balanced class weights times the caller's sample weights."""
-            w = balanced_weights(yi_, K) if self.balanced else np.ones(len(yi_), np.float32)
+            w = balanced_weights(yi_, K, sw_) if self.balanced else np.ones(len(yi_), np.float32)
             return torch.from_numpy(w if sw_ is None else w * sw_).to(dev)
 
         def t(a: np.ndarray) -> torch.Tensor:
@@ -231,7 +248,7 @@ class LinearHead(Head):
         self.sweep_ = []
         self.val_accuracy_ = None
         if self.C is not None:
-            W, b, _ = _solve(t(Z), t(yi), weights(yi, sw), float(self.C), W0, b0, self.max_iter_final, self.tol)
+            W, b, n_iter = _solve(t(Z), t(yi), weights(yi, sw), float(self.C), W0, b0, self.max_iter_final, self.tol)
             self.C_ = float(self.C)
             if eval_set is not None:
                 Zv, yv = self._eval_set(eval_set)
@@ -241,71 +258,84 @@ class LinearHead(Head):
             accs, sols = self._sweep(t(Z), t(yi), weights(yi, sw), t(Zv), yv)
             best = int(np.argmax(accs))  # the first maximum: ties keep the stronger regularisation
             self.C_, self.val_accuracy_ = float(self.Cs()[best]), float(accs[best])
-            W, b = sols[best]
+            W, b, n_iter = sols[best]
             if self.refit:  # Kornblith et al.: refit on train + validation at the chosen strength
                 yall = np.concatenate([yi, yv])
                 sw_all = None if sw is None else np.concatenate([sw, np.ones(len(yv), np.float32)])
-                W, b, _ = _solve(t(np.concatenate([Z, Zv])), t(yall), weights(yall, sw_all), self.C_, W, b,
-                                 self.max_iter_final, self.tol)
+                W, b, n_iter = _solve(t(np.concatenate([Z, Zv])), t(yall), weights(yall, sw_all), self.C_, W, b,
+                                      self.max_iter_final, self.tol)
         else:  # no validation set: choose on seeded stratified k-fold cross-validation of the training rows
-            from sklearn.model_selection import StratifiedKFold
-
-            smallest = int(np.bincount(yi).min())
-            if smallest < 2:
-                raise ProbeError(f"class {self.classes_[np.bincount(yi).argmin()]!r} has {smallest} training row: "
-                                 "choosing C by cross-validation needs >= 2 per class; pass eval_set or a fixed C")
-            folds = StratifiedKFold(min(int(self.folds), smallest), shuffle=True, random_state=self.seed)
-            per_fold = []
-            for tr, va in folds.split(Z, yi):
-                accs, _ = self._sweep(t(Z[tr]), t(yi[tr]), weights(yi[tr], None if sw is None else sw[tr]),
-                                      t(Z[va]), yi[va])
-                per_fold.append(accs)
-            mean = np.mean(per_fold, 0)
-            best = int(np.argmax(mean))
-            self.sweep_ = [{"C": r["C"], "val_accuracy": float(a)} for r, a in zip(self.sweep_, mean)]
-            self.C_, self.val_accuracy_ = float(self.Cs()[best]), float(mean[best])
-            W, b, _ = _solve(t(Z), t(yi), weights(yi, sw), self.C_, W0, b0, self.max_iter_final, self.tol)
+            self._cross_validate(Z, yi, sw, t, weights)
+            W, b, n_iter = _solve(t(Z), t(yi), weights(yi, sw), self.C_, W0, b0, self.max_iter_final, self.tol)
         if self.sweep_:
             log.info("chose C=%.3g (validation accuracy %.4f)", self.C_, self.val_accuracy_)
         self.coef_ = W.T.contiguous().cpu().numpy()  # (K, D)
         self.intercept_ = b.cpu().numpy()  # (K,)
+        self.n_iter_ = int(n_iter)
+
+    def _cross_validate(self, Z: np.ndarray, yi: np.ndarray, sw: np.ndarray | None, t, weights) -> None:
+        """Sweep every C on each fold of a seeded stratified k-fold split; sets ``sweep_`` (mean fold accuracy per
+        strength), ``C_`` and ``val_accuracy_``."""
+        from sklearn.model_selection import StratifiedKFold
+
+        smallest = int(np.bincount(yi).min())
+        if smallest < 2:
+            raise ProbeError(f"class {self.classes_[np.bincount(yi).argmin()]!r} has {smallest} training row: "
+                             "choosing C by cross-validation needs >= 2 per class; pass eval_set or a fixed C")
+        folds = StratifiedKFold(min(int(self.folds), smallest), shuffle=True, random_state=self.seed)
+        per_fold = []
+        for tr, va in folds.split(Z, yi):
+            w_tr, w_va = (None, None) if sw is None else (sw[tr], sw[va])
+            accs, _ = self._sweep(t(Z[tr]), t(yi[tr]), weights(yi[tr], w_tr), t(Z[va]), yi[va], w_va)
+            per_fold.append(accs)
+        mean = np.mean(per_fold, 0)
+        best = int(np.argmax(mean))
+        self.sweep_ = [{"C": r["C"], "val_accuracy": float(a)} for r, a in zip(self.sweep_, mean)]
+        self.C_, self.val_accuracy_ = float(self.Cs()[best]), float(mean[best])
 
     def _eval_set(self, eval_set) -> tuple[np.ndarray, np.ndarray]:
         """Normalised validation features (M, D) and class indices (M,)."""
         Xv, yv = eval_set
-        Zv = apply_norm(check_X(Xv, self.n_features_in_), self.norm_)
+        Zv = self.transform_features(Xv)
         yv = np.asarray(yv)
         unknown = np.setdiff1d(yv, self.classes_)
         if len(unknown):
             raise ProbeError(f"validation labels {unknown[:5].tolist()} do not occur in the training labels")
         return Zv, np.searchsorted(self.classes_, yv)
 
-    def _sweep(self, Z, y, w, Zv, yv) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Fit every C of the grid at once (``_solve_many``): (val accuracies, solutions).
-        Records ``sweep_`` ({"C", "val_accuracy"} per strength)."""
+    def _sweep(self, Z, y, w, Zv, yv, wv: np.ndarray | None = None
+               ) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor, int]]]:
+        """Fit every C of the grid at once (``_solve_many``): (val accuracies, solutions (W, b, iterations)), the
+        accuracy weighted by ``wv`` (M,) when given. Records ``sweep_`` ({"C", "val_accuracy"} per strength)."""
         # Blocks of strengths solved together, each block warm-started from the previous block's weakest
         # regularisation: batching keeps the products wide, the path keeps the iterations few.
-        K, Cs, Ws, bs = len(self.classes_), self.Cs(), [], []
+        K, Cs, Ws, bs, its = len(self.classes_), self.Cs(), [], [], []
         init = None
         for a in range(0, len(Cs), self.block):
-            W, b = _solve_many(Z, y, w, Cs[a: a + self.block], K, self.max_iter, self.tol, init=init)
+            W, b, n = _solve_many(Z, y, w, Cs[a: a + self.block], K, self.max_iter, self.tol, init=init)
             Ws += list(W)
             bs += list(b)
+            its += n.tolist()
             init = torch.cat([W[-1].reshape(-1), b[-1]])
         accs, sols = [], []
         self.sweep_ = []
-        for C, W, b in zip(self.Cs(), Ws, bs):
-            acc = float(((Zv @ W + b).argmax(1).cpu().numpy() == yv).mean())
+        weighted = wv is not None and wv.sum() > 0  # a fold whose rows all weigh 0 counts them equally
+        for C, W, b, n in zip(self.Cs(), Ws, bs, its):
+            correct = (Zv @ W + b).argmax(1).cpu().numpy() == yv
+            acc = float(np.average(correct, weights=wv) if weighted else correct.mean())
             self.sweep_.append({"C": float(C), "val_accuracy": acc})
             accs.append(acc)
-            sols.append((W, b))
+            sols.append((W, b, n))
         return np.array(accs), sols
 
     def decision_function(self, X) -> np.ndarray:
-        """(N, D) -> (N, K) logits."""
-        return self.transform_features(X) @ self.coef_.T + self.intercept_
+        """(N, D) -> (N, K) logits; for two classes (N,) the log-odds of ``classes_[1]`` (scikit-learn's shape)."""
+        return self._decision(X)
+
+    def _scores(self, Z: np.ndarray) -> np.ndarray:
+        return Z @ self.coef_.T + self.intercept_  # (N, K) logits
 
     def _proba(self, Z: np.ndarray) -> np.ndarray:
         from .prototype import softmax
 
-        return softmax(Z @ self.coef_.T + self.intercept_)
+        return softmax(self._scores(Z))

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from numbers import Integral, Real
 
 import numpy as np
 import torch
+from sklearn.utils._param_validation import Interval
 from torch import nn
 
-from probe.extract import resolve_device
+from probe.device import resolve_device
 
 from ..errors import ProbeError
 from .base import Head
-from .features import apply_norm, check_X, stratified_holdout
+from .features import apply_norm, stratified_holdout
+from .linear import threads_for
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,17 @@ def build_mlp(dim: int, hidden: tuple[int, ...], n_classes: int, dropout: float)
     return nn.Sequential(*layers)
 
 
+def weighted_loss(class_weight: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """``loss(logits (B, K), y (B,), w (B,) or None)``: cross-entropy averaged with row weights
+    ``class_weight[y] * w`` -- torch's ``CrossEntropyLoss(weight=class_weight)`` when w is None."""
+    def loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        if w is None:
+            return nn.functional.cross_entropy(logits, y, weight=class_weight)
+        ce = nn.functional.cross_entropy(logits, y, weight=class_weight, reduction="none")  # (B,) cw[y] * nll
+        return (ce * w).sum() / (class_weight[y] * w).sum().clamp_min(1e-12)  # a batch of zero weights: 0
+    return loss
+
+
 class MLPHead(Head):
     """MLP classifier with dropout, AdamW and early stopping on validation loss.
 
@@ -62,6 +77,20 @@ class MLPHead(Head):
     """
 
     kind = "mlp"
+    _parameter_constraints = {
+        **Head._parameter_constraints,
+        "hidden": [tuple, list],  # widths >= 1: checked by fit
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "epochs": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "patience": [Interval(Integral, 1, None, closed="left")],
+        "balanced": ["boolean"],
+        "holdout": [Interval(Real, 0, 1, closed="neither")],
+        "seed": [Interval(Integral, 0, None, closed="left")],
+        "device": [str],  # auto, cpu, cuda, cuda:1 ...: resolve_device checks
+    }
 
     def __init__(self, hidden: tuple[int, ...] = (512,), dropout: float = 0.5, lr: float = 1e-3,
                  weight_decay: float = 1e-2, epochs: int = 200, batch_size: int = 256, patience: int = 10,
@@ -82,41 +111,61 @@ class MLPHead(Head):
 
     def fit(self, X, y, sample_weight=None, eval_set=None, views=None) -> MLPHead:
         """Train on X (N, D), y (N,); ``views`` (N, K, D): augmented views of X's rows, drawn from with the centre
-        vectors (normalised with the centre statistics). Validation: ``eval_set``, else a seeded holdout."""
-        if not 0 <= self.dropout < 1:
-            raise ProbeError(f"dropout must be in [0, 1), got {self.dropout}")
+        vectors (normalised with the centre statistics). Validation: ``eval_set``, else a seeded holdout.
+
+        ``sample_weight`` (N,) scales each row's loss (and its share of the normalisation statistics, of the
+        balanced class weights and, for holdout rows, of the validation loss)."""
+        t0 = time.perf_counter()
+        X, y, sw = self._validate_fit(X, y, sample_weight)
         if any(int(h) < 1 for h in self.hidden):
             raise ProbeError(f"hidden layer widths must be >= 1, got {list(self.hidden)}")
-        if int(self.epochs) < 1:
-            raise ProbeError(f"epochs must be >= 1, got {self.epochs}")
-        t0 = time.perf_counter()
-        X, y = np.asarray(X, np.float32), np.asarray(y)
         V = None if views is None else self._check_views(views, X)  # (N, K, D) or None
+        sw_val = None
         if eval_set is None:
             tr, ho = stratified_holdout(y, self.holdout, self.seed)
-            eval_set = (X[ho], y[ho])
-            X, y = X[tr], y[tr]
+            eval_set, sw_val = (X[ho], y[ho]), (None if sw is None else sw[ho])
+            X, y, sw = X[tr], y[tr], (None if sw is None else sw[tr])
             V = V[tr] if V is not None else None
-        Z, yi = self._start_fit(X, y)
+            if sw is not None and not sw.sum() > 0:
+                raise ProbeError(f"every training row left after the {self.holdout:g} holdout has sample_weight 0")
+        Z, yi = self._fit_classes_and_norm(X, y, sw)
         self.n_views_ = 0 if V is None else V.shape[1]
         if V is not None:  # normalised with the statistics of the centre vectors, like any input at predict time
             n, k, d = V.shape
             V = apply_norm(V.reshape(n * k, d), self.norm_).reshape(n, k, d)
         Xv, yv_raw = eval_set
-        Zv = apply_norm(check_X(Xv, self.n_features_in_), self.norm_)
+        Zv = self.transform_features(Xv)
         unknown = np.setdiff1d(np.asarray(yv_raw), self.classes_)
         if len(unknown):
             raise ProbeError(f"validation labels {unknown[:5].tolist()} do not occur in the training labels")
         yv = np.searchsorted(self.classes_, np.asarray(yv_raw))
+        best_state, best_epoch, best_loss, epochs_run = self._train(Z, yi, sw, V, Zv, yv, sw_val)
+        self.weights_ = {k: v.numpy() for k, v in best_state.items()}
+        self.best_epoch_, self.epochs_run_ = best_epoch, epochs_run
+        self.val_loss_ = best_loss
+        self.val_accuracy_ = float((self._proba(Zv).argmax(1) == yv).mean())
+        self.fit_seconds_ = time.perf_counter() - t0
+        log.info("mlp: best epoch %d of %d, val loss %.4f, val accuracy %.4f%s", best_epoch, epochs_run, best_loss,
+                 self.val_accuracy_, f" ({self.n_views_} augmented views per row)" if self.n_views_ else "")
+        return self
+
+    def _train(self, Z: np.ndarray, yi: np.ndarray, sw: np.ndarray | None, V: np.ndarray | None, Zv: np.ndarray,
+               yv: np.ndarray, sw_val: np.ndarray | None) -> tuple[dict[str, torch.Tensor], int, float, int]:
+        """The training loop: Z (N, D), yi (N,), sample weights (N,) or None, views V (N, K, D) or None, validation
+        Zv (M, D), yv (M,), weights (M,) or None. Returns (best state, best epoch, its val loss, epochs run)."""
         K = len(self.classes_)
         dev = resolve_device(self.device)
-        counts = np.bincount(yi, minlength=K)
-        cw = len(yi) / (K * np.maximum(counts, 1)) if self.balanced else np.ones(K)  # (K,) class weights
-        loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(cw, dtype=torch.float32, device=dev))
+        counts = np.bincount(yi, weights=sw, minlength=K)
+        cw = counts.sum() / (K * np.where(counts > 0, counts, 1)) if self.balanced else np.ones(K)  # (K,)
+        loss_fn = weighted_loss(torch.tensor(cw, dtype=torch.float32, device=dev))
         Zt, yt = torch.from_numpy(Z).to(dev), torch.from_numpy(yi).to(dev)
         Zvt, yvt = torch.from_numpy(Zv).to(dev), torch.from_numpy(yv).to(dev)
+        wt = None if sw is None else torch.from_numpy(sw.astype(np.float32)).to(dev)  # (N,)
+        wvt = None if sw_val is None else torch.from_numpy(sw_val.astype(np.float32)).to(dev)  # (M,)
         Vt = torch.from_numpy(V).to(dev) if V is not None else None  # (N, K, D)
-        with torch.random.fork_rng(devices=[]):  # seeded init, shuffling and dropout without touching global state
+        work = min(len(Z), int(self.batch_size)) * Z.shape[1] * (int(self.hidden[0]) if len(self.hidden) else K)
+        # seeded init, shuffling and dropout without touching global state; one thread for tiny batches (threads_for)
+        with torch.random.fork_rng(devices=[]), threads_for(work, dev):
             torch.manual_seed(self.seed)
             net = build_mlp(Z.shape[1], tuple(int(h) for h in self.hidden), K, self.dropout).to(dev)
             opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -130,11 +179,11 @@ class MLPHead(Head):
                     idx = order[s: s + self.batch_size]
                     opt.zero_grad()
                     xb = Zt[idx] if Vt is None else pick_rows(Zt, Vt, idx, choice[idx])  # (B, D)
-                    loss_fn(net(xb), yt[idx]).backward()
+                    loss_fn(net(xb), yt[idx], None if wt is None else wt[idx]).backward()
                     opt.step()
                 net.eval()
                 with torch.no_grad():
-                    val_loss = float(loss_fn(net(Zvt), yvt))
+                    val_loss = float(loss_fn(net(Zvt), yvt, wvt))
                 if val_loss < best_loss - 1e-6:
                     best_loss, best_epoch, stale = val_loss, epoch + 1, 0
                     best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
@@ -142,15 +191,7 @@ class MLPHead(Head):
                     stale += 1
                     if stale >= self.patience:
                         break
-        net.load_state_dict(best_state)
-        self.weights_ = {k: v.numpy() for k, v in best_state.items()}
-        self.best_epoch_, self.epochs_run_ = best_epoch, epoch + 1
-        self.val_loss_ = best_loss
-        self.val_accuracy_ = float((self._proba(Zv).argmax(1) == yv).mean())
-        self.fit_seconds_ = time.perf_counter() - t0
-        log.info("mlp: best epoch %d of %d, val loss %.4f, val accuracy %.4f%s", best_epoch, epoch + 1, best_loss,
-                 self.val_accuracy_, f" ({self.n_views_} augmented views per row)" if self.n_views_ else "")
-        return self
+        return best_state, best_epoch, best_loss, epoch + 1
 
     @staticmethod
     def _check_views(views, X: np.ndarray) -> np.ndarray | None:

@@ -6,10 +6,14 @@ then a query goes to the closest class mean, by cosine similarity or euclidean d
 
 from __future__ import annotations
 
+from numbers import Real
+
 import numpy as np
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..errors import ProbeError
 from .base import Head
+from .features import weighted_sum
 
 METRICS = ("cosine", "euclidean")
 
@@ -32,6 +36,8 @@ class PrototypeHead(Head):
 
     kind = "prototype"
     _state_attrs = ("prototypes_",)
+    _parameter_constraints = {**Head._parameter_constraints, "metric": [StrOptions(set(METRICS))],
+                              "temperature": [Interval(Real, 0, None, closed="neither")]}
 
     def __init__(self, metric: str = "cosine", norm: str = "cl2n", temperature: float = 0.1):
         self.metric = metric
@@ -39,18 +45,22 @@ class PrototypeHead(Head):
         self.temperature = temperature
 
     def fit(self, X, y, sample_weight=None) -> PrototypeHead:
-        if self.metric not in METRICS:
-            raise ProbeError(f"unknown metric {self.metric!r}: expected one of {', '.join(METRICS)}")
-        if not self.temperature > 0:
-            raise ProbeError(f"temperature must be > 0, got {self.temperature}")
-        Z, yi = self._start_fit(X, y)
+        """Class means of the normalised rows of X (N, D), weighted by ``sample_weight`` (N,) when given (the norm's
+        statistics too): a row of weight 2 counts as that row twice."""
+        Z, yi, sw = self._start_fit(X, y, sample_weight)
         k = len(self.classes_)
-        self.prototypes_ = np.stack([Z[yi == c].mean(0) for c in range(k)]).astype(np.float32)  # (C, D)
+        mass = np.bincount(yi, weights=sw, minlength=k)  # (C,) rows, or total weight, per class
+        if not (mass > 0).all():
+            empty = self.classes_[mass <= 0].tolist()
+            raise ProbeError(f"classes {empty} have a total sample_weight of 0: their prototypes are undefined")
+        sums = [weighted_sum(Z[yi == c], None if sw is None else sw[yi == c]) for c in range(k)]
+        self.prototypes_ = (np.stack(sums) / mass[:, None]).astype(np.float32)  # (C, D)
         return self
 
     def decision_function(self, X) -> np.ndarray:
-        """(N, D) -> (N, C) scores: cosine similarity, or minus the squared euclidean distance."""
-        return self._scores(self.transform_features(X))
+        """(N, D) -> (N, C) scores: cosine similarity, or minus the squared euclidean distance; for two classes
+        (N,) the score of ``classes_[1]`` minus that of ``classes_[0]`` (scikit-learn's convention)."""
+        return self._decision(X)
 
     def _scores(self, Z: np.ndarray) -> np.ndarray:
         P = self.prototypes_

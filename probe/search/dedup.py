@@ -19,7 +19,8 @@ import numpy as np
 
 from ..errors import ProbeError
 from ..store import FeatureStore, StoreError
-from .index import prepare, set_threads
+from .factory import set_threads
+from .rows import prepare
 
 log = logging.getLogger(__name__)
 

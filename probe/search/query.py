@@ -84,12 +84,7 @@ def embed_queries(idx: SearchIndex, queries: list[Query], device: str = "auto",
     images = [j for j, q in enumerate(queries) if q.kind == "image"]
     bad: list[dict[str, str]] = []
     if images:
-        from ..extract import embedder_for
-
-        if idx.config.get("backbone") == "arrays":
-            raise ProbeError("this index was built from vectors that no backbone made (store_from_arrays): image "
-                             "queries cannot be embedded; query by gallery id or stored path instead")
-        emb = embedder_for(idx.config, device=device)  # BackboneError if the weights/preprocessing differ
+        emb = idx.embedder(device)  # ProbeError: no backbone made the vectors; BackboneError: it differs now
         feats, ok, bad = emb.embed_files([queries[j].text for j in images], batch_size)  # (n_ok, D)
         for row, i in enumerate(ok):
             vecs[images[i]] = feats[row]
@@ -141,4 +136,4 @@ def search_index(index: str | os.PathLike | SearchIndex, inputs: Sequence[str | 
         results.append({"query": q.text, "kind": q.kind, "gallery_id": q.gallery_id,
                         "query_path": q.text if q.kind == "image" else idx.abspath(q.gallery_id), "hits": hits})
     return {"index": str(idx.path or ""), "type": idx.kind, "metric": idx.metric, "k": k,
-            "count": idx.count, "backbone": idx.config.get("backbone"), "results": results, "skipped": bad}
+            "count": idx.count, "backbone": idx.identity.backbone, "results": results, "skipped": bad}

@@ -125,11 +125,32 @@ def create_app(config: ServeConfig | None = None, service: Service | None = None
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=cfg.max_upload_bytes + MULTIPART_SLACK, max_mb=cfg.max_upload_mb)
     _install_error_handlers(app)
-    k_param = Query(10, ge=1, le=cfg.max_k, description="How many hits / classes to return.")
-    top_param = Query(5, ge=1, le=cfg.max_k, description="How many classes to return.")
-    upload = File(..., description="An image file (JPEG, PNG, WebP, GIF, BMP, TIFF).")
+    _status_routes(app, service)
+    _embed_classify_routes(app, service)
+    _search_routes(app, service)
+    _fewshot_routes(app, service)
 
-    # ---- status
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+# ---- the routes, by concern: each parses its request and calls one Service method
+UPLOAD = File(..., description="An image file (JPEG, PNG, WebP, GIF, BMP, TIFF).")
+
+
+def _hits_param(max_k: int) -> Any:
+    return Query(10, ge=1, le=max_k, description="How many hits / classes to return.")
+
+
+def _classes_param(max_k: int) -> Any:
+    return Query(5, ge=1, le=max_k, description="How many classes to return.")
+
+
+def _status_routes(app: FastAPI, service: Service) -> None:
     @app.get("/health", tags=["status"], summary="Readiness (503 while the batch worker is not running) and counters")
     def health() -> JSONResponse:
         h = service.health()
@@ -143,17 +164,24 @@ def create_app(config: ServeConfig | None = None, service: Service | None = None
     def models() -> dict[str, Any]:
         return service.catalog()
 
-    # ---- embed / classify / search
+
+def _embed_classify_routes(app: FastAPI, service: Service) -> None:
+    top_param = _classes_param(service.config.max_k)
+
     @app.post("/embed", tags=["embed"], summary="Embed an uploaded image with the served backbone")
-    async def embed(file: UploadFile = upload) -> dict[str, Any]:
+    async def embed(file: UploadFile = UPLOAD) -> dict[str, Any]:
         return await service.embed(await file.read())
 
     @app.post("/heads/{name}/classify", tags=["classify"], summary="Top-k classes of a loaded head")
-    async def classify(name: str, file: UploadFile = upload, k: int = top_param) -> dict[str, Any]:
+    async def classify(name: str, file: UploadFile = UPLOAD, k: int = top_param) -> dict[str, Any]:
         return await service.classify(name, await file.read(), k)
 
+
+def _search_routes(app: FastAPI, service: Service) -> None:
+    k_param = _hits_param(service.config.max_k)
+
     @app.post("/indexes/{name}/search", tags=["search"], summary="Nearest gallery images to an uploaded image")
-    async def search(name: str, file: UploadFile = upload, k: int = k_param) -> dict[str, Any]:
+    async def search(name: str, file: UploadFile = UPLOAD, k: int = k_param) -> dict[str, Any]:
         return await service.search(name, await file.read(), k)
 
     @app.get("/indexes/{name}/search", tags=["search"], summary="Nearest gallery images to gallery image `id`")
@@ -167,7 +195,10 @@ def create_app(config: ServeConfig | None = None, service: Service | None = None
         return Response(service.thumbnail(name, item, size), media_type="image/png",
                         headers={"Cache-Control": "max-age=3600"})
 
-    # ---- few-shot sets
+
+def _fewshot_routes(app: FastAPI, service: Service) -> None:
+    top_param = _classes_param(service.config.max_k)
+
     @app.get("/fewshot", tags=["few-shot"], summary="List the few-shot class sets")
     def fewshot_list() -> list[dict[str, Any]]:
         return service.sets.list()
@@ -185,18 +216,10 @@ def create_app(config: ServeConfig | None = None, service: Service | None = None
         return service.sets.delete(name)
 
     @app.post("/fewshot/{name}/examples", tags=["few-shot"], summary="Add a labelled support image to a set")
-    async def fewshot_add(name: str, file: UploadFile = upload,
+    async def fewshot_add(name: str, file: UploadFile = UPLOAD,
                           label: str = Form(..., description="Class name of this image.")) -> dict[str, Any]:
         return await service.fewshot_add(name, label, await file.read(), file.filename or "")
 
     @app.post("/fewshot/{name}/classify", tags=["few-shot"], summary="Classify against a set (prototype head)")
-    async def fewshot_classify(name: str, file: UploadFile = upload, k: int = top_param) -> dict[str, Any]:
+    async def fewshot_classify(name: str, file: UploadFile = UPLOAD, k: int = top_param) -> dict[str, Any]:
         return await service.fewshot_classify(name, await file.read(), k)
-
-    # ---- the page
-    @app.get("/", include_in_schema=False)
-    def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
-
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..heads.prototype import PrototypeHead
+from ..identity import FeatureIdentity, IdentityMismatchError, Side
 from .errors import Conflict, NotFound, ServiceError, available
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,12 @@ class FewShotSets:
     """All sets under ``state_dir/fewshot``; thread-safe. Sets made with another backbone configuration stay on
     disk and are listed, but using them is refused (409): their embeddings are not comparable."""
 
-    def __init__(self, state_dir: str | os.PathLike, config_key: str, backbone: str, dim: int):
+    def __init__(self, state_dir: str | os.PathLike, config_key: str, backbone: str, dim: int,
+                 identity: FeatureIdentity | None = None):
         self.root = Path(state_dir) / "fewshot"
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_key, self.backbone, self.dim = config_key, backbone, dim
+        self.identity = identity  # the server's; recorded in new sets so a refusal can name the differing fields
         self._lock = threading.Lock()
         self._sets: dict[str, FewShotSet] = {}
         for p in sorted(self.root.glob("*.npz")):
@@ -129,10 +132,16 @@ class FewShotSets:
             raise NotFound(f"no few-shot set named {name!r} ({available('sets', self._sets)}); create it with "
                            f"POST /fewshot/{name}")
         if s.meta["config_key"] != self.config_key:
+            fix = "its embeddings are not comparable; delete it or serve that backbone"
+            if self.identity is not None and "identity" in s.meta:  # sets made by this probe name the fields
+                try:
+                    self.identity.check(FeatureIdentity.from_config(s.meta["identity"]), mine="this server",
+                                        theirs=Side("few-shot set", name), fix=fix)
+                except IdentityMismatchError as e:
+                    raise Conflict(str(e)) from None
             raise Conflict(f"few-shot set {name!r} was made with backbone {s.meta['backbone']} (config "
                            f"{s.meta['config_key'][:12]}), this server runs {self.backbone} (config "
-                           f"{self.config_key[:12]}): its embeddings are not comparable; delete it or serve that "
-                           "backbone")
+                           f"{self.config_key[:12]}): {fix}")
         return s
 
     # ---- changes (each persisted before it returns)
@@ -143,8 +152,11 @@ class FewShotSets:
                 raise Conflict(f"few-shot set {name!r} exists already ({len(self._sets[name].labels)} examples): add "
                                f"examples with POST /fewshot/{name}/examples, or DELETE /fewshot/{name} first")
             now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            s = FewShotSet(name, {"name": name, "backbone": self.backbone, "config_key": self.config_key,
-                                  "created": now, "updated": now},
+            meta = {"name": name, "backbone": self.backbone, "config_key": self.config_key, "created": now,
+                    "updated": now}
+            if self.identity is not None:
+                meta["identity"] = self.identity.to_dict()
+            s = FewShotSet(name, meta,
                            np.zeros((0, self.dim), np.float32), [], [])
             self._write(s)
             self._sets[name] = s

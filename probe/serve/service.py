@@ -26,8 +26,8 @@ import torch
 
 from ..backbones import DEFAULT_BACKBONE, BackboneError, create_backbone
 from ..data import ImageDecodeError, load_image
+from ..embedder import Embedder, embedder_for
 from ..errors import ProbeError
-from ..extract import Embedder, embedder_for
 from ..heads.base import Head
 from ..heads.io import load_head
 from ..identity import FeatureIdentity, Side
@@ -115,7 +115,8 @@ class Service:
         self.heads = heads
         self.indexes = indexes
         self.sources = sources  # index name -> the file it came from (store or index)
-        self.sets = FewShotSets(config.state_dir, key, embedder.backbone.name, embedder.backbone.dim)
+        self.sets = FewShotSets(config.state_dir, key, embedder.backbone.name, embedder.backbone.dim,
+                                embedder.identity.features_only())
         self.batcher: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
             self._forward, config.max_batch, config.max_wait_ms)
         self.started = time.time()

@@ -1,0 +1,102 @@
+"""The Python API a notebook user guesses: `import probe`, objects in, objects out, no file unless asked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import DEMO
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_import_probe_is_cheap_and_lists_the_objects():
+    code = "import sys, probe; print('torch' in sys.modules, len(probe.__all__)); probe.LinearHead"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False" and int(out[1]) >= 20  # torch is imported only when a backbone is needed
+    import probe
+
+    for name in ("create_backbone", "Embedder", "FeatureStore", "LinearHead", "save_head", "SearchIndex",
+                 "evaluate", "extract", "fit_head", "FeatureIdentity", "ProbeError"):
+        assert getattr(probe, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        probe.nope  # noqa: B018
+
+
+@pytest.mark.slow
+def test_notebook_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's Python example, line for line, on real images with the packaged ImageNet weights."""
+    import probe
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PROBE_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "data"  # 3 classes x (6 train + 3 val + 3 test) real Fashion-MNIST images
+    for cls in ("Bag", "Sandal", "Trouser"):
+        files = sorted((DEMO / "train" / cls).glob("*.png"))[:6] + sorted((DEMO / "val" / cls).glob("*.png"))[:6]
+        for split, chunk in (("train", files[:6]), ("val", files[6:9]), ("test", files[9:])):
+            (data / split / cls).mkdir(parents=True)
+            for f in chunk:
+                (data / split / cls / f.name).write_bytes(f.read_bytes())
+    query = data / "test" / "Bag" / sorted(os.listdir(data / "test" / "Bag"))[0]
+    probe.extract(data, "cache/x.h5", probe.ExtractConfig(workers=0))
+    before = _files(tmp_path)
+
+    # ---- as in the README
+    bb = probe.create_backbone("efficientnet_lite0")
+    emb = probe.Embedder(bb)                                # images / files / folders -> (N, D) float32
+    store = probe.FeatureStore("cache/x.h5")
+    X, y = store.features("train"), store.labels("train")
+    head = probe.LinearHead().fit(X, y, eval_set=(store.features("val"), store.labels("val")))
+    idx = probe.SearchIndex.from_arrays(X, paths=store.paths("train"), labels=y)
+    hits = idx.search(emb.embed_files([str(query)])[0], k=5)
+    report = probe.evaluate(head, store.features("test"), store.labels("test"))
+    # ----
+
+    assert _files(tmp_path) == before  # nothing written that was not asked for
+    assert X.shape == (18, 1280) and X.dtype == np.float32
+    assert report.accuracy >= 0.8 and report.n == 9 and report["accuracy"] == report.accuracy
+    scores, ids = hits
+    assert ids.shape == (1, 5)
+    assert store.classes[y[ids[0, 0]]] == "Bag"  # a real bag's nearest training image is a bag
+    # the query embedded in the notebook equals the one stored by extract (same backbone, same preprocessing)
+    q = emb.embed_files([str(query)])[0][0]
+    stored = store.features("test")[list(store.paths("test")).index(str(query.relative_to(data)))]
+    assert float(q @ stored / np.linalg.norm(q) / np.linalg.norm(stored)) > 0.999
+
+    probe.save_head(head, "h.safetensors", identity=store.identity)   # optional: now a file, and only that one
+    assert _files(tmp_path) == before | {"h.safetensors"}
+    loaded, meta = probe.load_head("h.safetensors")
+    assert meta["config_key"] == store.feature_key and meta["class_names"] == ["0", "1", "2"]
+    probe.save_head(head, "h.safetensors", identity=store.identity, classes=store.classes)  # named columns
+    assert probe.load_head("h.safetensors")[1]["class_names"] == ["Bag", "Sandal", "Trouser"]
+    assert probe.evaluate_store(store, "h.safetensors", split="test").accuracy == report.accuracy
+    np.testing.assert_allclose(loaded.predict_proba(X), head.predict_proba(X), rtol=1e-5, atol=1e-6)
+
+
+def test_fit_head_takes_head_objects_and_writes_only_when_asked(tmp_path):
+    import probe
+
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(3 * c, 1.0, (30, 8)) for c in range(3)]).astype(np.float32)
+    y = np.repeat(np.arange(3), 30)
+    store = probe.store_from_arrays(tmp_path / "s.h5", X, y, splits=(["train"] * 20 + ["val"] * 10) * 3,
+                                    classes=["a", "b", "c"])
+    before = _files(tmp_path)
+    fit = probe.fit_head(store, probe.PrototypeHead(metric="euclidean"))
+    assert _files(tmp_path) == before and fit.out is None
+    assert fit.head.metric == "euclidean" and fit.class_names == ["a", "b", "c"] and fit.val["accuracy"] > 0.9
+    fit = probe.fit_head(store, probe.LinearHead(n_Cs=5), out=tmp_path / "h.safetensors", shots=5)
+    assert fit.n_train == 15 and fit.out and Path(fit.out).is_file() and fit["n_train"] == 15
+    with pytest.raises(probe.ProbeError, match="shots must be >= 1"):
+        probe.fit_head(store, "linear", shots=0)
+    other = probe.store_from_arrays(tmp_path / "o.h5", X, y, classes=["a", "b", "c"],
+                                    config={"backbone": "resnet50", "weights": "x", "weights_sha256": "y"})
+    with pytest.raises(probe.IdentityMismatchError, match="backbone: head has 'arrays', store 'resnet50'"):
+        probe.evaluate_store(other, tmp_path / "h.safetensors", split=None)
