@@ -75,6 +75,8 @@ def _solve(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float, W: torch
     return W.detach(), b.detach(), int(opt.state[W].get("n_iter", 0))
 
 
+# ~80 lines, kept whole: one L-BFGS iteration (two-loop recursion, batched Armijo search, history update) reads
+# top to bottom in one place, and its per-strength state (S, ...) tensors would otherwise cross several calls.
 def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarray, K: int, max_iter: int,
                 tol: float, history: int = 10, init: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
