@@ -41,7 +41,8 @@ def _extract_text(s: dict) -> str:  # ExtractSummary.to_dict()
     rate = f", {s['images_per_s']} img/s" if s["images_per_s"] else ""
     views = f" + {s['views']} augmented views each" if s["views"] else ""
     lines.append(
-        f"{s['store']}: {s['count']} images x {s['dim']}{views} ({s['backbone']}, {s['dtype']} on {s['device']}); "
+        f"{s['store']}: {s['count']} images x {s['dim']}{views} ({s['backbone']}, {s['dtype']} on {s['device']}, "
+        f"{s['engine']}); "
         f"embedded {s['embedded']} new, reused {s['reused']}, skipped {len(s['skipped'])}"
         + (f", {s['stale']} stale kept" if s["stale"] else "") + f" in {s['seconds']:.1f}s{rate}"
     )
@@ -64,7 +65,8 @@ def extract(
     workers: int = typer.Option(
         -1, "--workers", help="Decode processes (-1: one per core, at most 8)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float16 on CUDA, float32 on the CPU), float32, "
+                                                       "bfloat16 or float16."),
     tta: str = typer.Option("none", "--tta", help="none or hflip (mean of image and mirror)."),
     pixels: str = typer.Option("uint8", "--pixels", help="uint8: resize/crop on uint8 tensors (fast); pil: the "
                                                            "weights' own Pillow transform, exactly."),
@@ -75,6 +77,11 @@ def extract(
     views: int = typer.Option(0, "--views", min=0, help="Also embed K seeded augmented views per image "
                                                         "(RandomResizedCrop + flip) into /views, for `fit-head "
                                                         "--head mlp`; --tta applies to the centre features only."),
+    decode: str = typer.Option("auto", "--decode", help="auto (gpu on CUDA with --pixels uint8 and no --views), cpu "
+                                                          "or gpu: JPEGs decoded by nvjpeg and resized on the GPU, "
+                                                          "other files on the CPU."),
+    engine: str = typer.Option("auto", "--engine", help="auto (ONNX Runtime for float32 on the CPU, else torch), "
+                                                         "torch or onnxruntime."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Embed every image of DATA once and cache the features in an HDF5 store (resumable, incremental)."""
@@ -83,7 +90,7 @@ def extract(
 
     cfg = ExtractConfig(backbone=backbone, weights=weights, batch_size=batch_size, workers=workers, device=device,
                         dtype=dtype, tta=tta, pixels=pixels, layout=layout, prune=prune, shard=shard,
-                        views=views)
+                        views=views, engine=engine, decode=decode)
     summary = run(data, out, cfg, progress=sys.stderr.isatty() and not as_json)
     emit(summary.to_dict(), as_json, _extract_text)
 
@@ -108,6 +115,7 @@ def info(
             f"backbone   {s['backbone']}  weights {s['weights']}  sha256 {str(s['weights_sha256'])[:16]}…",
             f"preprocess {pre.get('repr', pre)}",
             f"tta {s['tta']}  dtype {s['dtype']}  pooling {s['pooling']}  key {str(s['config_key'])[:12]}",
+            *([f"engine     {s['engine'].get('engine')} {s['engine'].get('version')}"] if s.get("engine") else []),
             f"root       {s['root']} ({s['layout']})",
             "splits     " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()),
             f"classes    {len(s['classes'])}: " + ", ".join(f"{c} ({n})" for c, n in s["class_counts"].items()),

@@ -101,12 +101,13 @@ def predict(
     top_k: int = typer.Option(5, "--top-k", help="Classes to show per image."),
     csv_out: Path | None = typer.Option(None, "--csv", help="Also write path,rank,class,probability rows here."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    engine: str = typer.Option("auto", "--engine", help="auto, torch or onnxruntime."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Classify images with a saved head, embedding them with exactly the backbone recorded in the head."""
     from probe.predict import predict as run
 
-    res = run(inputs, head, top_k=top_k, device=device)
+    res = run(inputs, head, top_k=top_k, device=device, engine=engine)
     if csv_out:
         csv_out.parent.mkdir(parents=True, exist_ok=True)
         with open(csv_out, "w", newline="") as f:

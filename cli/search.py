@@ -71,12 +71,13 @@ def search(
     k: int = typer.Option(10, "-k", help="Hits per query."),
     html: Path | None = typer.Option(None, "--html", help="Also write a contact sheet (self-contained HTML)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for embedding query images)."),
+    engine: str = typer.Option("auto", "--engine", help="auto, torch or onnxruntime (for embedding query images)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The k gallery images most similar to each query: rank, score, label and path."""
     from probe.search import search_index
 
-    result = search_index(index_path, queries, k=k, device=device)
+    result = search_index(index_path, queries, k=k, device=device, engine=engine)
     if html:
         from probe.report import contact_sheet
 

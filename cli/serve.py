@@ -23,6 +23,8 @@ def serve(
                                                                      "a checkpoint path."),
     dtype: str = typer.Option("auto", "--dtype", help="With --backbone: auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    engine: str = typer.Option("auto", "--engine", help="auto (ONNX Runtime for float32 on the CPU, else torch), "
+                                                         "torch or onnxruntime."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default: the service has no "
                                                          "authentication)."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
@@ -41,8 +43,8 @@ def serve(
     from probe.serve.service import LOOPBACK
 
     cfg = ServeConfig(stores=tuple(store), heads=tuple(head), indexes=tuple(index), backbone=backbone,
-                      weights=weights, dtype=dtype, device=device, state_dir=str(state_dir), max_batch=max_batch,
-                      max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb, max_pixels=max_pixels)
+                      weights=weights, dtype=dtype, device=device, engine=engine, state_dir=str(state_dir),
+                      max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb, max_pixels=max_pixels)
     application = create_app(cfg)
     if host not in LOOPBACK:
         typer.echo(f"warning: binding to {host}: anyone who can reach this address can use the service "

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,8 @@ from PIL import Image
 
 from .backbones import Backbone, create_backbone
 from .data import ImageDecodeError, images_in, load_image, to_rgb
-from .device import resolve_device, resolve_dtype
+from .device import query_dtype, resolve_device, resolve_dtype
+from .engine import create_engine, input_hw
 from .errors import ProbeError
 from .identity import FeatureIdentity, Side
 
@@ -42,7 +44,7 @@ class Embedder:
     """
 
     def __init__(self, backbone: Backbone, device: str = "auto", dtype: str = "auto", tta: str = "none",
-                 channels_last: bool = True, pixels: str = "uint8"):
+                 channels_last: bool = True, pixels: str = "uint8", engine: str = "auto"):
         if tta not in TTA_MODES:
             raise ProbeError(f"unknown TTA {tta!r}: expected one of {', '.join(TTA_MODES)}")
         if pixels not in PIXEL_PATHS:
@@ -55,7 +57,11 @@ class Embedder:
         # transform per image (also where a transform has no uint8 form)
         self.pixels = backbone.pixels if pixels == "uint8" else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = backbone.model.to(self.device, memory_format=self.memory_format).eval()
+        # what runs the backbone: torch, or ONNX Runtime (float32 on the CPU, exported once per identity and input
+        # size under cache/engines). Engines that give interchangeable features (cosine >= 0.9999 to torch float32)
+        # are not part of the identity: a store records which one ran (provenance), its key does not change.
+        self.engine = create_engine(engine, backbone.model, replace(self.identity, tta="none").key,
+                                    input_hw(backbone.preprocess), self.device, self.dtype, channels_last)
         self._buffer: torch.Tensor | None = None  # reused (B, H, W, 3) float32 input on the CPU
         self._lock = threading.Lock()  # the buffer is shared: one batch at a time (the CPU runs one anyway)
 
@@ -101,19 +107,17 @@ class Embedder:
         """A batch from ``preprocess``: (B, H, W, 3) uint8 or (B, 3, H, W) float -> (B, D) float32 embeddings.
         ``tta=False``: the plain forward even when the embedder has TTA (augmented views are embedded so)."""
         with self._lock:
-            x = self._normalise(x) if x.dtype == torch.uint8 else x
-            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            x = self._normalise(x) if x.dtype == torch.uint8 else x  # (B, 3, H, W) float32
             if not (tta and self.tta == "hflip"):
-                return self._forward(x).cpu().numpy()
+                return self.engine(x)
             b = x.shape[0]
-            f = self._forward(torch.cat([x, x.flip(3)]))  # (2B, D): one forward for both views
-            return ((f[:b] + f[b:]) / 2).cpu().numpy()
+            f = self.engine(torch.cat([x, x.flip(3)]))  # (2B, D): one forward for both views
+            return (f[:b] + f[b:]) / 2
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float on the device -> (B, D) float32: the backbone itself, the one place that runs it."""
-        with torch.autocast(self.device.type, dtype=getattr(torch, self.dtype), enabled=self.dtype != "float32"):
-            f = self.model(x)
-        return f.float().flatten(1)
+    @property
+    def engine_info(self) -> dict[str, Any]:
+        """Which engine ran the backbone (name, version, threads …): provenance, not identity."""
+        return self.engine.info
 
     # ---- notebook conveniences
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
@@ -173,14 +177,22 @@ def weights_arg(identity: str) -> str | None:
     return None
 
 
-def embedder_for(attrs: dict[str, Any], device: str = "auto") -> Embedder:
-    """Rebuild the exact embedder recorded in a store's or head's attributes, refusing any difference.
+def embedder_for(attrs: dict[str, Any], device: str = "auto", engine: str = "auto") -> Embedder:
+    """Rebuild the embedder recorded in a store's or head's attributes, refusing any difference in backbone,
+    weights or preprocessing: it embeds query images for predict, search and serve.
 
-    Used to embed query images for predict and search with the same backbone, weights and preprocessing."""
+    The one allowed difference is precision: half-precision features are queried in float32 on a device that
+    does not compute that half precision natively (``probe.device.query_dtype``): a GPU store (float16) on a
+    CPU-only machine runs at CPU float32 speed, with ONNX Runtime under ``engine="auto"``."""
+    recorded = FeatureIdentity.from_config(attrs)
+    dtype = query_dtype(recorded.dtype, resolve_device(device))
+    if dtype != recorded.dtype:
+        log.info("features recorded in %s; queries on %s run in %s (cosine >= 0.995 to the recorded precision)",
+                 recorded.dtype, resolve_device(device), dtype)
     bb = create_backbone(attrs["backbone"], weights_arg(attrs["weights"]))
-    emb = Embedder(bb, device=device, dtype=attrs.get("dtype", "float32"), tta=attrs.get("tta", "none"),
-                   pixels=(attrs.get("preprocess") or {}).get("pixels", "pil"))
-    FeatureIdentity.from_config(attrs).check(
+    emb = Embedder(bb, device=device, dtype=dtype, tta=recorded.tta, engine=engine,
+                   pixels=recorded.preprocess.get("pixels", "pil"))
+    replace(recorded, dtype=dtype).check(
         emb.identity, mine=Side("recorded", verb=""), theirs=f"the backbone {attrs['backbone']} available now",
         features_only=True, ignore_versions=True, fix="The backbone available now differs from the one recorded: "
         "restore those weights or extract the features again with the weights you have.")

@@ -1,7 +1,7 @@
 """Inference engines for the backbone forward: (B, 3, H, W) float32 normalised pixels -> (B, D) float32 features.
 
-* ``TorchEngine``: the backbone in torch on its device, channels-last, autocast to the dtype (bfloat16 on CPUs with
-  native bf16, float16 on CUDA, or exact float32).
+* ``TorchEngine``: the backbone in torch on its device, channels-last, autocast to the dtype (float16 on CUDA by
+  default, bfloat16 when asked for, or exact float32).
 * ``OnnxEngine``: the backbone exported once to ONNX (dynamic batch) and run by ONNX Runtime's CPU provider, float32.
   The export is cached as ``<PROBE_CACHE_DIR or cache>/engines/<identity key[:16]>-<H>x<W>.onnx`` (written
   atomically, checked against torch when made, reopened by later runs; a corrupt file is exported again).

@@ -43,6 +43,7 @@ from .backbones import DEFAULT_BACKBONE, Backbone, BackboneError, create_backbon
 from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, fingerprint, load_image
 from .device import DTYPES, cpu_has_native_bf16, resolve_device, resolve_dtype
 from .embedder import PIXEL_PATHS, TTA_MODES, Embedder, embed_views, embedder_for, weights_arg
+from .engine import ENGINES, engine_info
 from .errors import ProbeError
 from .identity import FeatureIdentity, Side
 from .shard import parse_shard, shard_path, take_shard
@@ -65,7 +66,7 @@ class ExtractConfig:
     batch_size: int = 64  # large enough for efficient GEMMs on CPU, small enough for any GPU
     workers: int = -1  # decode/resize processes; -1: one per core, at most 8
     device: str = "auto"  # auto: cuda when present, else cpu
-    dtype: str = "auto"  # auto: float16 on CUDA, bfloat16 on CPUs with native bf16 (4x faster there), else float32
+    dtype: str = "auto"  # auto: float16 on CUDA, float32 on the CPU (ONNX Runtime: faster than torch's bf16 there)
     tta: str = "none"  # "hflip": mean of the image and its mirror
     pixels: str = "uint8"  # resize/crop on uint8 tensors (fast), or "pil": the weights' own PIL transform
     layout: str = "auto"  # see probe.data.discover
@@ -74,6 +75,10 @@ class ExtractConfig:
     prune: bool = False  # drop stored rows whose files have disappeared from DATA
     shard: str | None = None  # "I/N": embed only shard I of N (None: from torchrun's RANK/WORLD_SIZE, if any)
     views: int = 0  # K augmented views per image in /views (N, K, D), training data for the MLP head; 0: none
+    decode: str = "auto"  # JPEG decode + resize/crop: auto (gpu on CUDA with uint8 pixels and no views) | cpu | gpu
+    # (nvjpeg + resize on the device, probe.gpu_decode; other files take the CPU path per file)
+    engine: str = "auto"  # what runs the backbone: auto (ONNX Runtime for float32 on the CPU, else torch) | torch |
+    # onnxruntime. Not part of the identity: float32 engines give the same features (cosine >= 0.9999)
 
     def __post_init__(self) -> None:  # cheap checks first: a bad option fails before any model loads
         if self.tta not in TTA_MODES:
@@ -82,6 +87,8 @@ class ExtractConfig:
             raise ProbeError(f"unknown pixel path {self.pixels!r}: expected one of {', '.join(PIXEL_PATHS)}")
         if self.dtype not in DTYPES:
             raise ProbeError(f"unknown dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.engine not in ENGINES:
+            raise ProbeError(f"unknown engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
         if self.batch_size < 1:
             raise ProbeError(f"batch_size must be >= 1, got {self.batch_size}")
         # these two keep the flags in their wording: tests/test_views.py matches "--views must be >= 0" and
@@ -93,6 +100,9 @@ class ExtractConfig:
                              "not --pixels pil")
         resolve_device(self.device)
         parse_shard(self.shard)
+        from .gpu_decode import check_decode  # imported here: probe.gpu_decode uses _Files and Decoded below
+
+        check_decode(self.decode, self.device, self.pixels, self.views)
 
 
 @dataclass
@@ -115,6 +125,8 @@ class ExtractSummary:
     ignored: int  # files without an image extension
     device: str
     dtype: str
+    engine: str  # what ran the backbone: torch or onnxruntime
+    decode: str  # where JPEGs were decoded: cpu, or gpu (nvjpeg)
     seconds: float
     images_per_s: float | None  # of the embedding loop; None when it had nothing to do
 
@@ -279,7 +291,7 @@ def _job(data: str | os.PathLike, out: str | os.PathLike | None, cfg: ExtractCon
     if shard and device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun rank
     emb = Embedder(backbone or create_backbone(cfg.backbone, cfg.weights), device, cfg.dtype, cfg.tta,
-                   cfg.channels_last, cfg.pixels)
+                   cfg.channels_last, cfg.pixels, cfg.engine)
     views, identity = None, emb.identity
     if cfg.views:
         if emb.pixels is None:
@@ -386,10 +398,17 @@ def _collate(items) -> Decoded:
     return Decoded(images, views, [i for _, i in ok], [(i, r) for x, i, r in items if x is None])
 
 
-def _reader(job: Job, batches: list[list[int]]) -> DataLoader:
-    """Batches of dataset indices -> ``Decoded`` batches, decoded in ``workers`` processes."""
+def _reader(job: Job, batches: list[list[int]]) -> Iterable[Decoded]:
+    """Batches of dataset indices -> ``Decoded`` batches, decoded in ``workers`` processes (or, with GPU decode,
+    read there and decoded by nvjpeg on the device: ``probe.gpu_decode``)."""
     ds, emb, cfg = job.ds, job.emb, job.cfg
     workers = default_workers() if cfg.workers < 0 else cfg.workers
+    from . import gpu_decode  # imported here: it uses _Files and Decoded from this module
+
+    if gpu_decode.choose_decode(cfg.decode, emb.device, emb.pixels, cfg.views) == "gpu":
+        log.info("decoding JPEGs on %s (nvjpeg); other files on the CPU", emb.device)
+        return gpu_decode.GpuReader([ds.abspath(i) for i in range(len(ds))], emb.pixels, emb.device,
+                                    cfg.max_pixels, emb.draft, batches, workers)
     files = _Files([ds.abspath(i) for i in range(len(ds))], emb.preprocess, cfg.max_pixels, job.views, ds.paths,
                    emb.draft)
     return DataLoader(files, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
@@ -456,6 +475,7 @@ def _attrs(job: Job, classes: list[str], created: str | None) -> dict[str, Any]:
         "root": str(job.ds.root),
         "layout": job.ds.layout,
         "device": str(job.emb.device),
+        "engine": {**engine_info(job.emb.engine), "decode": _decoder(job)},  # provenance: what ran, which version
         "versions": _versions(),
         "extract_config": {k: v for k, v in asdict(job.cfg).items() if k not in ("prune",)},
     }
@@ -476,6 +496,12 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def _decoder(job: Job) -> str:
+    from . import gpu_decode  # here, not at the top: it imports this module
+
+    return gpu_decode.choose_decode(job.cfg.decode, job.emb.device, job.emb.pixels, job.cfg.views)
+
+
 def _summary(job: Job, plan: Plan, stats: RunStats, result: Reconciled, seconds: float) -> ExtractSummary:
     cfg, emb, pruning = job.cfg, job.emb, job.cfg.prune
     return ExtractSummary(
@@ -484,7 +510,8 @@ def _summary(job: Job, plan: Plan, stats: RunStats, result: Reconciled, seconds:
         embedded=stats.embedded, reused=len(result.rows) - len(result.new), resumed=plan.resumed,
         skipped=[{"path": p, "reason": s.reason} for p, s in sorted(result.skipped.items())],
         stale=0 if pruning else len(result.stale), pruned=len(result.stale) if pruning else 0,
-        ignored=len(job.ds.ignored), device=str(emb.device), dtype=emb.dtype, seconds=round(seconds, 3),
+        ignored=len(job.ds.ignored), device=str(emb.device), dtype=emb.dtype, engine=emb.engine.name,
+        decode=_decoder(job), seconds=round(seconds, 3),
         images_per_s=round(plan.count / stats.seconds, 2) if plan.count and stats.seconds > 0 else None,
     )
 

@@ -41,7 +41,7 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def predict(inputs: Sequence[str | os.PathLike], head_path: str | os.PathLike, top_k: int = 5,
-            device: str = "auto", batch_size: int = 64) -> dict[str, Any]:
+            device: str = "auto", batch_size: int = 64, engine: str = "auto") -> dict[str, Any]:
     """Top-k classes with probabilities for every decodable image; undecodable files are listed in ``skipped``.
 
     Raises BackboneError when the backbone available now differs from the one recorded in the head."""
@@ -52,7 +52,7 @@ def predict(inputs: Sequence[str | os.PathLike], head_path: str | os.PathLike, t
     files = list_images(inputs)
     head, meta = load_head(head_path)
     names = meta["class_names"]
-    emb = embedder_for(meta["config"], device=device)
+    emb = embedder_for(meta["config"], device=device, engine=engine)
     feats, ok, bad = emb.embed_files(files, batch_size)  # (n_ok, D)
     if feats.shape[1] != head.n_features_in_:
         raise ProbeError(f"the backbone gives {feats.shape[1]}-d features, the head expects {head.n_features_in_}")

@@ -85,7 +85,7 @@ class FeatureStore:
         version = self.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema version {version}, this probe reads {SCHEMA_VERSION}")
-        for k in ("preprocess", "versions", "views"):
+        for k in ("preprocess", "versions", "views", "engine"):
             if isinstance(self.attrs.get(k), str):
                 self.attrs[k] = json.loads(self.attrs[k])
         self.classes: list[str] = list(self.attrs.get("classes", []))
@@ -200,6 +200,7 @@ class FeatureStore:
             "splits": {s or "(none)": int((sp == s).sum()) for s in sorted(set(sp.tolist()))},
             "skipped": self.skipped(),
             "versions": self.attrs.get("versions"),
+            "engine": self.attrs.get("engine"),  # what ran the backbone (absent in stores from before engines)
             "created": self.attrs.get("created"),
             "updated": self.attrs.get("updated"),
             "schema_version": self.attrs.get("schema_version"),

@@ -37,10 +37,10 @@ def test_notebook_example_runs_as_written(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PROBE_CACHE_DIR", str(tmp_path / "cache"))
-    data = tmp_path / "data"  # 3 classes x (6 train + 3 val + 3 test) real Fashion-MNIST images
+    data = tmp_path / "data"  # 3 classes x (12 train + 4 val + 4 test) real Fashion-MNIST images
     for cls in ("Bag", "Sandal", "Trouser"):
-        files = sorted((DEMO / "train" / cls).glob("*.png"))[:6] + sorted((DEMO / "val" / cls).glob("*.png"))[:6]
-        for split, chunk in (("train", files[:6]), ("val", files[6:9]), ("test", files[9:])):
+        files = sorted((DEMO / "train" / cls).glob("*.png"))[:12] + sorted((DEMO / "val" / cls).glob("*.png"))[:8]
+        for split, chunk in (("train", files[:12]), ("val", files[12:16]), ("test", files[16:])):
             (data / split / cls).mkdir(parents=True)
             for f in chunk:
                 (data / split / cls / f.name).write_bytes(f.read_bytes())
@@ -60,8 +60,8 @@ def test_notebook_example_runs_as_written(tmp_path, monkeypatch):
     # ----
 
     assert _files(tmp_path) == before  # nothing written that was not asked for
-    assert X.shape == (18, 1280) and X.dtype == np.float32
-    assert report.accuracy >= 0.8 and report.n == 9 and report["accuracy"] == report.accuracy
+    assert X.shape == (36, 1280) and X.dtype == np.float32
+    assert report.accuracy >= 0.8 and report.n == 12 and report["accuracy"] == report.accuracy
     scores, ids = hits
     assert ids.shape == (1, 5)
     assert store.classes[y[ids[0, 0]]] == "Bag"  # a real bag's nearest training image is a bag
@@ -100,3 +100,35 @@ def test_fit_head_takes_head_objects_and_writes_only_when_asked(tmp_path):
                                     config={"backbone": "resnet50", "weights": "x", "weights_sha256": "y"})
     with pytest.raises(probe.IdentityMismatchError, match="backbone: head has 'arrays', store 'resnet50'"):
         probe.evaluate_store(other, tmp_path / "h.safetensors", split=None)
+
+
+def test_cli_prints_user_errors_in_one_line_and_shows_bugs():
+    import typer
+    from typer.testing import CliRunner
+
+    from cli.app import handles_errors
+    from probe.errors import ProbeError
+
+    app = typer.Typer()
+
+    @app.command()
+    @handles_errors
+    def run(kind: str) -> None:
+        if kind == "user":
+            raise ProbeError("shots must be >= 1 images per class, got 0")
+        raise KeyError("a bug")
+
+    r = CliRunner().invoke(app, ["user"])
+    assert r.exit_code == 1 and r.output == "error: --shots must be >= 1 images per class, got 0\n"
+    r = CliRunner().invoke(app, ["bug"])
+    assert r.exit_code == 2 and "Traceback" in r.output and "KeyError: 'a bug'" in r.output
+    assert "this is a bug in probe" in r.output
+
+
+def test_cli_bad_engine_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    r = CliRunner().invoke(app, ["extract", str(tmp_path), "--engine", "tensorrt"])
+    assert r.exit_code == 1 and r.output.startswith("error: unknown engine 'tensorrt'") and r.output.count("\n") == 1

@@ -152,7 +152,7 @@ class SearchIndex:
         shard = shard_of(np.asarray(self.bounds), np.asarray(ids), len(subs))  # the last shard grows
         return np.stack([subs[k].reconstruct(i) for i, k in zip(ids, shard)])
 
-    def embedder(self, device: str = "auto") -> Embedder:
+    def embedder(self, device: str = "auto", engine: str = "auto") -> Embedder:
         """The embedder for query images: exactly the recorded backbone, weights and preprocessing. Raises
         ProbeError for vectors no backbone made, BackboneError when the backbone available now differs."""
         if not self.has_backbone:
@@ -161,7 +161,7 @@ class SearchIndex:
                              "stored path instead")
         from ..extract import embedder_for
 
-        return embedder_for(self.identity.to_dict(), device=device)
+        return embedder_for(self.identity.to_dict(), device=device, engine=engine)
 
     # ---- build / add
     @classmethod

@@ -72,7 +72,7 @@ def resolve(idx: SearchIndex, inputs: Sequence[str | os.PathLike]) -> list[Query
     return out
 
 
-def embed_queries(idx: SearchIndex, queries: list[Query], device: str = "auto",
+def embed_queries(idx: SearchIndex, queries: list[Query], device: str = "auto", engine: str = "auto",
                   batch_size: int = 64) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
     """Vectors for the queries: (n_ok, D), the indices into ``queries`` they belong to, and [{path, reason}] for
     images that could not be decoded. Image queries load the index's backbone (refused if it differs)."""
@@ -84,7 +84,7 @@ def embed_queries(idx: SearchIndex, queries: list[Query], device: str = "auto",
     images = [j for j, q in enumerate(queries) if q.kind == "image"]
     bad: list[dict[str, str]] = []
     if images:
-        emb = idx.embedder(device)  # ProbeError: no backbone made the vectors; BackboneError: it differs now
+        emb = idx.embedder(device, engine)  # ProbeError: no backbone made the vectors; BackboneError: it differs now
         feats, ok, bad = emb.embed_files([queries[j].text for j in images], batch_size)  # (n_ok, D)
         for row, i in enumerate(ok):
             vecs[images[i]] = feats[row]
@@ -110,7 +110,7 @@ def _exact_score(idx: SearchIndex, q: np.ndarray, v: np.ndarray) -> float:
 
 
 def search_index(index: str | os.PathLike | SearchIndex, inputs: Sequence[str | os.PathLike], k: int = 10,
-                 device: str = "auto", batch_size: int = 64) -> dict[str, Any]:
+                 device: str = "auto", batch_size: int = 64, engine: str = "auto") -> dict[str, Any]:
     """Top-k gallery hits for every query; undecodable query images are listed in ``skipped``.
 
     Raises ValueError when k does not fit the gallery or no query could be used, BackboneError when the backbone
@@ -118,7 +118,7 @@ def search_index(index: str | os.PathLike | SearchIndex, inputs: Sequence[str | 
     idx = index if isinstance(index, SearchIndex) else SearchIndex.load(index)
     check_k(k, idx.count)  # before any backbone loads
     queries = resolve(idx, inputs)
-    x, ok, bad = embed_queries(idx, queries, device, batch_size)
+    x, ok, bad = embed_queries(idx, queries, device, engine, batch_size)
     for b in bad:
         log.warning("skipped query %s: %s", b["path"], b["reason"])
     if not ok:

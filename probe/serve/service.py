@@ -53,6 +53,7 @@ class ServeConfig:
     weights: str | None = None  # with --backbone: a weights tag, 'random' or a checkpoint path
     dtype: str = "auto"  # with --backbone; otherwise the dtype the store/head/index recorded
     device: str = "auto"  # cuda when present
+    engine: str = "auto"  # auto: ONNX Runtime for float32 on the CPU, else torch
     state_dir: str = "cache/serve"  # few-shot sets live in STATE_DIR/fewshot/*.npz
     max_batch: int = 32  # images per forward pass; 1 disables micro-batching
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company: the latency price
@@ -242,7 +243,8 @@ class Service:
         return {
             "backbone": {"name": bb.name, "weights": self.embedder.config["weights"], "dim": bb.dim,
                          "input_size": bb.preprocess.get("crop"), "dtype": self.embedder.dtype,
-                         "device": str(self.embedder.device), "tta": self.embedder.tta, "config_key": self.key},
+                         "device": str(self.embedder.device), "tta": self.embedder.tta, "config_key": self.key,
+                         "engine": self.embedder.engine.name},
             "heads": [{"name": n, "kind": h.kind, "classes": names,
                        "path": str(p)} for n, (h, names, p) in sorted(self.heads.items())],
             "indexes": [{"name": n, "type": i.kind, "metric": i.metric, "count": i.count, "classes": list(i.classes),
@@ -292,10 +294,10 @@ def load_service(config: ServeConfig) -> Service:
         if attrs.get("backbone") == "arrays":
             raise BackboneError(f"{what0} holds vectors that no backbone made (store_from_arrays): a server cannot "
                                 "embed uploads for it")
-        emb = embedder_for(attrs, device=config.device)
+        emb = embedder_for(attrs, device=config.device, engine=config.engine)
     else:
         emb = Embedder(create_backbone(config.backbone or DEFAULT_BACKBONE, config.weights), config.device,
-                       config.dtype)
+                       config.dtype, engine=config.engine)
     key = emb.identity.feature_key
     for name, st in opened.items():  # only now that the configurations agree: indexing reads every vector
         log.info("indexing store %s (%d x %d) as %r", stores[name], st.count, st.dim, name)
