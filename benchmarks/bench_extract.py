@@ -144,6 +144,8 @@ def main() -> None:
         dtype = resolve_dtype("auto", resolve_device(DEVICE))  # what `--dtype auto` runs here
         # every engine x dtype a user can choose on this device: (engine, dtype)
         engines = [("torch", dtype)] + ([("torch", "float32"), ("onnxruntime", "float32")] if DEVICE == "cpu" else [])
+        if DEVICE == "cpu" and cpu_has_native_bf16():
+            engines.append(("torch", "bfloat16"))  # the choice `--dtype bfloat16` offers on this CPU
         engines = list(dict.fromkeys(engines))
         forward_before = {f"{e},{d}": pure_forward(args.backbone, args.images, args.batch_size, d, e)
                           for e, d in engines}
