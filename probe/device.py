@@ -57,9 +57,10 @@ def query_dtype(recorded: str, device: torch.device) -> str:
     The recorded dtype where the device computes it natively; else float32. So a store extracted on a GPU
     (float16) answers queries on a CPU-only machine at float32 CPU speed (ONNX Runtime) instead of emulating
     float16 there, and a bfloat16 store from a CPU with native bf16 is queried in float32 on one without. Half
-    and single precision embeddings of one image have cosine >= 0.995 (tests/test_backbones.py, tests/test_api.py
-    on real photos), far above the distance between different images, so queries and stored rows stay comparable;
-    the store's own rows are never mixed with rows of another dtype (extract refuses that)."""
+    and single precision embeddings of one image have cosine >= 0.995 (tests/test_backbones.py on real photos,
+    tests/test_engines_extract.py for a float16 store), far above the distance between different images, so
+    queries and stored rows stay comparable; the store's own rows are never mixed with rows of another dtype
+    (extract refuses that)."""
     if recorded not in HALF_PRECISION:
         return recorded
     if device.type == "cuda":

@@ -56,7 +56,6 @@ class Embedder:
         # uint8: resize + crop on uint8 tensors, normalised per batch on the device; pil: the weights' own PIL
         # transform per image (also where a transform has no uint8 form)
         self.pixels = backbone.pixels if pixels == "uint8" else None
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # what runs the backbone: torch, or ONNX Runtime (float32 on the CPU, exported once per identity and input
         # size under cache/engines). Engines that give interchangeable features (cosine >= 0.9999 to torch float32)
         # are not part of the identity: a store records which one ran (provenance), its key does not change.
@@ -113,11 +112,6 @@ class Embedder:
             b = x.shape[0]
             f = self.engine(torch.cat([x, x.flip(3)]))  # (2B, D): one forward for both views
             return (f[:b] + f[b:]) / 2
-
-    @property
-    def engine_info(self) -> dict[str, Any]:
-        """Which engine ran the backbone (name, version, threads …): provenance, not identity."""
-        return self.engine.info
 
     # ---- notebook conveniences
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:

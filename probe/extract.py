@@ -149,6 +149,7 @@ class Job:
     cfg: ExtractConfig
     shard: tuple[int, int] | None = None
     views: ViewTransform | None = None
+    decode: str = "cpu"  # where JPEGs are decoded: cpu, or gpu (nvjpeg; probe.gpu_decode.choose_decode)
 
 
 @dataclass
@@ -303,7 +304,10 @@ def _job(data: str | os.PathLike, out: str | os.PathLike | None, cfg: ExtractCon
     if shard:
         ds, out = take_shard(ds, shard), shard_path(out, shard)
         log.info("shard %d/%d: %d files -> %s", *shard, len(ds), out)
-    return Job(ds, emb, identity, out, cfg, shard, views)
+    from . import gpu_decode  # here, not at the top: it imports this module
+
+    decode = gpu_decode.choose_decode(cfg.decode, emb.device, emb.pixels, cfg.views)
+    return Job(ds, emb, identity, out, cfg, shard, views, decode)
 
 
 # ------------------------------------------------------------------------------------------- 1. plan
@@ -405,7 +409,7 @@ def _reader(job: Job, batches: list[list[int]]) -> Iterable[Decoded]:
     workers = default_workers() if cfg.workers < 0 else cfg.workers
     from . import gpu_decode  # imported here: it uses _Files and Decoded from this module
 
-    if gpu_decode.choose_decode(cfg.decode, emb.device, emb.pixels, cfg.views) == "gpu":
+    if job.decode == "gpu":
         log.info("decoding JPEGs on %s (nvjpeg); other files on the CPU", emb.device)
         return gpu_decode.GpuReader([ds.abspath(i) for i in range(len(ds))], emb.pixels, emb.device,
                                     cfg.max_pixels, emb.draft, batches, workers)
@@ -475,7 +479,7 @@ def _attrs(job: Job, classes: list[str], created: str | None) -> dict[str, Any]:
         "root": str(job.ds.root),
         "layout": job.ds.layout,
         "device": str(job.emb.device),
-        "engine": {**engine_info(job.emb.engine), "decode": _decoder(job)},  # provenance: what ran, which version
+        "engine": {**engine_info(job.emb.engine), "decode": job.decode},  # provenance: what ran, which version
         "versions": _versions(),
         "extract_config": {k: v for k, v in asdict(job.cfg).items() if k not in ("prune",)},
     }
@@ -496,12 +500,6 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def _decoder(job: Job) -> str:
-    from . import gpu_decode  # here, not at the top: it imports this module
-
-    return gpu_decode.choose_decode(job.cfg.decode, job.emb.device, job.emb.pixels, job.cfg.views)
-
-
 def _summary(job: Job, plan: Plan, stats: RunStats, result: Reconciled, seconds: float) -> ExtractSummary:
     cfg, emb, pruning = job.cfg, job.emb, job.cfg.prune
     return ExtractSummary(
@@ -511,7 +509,7 @@ def _summary(job: Job, plan: Plan, stats: RunStats, result: Reconciled, seconds:
         skipped=[{"path": p, "reason": s.reason} for p, s in sorted(result.skipped.items())],
         stale=0 if pruning else len(result.stale), pruned=len(result.stale) if pruning else 0,
         ignored=len(job.ds.ignored), device=str(emb.device), dtype=emb.dtype, engine=emb.engine.name,
-        decode=_decoder(job), seconds=round(seconds, 3),
+        decode=job.decode, seconds=round(seconds, 3),
         images_per_s=round(plan.count / stats.seconds, 2) if plan.count and stats.seconds > 0 else None,
     )
 
