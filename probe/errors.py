@@ -31,3 +31,15 @@ class IndexMismatchError(ProbeError):
 
 class MissingFileError(ProbeError, FileNotFoundError):
     """A file or folder the user named does not exist (also a FileNotFoundError, for callers that catch that)."""
+
+
+class DiskFullError(StoreError, OSError):
+    """A write ran out of space (ENOSPC, or a library's version of it): the file, the space needed and free.
+    Also an OSError with ``errno`` ENOSPC and ``filename`` set, for callers that catch those."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class IntegrityError(ProbeError):
+    """An artefact probe wrote (store, head, index, checkpoint) whose payload no longer matches its checksum."""

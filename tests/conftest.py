@@ -63,3 +63,44 @@ def tiny_store(tmp_path_factory) -> Path:
     out = root.parent / "tiny.h5"
     extract(root, out, tiny_config())
     return out
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """``small_disk(size)`` -> a fresh folder on a real tmpfs of ``size`` (e.g. "3m"): writes past it fail with
+    ENOSPC, as on a full disk. Needs root (mount); skipped elsewhere. Unmounted after the test."""
+    import subprocess
+
+    mounts: list[Path] = []
+
+    def make(size: str = "3m") -> Path:
+        where = tmp_path / f"disk{len(mounts)}"
+        where.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("a real full disk needs a tmpfs mount, which needs root")
+        got = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+        if got.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {got.stderr.strip()}")
+        mounts.append(where)
+        return where
+
+    yield make
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill_disk(where: Path, leave: int = 0) -> Path:
+    """Fill the filesystem of ``where`` until ``leave`` bytes are free (a real file of zeros, ``where/filler``)."""
+    import shutil
+
+    free = shutil.disk_usage(where).free - leave
+    filler = where / "filler"
+    with open(filler, "wb") as f:
+        chunk = b"\0" * (1 << 16)
+        while free > 0:
+            try:
+                free -= f.write(chunk[: min(len(chunk), free)])
+            except OSError:
+                break
+    return filler

@@ -1,0 +1,128 @@
+"""Writing files so that a fault never costs earlier work: atomic replace, temp files removed on any failure, and
+a full disk (``ENOSPC``, or the many ways h5py, safetensors, FAISS and torch report it) turned into one
+``DiskFullError`` naming the file, the space it needed and the space free.
+
+Example:
+    >>> with atomic_path("heads/demo.safetensors", need=2_000_000) as tmp:
+    ...     save_file(arrays, str(tmp))   # tmp = heads/demo.safetensors.tmp; renamed over on success
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import DiskFullError
+
+FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+FULL_MESSAGES = ("no space left", "disk quota exceeded", "file too large", "unexpected pos",  # torch's zip writer
+                 "not enough space")
+LOW_SPACE = 1 << 20  # after a failed write, less than this free on its filesystem means the disk filled up
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes free to this user on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def human(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a full disk: an OSError with ENOSPC / EDQUOT / EFBIG,
+    a library message saying so, or — for libraries that only say "write failed" — a filesystem under ``path``
+    with less than 1 MiB left (call this before removing the failed write's temp file)."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
+            return True
+        if any(m in str(e).lower() for m in FULL_MESSAGES):
+            return True
+        e = e.__cause__ or e.__context__
+    if path is not None and isinstance(exc, (OSError, RuntimeError)):
+        try:
+            return free_bytes(path) < LOW_SPACE
+        except OSError:
+            return False
+    return False
+
+
+def disk_full_error(path: str | os.PathLike, need: int | None = None, what: str = "",
+                    free: int | None = None) -> DiskFullError:
+    """The one-line error for a full disk while writing ``path``; ``what``: what was kept / how to resume."""
+    free = free_bytes(path) if free is None else free
+    needs = f"it needs about {human(need)} and " if need else ""
+    err = DiskFullError(f"no space left on the device to write {str(path)!r}: {needs}{human(free)} "
+                        f"{'is' if free < 1024 else 'are'} free; free some space or write elsewhere"
+                        + (f" ({what})" if what else ""))
+    err.errno = errno.ENOSPC
+    err.filename = str(path)
+    return err
+
+
+def check_space(path: str | os.PathLike, need: int, what: str = "") -> None:
+    """Refuse before writing ``need`` bytes at ``path`` when its filesystem has less free."""
+    free = free_bytes(path)
+    if free < need:
+        raise disk_full_error(path, need, what, free=free)
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, need: int | None = None, what: str = "") -> Iterator[Path]:
+    """Yield ``path.tmp`` to write; on success fsync it and rename it over ``path`` (atomic: ``path`` is either the
+    old file or the new one, never half). On any failure the temp file is removed and ``path`` is untouched; a full
+    disk becomes ``DiskFullError`` (naming ``path``, ``need`` and the space free). ``need``: bytes the write is
+    expected to take, checked before writing when given."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if need:
+        check_space(path, need, what)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        full = is_disk_full(e, tmp)
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise disk_full_error(path, need, what) from None
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, what: str = "") -> Path:
+    """``path.write_bytes(data)`` atomically, with a full disk reported as ``DiskFullError``."""
+    with atomic_path(path, need=len(data), what=what) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
