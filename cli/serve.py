@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import typer
 
@@ -25,29 +26,44 @@ def serve(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     engine: str = typer.Option("auto", "--engine", help="auto (ONNX Runtime for float32 on the CPU, else torch), "
                                                          "torch or onnxruntime."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default: the service has no "
-                                                         "authentication)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. Beyond loopback (e.g. 0.0.0.0) it needs "
+                                                         "--token, or --insecure."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
     state_dir: Path = typer.Option(Path("cache/serve"), "--state-dir", help="Where few-shot sets are kept."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Images per forward pass (1: no micro-batching)."),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="How long a request waits for others to "
                                                                          "share its forward pass."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Larger uploads get 413."),
-    max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Larger images get 413 before decoding."),
+    max_pixels: int = typer.Option(
+        40_000_000, "--max-pixels",
+        help="Images larger than this, or whose resize for the backbone would be, get 413 before decoding."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug."),
+    token: str | None = typer.Option(None, "--token", envvar="PROBE_TOKEN", show_default=False,
+                                     help="Every request but GET /health must carry it: 'Authorization: Bearer "
+                                          "TOKEN', or open /?token=TOKEN in a browser. Prefer PROBE_TOKEN: "
+                                          "command lines are visible to other users."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow binding beyond loopback without a token."),
+    allow_host: list[str] = typer.Option([], "--allow-host", help="Also answer to this Host name (repeatable; "
+                                                                  "'*.example.com', '*'). Loopback names, IP "
+                                                                  "addresses and --host are always served."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a request body may stall before 408."),
 ) -> None:
     """Serve embed / classify / search / few-shot over HTTP with a search page at / (OpenAPI docs at /docs)."""
     import uvicorn
 
     from probe.serve import ServeConfig, create_app
-    from probe.serve.service import LOOPBACK
+    from probe.serve.security import is_loopback
 
     cfg = ServeConfig(stores=tuple(store), heads=tuple(head), indexes=tuple(index), backbone=backbone,
                       weights=weights, dtype=dtype, device=device, engine=engine, state_dir=str(state_dir),
-                      max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb, max_pixels=max_pixels)
+                      max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb, max_pixels=max_pixels,
+                      body_timeout=body_timeout, host=host, token=token, insecure=insecure,
+                      allow_hosts=tuple(allow_host))
     application = create_app(cfg)
-    if host not in LOOPBACK:
-        typer.echo(f"warning: binding to {host}: anyone who can reach this address can use the service "
-                   "(it has no authentication)", err=True)
-    typer.echo(f"probe serve: http://{host}:{port}/ (docs at /docs)", err=True)
+    if cfg.token is None and not is_loopback(host):
+        typer.echo(f"warning: --insecure: anyone who can reach {host} can use the service (it has no token)",
+                   err=True)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
+    login = f"?token={quote(cfg.token, safe='')}" if cfg.token else ""
+    typer.echo(f"probe serve: http://{shown}:{port}/{login} (docs at /docs)", err=True)
     uvicorn.run(application, host=host, port=port, log_level=log_level)

@@ -1,5 +1,6 @@
-"""The search page in a real headless browser (Debian's chromium via chromedriver): upload a gallery image through
-the file input, wait for the result cards, and read them.
+"""The search page in a real headless browser (Debian's chromium via chromedriver), on a server with a token: open
+/?token=…, upload a gallery image through the file input, wait for the result cards (thumbnails carry the token's
+cookie), and read them; then a form on another origin posts to the server and is refused.
 
 Not skipped when chromium is missing: CI installs it (.ci/run); locally `apt-get install chromium chromium-driver`.
 """
@@ -15,6 +16,7 @@ import pytest
 from probe.serve.process import running_server
 
 from .test_serve_api import make_served_files
+from .test_serve_security import TOKEN
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +56,9 @@ def test_page_upload_shows_nearest_images_and_predicted_class(tmp_path, browser)
     query = sorted((files["gallery"] / "Ankle_boot").glob("*.png"))[1]
     args = ["--index", f"gallery={files['index']}", "--head", f"proto={files['head']}",
             "--state-dir", str(files["state"]), "--log-level", "warning"]
-    with running_server(args) as url:
-        browser.get(url + "/")
+    with running_server(args, env={"PROBE_TOKEN": TOKEN}) as url:
+        browser.get(f"{url}/?token={TOKEN}")  # as printed on start; the server keeps it in a cookie
+        assert browser.current_url == f"{url}/"  # and takes it out of the address bar
         wait = WebDriverWait(browser, 60)
         wait.until(lambda d: len(Select(d.find_element(By.ID, "index")).options) > 0)
         assert Select(browser.find_element(By.ID, "classifier")).first_selected_option.get_attribute("value") == \
@@ -84,3 +87,15 @@ def test_page_upload_shows_nearest_images_and_predicted_class(tmp_path, browser)
         shot = Path(os.environ.get("PROBE_SCREENSHOT", tmp_path / "page.png"))
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
+
+        # CSRF: a page on another origin (localhost is not 127.0.0.1) submits a form to the server: refused
+        browser.get(f"{url.replace('127.0.0.1', 'localhost')}/?token={TOKEN}")
+        browser.execute_script("""
+            const f = Object.assign(document.createElement("form"),
+                                    {method: "POST", action: arguments[0], enctype: "multipart/form-data"});
+            f.append(Object.assign(document.createElement("input"), {name: "label", value: "pwned"}));
+            document.body.append(f);
+            f.submit();""", f"{url}/fewshot/csrf")
+        wait.until(lambda d: d.current_url == f"{url}/fewshot/csrf")
+        assert "cross-origin POST refused" in browser.find_element(By.TAG_NAME, "body").text
+        assert browser.execute_script("return fetch('/fewshot').then(r => r.json())") == []

@@ -6,6 +6,7 @@ HTTP requests (FastAPI + uvicorn, OpenAPI schema at /docs), with a search page a
     batching.py      dynamic micro-batching: concurrent requests share one forward pass
     fewshot_sets.py  named few-shot class sets (prototype head), persisted as .npz (no pickle)
     service.py       ServeConfig + Service: everything the endpoints do, one method each, no HTTP
+    security.py      who may ask: Host allowlist (DNS rebinding), cross-origin check (CSRF), bearer token
     app.py           the FastAPI app: parse the request, call one Service method, map errors to 4xx
     process.py       run `python -m probe serve` on a free loopback port (tests, benchmarks)
     static/          the search page (plain HTML + JS, no build step)

@@ -13,6 +13,8 @@
     POST /fewshot/{set}/classify?k=5      file                -> prototype-head top-k
     GET  /                                the search page (static/)
 
+Before any route: RequestGuard (security.py: Host allowlist, cross-origin check, token), BodyLimit, BodyTimeout.
+
 Example:
     >>> app = create_app(ServeConfig(stores=("cache/demo.h5",)))
     >>> uvicorn.run(app, host="127.0.0.1", port=8000)
@@ -20,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,6 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from .. import __version__
 from ..errors import ProbeError
 from .errors import ServiceError
+from .security import AccessPolicy, RequestGuard
 from .service import ServeConfig, Service, load_service
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,37 @@ class BodyLimit:
             return message
 
         return await self.app(scope, limited_receive, send)
+
+
+class BodyTimeout:
+    """ASGI middleware: a request body that stalls for ``seconds`` (nothing arrives between two chunks, as nginx's
+    client_body_timeout) gets 408 and its connection closed. uvicorn itself waits forever for a body shorter than its
+    Content-Length, holding the connection and a worker's upload."""
+
+    def __init__(self, app, seconds: float):
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        complete = False
+
+        async def timed_receive():
+            nonlocal complete
+            if complete:  # after the body, receive() waits for a disconnect: not a stall
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.seconds)
+            except asyncio.TimeoutError:  # TimeoutError from Python 3.11 on
+                log.warning("%s %s: the request body stalled for %gs; answered 408", scope["method"], scope["path"],
+                            self.seconds)
+                raise HTTPException(408, f"the request body stalled: nothing arrived for {self.seconds:g} s "
+                                         "(--body-timeout); was it shorter than its Content-Length?",
+                                    headers={"Connection": "close"}) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        return await self.app(scope, timed_receive, send)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -123,7 +158,10 @@ def create_app(config: ServeConfig | None = None, service: Service | None = None
                   description="Embed, classify, few-shot and search images with one pretrained backbone "
                               f"({service.embedder.backbone.name}). Errors are 4xx with a `detail` message.")
     app.state.service = service
+    # the last added runs first: who may ask (Host, Origin, token), then how large and how slow a body may be
+    app.add_middleware(BodyTimeout, seconds=cfg.body_timeout)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_upload_bytes + MULTIPART_SLACK, max_mb=cfg.max_upload_mb)
+    app.add_middleware(RequestGuard, policy=AccessPolicy(token=cfg.token, hosts=(cfg.host, *cfg.allow_hosts)))
     _install_error_handlers(app)
     _status_routes(app, service)
     _embed_classify_routes(app, service)

@@ -50,9 +50,11 @@ class ServerProcess:
         output) when it exits or is not ready within ``timeout`` seconds."""
         port = free_port(self.host)
         cmd = [sys.executable, "-m", "probe", "serve", *self.args, "--host", self.host, "--port", str(port)]
+        inherited = {k: v for k, v in os.environ.items() if k != "PROBE_TOKEN"}  # a token only when asked for
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(self.env or {})})
-        self.url = f"http://{self.host}:{port}"
+                                     env={**inherited, **(self.env or {})})
+        reach = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host  # a wildcard bind answers on loopback
+        self.url = f"http://{reach}:{port}"
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

@@ -17,7 +17,7 @@ import io
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,9 @@ from .batching import MicroBatcher
 from .errors import NotFound, TooLarge, available
 from .fewshot_sets import FewShotSets
 from .images import decode_upload
+from .security import check_exposure, check_token
 
 log = logging.getLogger(__name__)
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -60,8 +59,18 @@ class ServeConfig:
     max_upload_mb: float = 20.0  # larger uploads get 413 before they are read
     max_pixels: int = 40_000_000  # 40 Mpx decodes to 120 MB of RGB; larger images get 413 before decoding
     max_k: int = 100  # hits per search and classes per classification, at most
+    body_timeout: float = 30.0  # seconds a request body may stall before 408: uvicorn itself would wait forever
+    host: str = "127.0.0.1"  # the bound address: a Host name served; beyond loopback it needs a token
+    token: str | None = field(default=None, repr=False)  # all requests but GET /health carry it; kept out of repr
+    insecure: bool = False  # bind beyond loopback without a token: anyone who reaches the address may use it
+    allow_hosts: tuple[str, ...] = ()  # Host names served besides loopback, IP addresses and host ("*.x.org", "*")
 
     def __post_init__(self) -> None:
+        self.token = self.token or None  # an empty PROBE_TOKEN means none
+        check_token(self.token)
+        check_exposure(self.host, self.token, self.insecure)
+        if self.body_timeout <= 0:
+            raise ProbeError(f"--body-timeout must be > 0 seconds, got {self.body_timeout}")
         if self.max_batch < 1:
             raise ProbeError(f"--max-batch must be >= 1, got {self.max_batch}")
         if self.max_wait_ms < 0:
@@ -154,7 +163,7 @@ class Service:
         if len(data) > self.config.max_upload_bytes:
             raise TooLarge(f"the upload is {len(data) / 2**20:.1f} MB; this server accepts at most "
                            f"{self.config.max_upload_mb:g} MB (--max-upload-mb)")
-        img = decode_upload(data, self.config.max_pixels, self.embedder.draft)
+        img = decode_upload(data, self.config.max_pixels, self.embedder.draft, self.embedder.footprint)
         return self.embedder.preprocess(img)  # (H, W, 3) uint8, or (3, H, W) float on the PIL path
 
     async def embed_vector(self, data: bytes) -> np.ndarray:
