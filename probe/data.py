@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -218,11 +219,41 @@ class TooManyPixels(ImageDecodeError):
         super().__init__(f"decompression bomb: {width}x{height} = {width * height} pixels > limit {limit}")
 
 
-def decode(source: str | os.PathLike | BinaryIO, max_pixels: int = MAX_PIXELS, draft: int | None = None
-           ) -> Image.Image:
+class ResizeTooLarge(ImageDecodeError):
+    """An image the preprocessing would resize to more than the pixel limit -- an extreme aspect ratio, resized
+    shortest-side-first -- refused before its pixels are decoded."""
+
+    def __init__(self, width: int, height: int, resized: tuple[int, int], limit: int):
+        self.width, self.height, self.resized, self.limit = width, height, resized, limit
+        self.ratio = max(width, height) / max(min(width, height), 1)
+        rw, rh = resized
+        super().__init__(f"{width}x{height} pixels would be resized to {rw}x{rh} = {rw * rh} pixels on the way to "
+                         f"the backbone's input, more than the limit of {limit}: an aspect ratio of "
+                         f"{self.ratio:.0f}:1 is too extreme to embed")
+
+
+FootprintFn = Callable[[int, int], tuple[int, int]]  # (w, h) -> (W, H): a probe.transforms.Footprint
+
+
+def check_size(width: int, height: int, max_pixels: int = MAX_PIXELS, footprint: FootprintFn | None = None) -> None:
+    """Refuse an image by its size alone, before its pixels are decoded: more than ``max_pixels`` pixels
+    (TooManyPixels), or a preprocessing whose ``footprint`` -- the largest image it allocates on the way to the
+    model's input -- is (ResizeTooLarge). One limit bounds every image the pipeline holds."""
+    if width * height > max_pixels:
+        raise TooManyPixels(width, height, max_pixels)
+    if footprint is not None:
+        rw, rh = footprint(width, height)
+        if rw * rh > max_pixels:
+            raise ResizeTooLarge(width, height, (rw, rh), max_pixels)
+
+
+def decode(source: str | os.PathLike | BinaryIO, max_pixels: int = MAX_PIXELS, draft: int | None = None,
+           footprint: FootprintFn | None = None) -> Image.Image:
     """Open a file or file object as an upright 8-bit RGB image: EXIF orientation applied, first frame of an
-    animation, 16-bit scaled, alpha over white. Raises TooManyPixels before decoding a too-large image, and
-    Pillow's own errors (UnidentifiedImageError, OSError, …) for the rest: callers word those for their users.
+    animation, 16-bit scaled, alpha over white. Raises TooManyPixels before decoding a too-large image,
+    ResizeTooLarge before decoding one whose preprocessing ``footprint`` (``probe.transforms.Footprint``) is too
+    large, and Pillow's own errors (UnidentifiedImageError, OSError, …) for the rest: callers word those for
+    their users.
 
     ``draft``: a JPEG at least twice this size on both sides is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
     scaling), never below ``draft`` pixels a side -- a 12-megapixel photo decodes ~4x faster when it is headed
@@ -230,9 +261,7 @@ def decode(source: str | os.PathLike | BinaryIO, max_pixels: int = MAX_PIXELS, d
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(source) as img:
-            w, h = img.size
-            if w * h > max_pixels:
-                raise TooManyPixels(w, h, max_pixels)
+            check_size(*img.size, max_pixels, footprint)  # from the header: no pixel is decoded yet
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)  # animated: first frame
             if draft and img.format == "JPEG":
@@ -241,7 +270,8 @@ def decode(source: str | os.PathLike | BinaryIO, max_pixels: int = MAX_PIXELS, d
             return to_rgb(ImageOps.exif_transpose(img))
 
 
-def load_image(path: str, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> Image.Image:
+def load_image(path: str, max_pixels: int = MAX_PIXELS, draft: int | None = None,
+               footprint: FootprintFn | None = None) -> Image.Image:
     """Decode the file at ``path`` (see ``decode``), or raise ImageDecodeError with the reason recorded for it."""
     try:
         os.stat(path)
@@ -253,7 +283,7 @@ def load_image(path: str, max_pixels: int = MAX_PIXELS, draft: int | None = None
     try:
         if os.path.getsize(path) == 0:
             raise ImageDecodeError("empty file (0 bytes)")
-        return decode(path, max_pixels, draft)
+        return decode(path, max_pixels, draft, footprint)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:

@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -22,11 +23,12 @@ import torch
 from PIL import Image
 
 from .backbones import Backbone, create_backbone
-from .data import ImageDecodeError, images_in, load_image, to_rgb
+from .data import MAX_PIXELS, ImageDecodeError, ResizeTooLarge, images_in, load_image, to_rgb
 from .device import query_dtype, resolve_device, resolve_dtype
 from .engine import create_engine, input_hw
 from .errors import ProbeError
 from .identity import FeatureIdentity, Side
+from .transforms import Footprint
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,12 @@ class Embedder:
         """JPEGs may be decoded down to this many pixels a side (the uint8 path; see probe.data.decode)."""
         return self.pixels.draft if self.pixels is not None else None
 
+    @cached_property
+    def footprint(self) -> Footprint:
+        """(w, h) of a source -> (W, H) of the largest image ``preprocess`` allocates for it: what the pixel limit
+        is checked against, with the source's own size, before a file is decoded (``probe.data.check_size``)."""
+        return Footprint.of(self.preprocess)
+
     @property
     def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
         """One RGB image -> what ``__call__`` takes stacked: (H, W, 3) uint8, or (3, H, W) float on the PIL path.
@@ -115,7 +123,12 @@ class Embedder:
 
     # ---- notebook conveniences
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
-        """PIL images (any mode) -> (N, D) float32."""
+        """PIL images (any mode) -> (N, D) float32. ProbeError for an image whose resize would need more than
+        ``MAX_PIXELS`` pixels (an extreme aspect ratio: see ``footprint``)."""
+        for i, im in enumerate(images):
+            rw, rh = self.footprint(*im.size)
+            if rw * rh > MAX_PIXELS:
+                raise ProbeError(f"image {i}: {ResizeTooLarge(*im.size, (rw, rh), MAX_PIXELS)}")
         out = [self(torch.stack([self.preprocess(to_rgb(im)) for im in images[s: s + batch_size]]))
                for s in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
@@ -128,7 +141,7 @@ class Embedder:
             images = []
             for i in range(s, min(s + batch_size, len(paths))):
                 try:
-                    images.append(load_image(str(paths[i]), draft=self.draft))
+                    images.append(load_image(str(paths[i]), draft=self.draft, footprint=self.footprint))
                     ok.append(i)
                 except ImageDecodeError as e:
                     bad.append({"path": str(paths[i]), "reason": str(e)})

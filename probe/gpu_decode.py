@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
+from .data import FootprintFn, check_size
 from .errors import BackboneError, ProbeError
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,11 @@ def choose_decode(decode: str, device: torch.device, pixels: Any, views: int) ->
 
 
 # --------------------------------------------------------------------------------- workers: bytes only
-def read_jpeg(path: str, max_pixels: int) -> tuple[bytes, int] | None:
+def read_jpeg(path: str, max_pixels: int, footprint: FootprintFn | None = None) -> tuple[bytes, int] | None:
     """(the file's bytes, its EXIF orientation) when nvjpeg should decode it; None when the CPU path must: not a
-    JPEG, not a 3-channel one (CMYK, grey), no end marker (truncated, or trailing data), over ``max_pixels``, a
-    header Pillow cannot read, or a file that cannot be read (the CPU path words every reason). Decodes no pixel."""
+    JPEG, not a 3-channel one (CMYK, grey), no end marker (truncated, or trailing data), over ``max_pixels`` or
+    resized by the transform's ``footprint`` to more (``probe.data.check_size``), a header Pillow cannot read, or a
+    file that cannot be read (the CPU path words every reason, and refuses those sizes). Decodes no pixel."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -127,8 +129,9 @@ def read_jpeg(path: str, max_pixels: int) -> tuple[bytes, int] | None:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:  # lazy: reads the markers, not the scan
                 w, h = img.size
-                if img.format != "JPEG" or img.mode != "RGB" or w * h > max_pixels or w < 1 or h < 1:
+                if img.format != "JPEG" or img.mode != "RGB" or w < 1 or h < 1:
                     return None
+                check_size(w, h, max_pixels, footprint)  # raises: the CPU path refuses it, with the reason
                 orientation = img.getexif().get(ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - any doubt: the CPU path decides, and words the reason
         return None
@@ -163,7 +166,7 @@ class _JpegFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        got = read_jpeg(self.paths[i], self.max_pixels)
+        got = read_jpeg(self.paths[i], self.max_pixels, self.cpu.footprint)
         if got is not None:
             return "jpeg", got, i, ""
         x, i, reason = self.cpu[i]

@@ -44,7 +44,8 @@ def predict(inputs: Sequence[str | os.PathLike], head_path: str | os.PathLike, t
             device: str = "auto", batch_size: int = 64, engine: str = "auto") -> dict[str, Any]:
     """Top-k classes with probabilities for every decodable image; undecodable files are listed in ``skipped``.
 
-    Raises BackboneError when the backbone available now differs from the one recorded in the head."""
+    Raises ProbeError when no image could be embedded (naming each file and why), BackboneError when the backbone
+    available now differs from the one recorded in the head."""
     from .embedder import embedder_for
 
     if top_k < 1:
@@ -56,9 +57,13 @@ def predict(inputs: Sequence[str | os.PathLike], head_path: str | os.PathLike, t
     feats, ok, bad = emb.embed_files(files, batch_size)  # (n_ok, D)
     if feats.shape[1] != head.n_features_in_:
         raise ProbeError(f"the backbone gives {feats.shape[1]}-d features, the head expects {head.n_features_in_}")
+    if not ok:  # nothing to predict is an error (one line naming each file), never an empty success
+        shown = "; ".join(f"{b['path']}: {b['reason']}" for b in bad[:5])
+        more = f"; … and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ProbeError(f"none of the {len(files)} images could be embedded: {shown}{more}")
     for b in bad:
         log.warning("skipped %s: %s", b["path"], b["reason"])
-    proba = head.predict_proba(feats) if len(ok) else np.zeros((0, len(names)), np.float32)  # (n_ok, C)
+    proba = head.predict_proba(feats)  # (n_ok, C)
     k = min(top_k, len(names))
     top = np.argsort(-proba, axis=1, kind="stable")[:, :k]
     preds = [{"path": files[i], "top": [{"class": names[c], "probability": round(float(proba[j, c]), 6)}

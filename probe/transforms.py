@@ -23,6 +23,100 @@ import torch
 from .errors import BackboneError, ProbeError
 
 
+def resized_size(width: int, height: int, size: Any, max_size: int | None = None) -> tuple[int, int]:
+    """(W, H) that torchvision's ``Resize(size, max_size=max_size)`` makes of a width x height image, by arithmetic
+    alone: an int or [int] is the shorter side (the longer one scaled and truncated, then both capped so the longer
+    is at most ``max_size``), [h, w] is the output itself, None puts the longer side at ``max_size``. The rule of
+    ``torchvision.transforms.functional._compute_resized_output_size`` (tests/test_faults_images.py compares).
+
+    Example:
+        >>> resized_size(12000, 1, 256)   # a 12000x1 strip, shortest side to 256
+        (3072000, 256)
+    """
+    short, long = sorted((width, height))
+    if size is not None and not isinstance(size, int) and len(size) == 2:
+        return int(size[1]), int(size[0])
+    if size is None:
+        new_short, new_long = int(max_size * short / long), max_size
+    else:
+        new_short = size if isinstance(size, int) else int(size[0])
+        new_long = int(new_short * long / short)
+        if max_size is not None and new_long > max_size:
+            new_short, new_long = int(max_size * new_short / new_long), max_size
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+class Footprint:
+    """The largest image a preprocessing allocates on the way to the model's input, from the source's size alone:
+    ``footprint(w, h) -> (W, H)``, checked against the pixel limit before any pixel is decoded (``probe.data.decode``).
+
+    A shortest-side resize keeps the aspect ratio, so a 12000x1 PNG (12,000 pixels: far under any source limit)
+    becomes 3072000x256 before a 224x224 crop -- 786 Mpx, 2.4 GB of RGB. Each step counts what it holds: a resize
+    its output and its one-axis intermediate (torch's and Pillow's separable kernels resize one axis, then the
+    other: a source-height x output-width, or output-height x source-width, buffer), a crop its output (padded when
+    larger than the image). Steps that do not change the size (to tensor, normalise) are not steps here.
+
+    Example:
+        >>> Footprint.of(create_backbone("efficientnet_lite0").pixels)(12000, 1)
+        (3072000, 256)
+    """
+
+    def __init__(self, steps: list[tuple[str, dict[str, Any]]]):
+        self.steps = steps
+
+    @classmethod
+    def of(cls, transform: Callable) -> Footprint:
+        """The resize and crop steps of any preprocessing probe runs: a ``PixelTransform``, a torchvision preset or a
+        Compose (timm's ResizeKeepRatio and CenterCropOrPad included). No steps for a transform it cannot read: then
+        only the source's own pixel count is bounded."""
+        if isinstance(transform, PixelTransform):
+            return cls(transform.steps)
+        pt = PixelTransform.from_transform(transform)
+        if pt is not None:
+            return cls(pt.steps)
+        tf = getattr(transform, "tf", transform)  # _PilToTensor
+        return cls([s for t in getattr(tf, "transforms", []) if (s := _geometric_step(t)) is not None])
+
+    def __call__(self, width: int, height: int) -> tuple[int, int]:
+        """(W, H) of the largest image the steps hold for a width x height source ((width, height) without steps)."""
+        w, h = width, height
+        held = [(w, h)]
+        for kind, kw in self.steps:
+            if kind == "resize":
+                nw, nh = resized_size(w, h, kw["size"], kw.get("max_size"))
+            elif kind == "keep_ratio":  # timm: scale by a ratio between the two sides' ratios, rounded
+                th, tw = kw["size"]
+                rh, rw = h / th, w / tw
+                ratio = max(rh, rw) * kw["longest"] + min(rh, rw) * (1 - kw["longest"])
+                nw, nh = round(w / ratio), round(h / ratio)
+            else:  # crop
+                size = kw["size"]
+                nh, nw = (size, size) if isinstance(size, int) else (size[0], size[-1])
+            if kind != "crop":
+                held += [(nw, h), (w, nh)]  # the one-axis pass, whichever axis goes first
+            w, h = nw, nh
+            held.append((w, h))
+        return max(held[1:] or held, key=lambda s: s[0] * s[1])
+
+    def __repr__(self) -> str:
+        return f"Footprint({self.steps})"
+
+
+def _geometric_step(t: Any) -> tuple[str, dict[str, Any]] | None:
+    """A Compose member as a Footprint step; None for members that keep the size (ToTensor, Normalize, …)."""
+    from torchvision import transforms as T
+
+    name = type(t).__name__
+    if isinstance(t, T.Resize):
+        return "resize", {"size": t.size, "max_size": t.max_size}
+    if name == "ResizeKeepRatio":
+        size = t.size if isinstance(t.size, (list, tuple)) else (t.size, t.size)
+        return "keep_ratio", {"size": tuple(size), "longest": float(t.longest)}
+    if isinstance(t, T.CenterCrop) or name == "CenterCropOrPad":
+        return "crop", {"size": list(t.size)}
+    return None
+
+
 class PixelTransform:
     """The geometric half of a weights' eval transform, run on uint8 tensors: PIL RGB -> (H, W, 3) uint8.
 

@@ -119,10 +119,10 @@ def search_index(index: str | os.PathLike | SearchIndex, inputs: Sequence[str | 
     check_k(k, idx.count)  # before any backbone loads
     queries = resolve(idx, inputs)
     x, ok, bad = embed_queries(idx, queries, device, engine, batch_size)
+    if not ok:  # the error names each file: no warning before it
+        raise ProbeError("no query could be used: " + "; ".join(f"{b['path']}: {b['reason']}" for b in bad))
     for b in bad:
         log.warning("skipped query %s: %s", b["path"], b["reason"])
-    if not ok:
-        raise ProbeError("no query could be used: " + "; ".join(f"{b['path']}: {b['reason']}" for b in bad))
     scores, ids = idx.search(x, k)  # (n, k)
     results = []
     for row, j in enumerate(ok):

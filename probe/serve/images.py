@@ -1,5 +1,6 @@
 """Uploaded bytes -> an upright RGB image, with the same conversions as ``probe.data.load_image`` (EXIF
-orientation, first frame of animations, 16-bit scaled, alpha over white) and the service's own pixel limit.
+orientation, first frame of animations, 16-bit scaled, alpha over white) and the service's own pixel limit, on the
+source and on every image the backbone's preprocessing would make of it (``footprint``).
 
 Example:
     >>> img = decode_upload(open("cat.jpg", "rb").read(), max_pixels=40_000_000)
@@ -11,17 +12,24 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data import TooManyPixels, decode
+from ..data import FootprintFn, ResizeTooLarge, TooManyPixels, decode
 from .errors import BadImage, NotAnImage, TooLarge
 
 
-def decode_upload(data: bytes, max_pixels: int, draft: int | None = None) -> Image.Image:
+def decode_upload(data: bytes, max_pixels: int, draft: int | None = None,
+                  footprint: FootprintFn | None = None) -> Image.Image:
     """Decode an uploaded file to RGB, or raise: BadImage (empty, truncated, corrupt), NotAnImage (unknown
-    format), TooLarge (more than ``max_pixels`` pixels, refused before the pixels are decoded)."""
+    format), TooLarge (more than ``max_pixels`` pixels, or a ``footprint`` -- the largest image the preprocessing
+    makes of it, ``probe.transforms.Footprint`` -- above that: refused before the pixels are decoded)."""
     if not data:
         raise BadImage("the upload is empty (0 bytes): expected an image file (JPEG, PNG, WebP, …)")
     try:
-        return decode(io.BytesIO(data), max_pixels, draft)
+        return decode(io.BytesIO(data), max_pixels, draft, footprint)
+    except ResizeTooLarge as e:
+        rw, rh = e.resized
+        raise TooLarge(f"the image is {e.width}x{e.height} pixels, which the backbone's preprocessing would resize "
+                       f"to {rw}x{rh} = {rw * rh} pixels; this server accepts at most {max_pixels} (--max-pixels) "
+                       f"in any image it makes: an aspect ratio of {e.ratio:.0f}:1 is too extreme to embed") from None
     except TooManyPixels as e:
         raise TooLarge(f"the image is {e.width}x{e.height} = {e.width * e.height} pixels; this server accepts at "
                        f"most {max_pixels} (--max-pixels)") from None
