@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import typer
@@ -105,17 +106,18 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Classify images with a saved head, embedding them with exactly the backbone recorded in the head."""
+    from probe.fs import write_bytes_atomic
     from probe.predict import predict as run
 
     res = run(inputs, head, top_k=top_k, device=device, engine=engine)
     if csv_out:
-        csv_out.parent.mkdir(parents=True, exist_ok=True)
-        with open(csv_out, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "rank", "class", "probability"])
-            for p in res["predictions"]:
-                for r, t in enumerate(p["top"], 1):
-                    w.writerow([p["path"], r, t["class"], t["probability"]])
+        rows = io.StringIO(newline="")
+        w = csv.writer(rows)
+        w.writerow(["path", "rank", "class", "probability"])
+        for p in res["predictions"]:
+            for r, t in enumerate(p["top"], 1):
+                w.writerow([p["path"], r, t["class"], t["probability"]])
+        write_bytes_atomic(csv_out, rows.getvalue().encode(), what="any previous CSV there is unchanged")
         res["csv"] = str(csv_out)
 
     def text(res):

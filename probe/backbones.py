@@ -173,9 +173,16 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise BackboneError(f"cannot read weights file {str(path)!r}: {e}") from e
+        raise BackboneError(f"cannot read weights file {str(path)!r}: {str(e).strip().splitlines()[0][:200]} "
+                            "(a damaged or truncated file, or not a PyTorch checkpoint)") from e
     meta: dict[str, Any] = {}
-    if isinstance(obj, dict) and "probe_checkpoint" in obj:  # written by `probe finetune`
+    if isinstance(obj, dict) and "probe_checkpoint" in obj:  # written by `probe finetune`, with its checksum
+        from .digest import check_digest, tree_sha256
+
+        recorded = obj.pop("sha256", None)
+        if recorded is not None:
+            check_digest(path, recorded, tree_sha256(obj), "its weights and metadata",
+                         "fine-tune again (probe finetune DATA --out RUN_DIR) or use another checkpoint")
         meta = {k: v for k, v in obj.items() if k not in ("state_dict", "model")}
         obj = obj["state_dict"]
     elif isinstance(obj, dict):

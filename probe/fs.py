@@ -13,7 +13,7 @@ import errno
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -109,6 +109,42 @@ def atomic_path(path: str | os.PathLike, need: int | None = None, what: str = ""
         tmp.unlink(missing_ok=True)
         if full:
             raise disk_full_error(path, need, what) from None
+        raise
+
+
+@contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike], need: int | None = None, what: str = "") -> Iterator[list[Path]]:
+    """Several files replaced together: yield their temp paths (``p.tmp`` each) to write, in the order given; on
+    success each is fsynced, then all are renamed in that order -- put the file that vouches for the others last
+    (a sidecar with their checksums), so an interruption between renames is caught by it. On any failure every temp
+    file is removed and no path is touched; a full disk becomes ``DiskFullError`` naming the file being written
+    (the last whose temp file exists). ``need``: bytes of all of them, checked before writing when given.
+
+    Example:
+        >>> with atomic_paths(["x.faiss.shard-0", "x.faiss", "x.faiss.json"]) as (t0, t1, t2):
+        ...     ...  # write each; all three appear together
+    """
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    if need and paths:
+        check_space(paths[-1], need, what)
+    tmps = [temp_path(p) for p in paths]
+    try:
+        yield tmps
+        for tmp in tmps:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+    except BaseException as e:
+        written = [p for p, t in zip(paths, tmps) if t.exists()]
+        at = written[-1] if written else paths[0]
+        full = is_disk_full(e, temp_path(at))
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        if full:
+            raise disk_full_error(at, need, what) from None
         raise
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from .data import ImageDecodeError, load_image
+from .fs import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,4 @@ def contact_sheet(result: dict[str, Any], out: str | os.PathLike, title: str = "
         parts.append("<h2>skipped queries</h2><ul>" + "".join(
             f"<li>{e(s['path'])}: {e(s['reason'])}</li>" for s in result["skipped"]) + "</ul>")
     parts.append("</body></html>")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts), encoding="utf-8")
-    return out
+    return write_bytes_atomic(out, "\n".join(parts).encode("utf-8"), what="any previous page there is unchanged")

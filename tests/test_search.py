@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from probe.backbones import BackboneError
+from probe.digest import json_sha256
 from probe.extract import extract
 from probe.report import contact_sheet
 from probe.search import (
@@ -208,6 +209,7 @@ def test_undecodable_query_and_other_backbone(demo_index, tmp_path):
     shutil.copy(demo_index, other)
     meta = json.loads(sidecar(demo_index).read_text())
     meta["store_config"]["weights_sha256"] = "0" * 64
+    meta["meta_sha256"] = json_sha256({k: v for k, v in meta.items() if k != "meta_sha256"})  # a consistent edit
     sidecar(other).write_text(json.dumps(meta))
     with pytest.raises(BackboneError, match="differs from the one recorded"):
         search_index(other, [str(DEMO / "val" / "Bag" / "00754.png")], k=3)

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..data import discover
 from ..errors import ProbeError
+from ..fs import atomic_paths, write_bytes_atomic
 from .config import STRATEGIES, FinetuneConfig
 from .data import train_val_indices
 from .plots import plot_compare
@@ -82,7 +83,7 @@ def linear_probe(data: str | os.PathLike, run_dir: str | os.PathLike, cfg: Finet
     out = {"strategy": LINEAR_PROBE, "best_val_acc": acc, "seconds": round(seconds, 3),
            "trainable_params": summary["dim"] * k + k, "val_acc_per_epoch": [], "best_epoch": None,
            "run_dir": str(run_dir), "method": how, "val_source": source, "extract_seconds": summary["seconds"]}
-    (run_dir / "result.json").write_text(json.dumps(out, indent=2))
+    write_bytes_atomic(run_dir / "result.json", json.dumps(out, indent=2).encode())
     return out
 
 
@@ -113,9 +114,11 @@ def compare(data: str | os.PathLike, run_dir: str | os.PathLike, strategies: str
               "lr": cfg.lr, "lr_mult": cfg.lr_mult, "seed": cfg.seed, "rows": rows,
               "json": str(run_dir / "compare.json"), "table": str(run_dir / "compare.md"),
               "plot": str(run_dir / "compare.png")}
-    (run_dir / "compare.json").write_text(json.dumps(result, indent=2))
-    (run_dir / "compare.md").write_text(table(result) + "\n")
-    plot_compare(rows, run_dir / "compare.png", title=f"{cfg.backbone}, {cfg.epochs} epochs")
+    out = [run_dir / "compare.json", run_dir / "compare.md", run_dir / "compare.png"]
+    with atomic_paths(out, what="the runs' own folders are kept; any previous comparison is unchanged") as tmps:
+        tmps[0].write_text(json.dumps(result, indent=2))
+        tmps[1].write_text(table(result) + "\n")
+        plot_compare(rows, tmps[2], title=f"{cfg.backbone}, {cfg.epochs} epochs")
     return result
 
 

@@ -33,8 +33,10 @@ def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike, title: s
     b.set_ylim(0, 1.02)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100, format="png")  # PNG whatever its name (the caller may pass a temp file)
+    finally:
+        plt.close(fig)
 
 
 def plot_compare(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
@@ -57,5 +59,7 @@ def plot_compare(rows: list[dict[str, Any]], path: str | os.PathLike, title: str
     ax.legend()
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100, format="png")
+    finally:
+        plt.close(fig)

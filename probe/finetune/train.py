@@ -41,8 +41,10 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ..backbones import Backbone, create_backbone
 from ..data import Dataset, DatasetError, discover
-from ..errors import ProbeError
+from ..digest import check_digest, tree_sha256
+from ..errors import IntegrityError, ProbeError
 from ..extract import default_workers
+from ..fs import atomic_paths
 from .config import RESUME_FREE, FinetuneConfig
 from .data import Images, collate, eval_transform, train_transform, train_val_indices
 from .dist import DistContext, distributed
@@ -79,16 +81,27 @@ def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> int:
     return s
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def seal(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """``checkpoint`` with ``sha256``: the checksum of everything else in it, checked when it is loaded."""
+    return {**checkpoint, "sha256": tree_sha256(checkpoint)}
 
 
-def _write_metrics(history: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, path)
+def unseal(checkpoint: dict[str, Any], path: str | os.PathLike, fix: str) -> dict[str, Any]:
+    """``checkpoint`` without its ``sha256``, after checking it (IntegrityError naming ``path``); a checkpoint
+    written before checksums has none and passes unchecked."""
+    recorded = checkpoint.pop("sha256", None)
+    if recorded is not None:
+        check_digest(path, recorded, tree_sha256(checkpoint), "its weights and state", fix)
+    return checkpoint
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested dict / list (what torch.save will write, give or take its framing)."""
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return obj.numel() * obj.element_size() if torch.is_tensor(obj) else 0
 
 
 def make_optimizer(groups: list[dict[str, Any]], cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -193,7 +206,15 @@ def _load_last(run_dir: Path, cfg: FinetuneConfig) -> dict[str, Any] | None:
     if not cfg.resume:
         raise ProbeError(f"{run_dir} already holds a run (last.pt): pass --resume to continue it, "
                          f"or choose another --out")
-    saved = torch.load(last_path, map_location="cpu", weights_only=True)
+    fix = f"it cannot be resumed: start the run again without --resume in a new --out (or delete {last_path})"
+    try:
+        saved = torch.load(last_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or damaged zip, or not a checkpoint at all
+        raise IntegrityError(f"{str(last_path)!r} cannot be read ({str(e).splitlines()[0][:160]}): it is damaged; "
+                             f"{fix}") from None
+    if not isinstance(saved, dict) or "config" not in saved:
+        raise IntegrityError(f"{str(last_path)!r} is not a probe fine-tuning state (last.pt); {fix}")
+    saved = unseal(saved, last_path, fix)
     _check_resume(saved["config"], cfg, run_dir)
     return saved
 
@@ -501,18 +522,27 @@ def _validate(run: _Run) -> tuple[float, float]:
 
 
 def _save_epoch(run: _Run, progress: _Progress, rec: dict[str, Any], improved: bool) -> None:
-    """Rank 0, after each epoch: best.pt when it improved, then last.pt, metrics.jsonl and curves.png."""
+    """Rank 0, after each epoch: best.pt when it improved, metrics.jsonl, curves.png and last.pt, each written
+    beside the old one and all renamed over them together (last.pt last): a full disk or a crash keeps the previous
+    epoch's files whole, so the run resumes from them. Checkpoints carry the sha256 of what they hold."""
     cfg, net = run.cfg, run.net
-    if improved:
-        _atomic_save(_probe_checkpoint(net.model, net.bb, run.data.classes, cfg, rec), run.best_path)
-    _atomic_save({"epoch": progress.epoch, "step": progress.step, "thawed": progress.thawed,
-                  "history": progress.history, "best": progress.best, "stopped_early": progress.stopped_early,
-                  "config": cfg.to_dict(), "model": net.model.state_dict(), "optimizer": run.optim.opt.state_dict(),
-                  "scaler": net.scaler.state_dict(), "world_size": run.ctx.world_size}, run.last_path)
-    _write_metrics(progress.history, run.run_dir / "metrics.jsonl")
+    best = seal(_probe_checkpoint(net.model, net.bb, run.data.classes, cfg, rec)) if improved else None
+    last = seal({"epoch": progress.epoch, "step": progress.step, "thawed": progress.thawed,
+                 "history": progress.history, "best": progress.best, "stopped_early": progress.stopped_early,
+                 "config": cfg.to_dict(), "model": net.model.state_dict(), "optimizer": run.optim.opt.state_dict(),
+                 "scaler": net.scaler.state_dict(), "world_size": run.ctx.world_size})
+    files = [run.best_path] * improved + [run.run_dir / "metrics.jsonl", run.run_dir / "curves.png", run.last_path]
+    need = tensor_bytes(last) + tensor_bytes(best) + 2**20  # + framing, the metrics and the plot
+    what = (f"the files of epoch {progress.epoch - 1} in {run.run_dir} are unchanged: continue with --resume"
+            if progress.epoch > 1 else "nothing of this run was saved")
     from .plots import plot_curves  # matplotlib: imported only when there is a plot to draw
 
-    plot_curves(progress.history, run.run_dir / "curves.png", title=f"{net.bb.name} {cfg.strategy}")
+    with atomic_paths(files, need=need, what=what) as tmps:
+        if best is not None:
+            torch.save(best, tmps[0])
+        tmps[-3].write_text("".join(json.dumps(r) + "\n" for r in progress.history))
+        plot_curves(progress.history, tmps[-2], title=f"{net.bb.name} {cfg.strategy}")
+        torch.save(last, tmps[-1])
 
 
 def _summary(run: _Run, progress: _Progress) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ProbeError
+from ..fs import atomic_path
 from ..identity import FeatureIdentity, Side
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,11 @@ def confusion_png(confusion: list[list[int]], class_names: list[str], path: str 
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_path(path, what="any previous one is unchanged") as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

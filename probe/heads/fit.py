@@ -2,8 +2,9 @@
 
 Rows: the store's ``train`` split fits the head, ``val`` selects (the linear head's L2 strength, the MLP's early
 stop), ``test`` is reported. A store without splits gets a seeded stratified 20% holdout as ``val`` (and no
-test). ``shots`` keeps that many training images per class, drawn with ``seed``. The MLP also trains on the
-store's augmented views (``probe extract --views K``) when it has them, unless ``views=False``.
+test). ``shots`` keeps that many training images per class, drawn with ``seed`` (more than the smallest class
+has is refused: a K-shot head sees K images of every class). The MLP also trains on the store's augmented views
+(``probe extract --views K``) when it has them, unless ``views=False``.
 
 Example:
     >>> fit = fit_head("cache/demo.h5", LinearHead(), out="heads/demo-linear.safetensors")
@@ -99,12 +100,25 @@ def _training_rows(store: FeatureStore, y: np.ndarray, shots: int | None, seed: 
     rows = labelled_splits(store, seed)
     train = rows["train"]
     if shots:
+        _check_shots(store, y[train], shots)
         train = train[k_per_class(y[train], shots, seed)]
     known = np.unique(y[train])
     val, test = rows["val"], rows["test"]
     val = val[np.isin(y[val], known)]
     dropped = int((~np.isin(y[test], known)).sum())
     return train, val, test[np.isin(y[test], known)], dropped
+
+
+def _check_shots(store: FeatureStore, y_train: np.ndarray, shots: int) -> None:
+    """Refuse ``shots`` above what the smallest class has in train: a K-shot head sees K images of every class,
+    so a class with fewer would make the reported K untrue (and the classes unbalanced)."""
+    classes, counts = np.unique(y_train, return_counts=True)
+    c = int(np.argmin(counts))
+    if shots > counts[c]:
+        where = "the train split" if (store.splits() == "train").any() else "the training rows (after the val holdout)"
+        raise ProbeError(f"shots={shots} is more than class {store.classes[classes[c]]!r} has in {where}: "
+                         f"{counts[c]} images, the fewest of its {len(classes)} classes; pass shots <= {counts[c]}, "
+                         "or leave shots out to train on every image")
 
 
 def _head_details(head: Head, cfg: dict[str, Any], n_val: int) -> dict[str, Any]:

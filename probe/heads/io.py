@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
+from ..digest import arrays_sha256, check_digest
 from ..errors import ProbeError
+from ..fs import atomic_path
 from ..identity import ARRAYS_IDENTITY, FeatureIdentity
 from .base import Head
 from .knn import KNNHead
@@ -29,6 +31,7 @@ from .mlp import MLPHead
 from .prototype import PrototypeHead
 
 FORMAT = "probe-head/1"
+DIGEST = "probe_sha256"  # metadata key: sha256 of the header JSON and every tensor (arrays_sha256); absent before
 HEADS: dict[str, type[Head]] = {"linear": LinearHead, "mlp": MLPHead, "prototype": PrototypeHead, "knn": KNNHead}
 
 
@@ -91,16 +94,19 @@ def save_head(head: Head, path: str | os.PathLike, meta: dict[str, Any] | None =
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     header = {"format": FORMAT, "head": head.kind, "params": {k: _jsonable(v) for k, v in head.get_params().items()},
               **meta}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(arrays, str(tmp), metadata={"probe": json.dumps(header, default=str)})
-    os.replace(tmp, path)  # atomic: a crash never leaves half a head
-    return path
+    text = json.dumps(header, default=str)
+    need = sum(a.nbytes for a in arrays.values()) + 2 * len(text) + 4096  # tensors, header, safetensors' framing
+    with atomic_path(path, need=need, what="any previous head file there is unchanged") as tmp:
+        save_file(arrays, str(tmp), metadata={"probe": text, DIGEST: arrays_sha256(arrays, text)})
+    return Path(path)
 
 
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON metadata of a head file, without loading its tensors."""
+def _rebuild(path: str | os.PathLike) -> str:
+    return f"fit it again (probe fit-head STORE --out {path})"
+
+
+def _read_header(path: str | os.PathLike) -> tuple[dict[str, Any], str, str | None]:
+    """(header, its JSON text as stored, the recorded checksum or None) of a head file."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -108,25 +114,39 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise HeadError(f"head file {str(path)!r} does not exist (make one with `probe fit-head STORE --out {path}`)")
     try:
         with safe_open(str(path), "numpy") as f:
-            header = json.loads((f.metadata() or {}).get("probe", "null"))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a foreign file
-        raise HeadError(f"{str(path)!r} is not a safetensors file: {e}") from None
+            stored = f.metadata() or {}
+        text = stored.get("probe", "null")
+        header = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a foreign or damaged file
+        raise HeadError(f"{str(path)!r} is not a safetensors file ({str(e).splitlines()[0][:200]}); if probe "
+                        f"wrote it, it is damaged: {_rebuild(path)}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise HeadError(f"{str(path)!r} is a safetensors file but not a probe head (format {FORMAT} expected)")
-    return header
+    return header, text, stored.get(DIGEST)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a head file, without loading its tensors (``load_head`` checks them)."""
+    return _read_header(path)[0]
 
 
 def load_head(path: str | os.PathLike) -> tuple[Head, dict[str, Any]]:
-    """(fitted head, metadata) from a file written by ``save_head``."""
+    """(fitted head, metadata) from a file written by ``save_head``. Its tensors and header are checked against
+    the checksum recorded when it was written: a damaged file raises IntegrityError naming it."""
     from safetensors.numpy import load_file
 
-    meta = read_meta(path)
+    meta, text, digest = _read_header(path)
     kind = meta.get("head")
     if kind not in HEADS:
         raise HeadError(f"{path}: unknown head type {kind!r} (this probe knows {', '.join(HEADS)})")
+    try:
+        arrays = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a damaged tensor table or data offsets
+        raise HeadError(f"{str(path)!r} has unreadable tensors ({str(e).splitlines()[0][:200]}): it is damaged; "
+                        f"{_rebuild(path)}") from None
+    check_digest(path, digest, arrays_sha256(arrays, text), "its tensors and metadata", _rebuild(path))
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
     head = HEADS[kind](**params)
-    arrays = load_file(str(path))
     if "classes_" in meta:
         arrays["classes_"] = np.asarray(meta["classes_"])
     head.set_state(arrays)

@@ -8,7 +8,9 @@ Files: ``INDEX`` (faiss.write_index) and ``INDEX.json`` (type, factory string, s
 IndexConfig as ``config``, the features' identity as ``store_config`` + ``config_key``, paths, labels, measured
 recall). Sharded: each sub-index in ``INDEX.shard-k``, ``INDEX`` the trained empty index they were cloned from, and
 ``INDEX.json`` lists the shard files and their row ranges. Row i of the store is id i of the index, and ``add``
-appends the rows a grown store has beyond those indexed.
+appends the rows a grown store has beyond those indexed. The sidecar records the sha256 of every FAISS file
+(``sha256``) and of its own contents (``meta_sha256``); ``load`` checks them, so a damaged file is an error naming
+it, never wrong hits. ``save`` writes every file beside the old ones and renames them over together, sidecar last.
 
 Example:
     >>> idx = SearchIndex.build(FeatureStore("cache/demo.h5"))        # auto: exact below 50k vectors
@@ -29,10 +31,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import faiss
-import h5py
 import numpy as np
 
-from ..errors import IndexMismatchError, MissingFileError, ProbeError
+from ..digest import check_digest, json_sha256
+from ..errors import DiskFullError, IndexMismatchError, IntegrityError, MissingFileError, ProbeError
+from ..fs import atomic_paths, disk_full_error, sha256_file
 from ..identity import ARRAYS_IDENTITY, FeatureIdentity, Side
 from ..store import FeatureStore, StoreError
 from .config import IndexConfig
@@ -66,6 +69,42 @@ def sidecar(path: str | os.PathLike) -> Path:
     """INDEX -> INDEX.json, the metadata beside a FAISS index file."""
     path = Path(path)
     return path.with_name(path.name + ".json")
+
+
+def _rebuild(path: Path, store: str = "") -> str:
+    return f"rebuild the index: probe index {store or 'STORE'} --out {path}"
+
+
+def _read_sidecar(side: Path, path: Path) -> dict[str, Any]:
+    """The sidecar's metadata, checked: JSON of a probe index of this version whose checksum matches."""
+    try:
+        meta = json.loads(side.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise IntegrityError(f"{str(side)!r}, the metadata of search index {str(path)!r}, is not valid JSON "
+                             f"({str(e)[:120]}): it is damaged; {_rebuild(path)}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        got = meta if not isinstance(meta, dict) else {"format": meta.get("format"), "version": meta.get("version")}
+        raise ProbeError(f"{str(side)!r} is not the metadata of a probe search index of version {FORMAT_VERSION} "
+                         f"(found {str(got)[:80]}); {_rebuild(path)}")
+    if "meta_sha256" in meta:
+        rest = {k: v for k, v in meta.items() if k != "meta_sha256"}
+        check_digest(side, meta["meta_sha256"], json_sha256(rest), "its contents", _rebuild(path))
+    return meta
+
+
+def _serialized_size(index: faiss.Index) -> int:
+    """Bytes ``faiss.write_index`` writes for ``index``, counted without keeping them."""
+    n = 0
+
+    def count(chunk: bytes) -> int:
+        nonlocal n
+        n += len(chunk)
+        return len(chunk)
+
+    writer = faiss.PyCallbackIOWriter(count)
+    faiss.write_index(index, writer)
+    del writer
+    return n
 
 
 def _now() -> str:
@@ -177,7 +216,7 @@ class SearchIndex:
         if cfg.shards > store.count:
             raise ProbeError(f"shards={cfg.shards} is more than the store's {store.count} rows")
         t0 = time.perf_counter()
-        with h5py.File(store.path, "r") as f:
+        with store.open() as f:
             built = build_faiss(Rows(f["features"], cfg.metric, cfg.chunk_rows), cfg)
         return cls._made(built, cfg, time.perf_counter() - t0, identity=store.identity,
                          store=str(Path(store.path).resolve()), root=str(store.attrs.get("root", "")),
@@ -263,7 +302,7 @@ class SearchIndex:
         nq = min(cfg.tune_queries, len(new))
         subs = sub_indexes(self.index)
         bounds = np.asarray(self.bounds[:-1] + [n])  # the last shard takes the new rows
-        with h5py.File(store.path, "r") as f:
+        with store.open() as f:
             rows = Rows(f["features"], self.metric, cfg.chunk_rows)
             if retune and self.kind != "flat" and nq >= 20:  # new rows, before they are added, are held-out queries
                 q = rows.take(np.sort(np.random.default_rng(cfg.seed).choice(new, nq, replace=False)))  # (nq, D)
@@ -298,32 +337,45 @@ class SearchIndex:
 
     # ---- persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path`` (the FAISS index) and ``path.json`` (metadata), each atomically. Sharded: each
-        sub-index to ``path.shard-k`` and the trained empty index they were cloned from to ``path``."""
+        """Write ``path`` (the FAISS index) and ``path.json`` (metadata with the sha256 of every FAISS file and of
+        itself). Sharded: each sub-index to ``path.shard-k`` and the trained empty index they were cloned from to
+        ``path``. All files are written beside the old ones first and renamed over them together, the sidecar
+        last: a full disk or a crash leaves the previous index whole (and no temp files)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         subs = sub_indexes(self.index)
         files = [path.with_name(f"{path.name}.shard-{k}") for k in range(len(subs))] if len(subs) > 1 else []
         if files and self.template is None:
             raise RuntimeError("internal: a sharded index without its trained template")
-        for index, dest in zip([self.template, *subs] if files else subs, [path, *files]):
-            tmp = dest.with_name(dest.name + ".tmp")
-            faiss.write_index(index, str(tmp))
-            os.replace(tmp, dest)
+        indexes = [*subs, self.template] if files else subs
+        dests = [*files, path]  # the shards, then the template (or the only index), then the sidecar
+        side = sidecar(path)
+        what = "any previous index there is unchanged"
+        try:
+            with atomic_paths([*dests, side], what=what) as tmps:
+                digests = []
+                for index, tmp in zip(indexes, tmps):
+                    faiss.write_index(index, str(tmp))
+                    digests.append(sha256_file(tmp))
+                meta = {k: v for k, v in self.meta.items() if k != "meta_sha256"}
+                meta.update(shard_files=[f.name for f in files],  # by role, not name: the index may be renamed
+                            sha256={"index": digests[-1], "shards": digests[:-1]})
+                meta["meta_sha256"] = json_sha256(meta)
+                tmps[-1].write_text(json.dumps(meta))
+        except DiskFullError as e:  # say how much the index takes (counted only now: it costs a serialisation)
+            need = sum(_serialized_size(i) for i in indexes) + len(json.dumps(self.meta)) + 4096
+            raise disk_full_error(e.filename, need, what) from None
+        self.meta = meta
         for stale in path.parent.glob(f"{path.name}.shard-*"):  # a previous build with more shards
             if stale not in files and stale.name.rpartition("-")[2].isdigit():
                 stale.unlink()
-        self.meta["shard_files"] = [f.name for f in files]
-        side = sidecar(path)
-        tmp = side.with_name(side.name + ".tmp")
-        tmp.write_text(json.dumps(self.meta))
-        os.replace(tmp, side)
         self.path = path
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SearchIndex:
-        """Reopen an index saved by ``save`` (its sidecar and shard files beside it), search parameters set."""
+        """Reopen an index saved by ``save`` (its sidecar and shard files beside it), search parameters set. Every
+        file is checked against the checksums in the sidecar (reading it once more: about a second per GB); a
+        damaged or mismatched one raises IntegrityError naming it."""
         path = Path(path)
         side = sidecar(path)
         if not path.is_file():
@@ -332,15 +384,16 @@ class SearchIndex:
         if not side.is_file():
             raise MissingFileError(f"{str(path)!r} has no metadata file {str(side)!r}: it was not saved by probe "
                                    "(rebuild with `probe index`)")
-        meta = json.loads(side.read_text())
-        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-            raise ProbeError(f"{str(side)!r} is not a probe search index of version {FORMAT_VERSION} "
-                             f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
+        meta = _read_sidecar(side, path)
         files = [path.with_name(name) for name in meta.get("shard_files") or []]
         for f in files:
             if not f.is_file():
                 raise MissingFileError(f"{str(side)!r} lists shard {str(f)!r}, which is missing (copy every "
                                         f"{path.name}.shard-* file with the index, or rebuild it)")
+        if "sha256" in meta:  # indexes saved before checksums load unchecked
+            recorded = meta["sha256"]
+            for f, digest in zip([path, *files], [recorded["index"], *recorded["shards"]]):
+                check_digest(f, digest, sha256_file(f), "its bytes", _rebuild(path, meta.get("store", "")))
         try:
             first = faiss.read_index(str(path))
             subs = [faiss.read_index(str(f)) for f in files] or [first]

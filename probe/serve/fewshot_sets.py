@@ -3,7 +3,9 @@ against. Every change is written to disk before it is acknowledged, so a restart
 
 On disk: ``STATE_DIR/fewshot/<name>.npz`` (numpy, no pickle) with ``features`` (N, D) float32, ``labels`` (N,) str,
 ``sources`` (N,) str (the uploaded file names) and ``meta`` (a JSON string: name, backbone, config_key, created,
-updated). Written to a temporary file, fsync'd and renamed over the old one: a crash leaves the old set or the new.
+updated), and ``sha256`` (``arrays_sha256`` of those four), checked on load: a damaged file is listed with its error
+and refused (409) until it is deleted. Written to a temporary file, fsync'd and renamed over the old one: a crash
+or a full disk leaves the old set or the new.
 
 Example:
     >>> sets = FewShotSets("cache/serve", config_key=key, backbone="efficientnet_lite0", dim=1280)
@@ -26,6 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from ..digest import arrays_sha256, check_digest
+from ..errors import IntegrityError, ProbeError
+from ..fs import atomic_path
 from ..heads.prototype import PrototypeHead
 from ..identity import FeatureIdentity, IdentityMismatchError, Side
 from .errors import Conflict, NotFound, ServiceError, available
@@ -89,11 +94,13 @@ class FewShotSets:
         self.identity = identity  # the server's; recorded in new sets so a refusal can name the differing fields
         self._lock = threading.Lock()
         self._sets: dict[str, FewShotSet] = {}
+        self._broken: dict[str, str] = {}  # name -> why its file cannot be used (listed; refused until deleted)
         for p in sorted(self.root.glob("*.npz")):
             try:
                 s = self._read(p)
-            except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the server
-                log.warning("ignoring few-shot set file %s: %s", p, e)
+            except ProbeError as e:  # one damaged file must not stop the server
+                log.warning("%s", e)
+                self._broken[p.stem] = str(e)
                 continue
             self._sets[s.name] = s
         log.info("loaded %d few-shot sets from %s", len(self._sets), self.root)
@@ -103,30 +110,44 @@ class FewShotSets:
         return self.root / f"{name}.npz"
 
     def _read(self, path: Path) -> FewShotSet:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            return FewShotSet(meta["name"], meta, z["features"].astype(np.float32), z["labels"].tolist(),
-                              z["sources"].tolist())
+        """The set in ``path``, its arrays and metadata checked against the checksum stored with them."""
+        fix = f"delete it (DELETE /fewshot/{path.stem}) and add its examples again"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("features", "labels", "sources", "meta")}
+                recorded = str(z["sha256"]) if "sha256" in z.files else None  # absent: written before checksums
+            meta = json.loads(str(arrays["meta"]))
+            check_digest(path, recorded, arrays_sha256(arrays), "its examples", fix)
+            return FewShotSet(meta["name"], meta, arrays["features"].astype(np.float32), arrays["labels"].tolist(),
+                              arrays["sources"].tolist())
+        except ProbeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged zip (bad CRC, truncated), JSON or missing field
+            raise IntegrityError(f"few-shot set file {str(path)!r} cannot be read ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:160] if str(e) else ''}): it is damaged; {fix}") from None
 
     def _write(self, s: FewShotSet) -> None:
-        path = self._path(s.name)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, features=s.features, labels=np.array(s.labels, dtype=str),
-                     sources=np.array(s.sources, dtype=str), meta=np.array(json.dumps(s.meta)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """Persist ``s`` (with the checksum of its arrays) atomically: a full disk leaves the old file."""
+        arrays = {"features": np.asarray(s.features, np.float32), "labels": np.array(s.labels, dtype=str),
+                  "sources": np.array(s.sources, dtype=str), "meta": np.array(json.dumps(s.meta))}
+        need = sum(a.nbytes for a in arrays.values()) + 4096
+        with atomic_path(self._path(s.name), need=need, what="the set is unchanged") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays, sha256=np.array(arrays_sha256(arrays)))
 
     # ---- access
     def names(self) -> list[str]:
         return sorted(self._sets)
 
     def list(self) -> list[dict[str, Any]]:
-        return [self._sets[n].summary() | {"usable": self._sets[n].meta["config_key"] == self.config_key}
-                for n in self.names()]
+        """Every set's summary and whether this server can use it; damaged files as {name, usable, error}."""
+        sets = {n: s.summary() | {"usable": s.meta["config_key"] == self.config_key} for n, s in self._sets.items()}
+        sets |= {n: {"name": n, "usable": False, "error": why} for n, why in self._broken.items()}
+        return [sets[n] for n in sorted(sets)]
 
     def get(self, name: str) -> FewShotSet:
+        if name in self._broken:
+            raise Conflict(self._broken[name])
         s = self._sets.get(name)
         if s is None:
             raise NotFound(f"no few-shot set named {name!r} ({available('sets', self._sets)}); create it with "
@@ -148,6 +169,8 @@ class FewShotSets:
     def create(self, name: str) -> dict[str, Any]:
         check_name(name)
         with self._lock:
+            if name in self._broken:
+                raise Conflict(self._broken[name])
             if name in self._sets:
                 raise Conflict(f"few-shot set {name!r} exists already ({len(self._sets[name].labels)} examples): add "
                                f"examples with POST /fewshot/{name}/examples, or DELETE /fewshot/{name} first")
@@ -166,17 +189,19 @@ class FewShotSets:
         """Append one labelled support embedding (D,) and persist the set."""
         label = check_label(label)
         with self._lock:
-            s = self.get(name)
-            s.features = np.concatenate([s.features, np.asarray(feature, np.float32).reshape(1, self.dim)])
-            s.labels.append(label)
-            s.sources.append(source)
-            s.meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            s._head = None
-            self._write(s)
+            old = self.get(name)
+            s = FewShotSet(name, old.meta | {"updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                           np.concatenate([old.features, np.asarray(feature, np.float32).reshape(1, self.dim)]),
+                           [*old.labels, label], [*old.sources, source])
+            self._write(s)  # on disk first: a failed write (a full disk) leaves the set as it was
+            self._sets[name] = s
             return s.summary()
 
     def delete(self, name: str) -> dict[str, Any]:
         with self._lock:
+            if name in self._broken:  # a damaged file: deleting it is how the name is freed
+                self._path(name).unlink(missing_ok=True)
+                return {"name": name, "deleted": True, "error": self._broken.pop(name)}
             if name not in self._sets:
                 raise NotFound(f"no few-shot set named {name!r} ({available('sets', self._sets)})")
             s = self._sets.pop(name)
