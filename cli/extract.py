@@ -120,6 +120,9 @@ def info(
             "splits     " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()),
             f"classes    {len(s['classes'])}: " + ", ".join(f"{c} ({n})" for c, n in s["class_counts"].items()),
             f"skipped    {len(s['skipped'])}",
+            "checksums  " + ("verified on every read (Fletcher-32 per chunk, crc32 of strings and attributes)"
+                             if s["checksummed"] else "none: written before probe checksummed stores (the next "
+                             "extract into it adds them)"),
         ]
         lines += [f"  {x['path']}: {x['reason']}" for x in s["skipped"]]
         return "\n".join(lines)

@@ -44,11 +44,12 @@ from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, fingerprint, 
 from .device import DTYPES, cpu_has_native_bf16, resolve_device, resolve_dtype
 from .embedder import PIXEL_PATHS, TTA_MODES, Embedder, embed_views, embedder_for, weights_arg
 from .engine import ENGINES, engine_info
-from .errors import ProbeError
+from .errors import DatasetError, DiskFullError, ProbeError
+from .fs import check_space, disk_full_error
 from .identity import FeatureIdentity, Side
 from .shard import parse_shard, shard_path, take_shard
-from .store import ClassMerge, FeatureStore, Journal, Row, Skip, StoreRows, locked, write_store
-from .transforms import VIEW_FLIP, VIEW_RATIO, VIEW_SCALE, PixelTransform, ViewTransform
+from .store import ClassMerge, FeatureStore, Journal, Row, Skip, StoreRows, locked, store_bytes, write_store
+from .transforms import VIEW_FLIP, VIEW_RATIO, VIEW_SCALE, Footprint, PixelTransform, ViewTransform
 
 __all__ = [  # the names moved to device / embedder / transforms stay importable from here
     "DTYPES", "PIXEL_PATHS", "TTA_MODES", "VIEW_FLIP", "VIEW_RATIO", "VIEW_SCALE", "Embedder", "ExtractConfig",
@@ -218,6 +219,7 @@ class Plan:
     old: StoreRows  # the store before this run (empty when there is none)
     created: str | None  # the old store's creation time, kept
     journal: Journaled
+    need: int  # bytes the run will still write beside the old store: the rest of the journal, then the new store
 
     @property
     def count(self) -> int:
@@ -266,7 +268,9 @@ def extract(data: str | os.PathLike, out: str | os.PathLike | None = None, confi
             progress: bool = False, backbone: Backbone | None = None) -> ExtractSummary:
     """Embed every image of DATA not already in the store; returns an ExtractSummary.
 
-    Raises DatasetError / BackboneError / StoreError when the run cannot start; bad images never raise."""
+    Raises DatasetError / BackboneError / StoreError when the run cannot start, DatasetError when no file of DATA
+    decodes (nothing is written), DiskFullError when the disk fills (the finished batches stay in the journal: the
+    same call resumes once there is space); bad images never raise."""
     job = _job(data, out, config or ExtractConfig(), backbone)
     job.out.parent.mkdir(parents=True, exist_ok=True)
     with locked(job.out):
@@ -277,8 +281,13 @@ def _extract_locked(job: Job, progress: bool = False) -> ExtractSummary:
     """plan -> run -> reconcile -> write, under the store's lock."""
     t0 = time.perf_counter()
     plan = make_plan(job)
+    if plan.count:  # a long run should not fail at its end for want of space
+        check_space(job.out, plan.need, f"checked before embedding {plan.count} images; {job.out} is unchanged")
     stats = run_plan(job, plan, progress)
     result = reconcile(job.ds, plan, job.cfg.prune)
+    if not result.rows and not plan.old.rows and len(job.ds) and not job.shard:
+        plan.journal.remove()  # nothing to resume: the files are not images
+        raise DatasetError(_no_images(job.ds, result.skipped))
     write_result(job, plan, result)
     return _summary(job, plan, stats, result, time.perf_counter() - t0)
 
@@ -318,7 +327,11 @@ def make_plan(job: Job) -> Plan:
     paths = job.ds.paths
     fps = [fingerprint(job.ds.abspath(i)) for i in range(len(job.ds))]
     todo = [i for i, p in enumerate(paths) if not old.has(p, fps[i])]
-    journal = Journaled.recover(job.out, job.identity.key)
+    try:
+        journal = Journaled.recover(job.out, job.identity.key)
+    except DiskFullError as e:
+        raise disk_full_error(e.filename, _space(job, old, todo, todo), f"nothing was embedded; {job.out} is "
+                              "unchanged") from None
     finished = {i for i in todo if journal.finished(paths[i], fps[i])}
     # Batches are cut from the to-do list before the journal is consulted: a resumed run sees the same batch
     # boundaries as an uninterrupted one, so every image goes through the same forward pass.
@@ -327,7 +340,20 @@ def make_plan(job: Job) -> Plan:
     batches = [b for b in ([i for i in b if i not in finished] for b in cut) if b]
     if finished:
         log.info("resuming %s: %d images already done in the journal", job.out, len(finished))
-    return Plan(fps, todo, batches, len(finished), old, created, journal)
+    rest = [i for b in batches for i in b]
+    return Plan(fps, todo, batches, len(finished), old, created, journal, _space(job, old, todo, rest))
+
+
+def _space(job: Job, old: StoreRows, todo: Sequence[int], rest: Sequence[int]) -> int:
+    """About the bytes still to write while the old store stays: the journal of the ``rest`` of ``todo`` (features,
+    views, paths and fingerprints as UCS-4, a zip header per batch), then the new store."""
+    paths, dim, k = job.ds.paths, job.emb.dim, job.cfg.views
+    longest = max((len(paths[i]) for i in rest), default=0) + 32  # + the fingerprint, "size:mtime_ns"
+    journal = len(rest) * (4 * dim * (1 + k) + 4 * longest) + 4096 * -(-len(rest) // job.cfg.batch_size)
+    new = [i for i in todo if paths[i] not in old.rows]
+    text = sum(len(p) + len(r.fingerprint) + len(r.split) for p, r in old.rows.items()) + \
+        sum(len(paths[i]) + 32 for i in new)
+    return journal + store_bytes(len(old.rows) + len(new), dim, k, text)
 
 
 def _old_rows(job: Job) -> tuple[StoreRows, str | None]:
@@ -351,7 +377,13 @@ def run_plan(job: Job, plan: Plan, progress: bool = False) -> RunStats:
         for batch in loader:
             for i, reason in batch.failed:
                 log.warning("skipped %s: %s", job.ds.abspath(i), reason)
-            plan.journal.append(_embed(job, batch), job.ds.paths, plan.fingerprints)
+            try:
+                plan.journal.append(_embed(job, batch), job.ds.paths, plan.fingerprints)
+            except DiskFullError as e:  # the batches before this one stay in the journal: a re-run resumes
+                left = [i for b in plan.batches for i in b if not plan.journal.finished(job.ds.paths[i],
+                                                                                          plan.fingerprints[i])]
+                raise disk_full_error(e.filename, _space(job, plan.old, plan.todo, left), _kept(job, plan)) \
+                    from None
             embedded += len(batch.indices)
             bar.update(len(batch.indices) + len(batch.failed))
     return RunStats(embedded, time.perf_counter() - t0)
@@ -370,19 +402,22 @@ def _embed(job: Job, batch: Decoded) -> Embedded:
 
 class _Files(torch.utils.data.Dataset):
     """Decode + preprocess in DataLoader workers; a bad file becomes (None, i, reason), never an exception.
-    With ``views`` an item is (centre, views) of one decode, the views seeded by ``keys[i]`` (relative path)."""
+    With ``views`` an item is (centre, views) of one decode, the views seeded by ``keys[i]`` (relative path).
+    ``max_pixels`` bounds the source and every image ``transform`` makes of it (``footprint``), checked before
+    decoding: a 12000x1 strip is skipped, not resized shortest-side-first into gigabytes."""
 
     def __init__(self, paths: list[str], transform, max_pixels: int, views: ViewTransform | None = None,
                  keys: Sequence[str] = (), draft: int | None = None):
         self.paths, self.transform, self.max_pixels, self.draft = paths, transform, max_pixels, draft
         self.views, self.keys = views, keys
+        self.footprint = Footprint.of(transform)  # views crop first: the centre transform is the larger
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            img = load_image(self.paths[i], self.max_pixels, self.draft)
+            img = load_image(self.paths[i], self.max_pixels, self.draft, self.footprint)
             x = self.transform(img)
             return (x if self.views is None else (x, self.views(img, self.keys[i]))), i, ""
         except ImageDecodeError as e:
@@ -464,11 +499,29 @@ def write_result(job: Job, plan: Plan, result: Reconciled) -> None:
     if changed:
         write_store(job.out, _attrs(job, result.classes, plan.created), result.rows, plan.journal.vectors(),
                     result.skipped, job.emb.dim, new={p for p in result.new if p not in old.rows},
-                    views=job.cfg.views)
+                    views=job.cfg.views, what=_kept(job, plan))
     plan.journal.remove()
     if result.stale:
         log.warning("%d stored images are no longer under %s (e.g. %s): %s", len(result.stale), job.ds.root,
                     result.stale[0], "dropped (prune)" if job.cfg.prune else "kept; prune (--prune) drops them")
+
+
+def _kept(job: Job, plan: Plan) -> str:
+    """What a run stopped by a full disk keeps, and how to go on."""
+    n = len(plan.journal.done)
+    if not n:
+        return f"{job.out} is unchanged"
+    return (f"the {n} images embedded so far are kept in {plan.journal.journal.path} and {job.out} is unchanged: "
+            "re-run the same command to resume")
+
+
+def _no_images(ds: Dataset, skipped: dict[str, Skip]) -> str:
+    """Why a dataset gave no rows: every file it listed failed to decode (and the rest had no image extension)."""
+    shown = sorted(skipped.items())[:3]
+    why = "; ".join(f"{p}: {s.reason}" for p, s in shown) + ("; …" if len(skipped) > len(shown) else "")
+    ignored = f"; {len(ds.ignored)} without an image extension, e.g. {ds.ignored[0]}" if ds.ignored else ""
+    return (f"no images in {str(ds.source)!r}: {len(ds) + len(ds.ignored)} files, none decodable ({why}{ignored}); "
+            "no store was written")
 
 
 def _attrs(job: Job, classes: list[str], created: str | None) -> dict[str, Any]:

@@ -87,7 +87,8 @@ def merge(shards: Sequence[str | os.PathLike], out: str | os.PathLike, allow_mis
     attrs.update(classes=classes.classes, merged_from=[str(s.path) for s in stores])
     if stores[0].identity.key != attrs["config_key"]:
         raise RuntimeError(f"internal: the attributes of {stores[0].path} do not reproduce its config_key")
-    write_store(out, attrs, rows, _vectors(stores, chunk), skipped, stores[0].dim, views=stores[0].n_views)
+    write_store(out, attrs, rows, _vectors(stores, chunk), skipped, stores[0].dim, views=stores[0].n_views,
+                what="the shard stores are unchanged")
     merged = FeatureStore(out)
     return {"store": str(out), "count": merged.count, "dim": merged.dim, "views": merged.n_views,
             "shards": len(stores), "classes": classes.classes, "skipped": len(skipped)}
@@ -122,11 +123,9 @@ def _check_shards(stores: list[FeatureStore], allow_missing: bool) -> None:
 
 def _vectors(stores: list[FeatureStore], chunk: int) -> Iterator[tuple[list[str], list[str], np.ndarray, Any]]:
     """(paths, fingerprints, (B, D) features, (B, K, D) views or None) of every shard, ``chunk`` rows at a time."""
-    import h5py
-
     for s in stores:
         paths, fps = s.paths().tolist(), s.fingerprints().tolist()
-        with h5py.File(s.path, "r") as f:
+        with s.open() as f:  # each chunk checksum-verified: a damaged shard is an error naming it
             step = max(1, chunk // max(1, s.n_views))  # the same memory per read with views
             for a in range(0, s.count, step):
                 views = f["views"][a: a + step] if "views" in f else None  # (B, K, D)

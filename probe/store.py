@@ -11,12 +11,18 @@ Layout (schema version 1)::
     /skipped/{paths,reasons,fingerprints}   files that could not be decoded, and why
     attrs: schema_version, classes, backbone, weights, weights_sha256, preprocess (JSON), tta, dtype,
            pooling, config_key, root, layout, versions (JSON), created, updated, device;
-           views (JSON: {"count": K, "augment": recipe}) only in stores with /views
+           views (JSON: {"count": K, "augment": recipe}) only in stores with /views;
+           checksums (JSON: crc32 of the other attributes and of each string array)
 
 ``config_key`` hashes everything that changes the numbers (backbone, weights checksum, preprocessing, pooling,
 TTA, dtype, and the augmented views where there are any): rows made under another key are never mixed in. Writes
-are atomic (a new file renamed over the old one), so a crash leaves either the old store or the new one; work in
-progress lives in a journal beside it.
+are atomic (a new file renamed over the old one), so a crash or a full disk leaves either the old store or the new
+one; work in progress lives in a journal beside it.
+
+Every byte is checked on read: ``/features``, ``/views`` and ``/labels`` carry HDF5's Fletcher-32 checksum per
+chunk (verified by HDF5 itself), the string arrays and attributes a crc32, and the file is in HDF5 1.10's format,
+whose structure (superblock, object headers, B-trees) is checksummed too. A damaged store raises
+``DamagedStoreError``, one line naming the file; stores written before checksums still load, unverified.
 
 Example:
     >>> store = FeatureStore("cache/demo.h5")
@@ -25,16 +31,16 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import json
 import logging
 import os
-import shutil
 import struct
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +49,8 @@ from typing import Any, NamedTuple
 import h5py
 import numpy as np
 
-from .errors import StoreError
+from .errors import IntegrityError, ProbeError, StoreError
+from .fs import atomic_path, disk_full_error, is_disk_full
 from .identity import ARRAYS_IDENTITY, FeatureIdentity, IdentityMismatchError
 
 StoreMismatchError = IdentityMismatchError  # the name this error had when only stores were compared
@@ -68,8 +75,42 @@ def _strings(ds: h5py.Dataset, sel: Any = slice(None)) -> np.ndarray:
     return ds.asstr()[sel] if len(ds) else np.array([], dtype=object)
 
 
+# ------------------------------------------------------------------------------------------ checksums
+CHECKSUMS = "checksums"  # the attribute holding the crc32 of the other attributes and of the string arrays
+LIBVER = ("v110", "v110")  # HDF5 1.10's format: superblock, object headers, B-trees and chunk indexes carry
+# checksums; readable by any HDF5 >= 1.10 (h5py >= 2.8)
+
+
+class DamagedStoreError(IntegrityError, StoreError):
+    """A store whose bytes are no longer those probe wrote: a chunk, a string array or an attribute fails its
+    checksum, or its HDF5 structure cannot be read."""
+
+
+def _crc_strings(values: Sequence[str]) -> int:
+    """crc32 of a string array: its length, then its strings NUL-separated (no path holds a NUL)."""
+    return zlib.crc32("\0".join(values).encode("utf-8", "surrogatepass"), zlib.crc32(f"{len(values)}:".encode()))
+
+
+def _crc_attrs(attrs: dict[str, Any]) -> int:
+    """crc32 of the attributes as read back (decoded by ``_attr``), the checksums attribute aside."""
+    text = json.dumps({k: v for k, v in attrs.items() if k != CHECKSUMS}, sort_keys=True, default=str)
+    return zlib.crc32(text.encode("utf-8", "surrogatepass"))
+
+
+def _damaged(path: Path, what: str, why: BaseException | str) -> DamagedStoreError:
+    """The one-line error for a store whose bytes changed since probe wrote it."""
+    why = " ".join(str(why).split())  # HDF5's messages can span lines
+    return DamagedStoreError(f"feature store {str(path)!r} is damaged: {what} ({why}); delete it and extract it "
+                             "again with `probe extract`")
+
+
 class FeatureStore:
-    """Read access to a store. Arrays are loaded on demand; ``split=None`` means all rows."""
+    """Read access to a store. Arrays are loaded on demand; ``split=None`` means all rows.
+
+    Reads are verified: HDF5 checks the Fletcher-32 checksum of every chunk of ``features``, ``views`` and
+    ``labels`` it reads, probe the crc32 of the string arrays and of the attributes. A store whose bytes changed
+    raises ``DamagedStoreError`` (one line naming the file and saying to re-extract it), never NaN rows. Stores
+    written before checksums (``checksummed`` False) are read unverified; extending one rewrites it with them."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -77,18 +118,71 @@ class FeatureStore:
             raise StoreError(f"feature store {str(self.path)!r} does not exist (make one with `probe extract`)")
         try:
             with h5py.File(self.path, "r") as f:
+                if "features" not in f:
+                    raise StoreError(f"{str(self.path)!r} is not a probe feature store: it has no /features")
                 self.attrs = {k: _attr(v) for k, v in f.attrs.items()}
                 self.count, self.dim = f["features"].shape
                 self.n_views = f["views"].shape[1] if "views" in f else 0  # augmented views per row
-        except (OSError, KeyError) as e:
-            raise StoreError(f"{str(self.path)!r} is not a probe feature store: {e}") from e
+                fletcher = all(f[n].fletcher32 for n in ("features", "labels", "views") if n in f)
+        except ProbeError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+            if "signature" in str(e):
+                raise StoreError(f"{str(self.path)!r} is not a probe feature store (not an HDF5 file)") from None
+            raise _damaged(self.path, "its HDF5 structure cannot be read", e) from None
+        sums = self.attrs.pop(CHECKSUMS, None)
+        self._sums: dict[str, Any] = {}
+        if sums is not None:
+            try:
+                self._sums = json.loads(sums)
+                ok = self._sums["attrs"] == _crc_attrs(self.attrs)
+            except (TypeError, ValueError, KeyError):
+                ok = False
+            if not ok:
+                raise _damaged(self.path, "its attributes do not match their checksum", "crc32")
+        self.checksummed = bool(self._sums) and fletcher  # False: written before probe checksummed its stores
         version = self.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema version {version}, this probe reads {SCHEMA_VERSION}")
         for k in ("preprocess", "versions", "views", "engine"):
             if isinstance(self.attrs.get(k), str):
-                self.attrs[k] = json.loads(self.attrs[k])
+                try:
+                    self.attrs[k] = json.loads(self.attrs[k])
+                except ValueError as e:
+                    raise _damaged(self.path, f"attribute {k!r} is not JSON", e) from None
         self.classes: list[str] = list(self.attrs.get("classes", []))
+
+    @contextmanager
+    def open(self) -> Iterator[h5py.File]:
+        """The store as an open, read-only ``h5py.File`` whose read failures (a chunk failing its checksum, a damaged
+        structure) become a one-line ``DamagedStoreError`` naming the file.
+
+        Example:
+            >>> with store.open() as f:
+            ...     block = f["features"][:4096]   # (4096, D), each chunk checksum-verified by HDF5
+        """
+        try:
+            with h5py.File(self.path, "r") as f:
+                yield f
+        except ProbeError:
+            raise
+        except KeyError as e:
+            if "nable to" not in str(e):  # not h5py's "Unable to open object": a bug in the caller's block
+                raise
+            raise _damaged(self.path, "reading it failed", e) from None
+        except OSError as e:
+            raise _damaged(self.path, "reading it failed", e) from None
+
+    def _strings(self, f: h5py.File, name: str, sel: Any = slice(None)) -> np.ndarray:
+        """The string array ``name``, checked against its crc32 (read whole: the checksum is of the whole)."""
+        try:
+            values = _strings(f[name])
+        except UnicodeDecodeError as e:
+            raise _damaged(self.path, f"/{name} is not utf-8", e) from None
+        want = self._sums.get("strings", {}).get(name)
+        if want is not None and _crc_strings(values.tolist()) != want:
+            raise _damaged(self.path, f"/{name} does not match its checksum", "crc32")
+        return values[sel]
 
     # ---- identity
     @property
@@ -112,11 +206,10 @@ class FeatureStore:
     def _mask(self, f: h5py.File, split: str | None) -> Any:
         if split is None:
             return slice(None)
-        sp = _strings(f["split"])
-        return np.flatnonzero(sp == split)
+        return np.flatnonzero(self._strings(f, "split") == split)
 
     def features(self, split: str | None = None) -> np.ndarray:
-        with h5py.File(self.path, "r") as f:
+        with self.open() as f:
             m = self._mask(f, split)
             return f["features"][m] if isinstance(m, slice) else f["features"][np.sort(m)] if len(m) else \
                 np.zeros((0, self.dim), np.float32)
@@ -126,7 +219,7 @@ class FeatureStore:
         None when the store has none. Read in chunks of rows, so asking for a subset holds only the subset."""
         if not self.n_views:
             return None
-        with h5py.File(self.path, "r") as f:
+        with self.open() as f:
             ds = f["views"]
             if rows is None:
                 m = self._mask(f, split)
@@ -145,31 +238,30 @@ class FeatureStore:
             return out
 
     def labels(self, split: str | None = None) -> np.ndarray:
-        with h5py.File(self.path, "r") as f:
+        with self.open() as f:
             m = self._mask(f, split)
             return f["labels"][m] if isinstance(m, slice) or len(m) else np.zeros(0, np.int64)
 
     def paths(self, split: str | None = None) -> np.ndarray:
-        with h5py.File(self.path, "r") as f:
-            return _strings(f["paths"], self._mask(f, split))
+        with self.open() as f:
+            return self._strings(f, "paths", self._mask(f, split))
 
     def splits(self) -> np.ndarray:
-        with h5py.File(self.path, "r") as f:
-            return _strings(f["split"])
+        with self.open() as f:
+            return self._strings(f, "split")
 
     def fingerprints(self) -> np.ndarray:
-        with h5py.File(self.path, "r") as f:
-            return _strings(f["fingerprints"])
+        with self.open() as f:
+            return self._strings(f, "fingerprints")
 
     def skipped(self) -> list[dict[str, str]]:
-        with h5py.File(self.path, "r") as f:
-            g = f["skipped"]
-            return [{"path": p, "reason": r} for p, r in zip(_strings(g["paths"]), _strings(g["reasons"]))]
+        with self.open() as f:
+            return [{"path": p, "reason": r} for p, r in zip(self._strings(f, "skipped/paths"),
+                                                             self._strings(f, "skipped/reasons"))]
 
     def skipped_fingerprints(self) -> dict[str, str]:
-        with h5py.File(self.path, "r") as f:
-            g = f["skipped"]
-            return dict(zip(_strings(g["paths"]), _strings(g["fingerprints"])))
+        with self.open() as f:
+            return dict(zip(self._strings(f, "skipped/paths"), self._strings(f, "skipped/fingerprints")))
 
     def abspath(self, rel: str) -> str:
         return os.path.join(self.attrs["root"], rel)
@@ -204,6 +296,7 @@ class FeatureStore:
             "created": self.attrs.get("created"),
             "updated": self.attrs.get("updated"),
             "schema_version": self.attrs.get("schema_version"),
+            "checksummed": self.checksummed,  # False: written before probe checksummed stores (read unverified)
         }
 
     def __repr__(self) -> str:
@@ -215,14 +308,21 @@ class FeatureStore:
 def locked(path: str | os.PathLike) -> Iterator[None]:
     """One writer per store: a second `probe extract` on the same store fails at once."""
     lock_path = f"{path}.lock"
-    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(lock_path) from None
+        raise
     try:
         try:  # a POSIX record lock: owned by this process only, so forked decode workers never hold it
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise StoreError(f"another process is writing {path} (lock {lock_path} is held)") from None
-        yield
-        os.unlink(lock_path)  # while still holding it: the next writer creates a fresh one
+        try:
+            yield
+        finally:  # after success or a failure, while still holding it: the next writer creates a fresh one
+            os.unlink(lock_path)
     finally:
         os.close(fd)
 
@@ -288,10 +388,26 @@ class Journal:
             yield r["paths"].tolist(), r["fingerprints"].tolist(), r["features"], r.get("views")
 
     def _append(self, payload: bytes) -> None:
-        with open(self.path, "ab") as f:
-            f.write(_HEAD.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload)
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one framed record, fsync'd. A full disk cuts the partial record off again (the records before
+        it stay) and raises DiskFullError naming the journal."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                data = memoryview(_HEAD.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload)
+                while data:  # unbuffered: a failed write leaves nothing queued to be flushed later
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            except OSError as e:
+                if not is_disk_full(e, self.path):
+                    raise
+                try:
+                    os.ftruncate(fd, end)
+                except OSError:
+                    pass  # a torn tail is ignored, and cut off, on the next read anyway
+                raise disk_full_error(self.path, _HEAD.size + len(payload)) from None
+        finally:
+            os.close(fd)
 
     def start(self, header: dict[str, Any]) -> None:
         self.path.unlink(missing_ok=True)
@@ -373,28 +489,23 @@ class StoreRows:
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _replace_strings(f: h5py.File, name: str, values: list[str] | np.ndarray) -> None:
-    if name in f:
-        del f[name]
-    f.create_dataset(name, data=np.asarray(list(values), dtype=object), dtype=STR)
-
-
 def _row_chunks(dim: int, views: int = 0) -> tuple[int, ...]:
     """HDF5 chunk of about 1 MB of rows: (rows, D) for features, (rows, K, D) for views."""
     per_row = dim * max(1, views)
     return (max(1, min(1024, (1 << 20) // (4 * per_row))),) + ((views,) if views else ()) + (dim,)
 
 
-def _compact(f: h5py.File, name: str, keep: list[int]) -> h5py.Dataset:
-    """Replace dataset ``name`` by its rows ``keep`` (sorted), copied 4096 at a time."""
-    old = f[name]
-    fresh = f.create_dataset(f"{name}_compact", shape=(len(keep),) + old.shape[1:], maxshape=old.maxshape,
-                             dtype="f4", chunks=old.chunks)
-    for s in range(0, len(keep), 4096):
-        fresh[s: s + 4096] = old[keep[s: s + 4096]]
-    del f[name]
-    f.move(f"{name}_compact", name)
-    return f[name]
+def store_bytes(rows: int, dim: int, views: int = 0, text: int = 0, strings: int | None = None) -> int:
+    """About the bytes a store of ``rows`` rows takes on disk: whole chunks of vectors (HDF5 allocates a chunk at
+    once), 8 per label, ``text`` bytes of strings in ``strings`` strings (default 3 per row: path, fingerprint,
+    split) at ~40 bytes of HDF5 bookkeeping each, and 64 KiB of metadata."""
+    def chunked(chunk: tuple[int, ...]) -> int:
+        per_chunk = int(np.prod(chunk)) * 4
+        return -(-rows // chunk[0]) * per_chunk
+
+    strings = 3 * rows if strings is None else strings
+    return chunked(_row_chunks(dim)) + (chunked(_row_chunks(dim, views)) if views else 0) + 8 * rows + text + \
+        40 * strings + (64 << 10)
 
 
 def write_store(
@@ -406,8 +517,9 @@ def write_store(
     dim: int,
     new: set[str] | None = None,
     views: int = 0,
+    what: str = "",
 ) -> None:
-    """Write the store at ``path`` atomically.
+    """Write the store at ``path`` atomically, with checksums.
 
     ``rows``: every row the store should hold, path -> (fingerprint, label, split), in order; stored rows keep
     their position and features (and views) unless a batch brings vectors for them. ``batches``: (paths,
@@ -415,66 +527,156 @@ def write_store(
     (later batches win), so the journal can be streamed in without holding all features in memory. ``new``: paths
     not yet stored that the batches will fill (default: rows not in the old store). ``skipped``: path ->
     (fingerprint, reason). ``views``: K augmented views per row in ``/views`` (N, K, D); 0: none.
-    The old store is copied, updated and renamed over, so a crash at any point leaves a valid store."""
+
+    A new file ``path.tmp`` is written — the old store's kept rows copied over block by block, then the batches'
+    vectors — and renamed over ``path``: a crash or a full disk at any point leaves the old store as it was, and
+    the temp file is removed. The new file is compact (dropped rows take no space) and checksummed, also when the
+    old store was written before checksums. A full disk raises DiskFullError naming ``path``, the space needed
+    and the space free, followed by ``what`` (what is kept, how to resume)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    old_index: dict[str, int] = {}
-    if path.exists():
-        shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "r") as f:
-            old_index = {p: i for i, p in enumerate(_strings(f["paths"]))}
-    else:
-        tmp.unlink(missing_ok=True)
-    with h5py.File(tmp, "a") as f:
-        arrays = _vector_datasets(f, path, dim, views, now, extending=bool(old_index))
-        old_index = _drop_rows(f, arrays, old_index, rows)
-        appended = [p for p in rows if p not in old_index]
-        order = sorted(old_index, key=old_index.get) + appended  # stored rows keep their position
-        for name in arrays:
-            f[name].resize(len(order), axis=0)
-        filled = _fill_vectors([f[name] for name in arrays], order, rows, batches, views)
-        missing = set(appended if new is None else new) - filled
-        if missing:
-            raise RuntimeError(f"internal: no features for {len(missing)} new rows, e.g. {next(iter(missing))!r}")
-        _write_rows(f, order, rows, skipped)
-        _write_attrs(f, attrs, now)
-        f.flush()
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    old = FeatureStore(path) if path.exists() else None
+    old_paths = old.paths().tolist() if old else []
+    kept = [i for i, p in enumerate(old_paths) if p in rows]  # old rows, in their order
+    kept_paths = {old_paths[i] for i in kept}
+    order = [old_paths[i] for i in kept] + [p for p in rows if p not in kept_paths]  # stored rows keep their place
+    appended = order[len(kept):]
+    text = sum(len(p) + len(r[0]) + len(r[2]) for p, r in rows.items()) + \
+        sum(len(p) + len(fp) + len(why) for p, (fp, why) in skipped.items())
+    need = store_bytes(len(order), dim, views, text, 3 * (len(order) + len(skipped)))
+    with atomic_path(path, need=need, what=what) as tmp, _DiskFile(tmp) as out:
+        with h5py.File(out, "w", libver=LIBVER, rdcc_nbytes=64 << 20) as f:  # a chunk cache for scattered rows
+            targets = _vector_datasets(f, old, path, len(order), dim, views)
+            if old is not None:
+                _copy_rows(old, targets, kept, out.check)
+            filled = _fill_vectors(targets, order, rows, batches, views, out.check)
+            missing = set(appended if new is None else new) - filled
+            if missing:
+                raise RuntimeError(f"internal: no features for {len(missing)} new rows, e.g. {next(iter(missing))!r}")
+            crcs = _write_rows(f, order, rows, skipped)
+            old_attrs = old.attrs if old is not None else {"created": now}
+            _write_attrs(f, {**old_attrs, **attrs}, now)
+            f.attrs[CHECKSUMS] = json.dumps({"attrs": _crc_attrs({k: _attr(v) for k, v in f.attrs.items()}),
+                                             "strings": crcs}, sort_keys=True)
+            # the vectors and labels carry HDF5's Fletcher-32 per chunk (``fletcher32=True``)
+        out.check()  # closing flushed HDF5's caches: did they fit?
 
 
-def _vector_datasets(f: h5py.File, path: Path, dim: int, views: int, now: str, extending: bool) -> list[str]:
-    """Create ``features`` (and ``views``) in a new store, check an old store's; returns the names of both."""
-    if "features" not in f:
-        f.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype="f4", chunks=_row_chunks(dim))
-        f.attrs["created"] = now
-    if views and "views" not in f:
-        if extending:  # the config key includes the views: a store without them is never extended with them
-            raise RuntimeError(f"internal: {path} has no views to extend with {views} views per row")
-        f.create_dataset("views", shape=(0, views, dim), maxshape=(None, views, dim), dtype="f4",
-                         chunks=_row_chunks(dim, views))
-    if "views" in f and f["views"].shape[1:] != (views, dim):
-        raise RuntimeError(f"internal: {path} holds views of shape {f['views'].shape[1:]}, not {(views, dim)}")
-    return ["features"] + (["views"] if views else [])
+class _DiskFile:
+    """The file HDF5 writes a store into (h5py's file-object driver), made safe for a full disk.
+
+    HDF5 does not survive a failed write: the file cannot be closed, and the library crashes the process later
+    (a segfault when the objects are collected or at exit). So a write that runs out of space does not fail here:
+    it and every later write go to memory (reads see them), HDF5 finishes and closes normally, and ``check()`` —
+    called between blocks, and after closing — raises the ENOSPC OSError, which ``atomic_path`` turns into
+    DiskFullError after removing the temp file. Memory holds at most what HDF5 writes before the next check."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.pos = 0
+        self.full: OSError | None = None
+        self.spill: list[tuple[int, bytes]] = []  # (offset, bytes) written after the disk filled, in order
+
+    def __enter__(self) -> _DiskFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        os.close(self.fd)
+
+    def check(self) -> None:
+        if self.full is not None:
+            raise self.full
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self._size() + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def _size(self) -> int:
+        return max([os.fstat(self.fd).st_size] + [o + len(b) for o, b in self.spill])
+
+    def write(self, data: Any) -> int:
+        rest, at = memoryview(data).cast("B"), self.pos
+        n = len(rest)
+        while len(rest) and self.full is None:
+            try:
+                k = os.pwrite(self.fd, rest, at)
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                k = 0
+            if k == 0:
+                self.full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+            rest, at = rest[k:], at + k
+        if len(rest):
+            self.spill.append((at, bytes(rest)))
+        self.pos += n
+        return n
+
+    def readinto(self, buf: Any) -> int:
+        out = memoryview(buf).cast("B")
+        n = os.preadv(self.fd, [out], self.pos)
+        out[n:] = bytes(len(out) - n)  # past the end: zeros, as HDF5's own driver reads
+        for o, b in self.spill:
+            lo, hi = max(o, self.pos), min(o + len(b), self.pos + len(out))
+            if lo < hi:
+                out[lo - self.pos: hi - self.pos] = b[lo - o: hi - o]
+        self.pos += len(out)
+        return len(out)
+
+    def read(self, n: int = -1) -> bytes:
+        buf = bytearray(self._size() - self.pos if n < 0 else n)
+        self.readinto(buf)
+        return bytes(buf)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.pos if size is None else size
+        if self.full is None:
+            os.ftruncate(self.fd, size)
+        return size
+
+    def flush(self) -> None:
+        pass
 
 
-def _drop_rows(f: h5py.File, arrays: list[str], old_index: dict[str, int], rows: dict) -> dict[str, int]:
-    """Compaction: stored rows not in ``rows`` go, the kept ones keep their order (copied into fresh datasets).
-    Returns path -> row of what is kept."""
-    if all(p in rows for p in old_index):
-        return old_index
-    keep = sorted(old_index[p] for p in old_index if p in rows)
-    for name in arrays:
-        _compact(f, name, keep)
-    kept_paths = sorted((p for p in old_index if p in rows), key=old_index.get)
-    return {p: i for i, p in enumerate(kept_paths)}
+def _vector_datasets(f: h5py.File, old: FeatureStore | None, path: Path, n: int, dim: int,
+                     views: int) -> list[h5py.Dataset]:
+    """Create ``features`` (N, D) (and ``views`` (N, K, D)), chunked and Fletcher-32 checksummed; check the old
+    store's shapes. Returns the datasets: features, then views if any."""
+    if old is not None and old.dim != dim:
+        raise RuntimeError(f"internal: {path} holds {old.dim}-d features, not {dim}-d")
+    if old is not None and old.n_views != views:  # the config key includes the views: never mixed
+        raise RuntimeError(f"internal: {path} holds {old.n_views} views per row, not {views}")
+    out = [f.create_dataset("features", shape=(n, dim), maxshape=(None, dim), dtype="f4", chunks=_row_chunks(dim),
+                            fletcher32=True)]
+    if views:
+        out.append(f.create_dataset("views", shape=(n, views, dim), maxshape=(None, views, dim), dtype="f4",
+                                    chunks=_row_chunks(dim, views), fletcher32=True))
+    return out
 
 
-def _fill_vectors(targets: list[h5py.Dataset], order: list[str], rows: dict, batches: Iterable, views: int) -> set[str]:
+def _copy_rows(old: FeatureStore, targets: list[h5py.Dataset], kept: list[int], check: Callable[[], None],
+               block: int = 64 << 20) -> None:
+    """The old store's rows ``kept`` (sorted) into rows 0..len(kept)-1 of ``targets``, ~``block`` bytes a read:
+    contiguous runs as slices (the usual case: nothing dropped), the rest by index. ``check()`` after each."""
+    with old.open() as src:
+        for ds in targets:
+            sds = src[ds.name]
+            step = max(1, block // (4 * int(np.prod(sds.shape[1:]))))
+            for a in range(0, len(kept), step):
+                idx = kept[a: a + step]
+                contiguous = idx[-1] - idx[0] == len(idx) - 1
+                ds[a: a + len(idx)] = sds[idx[0]: idx[-1] + 1] if contiguous else sds[idx]
+                check()
+
+
+def _fill_vectors(targets: list[h5py.Dataset], order: list[str], rows: dict, batches: Iterable, views: int,
+                  check: Callable[[], None] = lambda: None) -> set[str]:
     """Write each batch's vectors into the rows whose fingerprint they were made from (later batches win);
-    returns the paths filled. ``targets``: features, then views if any."""
+    returns the paths filled. ``targets``: features, then views if any. ``check()`` after each batch."""
     row_of = {p: i for i, p in enumerate(order)}
     filled = set()
     for paths, fps, *vecs in batches:  # vecs: [features (B, D)] or [features, views (B, K, D) or None]
@@ -491,25 +693,30 @@ def _fill_vectors(targets: list[h5py.Dataset], order: list[str], rows: dict, bat
                 for ri, ji in hit:
                     ds[ri] = v[ji]
         filled.update(order[ri] for ri in r)
+        check()
     return filled
 
 
-def _write_rows(f: h5py.File, order: list[str], rows: dict, skipped: dict[str, tuple[str, str]]) -> None:
-    """paths, fingerprints, split, labels in ``order``; the skipped files."""
+def _put_strings(f: h5py.File | h5py.Group, name: str, values: Sequence[str]) -> int:
+    """A utf-8 string array; returns its crc32 (HDF5 filters cannot checksum variable-length strings)."""
+    values = list(values)
+    f.create_dataset(name, data=np.asarray(values, dtype=object), dtype=STR)
+    return _crc_strings(values)
+
+
+def _write_rows(f: h5py.File, order: list[str], rows: dict, skipped: dict[str, tuple[str, str]]) -> dict[str, int]:
+    """paths, fingerprints, split, labels in ``order``; the skipped files. Returns the string arrays' crc32s."""
     fps, labels, splits = zip(*(rows[p] for p in order)) if order else ((), (), ())
-    _replace_strings(f, "paths", order)
-    _replace_strings(f, "fingerprints", fps)
-    _replace_strings(f, "split", splits)
-    if "labels" in f:
-        del f["labels"]
-    f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-    if "skipped" in f:
-        del f["skipped"]
+    crcs = {"paths": _put_strings(f, "paths", order), "fingerprints": _put_strings(f, "fingerprints", fps),
+            "split": _put_strings(f, "split", splits)}
+    f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64), maxshape=(None,),
+                     chunks=(max(1, min(len(labels), 1 << 16)),), fletcher32=True)
     g = f.create_group("skipped")
     sk = sorted(skipped)
-    _replace_strings(g, "paths", sk)
-    _replace_strings(g, "fingerprints", [skipped[p][0] for p in sk])
-    _replace_strings(g, "reasons", [skipped[p][1] for p in sk])
+    crcs.update({"skipped/paths": _put_strings(g, "paths", sk),
+                 "skipped/fingerprints": _put_strings(g, "fingerprints", [skipped[p][0] for p in sk]),
+                 "skipped/reasons": _put_strings(g, "reasons", [skipped[p][1] for p in sk])})
+    return crcs
 
 
 def _write_attrs(f: h5py.File, attrs: dict[str, Any], now: str) -> None:
