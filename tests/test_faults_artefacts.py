@@ -292,3 +292,45 @@ def test_fewshot_add_on_a_full_disk_changes_nothing(small_disk):
         sets.add("pets", "dog", np.zeros(64))
     assert sets.get("pets").labels == ["cat"] and snapshot(disk / "fewshot") == before
     no_temp_files(disk)
+
+
+def test_served_fewshot_add_on_a_full_disk_is_507_and_changes_nothing(small_disk):
+    """The real server with its state on a full disk: 507 Insufficient Storage with one line naming the set file
+    (the server's disk, not the request, is at fault), the set as it was, no temp file; it keeps serving."""
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from probe.serve.process import ServerProcess
+
+    from .conftest import TINY
+
+    disk = small_disk("3m")
+
+    def png(seed: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((40, 48, 3), seed * 40 % 256, np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    srv = ServerProcess(["--backbone", TINY, "--weights", "random", "--engine", "torch", "--log-level", "warning",
+                         "--state-dir", str(disk)])
+    srv.start()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            assert c.post("/fewshot/pets").status_code == 201
+            r = c.post("/fewshot/pets/examples", files={"file": ("a.png", png(1), "image/png")}, data={"label": "cat"})
+            assert r.status_code == 200, r.text
+            before = snapshot(disk / "fewshot")
+            fill_disk(disk, leave=512)
+            r = c.post("/fewshot/pets/examples", files={"file": ("b.png", png(2), "image/png")}, data={"label": "dog"})
+            assert r.status_code == 507, r.text
+            detail = r.json()["detail"]
+            assert "pets.npz" in detail and "no space left" in detail and "\n" not in detail, detail
+            assert c.get("/fewshot/pets").json()["classes"] == {"cat": 1}
+            assert snapshot(disk / "fewshot") == before
+            no_temp_files(disk)
+            assert c.get("/health").status_code == 200
+        assert "Traceback" not in srv.output()
+    finally:
+        srv.close()
