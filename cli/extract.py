@@ -118,6 +118,8 @@ def info(
             *([f"engine     {s['engine'].get('engine')} {s['engine'].get('version')}"] if s.get("engine") else []),
             f"root       {s['root']} ({s['layout']})",
             "splits     " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()),
+            *([f"labels     multi-label, {len(s['classes'])} classes, mean {s['labels_per_image']} labels/image"]
+              if s.get("multilabel") else []),
             f"classes    {len(s['classes'])}: " + ", ".join(f"{c} ({n})" for c, n in s["class_counts"].items()),
             f"skipped    {len(s['skipped'])}",
             "checksums  " + ("verified on every read (Fletcher-32 per chunk, crc32 of strings and attributes)"

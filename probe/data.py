@@ -5,7 +5,11 @@ Layouts (``discover``):
     * ImageFolder: ``root/<class>/**/<image>``
     * split root: ``root/{train,val,test}/<class>/**/<image>`` (the split is recorded per row)
     * flat folder: ``root/**/<image>`` with no labels (search galleries)
-    * CSV manifest: ``path,label[,split]`` with a header row; paths relative to the CSV's folder
+    * CSV manifest with a header row, paths relative to the CSV's folder, in one of three forms:
+      ``path,label[,split]`` (one label per image; empty = unlabelled), ``path,labels[,split]`` (several labels
+      per image, ``cat|dog``; empty = none of the classes), or ``path[,split],<class>,<class>,…`` (one 0/1 column
+      per class: a header without ``label``/``labels`` whose other columns are all classes). The last two make a
+      multi-label dataset (``Dataset.label_matrix``).
 """
 
 from __future__ import annotations
@@ -46,12 +50,17 @@ class Dataset:
     classes: list[str]
     ignored: list[str] = field(default_factory=list)  # files skipped by extension, relative paths
     source: Path | None = None  # what DATA named: the folder (= root) or the CSV manifest
+    label_matrix: np.ndarray | None = None  # (N, C) uint8 0/1 of a multi-label manifest (``labels`` all -1)
 
     def __post_init__(self) -> None:
         self.source = self.source or self.root
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.label_matrix is not None
 
     def abspath(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i])
@@ -146,37 +155,122 @@ def _canonical_split(name: str) -> str:
     return "val" if name in ("valid", "validation") else name
 
 
+LABEL_SEP = "|"  # between the names of a multi-label manifest's ``labels`` cell: ``cat|dog``
+
+
 def _from_csv(path: Path) -> Dataset:
+    """A CSV manifest in one of its three forms (see the module docstring), every bad cell a DatasetError naming
+    the file, the line and the value."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise DatasetError(f"{path}: expected a header row with a 'path' column (and optional 'label', 'split'), "
-                               f"got {reader.fieldnames}")
-        rows = list(reader)
+        header = reader.fieldnames
+        if header is None or "path" not in header:
+            raise DatasetError(f"{path}: expected a header row with a 'path' column (and 'label' or 'labels', or one "
+                               f"0/1 column per class; optional 'split'), got {header}")
+        rows = [(reader.line_num, r) for r in reader]  # line_num: the file's line (blank lines are skipped)
+    header = [h.strip() for h in header]
+    form = _manifest_form(path, header)
     if not rows:
         raise DatasetError(f"{path}: manifest has no rows")
-    paths, labels, splits = [], [], []
-    for n, r in enumerate(rows, start=2):
+    paths, labels, sets, splits = [], [], [], []
+    for n, r in rows:
+        if form != "label" and r.get(None):  # DictReader files surplus cells under None
+            raise DatasetError(f"{path}:{n}: {len(header) + len(r[None])} cells, the header has {len(header)} "
+                               "columns")
+        r = {k.strip(): v for k, v in r.items() if k is not None}
         if not (r.get("path") or "").strip():
             raise DatasetError(f"{path}:{n}: empty 'path'")
         paths.append(r["path"].strip())
-        labels.append((r.get("label") or "").strip() or None)
         splits.append(_canonical_split(r.get("split") or ""))
+        if form == "label":
+            lab = (r.get("label") or "").strip() or None
+            if lab is not None and LABEL_SEP in lab:
+                raise DatasetError(f"{path}:{n}: label {lab!r} contains {LABEL_SEP!r}: for several labels per "
+                                   f"image name the column 'labels' (e.g. 'cat{LABEL_SEP}dog'), not 'label'")
+            labels.append(lab)
+        elif form == "labels":
+            sets.append(_label_set(path, n, r.get("labels") or ""))
+        else:
+            sets.append(_wide_row(path, n, r, header))
     if len(set(paths)) != len(paths):
         dup = next(p for p in paths if paths.count(p) > 1)
         raise DatasetError(f"{path}: path {dup!r} is listed more than once")
-    ds = _build(path.parent, "csv", paths, labels, splits, [])
+    if form == "label":
+        ds = _build(path.parent, "csv", paths, labels, splits, [])
+    else:
+        classes = sorted(c for c in header if c not in ("path", "split")) if form == "wide" else \
+            sorted(set().union(*sets))
+        if not classes:
+            raise DatasetError(f"{path}: the 'labels' column names no class in any row: a multi-label manifest needs "
+                               f"at least one label (e.g. 'cat{LABEL_SEP}dog')")
+        ds = _build(path.parent, "csv", paths, [None] * len(paths), splits, [], multilabel=(classes, sets))
     ds.source = path.resolve()  # two manifests in one folder are two datasets
     return ds
 
 
-def _build(root, layout, paths, labels, splits, ignored) -> Dataset:
-    classes = sorted({lab for lab in labels if lab is not None})
-    index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[lab] if lab is not None else -1 for lab in labels], dtype=np.int64)
+def _manifest_form(path: Path, header: list[str]) -> str:
+    """'label' (one label per image, or none), 'labels' (``a|b`` per image) or 'wide' (one 0/1 column per class)."""
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        raise DatasetError(f"{path}: column {dup[0]!r} appears twice in the header")
+    if "label" in header and "labels" in header:
+        raise DatasetError(f"{path}: the header has both 'label' and 'labels': use 'label' for one label per image "
+                           f"or 'labels' for several ('cat{LABEL_SEP}dog'), not both")
+    if "labels" in header:
+        return "labels"
+    extra = [h for h in header if h not in ("path", "split")]
+    if "label" in header or not extra:
+        return "label"  # single-label, or unlabelled (a header of path[,split] only); other columns ignored
+    if "" in extra:
+        raise DatasetError(f"{path}: a column without a name in the header ({header}): a manifest without 'label' "
+                           "or 'labels' gives one 0/1 column per class, each named by its class")
+    return "wide"
+
+
+def _label_set(path: Path, n: int, cell: str) -> set[str]:
+    """The names of a ``labels`` cell: ``cat|dog`` -> {cat, dog}; empty -> none."""
+    if not cell.strip():
+        return set()
+    names = [x.strip() for x in cell.split(LABEL_SEP)]
+    if not all(names):
+        raise DatasetError(f"{path}:{n}: labels {cell!r} has an empty name: expected names separated by "
+                           f"{LABEL_SEP!r}, e.g. 'cat{LABEL_SEP}dog' (an empty cell means no label)")
+    return set(names)
+
+
+def _wide_row(path: Path, n: int, r: dict[str, str | None], header: list[str]) -> set[str]:
+    """The classes whose column holds 1 in a wide manifest's row."""
+    out = set()
+    for c in header:
+        if c in ("path", "split"):
+            continue
+        v = (r.get(c) or "").strip()
+        if v not in ("0", "1"):
+            raise DatasetError(f"{path}:{n}: column {c!r} is {v!r}: a manifest without 'label' or 'labels' gives one "
+                               "column per class, each 0 or 1 (use 'label' or 'labels' columns for class names)")
+        if v == "1":
+            out.add(c)
+    return out
+
+
+def _build(root, layout, paths, labels, splits, ignored,
+           multilabel: tuple[list[str], list[set[str]]] | None = None) -> Dataset:
+    """``multilabel``: (classes, the set of class names of each row) instead of ``labels``."""
+    matrix = None
+    if multilabel is not None:
+        classes, sets = multilabel
+        index = {c: i for i, c in enumerate(classes)}
+        matrix = np.zeros((len(paths), len(classes)), np.uint8)  # (N, C)
+        for i, names in enumerate(sets):
+            matrix[i, [index[c] for c in names]] = 1
+        y = np.full(len(paths), -1, np.int64)
+    else:
+        classes = sorted({lab for lab in labels if lab is not None})
+        index = {c: i for i, c in enumerate(classes)}
+        y = np.array([index[lab] if lab is not None else -1 for lab in labels], dtype=np.int64)
     if ignored:
         log.warning("ignored %d files without an image extension under %s (e.g. %s)", len(ignored), root, ignored[0])
-    return Dataset(root.resolve(), layout, list(paths), y, list(splits), classes, ignored)
+    return Dataset(root.resolve(), layout, list(paths), y, list(splits), classes, ignored, label_matrix=matrix)
 
 
 def fingerprint(path: str) -> str:

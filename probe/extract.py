@@ -353,7 +353,9 @@ def _space(job: Job, old: StoreRows, todo: Sequence[int], rest: Sequence[int]) -
     new = [i for i in todo if paths[i] not in old.rows]
     text = sum(len(p) + len(r.fingerprint) + len(r.split) for p, r in old.rows.items()) + \
         sum(len(paths[i]) + 32 for i in new)
-    return journal + store_bytes(len(old.rows) + len(new), dim, k, text)
+    ds = job.ds
+    return journal + store_bytes(len(old.rows) + len(new), dim, k, text,
+                                 label_columns=len(set(ds.classes) | set(old.classes)) if ds.multilabel else 0)
 
 
 def _old_rows(job: Job) -> tuple[StoreRows, str | None]:
@@ -466,13 +468,15 @@ def reconcile(ds: Dataset, plan: Plan, prune: bool = False) -> Reconciled:
     """The new store mirrors the dataset. Stored rows come first, in their order: one still in the dataset takes
     its label and split from it (and its fingerprint from the journal when re-embedded), one gone stays unless
     ``prune``, one that changed and no longer decodes goes. Then the newly embedded files, in dataset order.
-    Labels index the merged class list (as a merge of shards does, ``probe.shard.merge``)."""
+    Labels index the merged class list (as a merge of shards does, ``probe.shard.merge``); a multi-label
+    dataset's rows carry their classes as ``Row.positives``."""
     old, journal, fps = plan.old, plan.journal, plan.fingerprints
     classes = ClassMerge(ds.classes, old.classes)
     here = {p: i for i, p in enumerate(ds.paths)}
 
     def row(i: int, fp: str) -> Row:
-        return Row(fp, classes.label(int(ds.labels[i]), ds.classes), ds.splits[i])
+        ys = None if ds.label_matrix is None else tuple(np.flatnonzero(ds.label_matrix[i]).tolist())
+        return Row(fp, classes.label(int(ds.labels[i]), ds.classes), ds.splits[i], classes.positives(ys, ds.classes))
 
     rows: dict[str, Row] = {}
     for p, stored in old.relabelled(classes):
@@ -494,8 +498,9 @@ def reconcile(ds: Dataset, plan: Plan, prune: bool = False) -> Reconciled:
 def write_result(job: Job, plan: Plan, result: Reconciled) -> None:
     """Write the store when anything changed (vectors streamed from the journal), then drop the journal."""
     old = plan.old
-    changed = bool(result.new) or set(result.rows) != set(old.rows) or not job.out.exists() or \
-        result.skipped.keys() != old.skipped.keys() or result.classes != old.classes
+    changed = bool(result.new) or not job.out.exists() or result.skipped.keys() != old.skipped.keys() or \
+        result.classes != old.classes or dict(old.relabelled(ClassMerge(result.classes))) != result.rows
+    # (the last: rows added or dropped, or labels changed in the manifest)
     if changed:
         write_store(job.out, _attrs(job, result.classes, plan.created), result.rows, plan.journal.vectors(),
                     result.skipped, job.emb.dim, new={p for p in result.new if p not in old.rows},

@@ -53,7 +53,7 @@ def take_shard(ds: Dataset, shard: tuple[int, int]) -> Dataset:
     i, n = shard
     keep = [k for k, p in enumerate(ds.paths) if shard_of(p, n) == i]
     return Dataset(ds.root, ds.layout, [ds.paths[k] for k in keep], ds.labels[keep], [ds.splits[k] for k in keep],
-                   ds.classes, ds.ignored)
+                   ds.classes, ds.ignored, label_matrix=None if ds.label_matrix is None else ds.label_matrix[keep])
 
 
 def shard_path(out: Path, shard: tuple[int, int]) -> Path:

@@ -3,7 +3,9 @@
 Layout (schema version 1)::
 
     /features              (N, D) float32   penultimate-layer embeddings, one row per image
-    /labels                (N,)   int64     index into attrs["classes"], -1 when unlabelled
+    /labels                (N,)   int64     index into attrs["classes"], -1 when unlabelled (every row of a
+                                            multi-label store: its labels are in /label_matrix)
+    /label_matrix          (N, C) uint8     only in multi-label stores: 1 where the row has class c (C = len(classes))
     /paths                 (N,)   utf-8     relative to attrs["root"] (absolute where a manifest said so)
     /split                 (N,)   utf-8     "train" / "val" / "test" / "" (no split)
     /fingerprints          (N,)   utf-8     "size:mtime_ns" of the file when it was embedded
@@ -12,6 +14,7 @@ Layout (schema version 1)::
     attrs: schema_version, classes, backbone, weights, weights_sha256, preprocess (JSON), tta, dtype,
            pooling, config_key, root, layout, versions (JSON), created, updated, device;
            views (JSON: {"count": K, "augment": recipe}) only in stores with /views;
+           multilabel (True) only in stores with /label_matrix;
            checksums (JSON: crc32 of the other attributes and of each string array)
 
 ``config_key`` hashes everything that changes the numbers (backbone, weights checksum, preprocessing, pooling,
@@ -19,9 +22,9 @@ TTA, dtype, and the augmented views where there are any): rows made under anothe
 are atomic (a new file renamed over the old one), so a crash or a full disk leaves either the old store or the new
 one; work in progress lives in a journal beside it.
 
-Every byte is checked on read: ``/features``, ``/views`` and ``/labels`` carry HDF5's Fletcher-32 checksum per
-chunk (verified by HDF5 itself), the string arrays and attributes a crc32, and the file is in HDF5 1.10's format,
-whose structure (superblock, object headers, B-trees) is checksummed too. A damaged store raises
+Every byte is checked on read: ``/features``, ``/views``, ``/labels`` and ``/label_matrix`` carry HDF5's
+Fletcher-32 checksum per chunk (verified by HDF5 itself), the string arrays and attributes a crc32, and the file is
+in HDF5 1.10's format, whose structure (superblock, object headers, B-trees) is checksummed too. A damaged store raises
 ``DamagedStoreError``, one line naming the file; stores written before checksums still load, unverified.
 
 Example:
@@ -123,7 +126,8 @@ class FeatureStore:
                 self.attrs = {k: _attr(v) for k, v in f.attrs.items()}
                 self.count, self.dim = f["features"].shape
                 self.n_views = f["views"].shape[1] if "views" in f else 0  # augmented views per row
-                fletcher = all(f[n].fletcher32 for n in ("features", "labels", "views") if n in f)
+                fletcher = all(f[n].fletcher32 for n in ("features", "labels", "views", "label_matrix") if n in f)
+                matrix = f["label_matrix"].shape if "label_matrix" in f else None  # (N, C) of a multi-label store
         except ProbeError:
             raise
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
@@ -151,6 +155,10 @@ class FeatureStore:
                 except ValueError as e:
                     raise _damaged(self.path, f"attribute {k!r} is not JSON", e) from None
         self.classes: list[str] = list(self.attrs.get("classes", []))
+        self.multilabel = bool(self.attrs.get("multilabel", False))  # several labels per row, in /label_matrix
+        if self.multilabel and matrix != (self.count, len(self.classes)):
+            raise _damaged(self.path, f"/label_matrix is {matrix}, not ({self.count}, {len(self.classes)})",
+                           "a multi-label store without its label matrix")
 
     @contextmanager
     def open(self) -> Iterator[h5py.File]:
@@ -242,6 +250,23 @@ class FeatureStore:
             m = self._mask(f, split)
             return f["labels"][m] if isinstance(m, slice) or len(m) else np.zeros(0, np.int64)
 
+    def label_matrix(self, split: str | None = None) -> np.ndarray:
+        """(n, C) uint8, 1 where a row has class c: a multi-label store's ``/label_matrix``; for a single-label store
+        the one-hot of its labels (an unlabelled row is all zeros), so metrics treat both alike.
+
+        Example:
+            >>> Y = store.label_matrix("val")          # (n_val, len(store.classes))
+        """
+        if not self.multilabel:
+            y = self.labels(split)
+            out = np.zeros((len(y), len(self.classes)), np.uint8)
+            out[np.flatnonzero(y >= 0), y[y >= 0]] = 1
+            return out
+        with self.open() as f:
+            m = self._mask(f, split)
+            return f["label_matrix"][m] if isinstance(m, slice) or len(m) else \
+                np.zeros((0, len(self.classes)), np.uint8)
+
     def paths(self, split: str | None = None) -> np.ndarray:
         with self.open() as f:
             return self._strings(f, "paths", self._mask(f, split))
@@ -270,6 +295,8 @@ class FeatureStore:
         """Summary for `probe info`: counts, identity, classes, per-split counts, skipped files."""
         sp = self.splits()
         labels = self.labels()
+        Y = self.label_matrix() if self.multilabel else None  # (N, C)
+        counts = Y.sum(0).tolist() if Y is not None else [int((labels == i).sum()) for i in range(len(self.classes))]
         return {
             "path": str(self.path),
             "count": int(self.count),
@@ -287,8 +314,11 @@ class FeatureStore:
             "root": self.attrs.get("root"),
             "layout": self.attrs.get("layout"),
             "classes": self.classes,
-            "class_counts": {c: int((labels == i).sum()) for i, c in enumerate(self.classes)},
-            "unlabelled": int((labels < 0).sum()),
+            "multilabel": self.multilabel,  # several labels per image (/label_matrix)
+            "labels_per_image": round(float(Y.sum(1).mean()), 3) if Y is not None and len(Y) else None,
+            "class_counts": {c: int(n) for c, n in zip(self.classes, counts)},  # images with the class
+            "unlabelled": 0 if Y is not None else int((labels < 0).sum()),  # multi-label: an empty row is a
+            # negative for every class, not unlabelled
             "splits": {s or "(none)": int((sp == s).sum()) for s in sorted(set(sp.tolist()))},
             "skipped": self.skipped(),
             "versions": self.attrs.get("versions"),
@@ -429,6 +459,7 @@ class Row(NamedTuple):
     fingerprint: str  # of the file when it was embedded (probe.data.fingerprint)
     label: int  # index into the store's classes; -1: unlabelled
     split: str  # "train" / "val" / "test" / "" (no split)
+    positives: tuple[int, ...] | None = None  # a multi-label row's classes (label is then -1); None: single-label
 
 
 class Skip(NamedTuple):
@@ -456,6 +487,10 @@ class ClassMerge:
         """``y`` (an index into ``classes``; -1 unlabelled) as an index into the merged ``self.classes``."""
         return self._index[classes[y]] if y >= 0 else -1
 
+    def positives(self, ys: tuple[int, ...] | None, classes: Sequence[str]) -> tuple[int, ...] | None:
+        """A multi-label row's class indices into ``classes`` as sorted indices into ``self.classes`` (None stays)."""
+        return None if ys is None else tuple(sorted(self._index[classes[j]] for j in ys))
+
 
 @dataclass
 class StoreRows:
@@ -470,15 +505,20 @@ class StoreRows:
     @classmethod
     def read(cls, store: FeatureStore) -> StoreRows:
         fps = store.skipped_fingerprints()
+        sets: Iterable[tuple[int, ...] | None] = _row_sets(store.label_matrix()) if store.multilabel else \
+            [None] * store.count
         return cls(store.classes,
-                   {p: Row(fp, y, sp) for p, fp, y, sp in zip(store.paths(), store.fingerprints(),
-                                                                 store.labels().tolist(), store.splits().tolist())},
+                   {p: Row(fp, y, sp, ys) for p, fp, y, sp, ys in zip(store.paths(), store.fingerprints(),
+                                                                       store.labels().tolist(),
+                                                                       store.splits().tolist(), sets)},
                    {x["path"]: Skip(fps[x["path"]], x["reason"]) for x in store.skipped()})
 
     def relabelled(self, merge: ClassMerge) -> Iterator[tuple[str, Row]]:
-        """(path, row) with the label an index into ``merge.classes``, in store order."""
+        """(path, row) with the label (and a multi-label row's classes) indices into ``merge.classes``, in store
+        order."""
         for p, row in self.rows.items():
-            yield p, row._replace(label=merge.label(row.label, self.classes))
+            yield p, row._replace(label=merge.label(row.label, self.classes),
+                                  positives=merge.positives(row.positives, self.classes))
 
     def has(self, path: str, fingerprint: str) -> bool:
         """Whether the file at ``path``, as it is now (its ``fingerprint``), is already stored or recorded as
@@ -488,6 +528,13 @@ class StoreRows:
             (skip is not None and skip.fingerprint == fingerprint)
 
 
+def _row_sets(matrix: np.ndarray) -> list[tuple[int, ...]]:
+    """(N, C) 0/1 -> each row's class indices, ascending."""
+    rows, cols = np.nonzero(matrix)  # row-major: rows ascending, columns ascending within a row
+    cuts = np.searchsorted(rows, np.arange(1, len(matrix)))
+    return [tuple(c.tolist()) for c in np.split(cols, cuts)] if len(matrix) else []
+
+
 # ------------------------------------------------------------------------------------------ writing
 def _row_chunks(dim: int, views: int = 0) -> tuple[int, ...]:
     """HDF5 chunk of about 1 MB of rows: (rows, D) for features, (rows, K, D) for views."""
@@ -495,17 +542,19 @@ def _row_chunks(dim: int, views: int = 0) -> tuple[int, ...]:
     return (max(1, min(1024, (1 << 20) // (4 * per_row))),) + ((views,) if views else ()) + (dim,)
 
 
-def store_bytes(rows: int, dim: int, views: int = 0, text: int = 0, strings: int | None = None) -> int:
+def store_bytes(rows: int, dim: int, views: int = 0, text: int = 0, strings: int | None = None,
+                label_columns: int = 0) -> int:
     """About the bytes a store of ``rows`` rows takes on disk: whole chunks of vectors (HDF5 allocates a chunk at
-    once), 8 per label, ``text`` bytes of strings in ``strings`` strings (default 3 per row: path, fingerprint,
-    split) at ~40 bytes of HDF5 bookkeeping each, and 64 KiB of metadata."""
+    once), 8 per label (+ ``label_columns`` for a multi-label store's matrix), ``text`` bytes of strings in
+    ``strings`` strings (default 3 per row: path, fingerprint, split) at ~40 bytes of HDF5 bookkeeping each, and
+    64 KiB of metadata."""
     def chunked(chunk: tuple[int, ...]) -> int:
         per_chunk = int(np.prod(chunk)) * 4
         return -(-rows // chunk[0]) * per_chunk
 
     strings = 3 * rows if strings is None else strings
-    return chunked(_row_chunks(dim)) + (chunked(_row_chunks(dim, views)) if views else 0) + 8 * rows + text + \
-        40 * strings + (64 << 10)
+    return chunked(_row_chunks(dim)) + (chunked(_row_chunks(dim, views)) if views else 0) + \
+        (8 + label_columns) * rows + text + 40 * strings + (64 << 10)
 
 
 def write_store(
@@ -521,12 +570,15 @@ def write_store(
 ) -> None:
     """Write the store at ``path`` atomically, with checksums.
 
-    ``rows``: every row the store should hold, path -> (fingerprint, label, split), in order; stored rows keep
+    ``rows``: every row the store should hold, path -> (fingerprint, label, split[, positives]) (a ``Row``), in
+    order; stored rows keep
     their position and features (and views) unless a batch brings vectors for them. ``batches``: (paths,
     fingerprints, (B, D) features[, (B, K, D) views]) — vectors are taken when their fingerprint is the row's
     (later batches win), so the journal can be streamed in without holding all features in memory. ``new``: paths
     not yet stored that the batches will fill (default: rows not in the old store). ``skipped``: path ->
-    (fingerprint, reason). ``views``: K augmented views per row in ``/views`` (N, K, D); 0: none.
+    (fingerprint, reason). ``views``: K augmented views per row in ``/views`` (N, K, D); 0: none. When any row
+    has ``positives`` the store is multi-label: ``/label_matrix`` (N, C) over ``attrs["classes"]`` (a
+    single-label row there is its one-hot) and ``/labels`` all -1.
 
     A new file ``path.tmp`` is written — the old store's kept rows copied over block by block, then the batches'
     vectors — and renamed over ``path``: a crash or a full disk at any point leaves the old store as it was, and
@@ -543,7 +595,12 @@ def write_store(
     appended = order[len(kept):]
     text = sum(len(p) + len(r[0]) + len(r[2]) for p, r in rows.items()) + \
         sum(len(p) + len(fp) + len(why) for p, (fp, why) in skipped.items())
-    need = store_bytes(len(order), dim, views, text, 3 * (len(order) + len(skipped)))
+    merged = {**(old.attrs if old is not None else {"created": now}), **attrs}
+    merged.pop("multilabel", None)
+    multilabel = any(len(r) > 3 and r[3] is not None for r in rows.values())
+    n_classes = len(merged.get("classes", []))
+    need = store_bytes(len(order), dim, views, text, 3 * (len(order) + len(skipped)),
+                       n_classes if multilabel else 0)
     with atomic_path(path, need=need, what=what) as tmp, _DiskFile(tmp) as out:
         with h5py.File(out, "w", libver=LIBVER, rdcc_nbytes=64 << 20) as f:  # a chunk cache for scattered rows
             targets = _vector_datasets(f, old, path, len(order), dim, views)
@@ -553,9 +610,8 @@ def write_store(
             missing = set(appended if new is None else new) - filled
             if missing:
                 raise RuntimeError(f"internal: no features for {len(missing)} new rows, e.g. {next(iter(missing))!r}")
-            crcs = _write_rows(f, order, rows, skipped)
-            old_attrs = old.attrs if old is not None else {"created": now}
-            _write_attrs(f, {**old_attrs, **attrs}, now)
+            crcs = _write_rows(f, order, rows, skipped, n_classes if multilabel else None)
+            _write_attrs(f, {**merged, **({"multilabel": True} if multilabel else {})}, now)
             f.attrs[CHECKSUMS] = json.dumps({"attrs": _crc_attrs({k: _attr(v) for k, v in f.attrs.items()}),
                                              "strings": crcs}, sort_keys=True)
             # the vectors and labels carry HDF5's Fletcher-32 per chunk (``fletcher32=True``)
@@ -704,11 +760,22 @@ def _put_strings(f: h5py.File | h5py.Group, name: str, values: Sequence[str]) ->
     return _crc_strings(values)
 
 
-def _write_rows(f: h5py.File, order: list[str], rows: dict, skipped: dict[str, tuple[str, str]]) -> dict[str, int]:
-    """paths, fingerprints, split, labels in ``order``; the skipped files. Returns the string arrays' crc32s."""
-    fps, labels, splits = zip(*(rows[p] for p in order)) if order else ((), (), ())
+def _write_rows(f: h5py.File, order: list[str], rows: dict, skipped: dict[str, tuple[str, str]],
+                n_classes: int | None = None) -> dict[str, int]:
+    """paths, fingerprints, split, labels in ``order`` (and, with ``n_classes``, the multi-label matrix); the skipped
+    files. Returns the string arrays' crc32s."""
+    fps, labels, splits = (list(c) for c in zip(*(rows[p][:3] for p in order))) if order else ([], [], [])
     crcs = {"paths": _put_strings(f, "paths", order), "fingerprints": _put_strings(f, "fingerprints", fps),
             "split": _put_strings(f, "split", splits)}
+    if n_classes is not None:  # multi-label: every row's classes in the matrix, a single-label row as its one-hot
+        matrix = np.zeros((len(order), n_classes), np.uint8)  # (N, C)
+        for i, p in enumerate(order):
+            r = rows[p]
+            ys = r[3] if len(r) > 3 and r[3] is not None else ((r[1],) if r[1] >= 0 else ())
+            matrix[i, list(ys)] = 1
+        f.create_dataset("label_matrix", data=matrix, maxshape=(None, n_classes), fletcher32=True,
+                         chunks=(max(1, min(len(order), (1 << 20) // max(1, n_classes))), max(1, n_classes)))
+        labels = [-1] * len(order)  # old readers see unlabelled rows, never a wrong single label
     f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64), maxshape=(None,),
                      chunks=(max(1, min(len(labels), 1 << 16)),), fletcher32=True)
     g = f.create_group("skipped")
@@ -747,14 +814,27 @@ def store_from_arrays(
 ) -> FeatureStore:
     """Write a store from in-memory arrays (tests, benchmarks, merges). ``config`` holds the identity's fields
     (or is a FeatureIdentity); missing ones get placeholder values marking the features as not made by a
-    backbone. ``views``: optional (N, K, D) augmented views of the rows.
+    backbone. ``views``: optional (N, K, D) augmented views of the rows. ``labels``: (N,) class indices (-1
+    unlabelled), or an (N, C) 0/1 matrix for a multi-label store.
 
     Example:
         >>> store_from_arrays("cache/x.h5", np.random.rand(10, 4), np.arange(10) % 2, classes=["a", "b"])
+        >>> store_from_arrays("cache/m.h5", np.random.rand(3, 4), [[1, 1], [0, 1], [0, 0]], classes=["a", "b"])
     """
     features = np.asarray(features, dtype=np.float32)
     n, dim = features.shape
-    labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+    labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels)
+    sets: list[tuple[int, ...] | None] = [None] * n
+    if labels.ndim == 2:  # (N, C) multi-label
+        if labels.shape[0] != n or not labels.shape[1] or not np.isin(labels, (0, 1)).all():
+            raise StoreError(f"a multi-label y must be an ({n}, C) matrix of 0/1 with C >= 1, got shape "
+                             f"{labels.shape} with values {sorted(np.unique(labels).tolist())[:5]}")
+        if classes is not None and len(classes) != labels.shape[1]:
+            raise StoreError(f"{len(classes)} classes for a label matrix of {labels.shape[1]} columns")
+        classes = classes if classes is not None else [str(c) for c in range(labels.shape[1])]
+        sets = _row_sets(labels)
+        labels = np.full(n, -1, np.int64)
+    labels = labels.astype(np.int64)
     paths = paths if paths is not None else [f"row{i:08d}" for i in range(n)]
     splits = splits if splits is not None else [""] * n
     cfg = {**ARRAYS_IDENTITY.to_dict(),
@@ -771,7 +851,7 @@ def store_from_arrays(
     classes = classes if classes is not None else [str(c) for c in range(int(labels.max()) + 1 if n else 0)]
     attrs = {**cfg, "config_key": FeatureIdentity.from_config(cfg).key, "classes": classes, "root": root,
              "layout": "arrays", "versions": {}, "device": "none"}
-    rows = {p: ("", int(y), s) for p, y, s in zip(paths, labels, splits)}
+    rows = {p: Row("", int(y), s, ys) for p, y, s, ys in zip(paths, labels, splits, sets)}
     if len(rows) != n:
         raise StoreError("paths must be unique")
     Path(path).unlink(missing_ok=True)
