@@ -33,7 +33,7 @@ def emit(obj: Any, as_json: bool, text: Callable[[Any], str]) -> None:
 
 
 FLAGS = {"shots": "--shots", "n_Cs": "--n-cs", "batch_size": "--batch-size", "max_pixels": "--max-pixels",
-         "allow_missing": "--allow-missing"}
+         "allow_missing": "--allow-missing", "select": "--select", "grid": "--grid", "bootstrap": "--bootstrap"}
 """Library parameter names that appear in messages, and the flag a CLI user types instead."""
 
 

@@ -20,7 +20,9 @@ MLP = {"hidden": (16,), "epochs": 20, "lr": 1e-2, "device": "cpu"}
 HEADS = [
     LinearHead(**SWEEP),  # C chosen by stratified k-fold cross-validation
     LinearHead(C=1.0, balanced=True, device="cpu"),  # one strength, balanced class weights
+    LinearHead(**SWEEP, select="macro-f1"),  # C chosen on weighted macro-F1 of the folds
     MLPHead(**MLP),
+    MLPHead(**MLP, select="mean-per-class"),  # early stop on the holdout's mean per-class accuracy
     PrototypeHead(),
     PrototypeHead(metric="euclidean", norm="standardize"),
     KNNHead(),

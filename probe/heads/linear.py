@@ -7,9 +7,11 @@ The objective is scikit-learn's (``LogisticRegression(C=C)``, lbfgs, multinomial
 solved full-batch with L-BFGS in torch (on the GPU when present). With ``C=None`` the head sweeps ``n_Cs``
 strengths on a log grid from the strongest regularisation to the weakest, ``block`` strengths at a time in one
 batched L-BFGS (``_solve_many``), each block warm-started from the previous block's weakest solution, picks
-the strength with the best accuracy on a validation set and refits on train + validation at that
-strength. Without a validation set the accuracy is averaged over a seeded stratified k-fold split of train (a
-single small holdout picks a noisy strength) and the final fit uses all training rows.
+the strength with the best ``select`` metric (accuracy, mean-per-class, macro-f1: ``scoring.py``) on a validation
+set and refits on train + validation at that strength. Without a validation set the metric is averaged over a
+seeded stratified k-fold split of train (a single small holdout picks a noisy strength) and the final fit uses all
+training rows. ``grid="kornblith"`` sweeps Kornblith et al.'s 45 strengths on 1e-6..1e5 instead of ``n_Cs`` on
+``C_range``.
 """
 
 from __future__ import annotations
@@ -22,16 +24,20 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from probe.device import resolve_device
 
 from ..errors import ProbeError
 from .base import Head
 from .features import balanced_weights
+from .scoring import SELECT, key, refuse_map, score
 
 log = logging.getLogger(__name__)
 SMALL_WORK = 2e7  # multiply-adds per logits product below which one CPU thread is faster than several
+GRIDS = ("default", "kornblith")  # default: n_Cs strengths on C_range; kornblith: Kornblith et al. 2019
+KORNBLITH_CS = np.logspace(-6, 5, 45)  # "45 logarithmically spaced values between 10^-6 and 10^5"
+DEFAULT_N_CS, DEFAULT_C_RANGE = 25, (1e-6, 1e6)
 
 
 @contextmanager
@@ -161,7 +167,9 @@ def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarra
 class LinearHead(Head):
     """L2-regularised multinomial logistic regression, scikit-learn compatible.
 
-    Parameters: ``C`` a fixed inverse strength, or None to sweep ``n_Cs`` values in ``C_range`` (log grid);
+    Parameters: ``C`` a fixed inverse strength, or None to sweep ``n_Cs`` values in ``C_range`` (log grid), or
+    with ``grid="kornblith"`` the 45 strengths of Kornblith et al. 2019 on 1e-6..1e5; ``select`` the validation
+    metric that picks C (accuracy, mean-per-class, macro-f1; map needs multi-label data);
     ``norm`` feature normalisation (default standardize); ``balanced`` class weights; ``block`` strengths solved
     together in the sweep; ``max_iter`` L-BFGS
     iterations per strength (``max_iter_final`` for a fixed C and the refit); ``tol`` the largest gradient entry
@@ -169,8 +177,9 @@ class LinearHead(Head):
     k-fold cross-validation that chooses C when ``fit`` gets no ``eval_set``; ``device`` auto | cpu | cuda.
 
     Fitted: ``coef_`` (K, D) and ``intercept_`` (K,) on normalised features, ``C_``, ``sweep_`` (list of
-    {"C", "val_accuracy"}; empty for a fixed C), ``val_accuracy_``, ``n_iter_`` (L-BFGS iterations of the solve
-    that gave ``coef_``).
+    {"C", "val_accuracy"} plus the ``select`` metric's ``val_mean_per_class`` / ``val_macro_f1``; empty for a fixed
+    C), ``val_accuracy_`` and ``val_score_`` (the ``select`` metric) at ``C_``, ``n_iter_`` (L-BFGS iterations of
+    the solve that gave ``coef_``).
 
     Example:
         >>> head = LinearHead().fit(X_train, y_train, eval_set=(X_val, y_val))
@@ -184,6 +193,8 @@ class LinearHead(Head):
         "C": [Interval(Real, 0, None, closed="neither"), None],
         "n_Cs": [Interval(Integral, 1, None, closed="left")],
         "C_range": [tuple, list],  # two positive numbers, low <= high: checked by Cs()
+        "grid": [StrOptions(set(GRIDS))],
+        "select": [StrOptions(set(SELECT))],  # map: refused by fit until heads take multi-label targets
         "balanced": ["boolean"],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "max_iter_final": [Interval(Integral, 1, None, closed="left")],
@@ -195,13 +206,16 @@ class LinearHead(Head):
         "device": [str],  # auto, cpu, cuda, cuda:1 ...: resolve_device checks
     }
 
-    def __init__(self, C: float | None = None, n_Cs: int = 25, C_range: tuple[float, float] = (1e-6, 1e6),
+    def __init__(self, C: float | None = None, n_Cs: int = DEFAULT_N_CS,
+                 C_range: tuple[float, float] = DEFAULT_C_RANGE, grid: str = "default", select: str = "accuracy",
                  norm: str = "standardize", balanced: bool = False, max_iter: int = 100,
                  max_iter_final: int = 1000, tol: float = 1e-4, folds: int = 5, seed: int = 0,
                  refit: bool = True, block: int = 5, device: str = "auto"):
         self.C = C
         self.n_Cs = n_Cs
         self.C_range = C_range
+        self.grid = grid
+        self.select = select
         self.norm = norm
         self.balanced = balanced
         self.max_iter = max_iter
@@ -215,6 +229,12 @@ class LinearHead(Head):
 
     def Cs(self) -> np.ndarray:
         """The sweep grid, strongest regularisation first."""
+        if self.grid == "kornblith":
+            if int(self.n_Cs) != DEFAULT_N_CS or tuple(self.C_range) != DEFAULT_C_RANGE:
+                raise ProbeError(f"grid 'kornblith' is fixed at 45 strengths on 1e-6..1e5 (Kornblith et al. 2019); "
+                                 f"n_Cs and C_range shape grid 'default' (got n_Cs={self.n_Cs}, "
+                                 f"C_range={tuple(self.C_range)}): leave them out or use grid 'default'")
+            return KORNBLITH_CS.copy()
         lo, hi = self.C_range
         if not (0 < lo <= hi):
             raise ProbeError(f"C_range must be two positive numbers low <= high, got {self.C_range}")
@@ -229,6 +249,9 @@ class LinearHead(Head):
         Z, yi, sw = self._start_fit(X, y, sample_weight)  # (N, D) normalised, (N,) class indices, (N,) or None
         if self.C is None:
             self.Cs()  # a bad C_range fails before any solve
+        elif self.grid != "default":
+            raise ProbeError(f"grid {self.grid!r} is a sweep, but C={self.C:g} is fixed: pass one or the other")
+        refuse_map(self.select, "this linear head takes one class per row")
         dev = resolve_device(self.device)
         with threads_for(Z.shape[0] * Z.shape[1] * len(self.classes_), dev):
             self._fit(Z, yi, dev, None if sw is None else sw.astype(np.float32), eval_set)
@@ -248,18 +271,21 @@ class LinearHead(Head):
 
         W0, b0 = torch.zeros(Z.shape[1], K, device=dev), torch.zeros(K, device=dev)
         self.sweep_ = []
-        self.val_accuracy_ = None
+        self.val_accuracy_ = self.val_score_ = None
         if self.C is not None:
             W, b, n_iter = _solve(t(Z), t(yi), weights(yi, sw), float(self.C), W0, b0, self.max_iter_final, self.tol)
             self.C_ = float(self.C)
             if eval_set is not None:
                 Zv, yv = self._eval_set(eval_set)
-                self.val_accuracy_ = float(((t(Zv) @ W + b).argmax(1).cpu().numpy() == yv).mean())
+                pred = (t(Zv) @ W + b).argmax(1).cpu().numpy()
+                self.val_accuracy_ = score("accuracy", yv, pred, K)
+                self.val_score_ = score(self.select, yv, pred, K)
         elif eval_set is not None:  # sweep on train, score on the given validation set, refit on both
             Zv, yv = self._eval_set(eval_set)
-            accs, sols = self._sweep(t(Z), t(yi), weights(yi, sw), t(Zv), yv)
-            best = int(np.argmax(accs))  # the first maximum: ties keep the stronger regularisation
-            self.C_, self.val_accuracy_ = float(self.Cs()[best]), float(accs[best])
+            scores, sols = self._sweep(t(Z), t(yi), weights(yi, sw), t(Zv), yv)
+            best = int(np.argmax(scores))  # the first maximum: ties keep the stronger regularisation
+            self.C_, self.val_score_ = float(self.Cs()[best]), float(scores[best])
+            self.val_accuracy_ = self.sweep_[best]["val_accuracy"]
             W, b, n_iter = sols[best]
             if self.refit:  # Kornblith et al.: refit on train + validation at the chosen strength
                 yall = np.concatenate([yi, yv])
@@ -270,14 +296,15 @@ class LinearHead(Head):
             self._cross_validate(Z, yi, sw, t, weights)
             W, b, n_iter = _solve(t(Z), t(yi), weights(yi, sw), self.C_, W0, b0, self.max_iter_final, self.tol)
         if self.sweep_:
-            log.info("chose C=%.3g (validation accuracy %.4f)", self.C_, self.val_accuracy_)
+            log.info("chose C=%.3g (validation %s %.4f, accuracy %.4f)", self.C_, self.select, self.val_score_,
+                     self.val_accuracy_)
         self.coef_ = W.T.contiguous().cpu().numpy()  # (K, D)
         self.intercept_ = b.cpu().numpy()  # (K,)
         self.n_iter_ = int(n_iter)
 
     def _cross_validate(self, Z: np.ndarray, yi: np.ndarray, sw: np.ndarray | None, t, weights) -> None:
-        """Sweep every C on each fold of a seeded stratified k-fold split; sets ``sweep_`` (mean fold accuracy per
-        strength), ``C_`` and ``val_accuracy_``."""
+        """Sweep every C on each fold of a seeded stratified k-fold split; sets ``sweep_`` (mean fold accuracy and
+        ``select`` metric per strength), ``C_``, ``val_accuracy_`` and ``val_score_``."""
         from sklearn.model_selection import StratifiedKFold
 
         smallest = int(np.bincount(yi).min())
@@ -285,15 +312,16 @@ class LinearHead(Head):
             raise ProbeError(f"class {self.classes_[np.bincount(yi).argmin()]!r} has {smallest} training row: "
                              "choosing C by cross-validation needs >= 2 per class; pass eval_set or a fixed C")
         folds = StratifiedKFold(min(int(self.folds), smallest), shuffle=True, random_state=self.seed)
-        per_fold = []
+        per_fold = []  # each fold's sweep_: {"C", "val_accuracy", ...} per strength
         for tr, va in folds.split(Z, yi):
             w_tr, w_va = (None, None) if sw is None else (sw[tr], sw[va])
-            accs, _ = self._sweep(t(Z[tr]), t(yi[tr]), weights(yi[tr], w_tr), t(Z[va]), yi[va], w_va)
-            per_fold.append(accs)
-        mean = np.mean(per_fold, 0)
-        best = int(np.argmax(mean))
-        self.sweep_ = [{"C": r["C"], "val_accuracy": float(a)} for r, a in zip(self.sweep_, mean)]
-        self.C_, self.val_accuracy_ = float(self.Cs()[best]), float(mean[best])
+            self._sweep(t(Z[tr]), t(yi[tr]), weights(yi[tr], w_tr), t(Z[va]), yi[va], w_va)
+            per_fold.append(self.sweep_)
+        self.sweep_ = [{"C": r["C"], **{k: float(np.mean([f[i][k] for f in per_fold])) for k in r if k != "C"}}
+                       for i, r in enumerate(per_fold[0])]
+        best = int(np.argmax([r[key(self.select)] for r in self.sweep_]))
+        self.C_ = float(self.Cs()[best])
+        self.val_accuracy_, self.val_score_ = self.sweep_[best]["val_accuracy"], self.sweep_[best][key(self.select)]
 
     def _eval_set(self, eval_set) -> tuple[np.ndarray, np.ndarray]:
         """Normalised validation features (M, D) and class indices (M,)."""
@@ -307,8 +335,9 @@ class LinearHead(Head):
 
     def _sweep(self, Z, y, w, Zv, yv, wv: np.ndarray | None = None
                ) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor, int]]]:
-        """Fit every C of the grid at once (``_solve_many``): (val accuracies, solutions (W, b, iterations)), the
-        accuracy weighted by ``wv`` (M,) when given. Records ``sweep_`` ({"C", "val_accuracy"} per strength)."""
+        """Fit every C of the grid at once (``_solve_many``): (val ``select`` scores (S,), solutions (W, b,
+        iterations)), rows weighted by ``wv`` (M,) when given. Records ``sweep_``: {"C", "val_accuracy"} per strength,
+        and the ``select`` metric (``val_mean_per_class``, ``val_macro_f1``) when it is not accuracy."""
         # Blocks of strengths solved together, each block warm-started from the previous block's weakest
         # regularisation: batching keeps the products wide, the path keeps the iterations few.
         K, Cs, Ws, bs, its = len(self.classes_), self.Cs(), [], [], []
@@ -319,16 +348,17 @@ class LinearHead(Head):
             bs += list(b)
             its += n.tolist()
             init = torch.cat([W[-1].reshape(-1), b[-1]])
-        accs, sols = [], []
+        scores, sols = [], []
         self.sweep_ = []
-        weighted = wv is not None and wv.sum() > 0  # a fold whose rows all weigh 0 counts them equally
         for C, W, b, n in zip(self.Cs(), Ws, bs, its):
-            correct = (Zv @ W + b).argmax(1).cpu().numpy() == yv
-            acc = float(np.average(correct, weights=wv) if weighted else correct.mean())
-            self.sweep_.append({"C": float(C), "val_accuracy": acc})
-            accs.append(acc)
+            pred = (Zv @ W + b).argmax(1).cpu().numpy()
+            # weights wv count as repeated rows; a fold whose rows all weigh 0 counts them equally (score)
+            row = {"C": float(C), "val_accuracy": score("accuracy", yv, pred, K, wv)}
+            row[key(self.select)] = score(self.select, yv, pred, K, wv)
+            self.sweep_.append(row)
+            scores.append(row[key(self.select)])
             sols.append((W, b, n))
-        return np.array(accs), sols
+        return np.array(scores), sols
 
     def decision_function(self, X) -> np.ndarray:
         """(N, D) -> (N, K) logits; for two classes (N,) the log-odds of ``classes_[1]`` (scikit-learn's shape)."""

@@ -7,6 +7,9 @@ improved for ``patience`` epochs and the best epoch's weights are kept.
 Augmented views (``fit(X, y, views=V)``, V (N, K, D) from ``probe extract --views K``): every epoch each training
 row is drawn uniformly among its centre vector and its K views, so the head sees K + 1 crops of each image over
 its epochs at the cost of cached features; validation and early stopping use the centre vectors only.
+
+``select`` chooses what early stopping watches: ``loss`` (the default: validation cross-entropy, lower is better)
+or a metric of ``scoring.py`` (accuracy, mean-per-class, macro-f1; higher is better, ties go to the lower loss).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
 from probe.device import resolve_device
@@ -27,6 +30,7 @@ from ..errors import ProbeError
 from .base import Head
 from .features import apply_norm, stratified_holdout
 from .linear import threads_for
+from .scoring import SELECT, key, refuse_map, score
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +65,17 @@ def weighted_loss(class_weight: torch.Tensor) -> Callable[..., torch.Tensor]:
 
 
 class MLPHead(Head):
-    """MLP classifier with dropout, AdamW and early stopping on validation loss.
+    """MLP classifier with dropout, AdamW and early stopping on validation loss (or the ``select`` metric).
 
     Parameters: ``hidden`` layer widths; ``dropout``; ``lr``, ``weight_decay`` (AdamW); ``epochs`` at most;
-    ``batch_size``; ``patience`` epochs without validation-loss improvement before stopping; ``norm``;
+    ``batch_size``; ``patience`` epochs without improvement of ``select`` (loss, accuracy, mean-per-class,
+    macro-f1) on the validation rows before stopping; ``norm``;
     ``balanced`` class weights in the loss; ``holdout``/``seed`` for the validation split when ``fit`` gets no
     ``eval_set``; ``device``.
 
     Fitted: ``weights_`` (parameter name -> array), ``best_epoch_``, ``val_loss_``, ``val_accuracy_``,
-    ``n_views_`` (augmented views per row the fit drew from; 0: none).
+    ``val_score_`` (``select`` at the best epoch), ``history_`` (per epoch: {"epoch", "val_loss"} and the
+    ``select`` metric, e.g. "val_accuracy"), ``n_views_`` (augmented views per row the fit drew from; 0: none).
 
     Example:
         >>> MLPHead(hidden=(512,)).fit(X, y, eval_set=(X_val, y_val)).predict(X_test)
@@ -86,6 +92,7 @@ class MLPHead(Head):
         "epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "patience": [Interval(Integral, 1, None, closed="left")],
+        "select": [StrOptions({"loss", *SELECT})],  # map: refused by fit until heads take multi-label targets
         "balanced": ["boolean"],
         "holdout": [Interval(Real, 0, 1, closed="neither")],
         "seed": [Interval(Integral, 0, None, closed="left")],
@@ -94,8 +101,8 @@ class MLPHead(Head):
 
     def __init__(self, hidden: tuple[int, ...] = (512,), dropout: float = 0.5, lr: float = 1e-3,
                  weight_decay: float = 1e-2, epochs: int = 200, batch_size: int = 256, patience: int = 10,
-                 norm: str = "standardize", balanced: bool = False, holdout: float = 0.2, seed: int = 0,
-                 device: str = "auto"):
+                 select: str = "loss", norm: str = "standardize", balanced: bool = False, holdout: float = 0.2,
+                 seed: int = 0, device: str = "auto"):
         self.hidden = hidden
         self.dropout = dropout
         self.lr = lr
@@ -103,6 +110,7 @@ class MLPHead(Head):
         self.epochs = epochs
         self.batch_size = batch_size
         self.patience = patience
+        self.select = select
         self.norm = norm
         self.balanced = balanced
         self.holdout = holdout
@@ -119,6 +127,7 @@ class MLPHead(Head):
         X, y, sw = self._validate_fit(X, y, sample_weight)
         if any(int(h) < 1 for h in self.hidden):
             raise ProbeError(f"hidden layer widths must be >= 1, got {list(self.hidden)}")
+        refuse_map(self.select, "this mlp head takes one class per row")
         V = None if views is None else self._check_views(views, X)  # (N, K, D) or None
         sw_val = None
         if eval_set is None:
@@ -139,20 +148,21 @@ class MLPHead(Head):
         if len(unknown):
             raise ProbeError(f"validation labels {unknown[:5].tolist()} do not occur in the training labels")
         yv = np.searchsorted(self.classes_, np.asarray(yv_raw))
-        best_state, best_epoch, best_loss, epochs_run = self._train(Z, yi, sw, V, Zv, yv, sw_val)
+        best_state, best_epoch, epochs_run = self._train(Z, yi, sw, V, Zv, yv, sw_val)
         self.weights_ = {k: v.numpy() for k, v in best_state.items()}
         self.best_epoch_, self.epochs_run_ = best_epoch, epochs_run
-        self.val_loss_ = best_loss
+        best = self.history_[best_epoch - 1]
+        self.val_loss_, self.val_score_ = best["val_loss"], best[key(self.select)]
         self.val_accuracy_ = float((self._proba(Zv).argmax(1) == yv).mean())
         self.fit_seconds_ = time.perf_counter() - t0
-        log.info("mlp: best epoch %d of %d, val loss %.4f, val accuracy %.4f%s", best_epoch, epochs_run, best_loss,
+        log.info("mlp: best epoch %d of %d, val loss %.4f, val accuracy %.4f%s", best_epoch, epochs_run, self.val_loss_,
                  self.val_accuracy_, f" ({self.n_views_} augmented views per row)" if self.n_views_ else "")
         return self
 
     def _train(self, Z: np.ndarray, yi: np.ndarray, sw: np.ndarray | None, V: np.ndarray | None, Zv: np.ndarray,
-               yv: np.ndarray, sw_val: np.ndarray | None) -> tuple[dict[str, torch.Tensor], int, float, int]:
+               yv: np.ndarray, sw_val: np.ndarray | None) -> tuple[dict[str, torch.Tensor], int, int]:
         """The training loop: Z (N, D), yi (N,), sample weights (N,) or None, views V (N, K, D) or None, validation
-        Zv (M, D), yv (M,), weights (M,) or None. Returns (best state, best epoch, its val loss, epochs run)."""
+        Zv (M, D), yv (M,), weights (M,) or None. Returns (best state, best epoch, epochs run); sets ``history_``."""
         K = len(self.classes_)
         dev = resolve_device(self.device)
         counts = np.bincount(yi, weights=sw, minlength=K)
@@ -169,7 +179,8 @@ class MLPHead(Head):
             torch.manual_seed(self.seed)
             net = build_mlp(Z.shape[1], tuple(int(h) for h in self.hidden), K, self.dropout).to(dev)
             opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            best_loss, best_state, best_epoch, stale = float("inf"), None, 0, 0
+            best, best_loss, best_state, best_epoch, stale = -float("inf"), float("inf"), None, 0, 0
+            self.history_ = []
             for epoch in range(int(self.epochs)):
                 net.train()
                 order = torch.randperm(len(Zt), device=dev)
@@ -183,15 +194,22 @@ class MLPHead(Head):
                     opt.step()
                 net.eval()
                 with torch.no_grad():
-                    val_loss = float(loss_fn(net(Zvt), yvt, wvt))
-                if val_loss < best_loss - 1e-6:
-                    best_loss, best_epoch, stale = val_loss, epoch + 1, 0
+                    logits = net(Zvt)  # (M, K)
+                    val_loss = float(loss_fn(logits, yvt, wvt))
+                row = {"epoch": epoch + 1, "val_loss": val_loss}
+                if self.select != "loss":
+                    row[key(self.select)] = score(self.select, yv, logits.argmax(1).cpu().numpy(), K, sw_val)
+                self.history_.append(row)
+                # a metric's ties go to the lower loss: a step-valued metric's plateau is no stall while it falls
+                now = 0.0 if self.select == "loss" else row[key(self.select)]  # higher is better
+                if now > best or (now == best and val_loss < best_loss - 1e-6):
+                    best, best_loss, best_epoch, stale = now, val_loss, epoch + 1, 0
                     best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
                 else:
                     stale += 1
                     if stale >= self.patience:
                         break
-        return best_state, best_epoch, best_loss, epoch + 1
+        return best_state, best_epoch, epoch + 1
 
     @staticmethod
     def _check_views(views, X: np.ndarray) -> np.ndarray | None:
