@@ -15,9 +15,17 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _ci(m: dict, name: str) -> str:
+    """" [76.1, 83.9]": the bootstrap interval of metric ``name`` in points, when the report has one."""
+    lo_hi = m.get("ci95", {}).get(name)
+    return f" [{100 * lo_hi[0]:.1f}, {100 * lo_hi[1]:.1f}]" if lo_hi else ""
+
+
 def _metrics_line(name: str, m: dict) -> str:
-    return (f"{name:5} accuracy {_pct(m['accuracy'])}  top-{m['top5_k']} {_pct(m['top5'])}  "
-            f"balanced {_pct(m['balanced_accuracy'])}  (n={m['n']})")
+    boot = m.get("bootstrap")
+    return (f"{name:5} accuracy {_pct(m['accuracy'])}{_ci(m, 'accuracy')}  top-{m['top5_k']} {_pct(m['top5'])}  "
+            f"balanced {_pct(m['balanced_accuracy'])}{_ci(m, 'balanced_accuracy')}  (n={m['n']}"
+            + (f"; 95% bootstrap intervals, {boot['resamples']} resamples, seed {boot['seed']})" if boot else ")"))
 
 
 # ---------------------------------------------------------------------------------------------- fit-head
@@ -27,17 +35,29 @@ def _fit_text(s: dict) -> str:
              + (f", {s['shots']} shots/class (seed {s['seed']})" if s["shots"] else "")]
     if s["head"] == "linear":
         if s["sweep"]:
-            lines.append("L2 sweep (C: val accuracy): " + "  ".join(
-                f"{r['C']:.0e}:{100 * r['val_accuracy']:.1f}" for r in s["sweep"]))
-            lines.append(f"chose C={s['C']:.3g} (val accuracy {_pct(s['val_accuracy'])} on {s['n_val']} images), "
+            from probe.heads.scoring import key
+
+            sel, grid = s["select"], f", {s['grid']} grid" if s["grid"] != "default" else ""
+            also = f", accuracy {_pct(s['val_accuracy'])}" if sel != "accuracy" else ""
+            lines.append(f"L2 sweep{grid} (C: val {sel}): " + "  ".join(
+                f"{r['C']:.0e}:{100 * r[key(sel)]:.1f}" for r in s["sweep"]))
+            lines.append(f"chose C={s['C']:.3g} (val {sel} {_pct(s['val_score'])}{also} on {s['n_val']} images), "
                          f"refit on {s['refit_on']}")
         else:
             lines.append(f"C={s['C']:.3g}" + (f", val accuracy {_pct(s['val_accuracy'])}" if s["val_accuracy"]
                                                 is not None else ""))
     if s["head"] == "mlp":
-        lines.append(f"early stopping: best epoch {s['best_epoch']} of {s['epochs_run']}"
+        watched = "val loss" if s["select"] == "loss" else f"val {s['select']} {_pct(s['val_score'])}"
+        lines.append(f"early stopping on {watched}: best epoch {s['best_epoch']} of {s['epochs_run']}"
                      + (f"; trained on centre crops + {s['views']} augmented views per image" if s["views"] else ""))
     lines.append(f"train accuracy {_pct(s['train_accuracy'])}")
+    if s.get("calibration"):
+        c, r = s["calibration"], s["rejection"]
+        lines.append(f"temperature {c['temperature']:.3g} fit on {c['fit_on']} ({c['n']} images): ECE "
+                     f"{c['val_before']['ece']:.3f} -> {c['val_after']['ece']:.3f}, NLL {c['val_before']['nll']:.3f} "
+                     f"-> {c['val_after']['nll']:.3f}")
+        lines.append(f"unknown above distance {r['threshold']:.3f} to the nearest class mean (rejects "
+                     f"{_pct(r['val_known_rejected'])} of val, target {_pct(r['target_known_rejected'])})")
     if s.get("val"):
         lines.append(_metrics_line("val", s["val"]))
     if s.get("test"):
@@ -61,7 +81,13 @@ def fit_head(
     balanced: bool = typer.Option(False, "--balanced", help="Class-balanced loss weights (linear, mlp)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the k-shot draw, holdout and MLP init."),
     C: float | None = typer.Option(None, "--C", help="linear: fixed inverse L2 strength (default: sweep)."),
-    n_Cs: int = typer.Option(25, "--n-Cs", help="linear: strengths in the sweep (1e-6..1e6)."),
+    n_Cs: int | None = typer.Option(None, "--n-Cs", help="linear: strengths in the default grid (25 on 1e-6..1e6)."),
+    grid: str | None = typer.Option(None, "--grid", help="linear: default (--n-Cs strengths on 1e-6..1e6) or "
+                                                         "kornblith (45 on 1e-6..1e5, Kornblith et al. 2019)."),
+    select: str | None = typer.Option(None, "--select", help="Val metric that picks C (linear) or the early stop "
+                                                             "(mlp): accuracy, mean-per-class, macro-f1, map "
+                                                             "(multi-label stores); default: accuracy (linear), "
+                                                             "loss (mlp)."),
     hidden: str = typer.Option("512", "--hidden", help="mlp: hidden widths, comma-separated."),
     dropout: float = typer.Option(0.5, "--dropout", help="mlp: dropout."),
     epochs: int = typer.Option(200, "--epochs", help="mlp: at most this many epochs (early stopping)."),
@@ -71,9 +97,11 @@ def fit_head(
     k: int = typer.Option(20, "--k", help="knn: neighbours."),
     metric: str = typer.Option("cosine", "--metric", help="prototype: cosine or euclidean."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    reject_target: float = typer.Option(0.05, "--reject-target", help="Rate of known val images the rejection "
+                                                                      "threshold rejects (predict --reject auto)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Train a head on cached features, report validation/test metrics and save it."""
+    """Train a head on cached features, calibrate it on val, report validation/test metrics and save it."""
     from probe.errors import ProbeError
     from probe.heads import make_head
     from probe.heads.fit import fit_head as run
@@ -86,11 +114,13 @@ def fit_head(
         widths = tuple(int(h) for h in hidden.split(",") if h.strip())
     except ValueError:
         raise ProbeError(f"--hidden must be comma-separated integers like 512 or 1024,256, got {hidden!r}") from None
-    params = {"linear": dict(C=C, n_Cs=n_Cs, balanced=balanced, seed=seed, device=device),  # the flags of each head
+    params = {"linear": dict(C=C, balanced=balanced, seed=seed, device=device),  # the flags of each head
               "mlp": dict(hidden=widths, dropout=dropout, epochs=epochs, balanced=balanced, seed=seed, device=device),
               "knn": dict(k=k), "prototype": dict(metric=metric)}.get(head, {})
-    built = make_head(head, **params, **({"norm": norm} if norm else {}))
-    emit(run(store, built, out, shots=shots, seed=seed, views=views).to_dict(), as_json, _fit_text)
+    given = {k: v for k, v in {"norm": norm, "n_Cs": n_Cs, "grid": grid, "select": select}.items() if v is not None}
+    built = make_head(head, **params, **given)  # --grid/--select on a head without them: an error naming the head
+    emit(run(store, built, out, shots=shots, seed=seed, views=views, reject_target=reject_target).to_dict(), as_json,
+         _fit_text)
 
 
 # ----------------------------------------------------------------------------------------------- predict
@@ -103,13 +133,16 @@ def predict(
     csv_out: Path | None = typer.Option(None, "--csv", help="Also write path,rank,class,probability rows here."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     engine: str = typer.Option("auto", "--engine", help="auto, torch or onnxruntime."),
+    reject: str = typer.Option("none", "--reject", help="none (default), auto (the threshold fit-head set on val: "
+                                                        "5% of known images rejected), or a distance in [0, 2]: "
+                                                        "images farther from every class mean are 'unknown'."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Classify images with a saved head, embedding them with exactly the backbone recorded in the head."""
     from probe.fs import write_bytes_atomic
     from probe.predict import predict as run
 
-    res = run(inputs, head, top_k=top_k, device=device, engine=engine)
+    res = run(inputs, head, top_k=top_k, device=device, engine=engine, reject=reject)
     if csv_out:
         rows = io.StringIO(newline="")
         w = csv.writer(rows)
@@ -121,7 +154,8 @@ def predict(
         res["csv"] = str(csv_out)
 
     def text(res):
-        lines = ["  ".join([p["path"]] + [f"{t['class']} {t['probability']:.3f}" for t in p["top"]])
+        lines = ["  ".join([p["path"]] + ([f"unknown (distance {p['distance']:.3f})"] if p["rejected"] else [])
+                           + [f"{t['class']} {t['probability']:.3f}" for t in p["top"]])
                  for p in res["predictions"]]
         lines += [f"skipped {b['path']}: {b['reason']}" for b in res["skipped"]]
         if res.get("csv"):
@@ -139,20 +173,33 @@ def eval_(
     head: Path = typer.Option(..., "--head", help="Head file from `probe fit-head`."),
     split: str = typer.Option("test", "--split", help="train, val, test, or all."),
     png: Path | None = typer.Option(None, "--png", help="Confusion-matrix PNG (default: beside the head)."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Resamples of the rows for 95% intervals of accuracy "
+                                                            "and balanced accuracy (0: none)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Accuracy, top-5, balanced accuracy, per-class precision/recall/F1 and a confusion-matrix PNG."""
+    """Accuracy (with a bootstrap 95% interval), top-5, balanced accuracy, per-class precision/recall/F1 and a
+    confusion-matrix PNG."""
     from probe.heads.evaluate import evaluate_store
 
     png = png or Path(f"{head.with_suffix('')}.{split}.confusion.png")
-    r = evaluate_store(store, head, None if split == "all" else split, png).to_dict()
+    reliability = png.with_name(png.name.removesuffix(".png").removesuffix(".confusion") + ".reliability.png")
+    r = evaluate_store(store, head, None if split == "all" else split, png, bootstrap=bootstrap, seed=seed,
+                       reliability_png=reliability).to_dict()
 
     def text(r):
         lines = [f"{r['head_type']} head {r['head']} on {r['store']} [{r['split']}]", _metrics_line("", r).strip(),
                  f"{'class':24} {'precision':>9} {'recall':>7} {'f1':>6} {'n':>6}"]
         lines += [f"{c['class'][:24]:24} {c['precision']:9.3f} {c['recall']:7.3f} {c['f1']:6.3f} {c['support']:6d}"
                   for c in r["per_class"]]
+        c = r["calibration"]
+        m = [f"ECE {c[w]['ece']:.3f}  NLL {c[w]['nll']:.3f}  Brier {c[w]['brier']:.3f}" for w in ("before", "after")
+             if c[w]]
+        lines.append(f"calibration ({c['ece_bins']} bins): uncalibrated {m[0]}" + (
+            f"; temperature {c['temperature']:.3g}: {m[1]}" if c["calibrated"] else "; the head has no temperature")
+            + (f" ({c['note']})" if c.get("note") else ""))
         lines.append(f"confusion matrix: {r['png']}")
+        lines.append(f"reliability diagram: {c['reliability_png']}")
         return "\n".join(lines)
 
     emit(r, as_json, text)

@@ -1,9 +1,11 @@
 """Classify new images with a saved head: embed them with exactly the backbone and preprocessing recorded in the
-head, then the head's probabilities. The feature store is not needed.
+head, then the head's probabilities (temperature-scaled when the head was calibrated) and, with ``reject``, "unknown"
+for images far from every class the head knows. The feature store is not needed.
 
 Example:
     >>> out = predict(["photo.jpg", "more_photos/"], "heads/demo-linear.safetensors", top_k=3)
     >>> out["predictions"][0]["top"][0]        # {"class": "Sneaker", "probability": 0.93}
+    >>> out["predictions"][0]["class"], out["calibrated"]     # "Sneaker" (or "unknown"), True
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from ._callable import make_module_callable
 from .data import images_in
 from .errors import MissingFileError, ProbeError
+from .heads import calibration as cal
 from .heads.io import load_head
 
 log = logging.getLogger(__name__)
@@ -41,8 +44,14 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def predict(inputs: Sequence[str | os.PathLike], head_path: str | os.PathLike, top_k: int = 5,
-            device: str = "auto", batch_size: int = 64, engine: str = "auto") -> dict[str, Any]:
+            device: str = "auto", batch_size: int = 64, engine: str = "auto", reject: str | float = "none"
+            ) -> dict[str, Any]:
     """Top-k classes with probabilities for every decodable image; undecodable files are listed in ``skipped``.
+
+    ``reject``: "none" (default: every image gets its top class), "auto" (the threshold fit-head set on val), or
+    a distance threshold in [0, 2]; an image whose cosine distance to the nearest training class mean is above
+    it gets ``class`` "unknown" (its ``top`` classes are still listed). Every prediction has ``class``,
+    ``rejected`` and ``distance``.
 
     Raises ProbeError when no image could be embedded (naming each file and why), BackboneError when the backbone
     available now differs from the one recorded in the head."""
@@ -50,8 +59,10 @@ def predict(inputs: Sequence[str | os.PathLike], head_path: str | os.PathLike, t
 
     if top_k < 1:
         raise ProbeError(f"--top-k must be >= 1, got {top_k}")
+    cal.parse_reject(reject)  # a bad value fails before any file is read
     files = list_images(inputs)
     head, meta = load_head(head_path)
+    threshold = cal.resolve_threshold(head, reject, f"head {head_path}")
     names = meta["class_names"]
     emb = embedder_for(meta["config"], device=device, engine=engine)
     feats, ok, bad = emb.embed_files(files, batch_size)  # (n_ok, D)
@@ -66,10 +77,12 @@ def predict(inputs: Sequence[str | os.PathLike], head_path: str | os.PathLike, t
     proba = head.predict_proba(feats)  # (n_ok, C)
     k = min(top_k, len(names))
     top = np.argsort(-proba, axis=1, kind="stable")[:, :k]
-    preds = [{"path": files[i], "top": [{"class": names[c], "probability": round(float(proba[j, c]), 6)}
-                                        for c in top[j]]}
+    decided = cal.decisions(head, feats, proba, names, threshold)
+    preds = [{"path": files[i], **decided[j],
+              "top": [{"class": names[c], "probability": round(float(proba[j, c]), 6)} for c in top[j]]}
              for j, i in enumerate(ok)]
-    return {"head": str(head_path), "backbone": meta["config"]["backbone"], "predictions": preds, "skipped": bad}
+    return {"head": str(head_path), "backbone": meta["config"]["backbone"], **cal.describe(head, reject, threshold),
+            "predictions": preds, "skipped": bad}
 
 
 make_module_callable(__name__, predict)  # `probe.predict(...)` whether Python bound the module or the function

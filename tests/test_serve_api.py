@@ -106,6 +106,22 @@ def test_classify_matches_probe_predict(client, files):
     assert np.allclose([t["probability"] for t in top], [t["probability"] for t in expected], atol=1e-4)
 
 
+def test_classify_rejects_unknowns(client, files):
+    """reject=auto|none|<distance> on the real server: 'unknown' above the threshold, a 422 naming a bad value."""
+    img = {"file": png(first_image(files, "Bag"))}
+    default = client.post("/heads/proto/classify?k=2", files=img).json()  # opt-in: none by default
+    assert default["reject"]["mode"] == "none" and not default["rejected"]
+    auto = client.post("/heads/proto/classify?k=2&reject=auto", files=img).json()
+    assert auto["calibrated"] is True and auto["reject"]["mode"] == "auto" and auto["distance"] >= 0
+    zero = client.post("/heads/proto/classify?k=2&reject=0", files=img).json()
+    assert zero["class"] == "unknown" and zero["rejected"] and zero["top"][0]["class"] == auto["top"][0]["class"]
+    none = client.post("/heads/proto/classify?k=2&reject=none", files=img).json()
+    assert not none["rejected"] and none["class"] == none["top"][0]["class"]
+    bad = client.post("/heads/proto/classify?reject=often", files=img)
+    assert bad.status_code == 422 and "reject must be auto" in bad.json()["detail"]
+    assert "got 'often'" in bad.json()["detail"]
+
+
 @pytest.mark.parametrize("index", ["gallery", "store"])
 def test_search_by_upload_finds_the_image_itself(client, files, index):
     img = first_image(files, "Coat", 1)

@@ -6,6 +6,8 @@
     prototype.py  nearest class mean (SimpleShot)           knn.py   DINO's weighted kNN
     io.py         safetensors save/load                     fit.py   `probe fit-head`
     evaluate.py   metrics + confusion PNG (`probe eval`)    fewshot.py  episodes (`probe fewshot`)
+    calibration.py  temperature scaling, ECE/NLL/Brier, reliability PNG, unknown rejection (distance threshold)
+    scoring.py    the validation metric that picks C / the early stop (``select=``)
 """
 
 from .base import Head

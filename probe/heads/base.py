@@ -5,6 +5,12 @@ class's ``_parameter_constraints``, the data with sklearn's ``validate_data``), 
 (``classes_``, ``n_features_in_``, ``norm_`` and the head's own) and returns ``self``; ``predict`` /
 ``predict_proba`` refuse an unfitted head with sklearn's ``NotFittedError`` (a ValueError) and check the features
 against ``n_features_in_``. ``sklearn.utils.estimator_checks`` holds every head to this (tests/test_heads_sklearn.py).
+
+Calibration and unknown rejection come after ``fit``, from held-out rows (``probe.heads.calibration`` has the math):
+``calibrate(X_val, y_val)`` learns ``temperature_`` (absent, meaning 1, until then), which ``predict_proba``
+divides the logits by (``predict`` is unchanged: T > 0 keeps the argmax); ``fit_rejection(X_train, y_train,
+X_val, y_val)`` learns the class means and the distance threshold that ``rejection_distance`` and
+``probe predict --reject`` use. A new ``fit`` forgets both.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from ..errors import ProbeError
+from . import calibration as cal
 from .features import NORMS, apply_norm, fit_norm
 
+CALIBRATION_ATTRS = ("temperature_", "reject_center_", "reject_means_", "reject_threshold_", "reject_target_")
 NOUNS = {"norm": "normalisation"}  # what a parameter's value is, for "unknown normalisation 'zca'"
 
 
@@ -102,6 +110,8 @@ class Head(ClassifierMixin, BaseEstimator):
     def _fit_classes_and_norm(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
                               ) -> tuple[np.ndarray, np.ndarray]:
         """Learn ``classes_`` and ``norm_`` (weighted statistics); returns (normalised X (N, D), class indices)."""
+        for a in CALIBRATION_ATTRS:  # a new fit makes a previous calibration meaningless
+            self.__dict__.pop(a, None)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         self.norm_ = fit_norm(X, self.norm, sample_weight)
         return apply_norm(X, self.norm_), y_idx.astype(np.int64)
@@ -125,9 +135,64 @@ class Head(ClassifierMixin, BaseEstimator):
         """(N, D) normalised -> (N, C) scores whose argmax is the prediction; by default the probabilities."""
         return self._proba(Z)
 
+    def _logits(self, Z: np.ndarray) -> np.ndarray:
+        """(N, D) normalised -> (N, C) logits up to a per-row constant: by default the log-probabilities."""
+        return cal.log_proba(self._proba(Z))
+
     def predict_proba(self, X: Any) -> np.ndarray:
-        """(N, D) -> (N, n_classes) class probabilities, columns in the order of ``classes_``."""
+        """(N, D) -> (N, n_classes) class probabilities, columns in the order of ``classes_``; temperature-scaled
+        once ``calibrate`` has run (``temperature_``)."""
+        Z = self.transform_features(X)
+        T = getattr(self, "temperature_", None)
+        return self._proba(Z) if T is None else cal.softmax_t(self._logits(Z), T)
+
+    def uncalibrated_proba(self, X: Any) -> np.ndarray:
+        """(N, D) -> (N, n_classes) the head's own probabilities, without ``temperature_``."""
         return self._proba(self.transform_features(X))
+
+    def _columns(self, y: Any, what: str) -> np.ndarray:
+        """Labels (N,) -> column indices into ``classes_``, refusing labels the head was not fit on."""
+        y = np.asarray(y)
+        known = np.isin(y, self.classes_)
+        if not known.all():
+            raise ProbeError(f"{what} has labels the head was not fit on: {sorted(set(y[~known].tolist()))[:10]} "
+                             f"(it knows {self.classes_.tolist()})")
+        return np.searchsorted(self.classes_, y)
+
+    def calibrate(self, X: Any, y: Any) -> Head:
+        """Learn ``temperature_``: the T minimising the NLL of ``softmax(logits / T)`` on held-out X (N, D), y (N,)
+        (never the training rows: there the head is overconfident by construction). Returns self.
+
+        Example:
+            >>> head.fit(X_train, y_train).calibrate(X_val, y_val).predict_proba(X_new)
+        """
+        Z = self.transform_features(X)
+        self.temperature_ = cal.fit_temperature(self._logits(Z), self._columns(y, "calibrate: y"))
+        return self
+
+    def fit_rejection(self, X_train: Any, y_train: Any, X_val: Any, y_val: Any,
+                      target: float = cal.REJECT_TARGET) -> Head:
+        """Learn the class means of the training features (CL2N) and the distance above which ``target`` of the
+        held-out known images X_val lie: ``reject_threshold_``. Labels must be the head's classes. Returns self."""
+        cal.check_target(target)
+        check_is_fitted(self)
+        with user_errors():
+            X_train = validate_data(self, X_train, reset=False, dtype=np.float32)
+        y_train = np.asarray(y_train)
+        self._columns(y_train, "fit_rejection: y_train")
+        self.reject_center_, self.reject_means_ = cal.class_means(X_train, y_train, self.classes_)
+        self._columns(y_val, "fit_rejection: y_val")
+        self.reject_threshold_ = cal.rejection_threshold(self.rejection_distance(X_val), target)
+        self.reject_target_ = float(target)
+        return self
+
+    def rejection_distance(self, X: Any) -> np.ndarray:
+        """(N, D) -> (N,) cosine distance to the nearest training class mean (CL2N); above ``reject_threshold_``
+        an image is treated as a class the head never saw."""
+        check_is_fitted(self, "reject_means_")
+        with user_errors():
+            X = validate_data(self, X, reset=False, dtype=np.float32)
+        return cal.prototype_distance(X, self.reject_center_, self.reject_means_)
 
     def predict(self, X: Any) -> np.ndarray:
         scores = self._scores(self.transform_features(X))  # (N, C); checks the head is fitted
@@ -145,6 +210,8 @@ class Head(ClassifierMixin, BaseEstimator):
         arrays = {"classes_": np.asarray(self.classes_), "norm.mean": self.norm_["mean"],
                   "norm.scale": self.norm_["scale"]}
         arrays.update({a: np.asarray(getattr(self, a)) for a in self._state_attrs})
+        arrays.update({f"calibration.{a}": np.atleast_1d(np.asarray(getattr(self, a)))
+                       for a in CALIBRATION_ATTRS if hasattr(self, a)})  # absent until calibrate / fit_rejection
         return arrays
 
     def set_state(self, arrays: dict[str, np.ndarray]) -> Head:
@@ -153,4 +220,8 @@ class Head(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = len(self.norm_["mean"])
         for a in self._state_attrs:
             setattr(self, a, arrays[a])
+        for a in CALIBRATION_ATTRS:  # heads saved before calibration existed have none
+            if f"calibration.{a}" in arrays:
+                v = arrays[f"calibration.{a}"]
+                setattr(self, a, float(v[0]) if a in ("temperature_", "reject_threshold_", "reject_target_") else v)
         return self

@@ -26,10 +26,12 @@ from sklearn.base import clone
 from ..errors import ProbeError
 from ..identity import FeatureIdentity
 from ..store import FeatureStore
+from . import calibration as cal
 from .base import Head
 from .evaluate import metrics
 from .features import k_per_class, stratified_holdout
 from .io import make_head, save_head
+from .scoring import refuse_map
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,10 @@ def labelled_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
     y = store.labels()
     sp = store.splits()
     lab = y >= 0
+    if getattr(store, "multilabel", False):
+        raise ProbeError(f"store {store.path} is multi-label ({len(store.classes)} classes, several per image): "
+                         "heads for multi-label stores are not built yet; this release fits heads on stores with "
+                         "one label per image (class folders, a split root, or a CSV with a `label` column)")
     if not lab.any():
         raise ProbeError(f"store {store.path} has no labelled images (all {len(y)} rows have no class): a head "
                          "needs a labelled store (class folders, a split root or a CSV with labels)")
@@ -126,21 +132,63 @@ def _head_details(head: Head, cfg: dict[str, Any], n_val: int) -> dict[str, Any]
     d: dict[str, Any] = {"shots": cfg["shots"], "seed": cfg["seed"],
                          "views": int(getattr(head, "n_views_", 0))}  # augmented views per image it trained on
     if head.kind == "linear":
-        d.update(C=head.C_, sweep=head.sweep_,
+        d.update(C=head.C_, sweep=head.sweep_, grid=head.grid, select=head.select, val_score=head.val_score_,
                  refit_on="train+val" if head.sweep_ and head.refit and n_val else "train")
-    if head.kind == "mlp":
-        d.update(best_epoch=head.best_epoch_, epochs_run=head.epochs_run_)
+    if head.kind == "mlp":  # select: what early stopping watched; val_score: its value at the best epoch
+        d.update(best_epoch=head.best_epoch_, epochs_run=head.epochs_run_, select=head.select,
+                 val_score=head.val_score_)
     return d
+
+
+def _calibrate(head: Head, X: np.ndarray, y: np.ndarray, rows: dict[str, np.ndarray], target: float
+               ) -> dict[str, Any]:
+    """Fit the head's temperature and rejection threshold on val; the summary's "calibration" and "rejection".
+
+    Both need scores of images the head did not train on. A linear head refit on train + val has seen val, so
+    the temperature is fit on a copy fit on train alone at the chosen C and carried over to the refit head
+    (more data at the same C changes its scale a little). The rejection threshold needs no copy: its distance is
+    to the class means of the train rows, whatever the head."""
+    train, val, test = rows["train"], rows["val"], rows["test"]
+    if not len(val):
+        log.warning("no validation rows: the %s head is not calibrated and has no rejection threshold", head.kind)
+        return {"calibration": None, "rejection": None}
+    held, fit_on = head, "val"
+    if head.kind == "linear" and head.sweep_ and head.refit:
+        params = {"C": head.C_, **({"grid": "default"} if "grid" in head.get_params() else {})}
+        held = clone(head).set_params(**params).fit(X[train], y[train])
+        fit_on = f"val, scored by the head fit on train alone at C={head.C_:.3g}"
+    before = held.predict_proba(X[val])
+    test_before = head.predict_proba(X[test]) if len(test) else None  # (N_test, C) uncalibrated
+    head.temperature_ = held.calibrate(X[val], y[val]).temperature_
+    cols = np.searchsorted(head.classes_, y[val])
+    calib: dict[str, Any] = {"temperature": round(head.temperature_, 6), "fit_on": fit_on, "n": int(len(val)),
+                             "ece_bins": cal.ECE_BINS,
+                             "val_before": cal.calibration_metrics(before, cols),
+                             "val_after": cal.calibration_metrics(held.predict_proba(X[val]), cols)}
+    head.fit_rejection(X[train], y[train], X[val], y[val], target)
+    rejection: dict[str, Any] = {"score": "prototype_distance", "threshold": round(head.reject_threshold_, 6),
+                                 "target_known_rejected": target,
+                                 "val_known_rejected": float((head.rejection_distance(X[val])
+                                                              > head.reject_threshold_).mean())}
+    if len(test):
+        tcols = np.searchsorted(head.classes_, y[test])
+        calib["test_before"] = cal.calibration_metrics(test_before, tcols)
+        calib["test_after"] = cal.calibration_metrics(head.predict_proba(X[test]), tcols)
+        rejection["test_known_rejected"] = float((head.rejection_distance(X[test]) > head.reject_threshold_).mean())
+    return {"calibration": calib, "rejection": rejection}
 
 
 def fit_head(store: FeatureStore | str | os.PathLike, head: Head | str = "linear",
              out: str | os.PathLike | None = None, *, shots: int | None = None, seed: int = 0,
-             views: bool | None = None) -> HeadFit:
+             views: bool | None = None, reject_target: float = cal.REJECT_TARGET) -> HeadFit:
     """Fit ``head`` (an unfitted head object, or a kind: "linear", "mlp", "prototype", "knn") on a store's
-    train split, choosing on val (the linear head's L2 strength, the MLP's early stop) and scoring val and test.
+    train split, choosing on val (the linear head's L2 strength, the MLP's early stop, by the head's ``select``
+    metric: ``scoring.py``) and scoring val and test.
 
     ``shots`` keeps that many training images per class (drawn with ``seed``); ``views``: the MLP trains on the
     store's augmented views (None: when the store has them). The head file is written only when ``out`` is given.
+    After the fit, val also sets the temperature of ``predict_proba`` and the distance threshold that rejects
+    ``reject_target`` of the known val images as unknown (``_calibrate``).
 
     Example:
         >>> fit = fit_head("cache/demo.h5", LinearHead(n_Cs=25), out="heads/demo.safetensors")
@@ -148,9 +196,12 @@ def fit_head(store: FeatureStore | str | os.PathLike, head: Head | str = "linear
     """
     if shots is not None and shots < 1:
         raise ProbeError(f"shots must be >= 1 images per class, got {shots}")
+    cal.check_target(reject_target)
     head = make_head(head) if isinstance(head, str) else clone(head)
     t0 = time.perf_counter()
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    if not getattr(store, "multilabel", False):
+        refuse_map(getattr(head, "select", ""), f"store {store.path} has one label per image")
     X, y = store.features(), store.labels()  # (N, D), (N,)
     train, val, test, test_dropped = _training_rows(store, y, shots, seed)
     fit_kw: dict[str, Any] = {}
@@ -168,6 +219,7 @@ def fit_head(store: FeatureStore | str | os.PathLike, head: Head | str = "linear
     head.fit(X[train], y[train], **fit_kw)
     fit_s = time.perf_counter() - t0
     class_names = [store.classes[i] for i in head.classes_]
+    calibrated = _calibrate(head, X, y, {"train": train, "val": val, "test": test}, reject_target)
 
     def report(idx: np.ndarray) -> dict[str, Any] | None:
         return metrics(np.searchsorted(head.classes_, y[idx]), head.predict_proba(X[idx]), class_names) \
@@ -178,6 +230,7 @@ def fit_head(store: FeatureStore | str | os.PathLike, head: Head | str = "linear
     details["train_accuracy"] = float((head.predict(X[train]) == y[train]).mean())
     if test_dropped:
         details["test_dropped_unknown_class"] = test_dropped
+    details.update(calibrated)
     fit = HeadFit(head, class_names, store.identity.features_only(), str(store.path), int(len(train)),
                   int(len(val)), int(len(test)),
                   head.val_accuracy_ if head.kind == "linear" else (val_report or {}).get("accuracy"),

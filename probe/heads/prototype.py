@@ -70,5 +70,8 @@ class PrototypeHead(Head):
             return Zn @ Pn.T  # (N, C)
         return -((Z * Z).sum(1, keepdims=True) - 2 * Z @ P.T + (P * P).sum(1))  # (N, C) = -||z - p||^2
 
+    def _logits(self, Z: np.ndarray) -> np.ndarray:
+        return self._scores(Z) / self.temperature  # (N, C); a calibration temperature_ divides these again
+
     def _proba(self, Z: np.ndarray) -> np.ndarray:
-        return softmax(self._scores(Z) / self.temperature)
+        return softmax(self._logits(Z))

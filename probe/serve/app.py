@@ -4,7 +4,7 @@
     GET  /health                          readiness + micro-batching counters        GET /metrics (counters only)
     GET  /models                          backbone, heads, indexes, few-shot sets, limits
     POST /embed                           file                -> embedding
-    POST /heads/{name}/classify?k=5       file                -> top-k classes with probabilities
+    POST /heads/{name}/classify?k=5&reject=none  file         -> top-k classes with probabilities, or "unknown"
     POST /indexes/{name}/search?k=10      file                -> nearest gallery images
     GET  /indexes/{name}/search?id=3&k=10                     -> neighbours of gallery image 3
     GET  /indexes/{name}/items/{id}/image?size=256            -> PNG thumbnail (gallery files only)
@@ -213,8 +213,11 @@ def _embed_classify_routes(app: FastAPI, service: Service) -> None:
         return await service.embed(await file.read())
 
     @app.post("/heads/{name}/classify", tags=["classify"], summary="Top-k classes of a loaded head")
-    async def classify(name: str, file: UploadFile = UPLOAD, k: int = top_param) -> dict[str, Any]:
-        return await service.classify(name, await file.read(), k)
+    async def classify(name: str, file: UploadFile = UPLOAD, k: int = top_param,
+                       reject: str = Query("none", description="none (default), auto (the head's threshold, set "
+                                                               "on val), or a distance in [0, 2]: farther from "
+                                                               "every class mean is 'unknown'.")) -> dict[str, Any]:
+        return await service.classify(name, await file.read(), k, reject)
 
 
 def _search_routes(app: FastAPI, service: Service) -> None:

@@ -28,6 +28,7 @@ from ..backbones import DEFAULT_BACKBONE, BackboneError, create_backbone
 from ..data import ImageDecodeError, load_image
 from ..embedder import Embedder, embedder_for
 from ..errors import ProbeError
+from ..heads import calibration as cal
 from ..heads.base import Head
 from ..heads.io import load_head
 from ..identity import FeatureIdentity, Side
@@ -177,12 +178,18 @@ class Service:
                 "embedding": [round(float(a), 7) for a in v]}
 
     # ---- heads
-    async def classify(self, head_name: str, data: bytes, top_k: int = 5) -> dict[str, Any]:
+    async def classify(self, head_name: str, data: bytes, top_k: int = 5, reject: str | float = "none"
+                       ) -> dict[str, Any]:
+        """Top-k classes (calibrated probabilities when the head was calibrated) and the decision: ``class`` is
+        "unknown" when the image is farther than the ``reject`` threshold from every class mean (``probe predict``)."""
         head, names, _ = self._head(head_name)  # 404 before any decoding
         self._check_k(top_k)
+        threshold = cal.resolve_threshold(head, reject, f"head {head_name!r}")  # ProbeError: 422 naming the value
         v = await self.embed_vector(data)
-        proba = (await asyncio.to_thread(head.predict_proba, v[None]))[0]  # (C,), in the order of head.classes_
-        return {"head": head_name, "kind": head.kind, "top": _top(proba, names, top_k)}
+        proba = (await asyncio.to_thread(head.predict_proba, v[None]))  # (1, C), in the order of head.classes_
+        decided = cal.decisions(head, v[None], proba, names, threshold)[0]
+        return {"head": head_name, "kind": head.kind, **decided, **cal.describe(head, reject, threshold),
+                "top": _top(proba[0], names, top_k)}
 
     # ---- search
     def _hits(self, idx: SearchIndex, scores: np.ndarray, ids: np.ndarray) -> list[dict[str, Any]]:
@@ -254,8 +261,10 @@ class Service:
                          "input_size": bb.preprocess.get("crop"), "dtype": self.embedder.dtype,
                          "device": str(self.embedder.device), "tta": self.embedder.tta, "config_key": self.key,
                          "engine": self.embedder.engine.name},
-            "heads": [{"name": n, "kind": h.kind, "classes": names,
-                       "path": str(p)} for n, (h, names, p) in sorted(self.heads.items())],
+            "heads": [{"name": n, "kind": h.kind, "classes": names, "path": str(p),
+                       "calibrated": hasattr(h, "temperature_"),
+                       "reject_threshold": getattr(h, "reject_threshold_", None)}
+                      for n, (h, names, p) in sorted(self.heads.items())],
             "indexes": [{"name": n, "type": i.kind, "metric": i.metric, "count": i.count, "classes": list(i.classes),
                          "source": self.sources[n]} for n, i in sorted(self.indexes.items())],
             "fewshot_sets": self.sets.list(),

@@ -52,7 +52,9 @@ function showPredictions(result, source) {
     li.append(bar);
     return li;
   }));
-  $("pred-source").textContent = `(${source})`;
+  const unknown = result.rejected  // head classify: farther than the threshold from every class mean
+    ? ` — unknown: distance ${result.distance.toFixed(3)} > ${result.reject.threshold.toFixed(3)}` : "";
+  $("pred-source").textContent = `(${source})${unknown}`;
   $("predictions").hidden = false;
 }
 
@@ -96,7 +98,7 @@ async function query(file) {
   }
   const [kind, name] = $("classifier").value.split(/:(.*)/s);
   if (name) {
-    const url = kind === "head" ? `/heads/${encodeURIComponent(name)}/classify?k=5`
+    const url = kind === "head" ? `/heads/${encodeURIComponent(name)}/classify?k=5&reject=auto`
                                 : `/fewshot/${encodeURIComponent(name)}/classify?k=5`;
     jobs.push(api(url, { method: "POST", body: form(file) })
       .then((r) => showPredictions(r, `${kind === "head" ? "head" : "few-shot set"} ${name}`)));
