@@ -15,6 +15,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _num(x: float | None) -> str:
+    return f"{'-':>6}" if x is None else f"{x:6.3f}"
+
+
 def _ci(m: dict, name: str) -> str:
     """" [76.1, 83.9]": the bootstrap interval of metric ``name`` in points, when the report has one."""
     lo_hi = m.get("ci95", {}).get(name)
@@ -28,17 +32,27 @@ def _metrics_line(name: str, m: dict) -> str:
             + (f"; 95% bootstrap intervals, {boot['resamples']} resamples, seed {boot['seed']})" if boot else ")"))
 
 
+def _multilabel_line(name: str, m: dict) -> str:
+    boot = m.get("bootstrap")
+    return (f"{name:5} mAP {_pct(m['mAP'])}{_ci(m, 'map')}  mAP VOC07 {_pct(m['mAP_voc07'])}  micro-F1 "
+            f"{_pct(m['micro_f1'])}  macro-F1 {_pct(m['macro_f1'])}  (n={m['images']}"
+            + (f"; 95% bootstrap interval, {boot['resamples']} resamples, seed {boot['seed']})" if boot else ")"))
+
+
 # ---------------------------------------------------------------------------------------------- fit-head
 def _fit_text(s: dict) -> str:
     lines = [f"{s['head']} head on {s['store']}: {s['n_train']} train images, {len(s['classes'])} classes, "
              f"{s['dim']}-d {s['backbone']} features, norm {s['norm']}"
              + (f", {s['shots']} shots/class (seed {s['seed']})" if s["shots"] else "")]
+    if s.get("multilabel"):
+        lines[0] += " (multi-label: one-vs-rest, sigmoid per class)"
     if s["head"] == "linear":
         if s["sweep"]:
             from probe.heads.scoring import key
 
             sel, grid = s["select"], f", {s['grid']} grid" if s["grid"] != "default" else ""
-            also = f", accuracy {_pct(s['val_accuracy'])}" if sel != "accuracy" else ""
+            also = f", accuracy {_pct(s['val_accuracy'])}" if sel != "accuracy" and s["val_accuracy"] is not None \
+                else ""
             lines.append(f"L2 sweep{grid} (C: val {sel}): " + "  ".join(
                 f"{r['C']:.0e}:{100 * r[key(sel)]:.1f}" for r in s["sweep"]))
             lines.append(f"chose C={s['C']:.3g} (val {sel} {_pct(s['val_score'])}{also} on {s['n_val']} images), "
@@ -50,6 +64,18 @@ def _fit_text(s: dict) -> str:
         watched = "val loss" if s["select"] == "loss" else f"val {s['select']} {_pct(s['val_score'])}"
         lines.append(f"early stopping on {watched}: best epoch {s['best_epoch']} of {s['epochs_run']}"
                      + (f"; trained on centre crops + {s['views']} augmented views per image" if s["views"] else ""))
+    if s.get("multilabel"):
+        t = s["thresholds"]
+        lines.append(f"train mAP {_pct(s['train_map'])}")
+        lines.append(f"thresholds (F1-optimal per class) fit on {t['fit_on'] or '- (no val rows: 0.5)'}: "
+                     + "  ".join(f"{n}:{v:.3f}" for n, v in list(t["values"].items())[:20])
+                     + ("  …" if len(t["values"]) > 20 else ""))
+        lines.append(s["calibration_note"] + "; no unknown rejection")
+        for name in ("val", "test"):
+            if s.get(name):
+                lines.append(_multilabel_line(name, s[name]))
+        lines.append(f"saved {s['out']} in {s['fit_seconds']:.2f}s")
+        return "\n".join(lines)
     lines.append(f"train accuracy {_pct(s['train_accuracy'])}")
     if s.get("calibration"):
         c, r = s["calibration"], s["rejection"]
@@ -86,8 +112,8 @@ def fit_head(
                                                          "kornblith (45 on 1e-6..1e5, Kornblith et al. 2019)."),
     select: str | None = typer.Option(None, "--select", help="Val metric that picks C (linear) or the early stop "
                                                              "(mlp): accuracy, mean-per-class, macro-f1, map "
-                                                             "(multi-label stores); default: accuracy (linear), "
-                                                             "loss (mlp)."),
+                                                             "(multi-label stores); default: accuracy (linear; "
+                                                             "map on a multi-label store), loss (mlp)."),
     hidden: str = typer.Option("512", "--hidden", help="mlp: hidden widths, comma-separated."),
     dropout: float = typer.Option(0.5, "--dropout", help="mlp: dropout."),
     epochs: int = typer.Option(200, "--epochs", help="mlp: at most this many epochs (early stopping)."),
@@ -154,8 +180,12 @@ def predict(
         res["csv"] = str(csv_out)
 
     def text(res):
+        def labels(p):  # multi-label head: the classes above their thresholds, then the top k
+            return ["labels: " + (", ".join(f"{t['class']} {t['probability']:.3f}" for t in p["labels"]) or "none")
+                    + " |"] if "labels" in p else []
+
         lines = ["  ".join([p["path"]] + ([f"unknown (distance {p['distance']:.3f})"] if p["rejected"] else [])
-                           + [f"{t['class']} {t['probability']:.3f}" for t in p["top"]])
+                           + labels(p) + [f"{t['class']} {t['probability']:.3f}" for t in p["top"]])
                  for p in res["predictions"]]
         lines += [f"skipped {b['path']}: {b['reason']}" for b in res["skipped"]]
         if res.get("csv"):
@@ -174,12 +204,14 @@ def eval_(
     split: str = typer.Option("test", "--split", help="train, val, test, or all."),
     png: Path | None = typer.Option(None, "--png", help="Confusion-matrix PNG (default: beside the head)."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Resamples of the rows for 95% intervals of accuracy "
-                                                            "and balanced accuracy (0: none)."),
+                                                            "and balanced accuracy, or of mAP for a multi-label "
+                                                            "head (0: none)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Accuracy (with a bootstrap 95% interval), top-5, balanced accuracy, per-class precision/recall/F1 and a
-    confusion-matrix PNG."""
+    confusion-matrix PNG; for a multi-label head mAP (area under PR, with its interval) and VOC07 11-point mAP,
+    per-class AP and micro/macro F1 at the head's thresholds (no PNG)."""
     from probe.heads.evaluate import evaluate_store
 
     png = png or Path(f"{head.with_suffix('')}.{split}.confusion.png")
@@ -187,7 +219,18 @@ def eval_(
     r = evaluate_store(store, head, None if split == "all" else split, png, bootstrap=bootstrap, seed=seed,
                        reliability_png=reliability).to_dict()
 
+    def multilabel_text(r):
+        lines = [f"{r['head_type']} head {r['head']} on {r['store']} [{r['split']}] (multi-label)",
+                 _multilabel_line("", r).strip(),
+                 f"{'class':24} {'AP':>6} {'AP07':>6} {'thresh':>6} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>6}"]
+        lines += [f"{n[:24]:24} {_num(c['ap'])} {_num(c['ap_voc07'])} {c['threshold']:6.3f} {c['precision']:6.3f} "
+                  f"{c['recall']:6.3f} {c['f1']:6.3f} {c['support']:6d}" for n, c in r["per_class"].items()]
+        lines.append(f"{r['calibration']['note']}; {r['confusion_note']}")
+        return "\n".join(lines)
+
     def text(r):
+        if r.get("multilabel"):
+            return multilabel_text(r)
         lines = [f"{r['head_type']} head {r['head']} on {r['store']} [{r['split']}]", _metrics_line("", r).strip(),
                  f"{'class':24} {'precision':>9} {'recall':>7} {'f1':>6} {'n':>6}"]
         lines += [f"{c['class'][:24]:24} {c['precision']:9.3f} {c['recall']:7.3f} {c['f1']:6.3f} {c['support']:6d}"

@@ -230,13 +230,14 @@ def test_multilabel_metrics_report():
         multilabel_metrics(Y, P, 0.5, ["a", "b"])
 
 
-def test_fit_head_names_a_multilabel_store_it_cannot_fit_yet(tmp_path):
-    """Until the heads train one-vs-rest, a multi-label store is refused by name, not as 'no labelled images'."""
+def test_fit_head_names_a_multilabel_store_it_cannot_fit(tmp_path):
+    """A head that takes one class per row refuses a multi-label store by name, not as 'no labelled images' (the
+    linear and MLP heads fit it one-vs-rest: tests/test_multilabel_heads.py)."""
     from probe.heads.fit import fit_head
     from probe.store import store_from_arrays
 
     rng = np.random.default_rng(0)
     path = store_from_arrays(tmp_path / "ml.h5", rng.normal(size=(20, 8)).astype(np.float32),
                              (rng.random((20, 3)) > 0.5).astype(np.uint8), classes=["a", "b", "c"])
-    with pytest.raises(ProbeError, match=r"is multi-label \(3 classes, several per image\)"):
-        fit_head(path, "linear")
+    with pytest.raises(ProbeError, match=r"is multi-label \(3 classes, several per image\): the prototype head"):
+        fit_head(path, "prototype")

@@ -8,6 +8,7 @@
     evaluate.py   metrics + confusion PNG (`probe eval`)    fewshot.py  episodes (`probe fewshot`)
     calibration.py  temperature scaling, ECE/NLL/Brier, reliability PNG, unknown rejection (distance threshold)
     scoring.py    the validation metric that picks C / the early stop (``select=``)
+    multilabel.py  AP / mAP (area under PR, VOC07), micro/macro F1, per-class thresholds: multi-label heads
 """
 
 from .base import Head

@@ -11,6 +11,12 @@ Calibration and unknown rejection come after ``fit``, from held-out rows (``prob
 divides the logits by (``predict`` is unchanged: T > 0 keeps the argmax); ``fit_rejection(X_train, y_train,
 X_val, y_val)`` learns the class means and the distance threshold that ``rejection_distance`` and
 ``probe predict --reject`` use. A new ``fit`` forgets both.
+
+Multi-label (scikit-learn's indicator convention; the linear and MLP heads, ``multilabel_ok``): ``fit(X, Y)`` with Y
+an (N, C) 0/1 matrix makes the head multi-label (``multilabel_`` True, ``classes_`` = arange(C)); ``predict_proba``
+gives (N, C) independent sigmoid probabilities (never temperature-scaled), ``predict`` (N, C) 0/1 at
+``thresholds_`` (0.5 until ``fit_thresholds(X_val, Y_val)`` sets each class's F1-optimal threshold). Such a head
+has no temperature and no rejection: ``calibrate`` and ``fit_rejection`` refuse it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from ..errors import ProbeError
 from . import calibration as cal
+from . import multilabel as ml
 from .features import NORMS, apply_norm, fit_norm
 
 CALIBRATION_ATTRS = ("temperature_", "reject_center_", "reject_means_", "reject_threshold_", "reject_target_")
@@ -63,7 +70,8 @@ def check_params(params: dict[str, Any], constraints: dict[str, list]) -> None:
         cs = [make_constraint(c) for c in allowed]
         if any(c.is_satisfied_by(value) for c in cs):
             continue
-        if all(isinstance(c, StrOptions) for c in cs) and isinstance(value, str):
+        named = [c for c, a in zip(cs, allowed) if a is not None]  # None (a default meaning "auto") aside
+        if all(isinstance(c, StrOptions) for c in named) and isinstance(value, str):
             raise ParameterError(f"unknown {NOUNS.get(name, name)} {value!r}: {name} must be "
                                  f"{' or '.join(_describe(c) for c in cs)}")
         raise ParameterError(f"{name} must be {' or '.join(_describe(c) for c in cs)}, got {value!r}")
@@ -86,6 +94,7 @@ class Head(ClassifierMixin, BaseEstimator):
     probabilities, ``_scores(Z)``; ``_state_attrs`` names the fitted arrays saved with the head."""
 
     kind = "head"
+    multilabel_ok = False  # takes an (N, C) 0/1 label matrix (one-vs-rest); the linear and MLP heads do
     _state_attrs: tuple[str, ...] = ()  # fitted numpy attributes saved with the head
     _parameter_constraints: dict[str, list] = {"norm": [StrOptions(set(NORMS))]}
 
@@ -97,6 +106,9 @@ class Head(ClassifierMixin, BaseEstimator):
         """Hyperparameters, then training data: (X (N, D) finite float32, y (N,), sample weights (N,) float64 or
         None). Sets ``n_features_in_`` (and ``feature_names_in_`` for a DataFrame)."""
         self._validate_params()
+        shape = np.asarray(y).shape  # (np.ndim / np.shape would trip array-likes' dispatch)
+        if len(shape) == 2 and shape[1] > 1:  # (N, C) 0/1 indicator matrix; (N, 1) is sklearn's column vector
+            return self._validate_fit_multilabel(X, y, sample_weight)
         with user_errors():
             X, y = validate_data(self, X, y, dtype=np.float32)  # 2-d, dense, finite, non-empty, one label per row
             check_classification_targets(y)  # "Unknown label type: continuous"
@@ -107,11 +119,37 @@ class Head(ClassifierMixin, BaseEstimator):
             raise ProbeError(f"a classifier needs at least 2 classes in the training labels, got {n_classes} class")
         return X, y, sample_weight
 
+    def _validate_fit_multilabel(self, X: Any, Y: Any, sample_weight: Any = None
+                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``_validate_fit`` for an (N, C) 0/1 indicator matrix Y: (X (N, D) float32, Y (N, C) float32, weights)."""
+        if not self.multilabel_ok:
+            shape = ", ".join(map(str, np.asarray(Y).shape))
+            raise ProbeError(f"the {self.kind} head takes one class per row, got a ({shape}) label matrix"
+                             " (several labels per image): use the linear or mlp head for multi-label data")
+        with user_errors():
+            X, Y = validate_data(self, X, Y, dtype=np.float32, multi_output=True)
+            if sample_weight is not None:
+                sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+        if Y.shape[1] < 1 or not np.isin(Y, (0, 1)).all():
+            raise ProbeError(f"a multi-label target must be an (N, C) matrix of 0/1 with C >= 1, got shape {Y.shape} "
+                             f"with values {sorted(np.unique(Y).tolist())[:5]}")
+        if not Y.any():
+            raise ProbeError(f"the label matrix ({Y.shape[0]} rows, {Y.shape[1]} classes) has no positive label: a "
+                             "multi-label head needs images with labels")
+        return X, Y.astype(np.float32), sample_weight
+
     def _fit_classes_and_norm(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
                               ) -> tuple[np.ndarray, np.ndarray]:
-        """Learn ``classes_`` and ``norm_`` (weighted statistics); returns (normalised X (N, D), class indices)."""
-        for a in CALIBRATION_ATTRS:  # a new fit makes a previous calibration meaningless
+        """Learn ``classes_`` and ``norm_`` (weighted statistics); returns (normalised X (N, D), class indices (N,),
+        or for a label matrix y (N, C) the matrix itself, ``classes_`` = arange(C) and ``thresholds_`` at 0.5)."""
+        for a in (*CALIBRATION_ATTRS, "thresholds_"):  # a new fit makes a previous calibration meaningless
             self.__dict__.pop(a, None)
+        self.multilabel_ = y.ndim == 2
+        if self.multilabel_:
+            self.classes_ = np.arange(y.shape[1])
+            self.thresholds_ = np.full(y.shape[1], ml.DEFAULT_THRESHOLD)
+            self.norm_ = fit_norm(X, self.norm, sample_weight)
+            return apply_norm(X, self.norm_), y
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         self.norm_ = fit_norm(X, self.norm, sample_weight)
         return apply_norm(X, self.norm_), y_idx.astype(np.int64)
@@ -146,6 +184,27 @@ class Head(ClassifierMixin, BaseEstimator):
         T = getattr(self, "temperature_", None)
         return self._proba(Z) if T is None else cal.softmax_t(self._logits(Z), T)
 
+    def fit_thresholds(self, X: Any, Y: Any) -> Head:
+        """Multi-label: learn ``thresholds_`` (C,), each class's F1-optimal threshold on held-out X (N, D), Y (N, C)
+        (0.5 for a class without positives there: ``multilabel.fit_thresholds``). Returns self."""
+        self._require_multilabel("fit_thresholds")
+        Y = np.asarray(Y)
+        if Y.ndim != 2 or Y.shape[1] != len(self.classes_):
+            raise ProbeError(f"fit_thresholds: Y must be ({len(X)}, {len(self.classes_)}) 0/1, got {Y.shape}")
+        self.thresholds_ = ml.fit_thresholds(Y, self.predict_proba(X))
+        return self
+
+    def _require_multilabel(self, what: str) -> None:
+        check_is_fitted(self)
+        if not getattr(self, "multilabel_", False):
+            raise ProbeError(f"{what}: this {self.kind} head was fit with one class per row (thresholds are for "
+                             "multi-label heads)")
+
+    def _refuse_multilabel(self, what: str) -> None:
+        if getattr(self, "multilabel_", False):
+            raise ProbeError(f"{what}: this {self.kind} head is multi-label (an independent sigmoid per class); it has "
+                             "no temperature and no unknown rejection")
+
     def uncalibrated_proba(self, X: Any) -> np.ndarray:
         """(N, D) -> (N, n_classes) the head's own probabilities, without ``temperature_``."""
         return self._proba(self.transform_features(X))
@@ -166,6 +225,7 @@ class Head(ClassifierMixin, BaseEstimator):
         Example:
             >>> head.fit(X_train, y_train).calibrate(X_val, y_val).predict_proba(X_new)
         """
+        self._refuse_multilabel("calibrate")
         Z = self.transform_features(X)
         self.temperature_ = cal.fit_temperature(self._logits(Z), self._columns(y, "calibrate: y"))
         return self
@@ -176,6 +236,7 @@ class Head(ClassifierMixin, BaseEstimator):
         held-out known images X_val lie: ``reject_threshold_``. Labels must be the head's classes. Returns self."""
         cal.check_target(target)
         check_is_fitted(self)
+        self._refuse_multilabel("fit_rejection")
         with user_errors():
             X_train = validate_data(self, X_train, reset=False, dtype=np.float32)
         y_train = np.asarray(y_train)
@@ -195,13 +256,17 @@ class Head(ClassifierMixin, BaseEstimator):
         return cal.prototype_distance(X, self.reject_center_, self.reject_means_)
 
     def predict(self, X: Any) -> np.ndarray:
-        scores = self._scores(self.transform_features(X))  # (N, C); checks the head is fitted
-        return self.classes_[scores.argmax(1)]
+        Z = self.transform_features(X)  # checks the head is fitted
+        if getattr(self, "multilabel_", False):  # (N, C) 0/1: every class at or above its threshold
+            return (self._proba(Z) >= self.thresholds_).astype(np.int64)
+        return self.classes_[self._scores(Z).argmax(1)]
 
     def _decision(self, X: Any) -> np.ndarray:
         """sklearn's ``decision_function`` shape: (N, C) scores, or (N,) ``score[1] - score[0]`` for two classes
         (positive means ``classes_[1]``)."""
         scores = self._scores(self.transform_features(X))
+        if getattr(self, "multilabel_", False):
+            return scores  # (N, C): one score per class, as scikit-learn's one-vs-rest
         return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
 
     # ---- persistence (probe.heads.io): plain arrays + JSON-able hyperparameters, no pickle
@@ -210,6 +275,8 @@ class Head(ClassifierMixin, BaseEstimator):
         arrays = {"classes_": np.asarray(self.classes_), "norm.mean": self.norm_["mean"],
                   "norm.scale": self.norm_["scale"]}
         arrays.update({a: np.asarray(getattr(self, a)) for a in self._state_attrs})
+        if getattr(self, "multilabel_", False):  # its presence marks a multi-label head (covered by the checksum)
+            arrays["thresholds_"] = np.asarray(self.thresholds_, np.float64)
         arrays.update({f"calibration.{a}": np.atleast_1d(np.asarray(getattr(self, a)))
                        for a in CALIBRATION_ATTRS if hasattr(self, a)})  # absent until calibrate / fit_rejection
         return arrays
@@ -220,6 +287,9 @@ class Head(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = len(self.norm_["mean"])
         for a in self._state_attrs:
             setattr(self, a, arrays[a])
+        self.multilabel_ = "thresholds_" in arrays
+        if self.multilabel_:
+            self.thresholds_ = np.asarray(arrays["thresholds_"], np.float64)
         for a in CALIBRATION_ATTRS:  # heads saved before calibration existed have none
             if f"calibration.{a}" in arrays:
                 v = arrays[f"calibration.{a}"]

@@ -224,6 +224,9 @@ def resolve_threshold(head: Any, reject: Any, where: str = "head") -> float | No
     mode = parse_reject(reject)
     if mode == "none":
         return None
+    if getattr(head, "multilabel_", False):
+        raise ProbeError(f"reject {reject!r}: {where} is multi-label (independent sigmoid per class, labels above "
+                         "per-class thresholds) and has no unknown rejection; pass reject none")
     if not hasattr(head, "reject_means_"):
         if mode == "auto":
             return None
@@ -235,7 +238,15 @@ def resolve_threshold(head: Any, reject: Any, where: str = "head") -> float | No
 def decisions(head: Any, X: np.ndarray, proba: np.ndarray, names: list[str], threshold: float | None
               ) -> list[dict[str, Any]]:
     """Per row of X (N, D): ``class`` (the top class, or "unknown" when its distance is above ``threshold``),
-    ``rejected`` and ``distance`` (None for a head fit before rejection existed)."""
+    ``rejected`` and ``distance`` (None for a head fit before rejection existed). A multi-label head instead gives
+    ``labels``: every class with probability >= its threshold, highest first ({"class", "probability",
+    "threshold"}), with ``rejected`` False and ``distance`` None."""
+    if getattr(head, "multilabel_", False):
+        thr = np.asarray(head.thresholds_)
+        return [{"labels": [{"class": names[c], "probability": round(float(p[c]), 6),
+                             "threshold": round(float(thr[c]), 6)}
+                            for c in np.argsort(-p, kind="stable") if p[c] >= thr[c]],
+                 "rejected": False, "distance": None} for p in np.asarray(proba)]
     dist = head.rejection_distance(X) if hasattr(head, "reject_means_") else None  # (N,)
     out = []
     for i, c in enumerate(np.asarray(proba).argmax(1)):
@@ -255,4 +266,7 @@ def describe(head: Any, reject: Any, threshold: float | None) -> dict[str, Any]:
         rej["target_known_rejected"] = getattr(head, "reject_target_", None)
         if threshold is None:
             rej["note"] = "the head has no rejection threshold (fit before probe stored one): nothing is rejected"
-    return {"calibrated": T is not None, "temperature": None if T is None else round(float(T), 6), "reject": rej}
+    out = {"calibrated": T is not None, "temperature": None if T is None else round(float(T), 6), "reject": rej}
+    if getattr(head, "multilabel_", False):
+        out.update(multilabel=True, calibration_note="not calibrated: independent sigmoid per class")
+    return out

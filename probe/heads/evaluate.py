@@ -1,5 +1,9 @@
 """Classification metrics for a head on labelled features, and the confusion-matrix PNG.
 
+A multi-label head (on a multi-label store) gets a ``MultiLabelReport`` instead: mAP (area under PR) and VOC07
+11-point mAP, per-class AP, micro/macro F1 at the head's thresholds, a bootstrap interval of mAP; no confusion
+matrix (several labels per image have no single true/predicted cell) and no calibration (independent sigmoids).
+
 Example:
     >>> report = evaluate(head, X_test, y_test)                     # arrays in, an EvalReport out
     >>> report = evaluate_store("cache/demo.h5", "heads/demo-linear.safetensors", split="val", png="cm.png")
@@ -103,6 +107,40 @@ def classification_stats(y_true: np.ndarray, pred: np.ndarray, n_classes: int
         return np.where(present, hits / np.maximum(total, 1), 0).sum(1) / present.sum(1)
 
     return {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy}
+
+
+def multilabel_stats(Y: np.ndarray, P: np.ndarray) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Vectorised mAP (area under PR, ``multilabel.mean_ap``) of scores P (N, C) against the 0/1 matrix Y (N, C)
+    for ``bootstrap_intervals``: a resample is a count per row, so each class's rows are sorted once and the
+    precision-recall points of every resample are cumulative sums of counts in that order (ties enter together).
+    A class without positives in a resample is left out of that resample's mean."""
+    Y, P = np.asarray(Y, bool), np.asarray(P, np.float64)
+    n, C = Y.shape
+    per_class = []  # (order (n,), group ends, y in that order) of each class
+    for c in range(C):
+        order = np.argsort(-P[:, c], kind="stable")
+        s = P[order, c]
+        per_class.append((order, np.r_[np.flatnonzero(np.diff(s)), n - 1], Y[order, c].astype(np.float64)))
+
+    def map_(idx: np.ndarray) -> np.ndarray:
+        B = len(idx)
+        counts = np.zeros((B, n))
+        np.add.at(counts, (np.repeat(np.arange(B), idx.shape[1]), idx.ravel()), 1)  # (B, n) draws of each row
+        aps = np.full((B, C), np.nan)
+        for c, (order, last, y) in enumerate(per_class):
+            cnt = counts[:, order]  # (B, n) in score order
+            tp = np.cumsum(cnt * y, 1)[:, last]  # (B, G) at each group of tied scores
+            drawn = np.cumsum(cnt, 1)[:, last]
+            pos = tp[:, -1]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                precision = np.where(drawn > 0, tp / np.maximum(drawn, 1), 0.0)
+                recall = tp / pos[:, None]
+                ap = (np.diff(recall, prepend=0.0, axis=1) * precision).sum(1)
+            aps[:, c] = np.where(pos > 0, ap, np.nan)
+        have = ~np.isnan(aps)
+        return np.nansum(aps, 1) / np.maximum(have.sum(1), 1)  # (B,); 0 for a resample without any positive
+
+    return {"map": map_}
 
 
 def _add_intervals(report: EvalReport, y_true: np.ndarray, proba: np.ndarray, resamples: int, seed: int) -> None:
@@ -223,6 +261,63 @@ class EvalReport:
         return confusion_png(self.confusion, self.class_names, path, title or f"accuracy {self.accuracy:.3f}")
 
 
+@dataclass
+class MultiLabelReport:
+    """Metrics of a multi-label head: ``metrics`` is ``multilabel.multilabel_metrics`` (mAP, mAP_voc07, micro/macro
+    F1, per class AP / VOC07 AP / precision / recall / F1 / support / threshold). ``to_dict()`` (and
+    ``report["mAP"]``) give the JSON of `probe eval --json`."""
+
+    metrics: dict[str, Any]
+    class_names: list[str]
+    context: dict[str, Any] = field(default_factory=dict)
+    ci95: dict[str, list[float]] = field(default_factory=dict)  # bootstrap [low, high]: map
+    bootstrap: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {**self.context, "multilabel": True, "n": self.metrics["images"], **self.metrics,
+                             "confusion": None, "confusion_note": "no confusion matrix for multi-label heads",
+                             "calibration": {"calibrated": False, "note": "not calibrated: independent sigmoid "
+                                                                           "per class"}}
+        if self.ci95:
+            d.update(ci95=self.ci95, bootstrap=self.bootstrap)
+        return d
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    @property
+    def mAP(self) -> float | None:
+        return self.metrics["mAP"]
+
+
+def evaluate_multilabel(head: Any, X: np.ndarray, Y: np.ndarray, *, class_names: list[str] | None = None,
+                        bootstrap: int = BOOTSTRAP, seed: int = 0, context: dict[str, Any] | None = None
+                        ) -> MultiLabelReport:
+    """``MultiLabelReport`` of a multi-label ``head`` on X (N, D) and its (N, C) 0/1 label matrix Y (columns in the
+    head's order), with a bootstrap 95% interval of mAP (``bootstrap`` resamples; 0: none)."""
+    from .multilabel import multilabel_metrics
+
+    if not getattr(head, "multilabel_", False):
+        raise ProbeError(f"this {head.kind} head takes one class per row; a (N, C) label matrix needs a multi-label "
+                         "head (fit-head on a multi-label store)")
+    Y = np.asarray(Y)
+    if Y.ndim != 2 or Y.shape[1] != len(head.classes_):
+        raise ProbeError(f"labels must be a ({len(Y)}, {len(head.classes_)}) 0/1 matrix for this multi-label head, "
+                         f"got shape {Y.shape}")
+    if len(Y) == 0:
+        raise ProbeError("no images to evaluate: got 0 rows")
+    names = class_names if class_names is not None else [str(c) for c in head.classes_.tolist()]
+    P = head.predict_proba(X)
+    report = MultiLabelReport(multilabel_metrics(Y, P, head.thresholds_, names), names, dict(context or {}))
+    if bootstrap:
+        t0 = time.perf_counter()
+        report.ci95 = bootstrap_intervals(multilabel_stats(Y, P), len(Y), bootstrap, seed)
+        report.bootstrap = {"resamples": int(bootstrap), "seed": int(seed), "level": LEVEL}
+        log.info("bootstrap interval of mAP: %d resamples of %d rows in %.3fs", bootstrap, len(Y),
+                 time.perf_counter() - t0)
+    return report
+
+
 def evaluate(head: Any, X: np.ndarray, y: np.ndarray, *, class_names: list[str] | None = None,
              png: str | os.PathLike | None = None, bootstrap: int = BOOTSTRAP, seed: int = 0,
              reliability_png: str | os.PathLike | None = None) -> EvalReport:
@@ -236,6 +331,8 @@ def evaluate(head: Any, X: np.ndarray, y: np.ndarray, *, class_names: list[str] 
         >>> report.accuracy, report.per_class[0]
     """
     y = np.asarray(y)
+    if getattr(head, "multilabel_", False) or y.ndim == 2:
+        return evaluate_multilabel(head, X, y, class_names=class_names, bootstrap=bootstrap, seed=seed)
     known = np.isin(y, head.classes_)
     if not known.all():
         raise ProbeError(f"y has labels the head was not trained on: {sorted(set(y[~known].tolist()))[:10]} "
@@ -274,6 +371,8 @@ def evaluate_store(store: Any, head: str | os.PathLike, split: str | None = "tes
         if split not in have:
             raise ProbeError(f"store {store.path} has no {split!r} split (it has: {', '.join(have) or 'none'}; "
                              "pass split=None (--split all) to evaluate every labelled row)")
+    if getattr(fitted, "multilabel_", False) or getattr(store, "multilabel", False):
+        return _evaluate_store_multilabel(store, fitted, meta, head, split, bootstrap, seed)
     X, y = store.features(split), store.labels(split)
     keep = y >= 0
     if not keep.any():
@@ -295,3 +394,32 @@ def evaluate_store(store: Any, head: str | os.PathLike, split: str | None = "tes
     if report.calibration["calibrated"] and split in (None, "val") and fit_on.startswith("val"):
         report.calibration["note"] = "the temperature was fit on val: 'after' on these rows is optimistic"
     return report
+
+
+def _evaluate_store_multilabel(store: Any, fitted: Any, meta: dict[str, Any], head: str | os.PathLike,
+                               split: str | None, bootstrap: int, seed: int) -> MultiLabelReport:
+    """``evaluate_store`` for a multi-label head on a multi-label store: every row of ``split`` (an image without
+    labels is a negative for every class), store columns matched to the head's classes by name."""
+    if not getattr(store, "multilabel", False):
+        raise ProbeError(f"head {head} is multi-label but store {store.path} has one label per image: evaluate it on "
+                         "a multi-label store (a CSV manifest with a labels column)")
+    if not getattr(fitted, "multilabel_", False):
+        raise ProbeError(f"store {store.path} is multi-label but head {head} ({meta['head']}) takes one class per "
+                         "row: fit a head on this store (probe fit-head STORE --head linear)")
+    names = meta["class_names"]
+    col = {c: i for i, c in enumerate(store.classes)}
+    missing = [n for n in names if n not in col]
+    if missing:
+        raise ProbeError(f"store {store.path} has no label column for the head's classes {missing[:10]} (it has "
+                         f"{', '.join(store.classes)})")
+    Y_store = store.label_matrix(split)
+    extra = [c for c in store.classes if c not in set(names) and Y_store[:, col[c]].any()]
+    if extra:
+        raise ProbeError(f"split {split or 'all'!r} of {store.path} has classes the head was not trained on: "
+                         f"{', '.join(map(repr, extra[:10]))} (the head knows {', '.join(names)})")
+    Y = Y_store[:, [col[n] for n in names]]
+    if not len(Y):
+        raise ProbeError(f"no images in split {split or 'all'!r} of {store.path}")
+    return evaluate_multilabel(fitted, store.features(split), Y, class_names=names, bootstrap=bootstrap, seed=seed,
+                               context={"store": str(store.path), "head": str(head), "head_type": meta["head"],
+                                        "split": split or "all"})

@@ -6,6 +6,11 @@ test). ``shots`` keeps that many training images per class, drawn with ``seed`` 
 has is refused: a K-shot head sees K images of every class). The MLP also trains on the store's augmented views
 (``probe extract --views K``) when it has them, unless ``views=False``.
 
+A multi-label store (several labels per image: ``store.label_matrix()``) fits the linear or MLP head one-vs-rest
+on the (N, C) label matrix; every row of a split is a row (an image without labels is a negative for every
+class); C / the early stop are chosen by mAP (linear default) or val loss (MLP default); each class's threshold
+is then set on val (F1-optimal); there is no temperature (independent sigmoids) and no unknown rejection.
+
 Example:
     >>> fit = fit_head("cache/demo.h5", LinearHead(), out="heads/demo-linear.safetensors")
     >>> fit.test or fit.val_accuracy
@@ -27,11 +32,14 @@ from ..errors import ProbeError
 from ..identity import FeatureIdentity
 from ..store import FeatureStore
 from . import calibration as cal
+from . import multilabel as ml
 from .base import Head
 from .evaluate import metrics
 from .features import k_per_class, stratified_holdout
 from .io import make_head, save_head
 from .scoring import refuse_map
+
+NOT_CALIBRATED = "not calibrated: independent sigmoid per class"
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +48,11 @@ def labelled_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
     """Row indices {"train", "val", "test"} of a store's labelled rows (empty arrays where absent).
 
     Raises ValueError for a store without labels or with fewer than two classes in train."""
+    if getattr(store, "multilabel", False):
+        return multilabel_splits(store, seed)
     y = store.labels()
     sp = store.splits()
     lab = y >= 0
-    if getattr(store, "multilabel", False):
-        raise ProbeError(f"store {store.path} is multi-label ({len(store.classes)} classes, several per image): "
-                         "heads for multi-label stores are not built yet; this release fits heads on stores with "
-                         "one label per image (class folders, a split root, or a CSV with a `label` column)")
     if not lab.any():
         raise ProbeError(f"store {store.path} has no labelled images (all {len(y)} rows have no class): a head "
                          "needs a labelled store (class folders, a split root or a CSV with labels)")
@@ -66,6 +72,22 @@ def labelled_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
     return rows
 
 
+def multilabel_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
+    """``labelled_splits`` of a multi-label store: every row counts (no label = negative for every class); a store
+    without a train split gets a seeded random 20% of its rows as val. Refuses a train split without any label."""
+    Y, sp = store.label_matrix(), store.splits()
+    rows = {s: np.flatnonzero(sp == s) for s in ("train", "val", "test")}
+    if len(rows["train"]) == 0:
+        order = np.random.default_rng(seed).permutation(len(Y))
+        n_val = max(1, round(0.2 * len(Y))) if len(Y) > 1 else 0
+        rows = {"train": np.sort(order[n_val:]), "val": np.sort(order[:n_val]), "test": np.zeros(0, np.int64)}
+        log.info("store has no train split: holding out %d of %d rows (seed %d) for validation", n_val, len(Y), seed)
+    if not Y[rows["train"]].any():
+        raise ProbeError(f"store {store.path} is multi-label but its {len(rows['train'])} training rows have no "
+                         "label: a head needs labelled images")
+    return rows
+
+
 @dataclass
 class HeadFit:
     """What ``fit_head`` returns: the fitted head, what it was fit on, and its scores. ``to_dict()`` (and
@@ -78,8 +100,9 @@ class HeadFit:
     n_train: int
     n_val: int
     n_test: int
-    val_accuracy: float | None  # linear: at the chosen C, before the refit on train + val
-    val: dict[str, Any] | None  # metrics (see evaluate.metrics); linear heads report val_accuracy only
+    val_accuracy: float | None  # linear: at the chosen C, before the refit on train + val; None for multi-label
+    val: dict[str, Any] | None  # metrics (evaluate.metrics; multilabel.multilabel_metrics for a multi-label head);
+    # single-label linear heads report val_accuracy only
     test: dict[str, Any] | None
     fit_seconds: float
     out: str | None = None  # the head file, when one was written
@@ -132,7 +155,7 @@ def _head_details(head: Head, cfg: dict[str, Any], n_val: int) -> dict[str, Any]
     d: dict[str, Any] = {"shots": cfg["shots"], "seed": cfg["seed"],
                          "views": int(getattr(head, "n_views_", 0))}  # augmented views per image it trained on
     if head.kind == "linear":
-        d.update(C=head.C_, sweep=head.sweep_, grid=head.grid, select=head.select, val_score=head.val_score_,
+        d.update(C=head.C_, sweep=head.sweep_, grid=head.grid, select=head.select_, val_score=head.val_score_,
                  refit_on="train+val" if head.sweep_ and head.refit and n_val else "train")
     if head.kind == "mlp":  # select: what early stopping watched; val_score: its value at the best epoch
         d.update(best_epoch=head.best_epoch_, epochs_run=head.epochs_run_, select=head.select,
@@ -200,8 +223,9 @@ def fit_head(store: FeatureStore | str | os.PathLike, head: Head | str = "linear
     head = make_head(head) if isinstance(head, str) else clone(head)
     t0 = time.perf_counter()
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
-    if not getattr(store, "multilabel", False):
-        refuse_map(getattr(head, "select", ""), f"store {store.path} has one label per image")
+    if getattr(store, "multilabel", False):
+        return _fit_multilabel(store, head, out, shots=shots, seed=seed, views=views, t0=t0)
+    refuse_map(getattr(head, "select", ""), f"store {store.path} has one label per image")
     X, y = store.features(), store.labels()  # (N, D), (N,)
     train, val, test, test_dropped = _training_rows(store, y, shots, seed)
     fit_kw: dict[str, Any] = {}
@@ -235,12 +259,69 @@ def fit_head(store: FeatureStore | str | os.PathLike, head: Head | str = "linear
                   int(len(val)), int(len(test)),
                   head.val_accuracy_ if head.kind == "linear" else (val_report or {}).get("accuracy"),
                   val_report, report(test), round(fit_s, 3), details=details)
+    return _save(fit, store, out, {"shots": shots, "seed": seed, "views": views})
+
+
+def _save(fit: HeadFit, store: FeatureStore, out: str | os.PathLike | None, config: dict[str, Any]) -> HeadFit:
+    """Write the head file (when ``out`` is given) with the fit summary in its metadata."""
     if out is not None:
+        head = fit.head
         summary = fit.to_dict()
         save_head(head, out, {"store": str(store.path),
                               "fit": {k: v for k, v in summary.items() if k not in ("sweep",)}
-                              | {"config": {"head": head.kind, "shots": shots, "seed": seed, "views": views}}},
-                  identity=fit.identity, class_names=class_names)
+                              | {"config": {"head": head.kind, **config}}},
+                  identity=fit.identity, class_names=fit.class_names)
         log.info("saved %s head to %s", head.kind, out)
         fit.out = str(Path(out))
     return fit
+
+
+def _fit_multilabel(store: FeatureStore, head: Head, out: str | os.PathLike | None, *, shots: int | None, seed: int,
+                    views: bool | None, t0: float) -> HeadFit:
+    """``fit_head`` on a multi-label store: one-vs-rest on ``store.label_matrix()``, thresholds fit on val."""
+    if not head.multilabel_ok:
+        raise ProbeError(f"store {store.path} is multi-label ({len(store.classes)} classes, several per image): the "
+                         f"{head.kind} head takes one class per row; use --head linear or --head mlp (one-vs-rest)")
+    if len(store.classes) < 2:
+        raise ProbeError(f"store {store.path} is multi-label with {len(store.classes)} class: a one-vs-rest head needs "
+                         "at least 2 label columns (for one class, give each image a `label` of yes/no instead)")
+    if shots:
+        raise ProbeError(f"shots={shots} draws K images per class, which a multi-label store (several labels per "
+                         f"image) cannot do: leave shots out for {store.path}")
+    X, Y = store.features(), store.label_matrix()  # (N, D), (N, C)
+    rows = labelled_splits(store, seed)
+    train, val, test = rows["train"], rows["val"], rows["test"]
+    fit_kw: dict[str, Any] = {"eval_set": (X[val], Y[val])} if len(val) else {}
+    if views and not store.n_views:
+        raise ProbeError(f"views: store {store.path} has no augmented views (make a store with them: "
+                         "probe extract DATA --views K)")
+    if store.n_views and views is not False and head.kind == "mlp":
+        fit_kw["views"] = store.views(rows=train)
+    head.fit(X[train], Y[train], **fit_kw)
+    fit_s = time.perf_counter() - t0
+    class_names = list(store.classes)
+    thresholds: dict[str, Any] = {"fit_on": None, "rule": "F1-optimal per class on val (0.5 for a class without "
+                                  "val positives)"}
+    if len(val):  # thresholds from scores of rows the head did not train on: a linear refit on train+val has
+        held, thresholds["fit_on"] = head, "val"  # seen val, so a copy fit on train alone at the chosen C scores it
+        if head.kind == "linear" and head.sweep_ and head.refit:
+            params = {"C": head.C_, **({"grid": "default"} if "grid" in head.get_params() else {})}
+            held = clone(head).set_params(**params).fit(X[train], Y[train])
+            thresholds["fit_on"] = f"val, scored by the head fit on train alone at C={head.C_:.3g}"
+        head.thresholds_ = held.fit_thresholds(X[val], Y[val]).thresholds_
+    else:
+        log.warning("no validation rows: the multi-label %s head keeps threshold 0.5 for every class", head.kind)
+    thresholds["values"] = {n: round(float(t), 6) for n, t in zip(class_names, head.thresholds_)}
+
+    def report(idx: np.ndarray) -> dict[str, Any] | None:
+        return ml.multilabel_metrics(Y[idx], head.predict_proba(X[idx]), head.thresholds_, class_names) \
+            if len(idx) else None
+
+    details = _head_details(head, {"shots": None, "seed": seed}, len(val))
+    train_map = ml.mean_ap(Y[train], head.predict_proba(X[train]))
+    details.update(multilabel=True, train_map=None if np.isnan(train_map) else train_map, thresholds=thresholds,
+                   calibration=None, calibration_note=NOT_CALIBRATED, rejection=None)
+    fit = HeadFit(head, class_names, store.identity.features_only(), str(store.path), int(len(train)),
+                  int(len(val)), int(len(test)), None, None if head.kind == "linear" else report(val), report(test),
+                  round(fit_s, 3), details=details)
+    return _save(fit, store, out, {"shots": None, "seed": seed, "views": views})

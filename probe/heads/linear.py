@@ -12,6 +12,11 @@ set and refits on train + validation at that strength. Without a validation set 
 seeded stratified k-fold split of train (a single small holdout picks a noisy strength) and the final fit uses all
 training rows. ``grid="kornblith"`` sweeps Kornblith et al.'s 45 strengths on 1e-6..1e5 instead of ``n_Cs`` on
 ``C_range``.
+
+Multi-label (``fit(X, Y)``, Y an (N, C) 0/1 matrix): one-vs-rest, the same solver on the sum over classes of
+binary log-losses -- separable, so each class's (coef, intercept) is scikit-learn's binary ``LogisticRegression(C=C)``
+on that column. C is chosen by ``select`` map (the default there) or macro-f1 (at each strength's F1-optimal val
+thresholds); accuracy and mean-per-class are single-label metrics and are refused, as is ``balanced``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from probe.device import resolve_device
 from ..errors import ProbeError
 from .base import Head
 from .features import balanced_weights
-from .scoring import SELECT, key, refuse_map, score
+from .multilabel import f1_scores, fit_thresholds, mean_ap
+from .scoring import SELECT, key, refuse_map, refuse_single, score
 
 log = logging.getLogger(__name__)
 SMALL_WORK = 2e7  # multiply-adds per logits product below which one CPU thread is faster than several
@@ -61,7 +67,8 @@ def _solve(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float, W: torch
            max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Minimise sklearn's objective, scaled by 1/(C * sum w) so that float32 stays well-conditioned.
 
-    Z (N, D), y (N,) int64, w (N,) sample weights, W (D, K), b (K,) warm start. Returns (W, b, L-BFGS iterations)."""
+    Z (N, D), y (N,) int64 -- or (N, K) 0/1 float for one-vs-rest (binary log-loss summed over classes) --, w (N,)
+    sample weights, W (D, K), b (K,) warm start. Returns (W, b, L-BFGS iterations)."""
     W = W.clone().requires_grad_(True)
     b = b.clone().requires_grad_(True)
     wsum = w.sum()
@@ -72,7 +79,11 @@ def _solve(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float, W: torch
     def closure():
         opt.zero_grad()
         logits = Z @ W + b  # (N, K)
-        loss = (torch.nn.functional.cross_entropy(logits, y, reduction="none") * w).sum() / wsum
+        if y.dim() == 2:  # one-vs-rest: each class's binary log-loss, summed
+            rows = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").sum(1)
+        else:
+            rows = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        loss = (rows * w).sum() / wsum
         loss = loss + lam * (W * W).sum()
         loss.backward()
         return loss
@@ -93,22 +104,29 @@ def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarra
     as many passes over Z as its slowest strength needs. Same scaled objective as ``_solve``; a problem stops when
     its largest gradient entry is below ``tol`` or its line search cannot decrease the loss any further.
 
-    Z (N, D), y (N,), w (N,) weights, Cs (S,), init (D*K + K,) a warm start shared by all S (default zeros).
+    Z (N, D), y (N,) class indices -- or (N, K) 0/1 for one-vs-rest, binary log-losses summed over classes --,
+    w (N,) weights, Cs (S,), init (D*K + K,) a warm start shared by all S (default zeros).
     Returns W (S, D, K), b (S, K), iterations (S,)."""
     N, D = Z.shape
     S, P = len(Cs), D * K + K
     wsum = w.sum()
     lam_all = 1.0 / (2.0 * torch.as_tensor(Cs, dtype=Z.dtype, device=Z.device) * wsum)  # (S,)
-    onehot = torch.nn.functional.one_hot(y, K).to(Z.dtype)  # (N, K)
+    ovr = y.dim() == 2  # one-vs-rest: y is the (N, K) 0/1 target itself
+    onehot = y.to(Z.dtype) if ovr else torch.nn.functional.one_hot(y, K).to(Z.dtype)  # (N, K)
     ww = (w / wsum)[:, None, None]  # (N, 1, 1)
 
     def f_and_g(theta: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = theta.shape[0]
         W, b = theta[:, : D * K].view(s, D, K), theta[:, D * K:]  # (s, D, K), (s, K)
         logits = (Z @ W.permute(1, 0, 2).reshape(D, s * K)).view(N, s, K) + b  # (N, s, K)
-        lse = torch.logsumexp(logits, -1, keepdim=True)  # (N, s, 1)
-        G = (torch.exp(logits - lse) - onehot[:, None]) * ww  # (N, s, K): d loss / d logits
-        f = ((lse[..., 0] - (logits * onehot[:, None]).sum(-1)) * ww[..., 0]).sum(0) + lam * (W * W).sum((1, 2))
+        if ovr:  # sum_k softplus(l_k) - y_k l_k; gradient sigmoid(l) - y
+            G = (torch.sigmoid(logits) - onehot[:, None]) * ww
+            loss = (torch.nn.functional.softplus(logits) - logits * onehot[:, None]).sum(-1)  # (N, s)
+        else:
+            lse = torch.logsumexp(logits, -1, keepdim=True)  # (N, s, 1)
+            G = (torch.exp(logits - lse) - onehot[:, None]) * ww  # (N, s, K): d loss / d logits
+            loss = lse[..., 0] - (logits * onehot[:, None]).sum(-1)  # (N, s)
+        f = (loss * ww[..., 0]).sum(0) + lam * (W * W).sum((1, 2))
         gW = (Z.T @ G.reshape(N, s * K)).view(D, s, K).permute(1, 0, 2) + 2 * lam[:, None, None] * W
         return f, torch.cat([gW.reshape(s, D * K), G.sum(0)], 1)  # (s,), (s, P)
 
@@ -169,7 +187,8 @@ class LinearHead(Head):
 
     Parameters: ``C`` a fixed inverse strength, or None to sweep ``n_Cs`` values in ``C_range`` (log grid), or
     with ``grid="kornblith"`` the 45 strengths of Kornblith et al. 2019 on 1e-6..1e5; ``select`` the validation
-    metric that picks C (accuracy, mean-per-class, macro-f1; map needs multi-label data);
+    metric that picks C (accuracy, mean-per-class, macro-f1; map needs multi-label data; None: accuracy, or map
+    for a multi-label Y -- the fitted ``select_``);
     ``norm`` feature normalisation (default standardize); ``balanced`` class weights; ``block`` strengths solved
     together in the sweep; ``max_iter`` L-BFGS
     iterations per strength (``max_iter_final`` for a fixed C and the refit); ``tol`` the largest gradient entry
@@ -187,6 +206,7 @@ class LinearHead(Head):
     """
 
     kind = "linear"
+    multilabel_ok = True
     _state_attrs = ("coef_", "intercept_")
     _parameter_constraints = {
         **Head._parameter_constraints,
@@ -194,7 +214,7 @@ class LinearHead(Head):
         "n_Cs": [Interval(Integral, 1, None, closed="left")],
         "C_range": [tuple, list],  # two positive numbers, low <= high: checked by Cs()
         "grid": [StrOptions(set(GRIDS))],
-        "select": [StrOptions(set(SELECT))],  # map: refused by fit until heads take multi-label targets
+        "select": [StrOptions(set(SELECT)), None],  # None: accuracy, map for multi-label targets (select_)
         "balanced": ["boolean"],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "max_iter_final": [Interval(Integral, 1, None, closed="left")],
@@ -207,7 +227,7 @@ class LinearHead(Head):
     }
 
     def __init__(self, C: float | None = None, n_Cs: int = DEFAULT_N_CS,
-                 C_range: tuple[float, float] = DEFAULT_C_RANGE, grid: str = "default", select: str = "accuracy",
+                 C_range: tuple[float, float] = DEFAULT_C_RANGE, grid: str = "default", select: str | None = None,
                  norm: str = "standardize", balanced: bool = False, max_iter: int = 100,
                  max_iter_final: int = 1000, tol: float = 1e-4, folds: int = 5, seed: int = 0,
                  refit: bool = True, block: int = 5, device: str = "auto"):
@@ -251,7 +271,14 @@ class LinearHead(Head):
             self.Cs()  # a bad C_range fails before any solve
         elif self.grid != "default":
             raise ProbeError(f"grid {self.grid!r} is a sweep, but C={self.C:g} is fixed: pass one or the other")
-        refuse_map(self.select, "this linear head takes one class per row")
+        self.select_ = self.select or ("map" if self.multilabel_ else "accuracy")
+        if self.multilabel_:
+            refuse_single(self.select_, "this linear head was given a multi-label target")
+            if self.balanced:
+                raise ProbeError("balanced class weights are for one class per row; a multi-label linear head "
+                                 "(one-vs-rest) does not take them: leave balanced off")
+        else:
+            refuse_map(self.select_, "this linear head takes one class per row")
         dev = resolve_device(self.device)
         with threads_for(Z.shape[0] * Z.shape[1] * len(self.classes_), dev):
             self._fit(Z, yi, dev, None if sw is None else sw.astype(np.float32), eval_set)
@@ -262,7 +289,7 @@ class LinearHead(Head):
         K = len(self.classes_)
 
         def weights(yi_: np.ndarray, sw_: np.ndarray | None) -> torch.Tensor:
-            """(N,) per-row weights: balanced class weights times the caller's sample weights."""
+            """(N,) per-row weights: balanced class weights (never for multi-label) times the caller's weights."""
             w = balanced_weights(yi_, K, sw_) if self.balanced else np.ones(len(yi_), np.float32)
             return torch.from_numpy(w if sw_ is None else w * sw_).to(dev)
 
@@ -277,15 +304,13 @@ class LinearHead(Head):
             self.C_ = float(self.C)
             if eval_set is not None:
                 Zv, yv = self._eval_set(eval_set)
-                pred = (t(Zv) @ W + b).argmax(1).cpu().numpy()
-                self.val_accuracy_ = score("accuracy", yv, pred, K)
-                self.val_score_ = score(self.select, yv, pred, K)
+                self.val_accuracy_, self.val_score_ = self._val_scores(t(Zv) @ W + b, yv)
         elif eval_set is not None:  # sweep on train, score on the given validation set, refit on both
             Zv, yv = self._eval_set(eval_set)
             scores, sols = self._sweep(t(Z), t(yi), weights(yi, sw), t(Zv), yv)
-            best = int(np.argmax(scores))  # the first maximum: ties keep the stronger regularisation
+            best = self._best(self.sweep_)
             self.C_, self.val_score_ = float(self.Cs()[best]), float(scores[best])
-            self.val_accuracy_ = self.sweep_[best]["val_accuracy"]
+            self.val_accuracy_ = self.sweep_[best].get("val_accuracy")
             W, b, n_iter = sols[best]
             if self.refit:  # Kornblith et al.: refit on train + validation at the chosen strength
                 yall = np.concatenate([yi, yv])
@@ -296,8 +321,7 @@ class LinearHead(Head):
             self._cross_validate(Z, yi, sw, t, weights)
             W, b, n_iter = _solve(t(Z), t(yi), weights(yi, sw), self.C_, W0, b0, self.max_iter_final, self.tol)
         if self.sweep_:
-            log.info("chose C=%.3g (validation %s %.4f, accuracy %.4f)", self.C_, self.select, self.val_score_,
-                     self.val_accuracy_)
+            log.info("chose C=%.3g (validation %s %.4f)", self.C_, self.select_, self.val_score_)
         self.coef_ = W.T.contiguous().cpu().numpy()  # (K, D)
         self.intercept_ = b.cpu().numpy()  # (K,)
         self.n_iter_ = int(n_iter)
@@ -305,13 +329,18 @@ class LinearHead(Head):
     def _cross_validate(self, Z: np.ndarray, yi: np.ndarray, sw: np.ndarray | None, t, weights) -> None:
         """Sweep every C on each fold of a seeded stratified k-fold split; sets ``sweep_`` (mean fold accuracy and
         ``select`` metric per strength), ``C_``, ``val_accuracy_`` and ``val_score_``."""
-        from sklearn.model_selection import StratifiedKFold
+        from sklearn.model_selection import KFold, StratifiedKFold
 
-        smallest = int(np.bincount(yi).min())
-        if smallest < 2:
-            raise ProbeError(f"class {self.classes_[np.bincount(yi).argmin()]!r} has {smallest} training row: "
-                             "choosing C by cross-validation needs >= 2 per class; pass eval_set or a fixed C")
-        folds = StratifiedKFold(min(int(self.folds), smallest), shuffle=True, random_state=self.seed)
+        if self.multilabel_:  # no stratification of label sets: plain shuffled folds
+            if len(yi) < 2:
+                raise ProbeError("choosing C by cross-validation needs >= 2 training rows; pass eval_set or a fixed C")
+            folds = KFold(min(int(self.folds), len(yi)), shuffle=True, random_state=self.seed)
+        else:
+            smallest = int(np.bincount(yi).min())
+            if smallest < 2:
+                raise ProbeError(f"class {self.classes_[np.bincount(yi).argmin()]!r} has {smallest} training row: "
+                                 "choosing C by cross-validation needs >= 2 per class; pass eval_set or a fixed C")
+            folds = StratifiedKFold(min(int(self.folds), smallest), shuffle=True, random_state=self.seed)
         per_fold = []  # each fold's sweep_: {"C", "val_accuracy", ...} per strength
         for tr, va in folds.split(Z, yi):
             w_tr, w_va = (None, None) if sw is None else (sw[tr], sw[va])
@@ -319,15 +348,32 @@ class LinearHead(Head):
             per_fold.append(self.sweep_)
         self.sweep_ = [{"C": r["C"], **{k: float(np.mean([f[i][k] for f in per_fold])) for k in r if k != "C"}}
                        for i, r in enumerate(per_fold[0])]
-        best = int(np.argmax([r[key(self.select)] for r in self.sweep_]))
+        best = self._best(self.sweep_)
         self.C_ = float(self.Cs()[best])
-        self.val_accuracy_, self.val_score_ = self.sweep_[best]["val_accuracy"], self.sweep_[best][key(self.select)]
+        self.val_accuracy_ = self.sweep_[best].get("val_accuracy")
+        self.val_score_ = self.sweep_[best][key(self.select_)]
+
+    def _best(self, sweep: list[dict[str, float]]) -> int:
+        """Index of the chosen strength: the best ``select_`` score; ties keep the stronger regularisation, except
+        multi-label, where they go to the lowest val binary cross-entropy -- mAP only ranks, so on easy data it ties
+        from C=1e-6 on, where every probability is near its class's base rate and no threshold carries over to the
+        refit head."""
+        scores = np.array([r[key(self.select_)] for r in sweep])
+        if not self.multilabel_:
+            return int(np.argmax(scores))  # the first maximum
+        tied = np.flatnonzero(scores >= scores.max() - 1e-12)
+        return int(tied[np.argmin([sweep[i]["val_loss"] for i in tied])])
 
     def _eval_set(self, eval_set) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised validation features (M, D) and class indices (M,)."""
+        """Normalised validation features (M, D) and class indices (M,) -- or the (M, C) label matrix."""
         Xv, yv = eval_set
         Zv = self.transform_features(Xv)
         yv = np.asarray(yv)
+        if self.multilabel_:
+            if yv.ndim != 2 or yv.shape[1] != len(self.classes_):
+                raise ProbeError(f"validation labels must be a ({len(Zv)}, {len(self.classes_)}) 0/1 matrix like the "
+                                 f"training labels, got shape {yv.shape}")
+            return Zv, yv.astype(np.float32)
         unknown = np.setdiff1d(yv, self.classes_)
         if len(unknown):
             raise ProbeError(f"validation labels {unknown[:5].tolist()} do not occur in the training labels")
@@ -351,14 +397,26 @@ class LinearHead(Head):
         scores, sols = [], []
         self.sweep_ = []
         for C, W, b, n in zip(self.Cs(), Ws, bs, its):
-            pred = (Zv @ W + b).argmax(1).cpu().numpy()
-            # weights wv count as repeated rows; a fold whose rows all weigh 0 counts them equally (score)
-            row = {"C": float(C), "val_accuracy": score("accuracy", yv, pred, K, wv)}
-            row[key(self.select)] = score(self.select, yv, pred, K, wv)
+            acc, sel = self._val_scores(Zv @ W + b, yv, wv)
+            row = {"C": float(C), **({} if acc is None else {"val_accuracy": acc}), key(self.select_): sel}
+            if self.multilabel_:  # the tie-break of _best: mAP ranks, so it ties while probabilities still flatten
+                row["val_loss"] = float(torch.nn.functional.binary_cross_entropy_with_logits(
+                    Zv @ W + b, torch.as_tensor(yv, device=Zv.device)))
             self.sweep_.append(row)
-            scores.append(row[key(self.select)])
+            scores.append(sel)
             sols.append((W, b, n))
         return np.array(scores), sols
+
+    def _val_scores(self, logits: torch.Tensor, yv: np.ndarray, wv: np.ndarray | None = None
+                    ) -> tuple[float | None, float]:
+        """(val accuracy, val ``select_``) of validation logits (M, K); multi-label: (None, map or macro-f1 at the
+        F1-optimal val thresholds; the rows' weights are not used there). Weights wv count as repeated rows; a
+        fold whose rows all weigh 0 counts them equally (``score``)."""
+        K = len(self.classes_)
+        if self.multilabel_:
+            return None, multilabel_score(self.select_, yv, torch.sigmoid(logits).cpu().numpy())
+        pred = logits.argmax(1).cpu().numpy()
+        return score("accuracy", yv, pred, K, wv), score(self.select_, yv, pred, K, wv)
 
     def decision_function(self, X) -> np.ndarray:
         """(N, D) -> (N, K) logits; for two classes (N,) the log-odds of ``classes_[1]`` (scikit-learn's shape)."""
@@ -370,4 +428,17 @@ class LinearHead(Head):
     def _proba(self, Z: np.ndarray) -> np.ndarray:
         from .prototype import softmax
 
+        if self.multilabel_:
+            from scipy.special import expit
+
+            return expit(self._scores(Z))  # (N, K) independent sigmoids
         return softmax(self._scores(Z))
+
+
+def multilabel_score(select: str, Y: np.ndarray, P: np.ndarray) -> float:
+    """``select`` (map, macro-f1) of probabilities P (M, C) against the 0/1 matrix Y (M, C); higher is better.
+    macro-f1 is at each class's F1-optimal threshold on these same rows; map is 0 when no class has a positive."""
+    if select == "map":
+        m = mean_ap(Y, P)
+        return 0.0 if np.isnan(m) else m
+    return f1_scores(Y, P, fit_thresholds(Y, P))["macro_f1"]

@@ -10,6 +10,9 @@ its epochs at the cost of cached features; validation and early stopping use the
 
 ``select`` chooses what early stopping watches: ``loss`` (the default: validation cross-entropy, lower is better)
 or a metric of ``scoring.py`` (accuracy, mean-per-class, macro-f1; higher is better, ties go to the lower loss).
+
+Multi-label (``fit(X, Y)``, Y an (N, C) 0/1 matrix): one sigmoid output per class, ``BCEWithLogitsLoss`` (mean over
+rows and classes); early stopping on the val loss (default) or map / macro-f1; no balanced weights.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from probe.device import resolve_device
 from ..errors import ProbeError
 from .base import Head
 from .features import apply_norm, stratified_holdout
-from .linear import threads_for
-from .scoring import SELECT, key, refuse_map, score
+from .linear import multilabel_score, threads_for
+from .scoring import SELECT, key, refuse_map, refuse_single, score
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,13 @@ def build_mlp(dim: int, hidden: tuple[int, ...], n_classes: int, dropout: float)
         dim = h
     layers.append(nn.Linear(dim, n_classes))
     return nn.Sequential(*layers)
+
+
+def multilabel_loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy of logits (B, C) against 0/1 targets y (B, C), the mean over classes, then over rows
+    weighted by w (B,) when given -- torch's ``BCEWithLogitsLoss()`` when w is None."""
+    rows = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1)  # (B,)
+    return rows.mean() if w is None else (rows * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def weighted_loss(class_weight: torch.Tensor) -> Callable[..., torch.Tensor]:
@@ -83,6 +93,7 @@ class MLPHead(Head):
     """
 
     kind = "mlp"
+    multilabel_ok = True
     _parameter_constraints = {
         **Head._parameter_constraints,
         "hidden": [tuple, list],  # widths >= 1: checked by fit
@@ -92,7 +103,7 @@ class MLPHead(Head):
         "epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "patience": [Interval(Integral, 1, None, closed="left")],
-        "select": [StrOptions({"loss", *SELECT})],  # map: refused by fit until heads take multi-label targets
+        "select": [StrOptions({"loss", *SELECT})],  # map: multi-label targets only
         "balanced": ["boolean"],
         "holdout": [Interval(Real, 0, 1, closed="neither")],
         "seed": [Interval(Integral, 0, None, closed="left")],
@@ -127,11 +138,23 @@ class MLPHead(Head):
         X, y, sw = self._validate_fit(X, y, sample_weight)
         if any(int(h) < 1 for h in self.hidden):
             raise ProbeError(f"hidden layer widths must be >= 1, got {list(self.hidden)}")
-        refuse_map(self.select, "this mlp head takes one class per row")
+        multilabel = y.ndim == 2
+        if not multilabel:
+            refuse_map(self.select, "this mlp head takes one class per row")
+        elif self.select != "loss":
+            refuse_single(self.select, "this mlp head was given a multi-label target")
+        if multilabel and self.balanced:
+            raise ProbeError("balanced class weights are for one class per row; a multi-label mlp head does not take "
+                             "them: leave balanced off")
         V = None if views is None else self._check_views(views, X)  # (N, K, D) or None
         sw_val = None
         if eval_set is None:
-            tr, ho = stratified_holdout(y, self.holdout, self.seed)
+            if multilabel:  # a seeded random holdout: label sets are not stratified
+                order = np.random.default_rng(self.seed).permutation(len(y))
+                n_ho = min(max(1, round(self.holdout * len(y))), len(y) - 1)
+                tr, ho = np.sort(order[n_ho:]), np.sort(order[:n_ho])
+            else:
+                tr, ho = stratified_holdout(y, self.holdout, self.seed)
             eval_set, sw_val = (X[ho], y[ho]), (None if sw is None else sw[ho])
             X, y, sw = X[tr], y[tr], (None if sw is None else sw[tr])
             V = V[tr] if V is not None else None
@@ -144,19 +167,25 @@ class MLPHead(Head):
             V = apply_norm(V.reshape(n * k, d), self.norm_).reshape(n, k, d)
         Xv, yv_raw = eval_set
         Zv = self.transform_features(Xv)
-        unknown = np.setdiff1d(np.asarray(yv_raw), self.classes_)
-        if len(unknown):
-            raise ProbeError(f"validation labels {unknown[:5].tolist()} do not occur in the training labels")
-        yv = np.searchsorted(self.classes_, np.asarray(yv_raw))
+        if multilabel:
+            yv = np.asarray(yv_raw, np.float32)
+            if yv.shape != (len(Zv), len(self.classes_)):
+                raise ProbeError(f"validation labels must be a ({len(Zv)}, {len(self.classes_)}) 0/1 matrix like the "
+                                 f"training labels, got shape {yv.shape}")
+        else:
+            unknown = np.setdiff1d(np.asarray(yv_raw), self.classes_)
+            if len(unknown):
+                raise ProbeError(f"validation labels {unknown[:5].tolist()} do not occur in the training labels")
+            yv = np.searchsorted(self.classes_, np.asarray(yv_raw))
         best_state, best_epoch, epochs_run = self._train(Z, yi, sw, V, Zv, yv, sw_val)
         self.weights_ = {k: v.numpy() for k, v in best_state.items()}
         self.best_epoch_, self.epochs_run_ = best_epoch, epochs_run
         best = self.history_[best_epoch - 1]
         self.val_loss_, self.val_score_ = best["val_loss"], best[key(self.select)]
-        self.val_accuracy_ = float((self._proba(Zv).argmax(1) == yv).mean())
+        self.val_accuracy_ = None if multilabel else float((self._proba(Zv).argmax(1) == yv).mean())
         self.fit_seconds_ = time.perf_counter() - t0
-        log.info("mlp: best epoch %d of %d, val loss %.4f, val accuracy %.4f%s", best_epoch, epochs_run, self.val_loss_,
-                 self.val_accuracy_, f" ({self.n_views_} augmented views per row)" if self.n_views_ else "")
+        log.info("mlp: best epoch %d of %d, val loss %.4f%s", best_epoch, epochs_run, self.val_loss_,
+                 f" ({self.n_views_} augmented views per row)" if self.n_views_ else "")
         return self
 
     def _train(self, Z: np.ndarray, yi: np.ndarray, sw: np.ndarray | None, V: np.ndarray | None, Zv: np.ndarray,
@@ -165,9 +194,12 @@ class MLPHead(Head):
         Zv (M, D), yv (M,), weights (M,) or None. Returns (best state, best epoch, epochs run); sets ``history_``."""
         K = len(self.classes_)
         dev = resolve_device(self.device)
-        counts = np.bincount(yi, weights=sw, minlength=K)
-        cw = counts.sum() / (K * np.where(counts > 0, counts, 1)) if self.balanced else np.ones(K)  # (K,)
-        loss_fn = weighted_loss(torch.tensor(cw, dtype=torch.float32, device=dev))
+        if self.multilabel_:
+            loss_fn = multilabel_loss
+        else:
+            counts = np.bincount(yi, weights=sw, minlength=K)
+            cw = counts.sum() / (K * np.where(counts > 0, counts, 1)) if self.balanced else np.ones(K)  # (K,)
+            loss_fn = weighted_loss(torch.tensor(cw, dtype=torch.float32, device=dev))
         Zt, yt = torch.from_numpy(Z).to(dev), torch.from_numpy(yi).to(dev)
         Zvt, yvt = torch.from_numpy(Zv).to(dev), torch.from_numpy(yv).to(dev)
         wt = None if sw is None else torch.from_numpy(sw.astype(np.float32)).to(dev)  # (N,)
@@ -197,7 +229,9 @@ class MLPHead(Head):
                     logits = net(Zvt)  # (M, K)
                     val_loss = float(loss_fn(logits, yvt, wvt))
                 row = {"epoch": epoch + 1, "val_loss": val_loss}
-                if self.select != "loss":
+                if self.select != "loss" and self.multilabel_:
+                    row[key(self.select)] = multilabel_score(self.select, yv, torch.sigmoid(logits).cpu().numpy())
+                elif self.select != "loss":
                     row[key(self.select)] = score(self.select, yv, logits.argmax(1).cpu().numpy(), K, sw_val)
                 self.history_.append(row)
                 # a metric's ties go to the lower loss: a step-valued metric's plateau is no stall while it falls
@@ -230,7 +264,8 @@ class MLPHead(Head):
 
     def _proba(self, Z: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return torch.softmax(self._net()(torch.from_numpy(Z)), 1).numpy()
+            logits = self._net()(torch.from_numpy(Z))
+            return (torch.sigmoid(logits) if self.multilabel_ else torch.softmax(logits, 1)).numpy()
 
     def get_state(self) -> dict[str, np.ndarray]:
         arrays = super().get_state()

@@ -5,8 +5,11 @@ and the MLP's early stop.
     mean-per-class  the mean over classes of each class's recall, i.e. balanced accuracy (Kornblith et al. 2019 for
                     FGVC Aircraft, Caltech-101, Oxford Flowers and Oxford-IIIT Pets)
     macro-f1        the unweighted mean over classes of F1
-    map             mean average precision over classes (Kornblith et al. 2019's 11-point mAP for VOC2007): it needs
-                    multi-label targets, which the heads do not take yet, so every single-label fit refuses it
+    map             mean average precision over classes (area under each class's precision-recall curve): it
+                    needs multi-label targets (every single-label fit refuses it) and is their default
+
+Multi-label targets take map and macro-f1 (at each class's F1-optimal threshold on the validation rows,
+``linear.multilabel_score``); accuracy and mean-per-class are single-label metrics and are refused there.
 
 Row weights count as repeated rows, as in scikit-learn's ``sample_weight``: a row of weight 2 counts twice.
 
@@ -22,6 +25,14 @@ from ..errors import ProbeError
 
 SELECT = ("accuracy", "mean-per-class", "macro-f1", "map")
 SINGLE_LABEL = ("accuracy", "mean-per-class", "macro-f1")
+MULTILABEL = ("map", "macro-f1")
+
+
+def refuse_single(select: str, where: str = "these labels are multi-label") -> None:
+    """ProbeError for a single-label-only metric (accuracy, mean-per-class) on multi-label targets."""
+    if select not in MULTILABEL:
+        raise ProbeError(f"select {select!r} scores one class per row; {where} (several labels per image): use "
+                         f"map (the default there) or macro-f1")
 
 
 def refuse_map(select: str, where: str = "these labels have one class per row") -> None:

@@ -181,7 +181,9 @@ class Service:
     async def classify(self, head_name: str, data: bytes, top_k: int = 5, reject: str | float = "none"
                        ) -> dict[str, Any]:
         """Top-k classes (calibrated probabilities when the head was calibrated) and the decision: ``class`` is
-        "unknown" when the image is farther than the ``reject`` threshold from every class mean (``probe predict``)."""
+        "unknown" when the image is farther than the ``reject`` threshold from every class mean (``probe predict``).
+        A multi-label head gives ``labels`` (every class at or above its threshold) instead of ``class``, and
+        refuses a ``reject`` other than none."""
         head, names, _ = self._head(head_name)  # 404 before any decoding
         self._check_k(top_k)
         threshold = cal.resolve_threshold(head, reject, f"head {head_name!r}")  # ProbeError: 422 naming the value
@@ -262,7 +264,7 @@ class Service:
                          "device": str(self.embedder.device), "tta": self.embedder.tta, "config_key": self.key,
                          "engine": self.embedder.engine.name},
             "heads": [{"name": n, "kind": h.kind, "classes": names, "path": str(p),
-                       "calibrated": hasattr(h, "temperature_"),
+                       "multilabel": bool(getattr(h, "multilabel_", False)), "calibrated": hasattr(h, "temperature_"),
                        "reject_threshold": getattr(h, "reject_threshold_", None)}
                       for n, (h, names, p) in sorted(self.heads.items())],
             "indexes": [{"name": n, "type": i.kind, "metric": i.metric, "count": i.count, "classes": list(i.classes),

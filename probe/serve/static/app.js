@@ -54,7 +54,9 @@ function showPredictions(result, source) {
   }));
   const unknown = result.rejected  // head classify: farther than the threshold from every class mean
     ? ` — unknown: distance ${result.distance.toFixed(3)} > ${result.reject.threshold.toFixed(3)}` : "";
-  $("pred-source").textContent = `(${source})${unknown}`;
+  const labels = result.labels  // multi-label head: every class at or above its threshold
+    ? ` — labels: ${result.labels.map((l) => l.class).join(", ") || "none"}` : "";
+  $("pred-source").textContent = `(${source})${unknown}${labels}`;
   $("predictions").hidden = false;
 }
 
@@ -98,7 +100,8 @@ async function query(file) {
   }
   const [kind, name] = $("classifier").value.split(/:(.*)/s);
   if (name) {
-    const url = kind === "head" ? `/heads/${encodeURIComponent(name)}/classify?k=5&reject=auto`
+    const multi = kind === "head" && catalog.heads.find((h) => h.name === name).multilabel;
+    const url = kind === "head" ? `/heads/${encodeURIComponent(name)}/classify?k=5&reject=${multi ? "none" : "auto"}`
                                 : `/fewshot/${encodeURIComponent(name)}/classify?k=5`;
     jobs.push(api(url, { method: "POST", body: form(file) })
       .then((r) => showPredictions(r, `${kind === "head" ? "head" : "few-shot set"} ${name}`)));

@@ -1,0 +1,261 @@
+"""Multi-label heads (issue 14 part 2): one-vs-rest linear and MLP heads on a multi-label store, end to end through
+the CLI (extract -> fit-head -> eval -> predict), against scikit-learn, and the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score
+from typer.testing import CliRunner
+
+from cli.main import app
+from probe.errors import ProbeError
+from probe.heads import LinearHead, MLPHead, PrototypeHead, load_head, save_head
+from probe.heads.fit import fit_head
+from probe.heads.multilabel import mean_ap
+from probe.store import FeatureStore, store_from_arrays
+
+from .conftest import TINY
+
+runner = CliRunner()
+
+
+def run(*args) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def ok_json(*args) -> dict:
+    r = run(*args, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def one_line_error(r, match: str) -> None:
+    assert r.exit_code == 1, r.output
+    assert r.output.startswith("error: ") and match in r.output and r.output.count("\n") == 1, r.output
+
+
+def synthetic(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """X (n, 8) and three labels, each a half-space of its own feature (linearly separable with a margin)."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 8)).astype(np.float32)
+    X[:, :3] += np.sign(X[:, :3])  # a gap of 2 around each boundary
+    return X, (X[:, :3] > 0).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------ the done-when round trip
+def colour_image(path: Path, red: bool, blue: bool, seed: int) -> None:
+    """A 40x40 image whose red and blue channels encode two independent labels."""
+    rng = np.random.default_rng(seed)
+    base = np.array([220 if red else 30, 110, 220 if blue else 30])
+    arr = np.clip(base + rng.integers(-25, 25, size=(40, 40, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ml")
+    lines, k = ["path,labels,split"], 0
+    for split, per in (("train", 6), ("val", 4), ("test", 4)):
+        for red in (False, True):
+            for blue in (False, True):
+                for _ in range(per):
+                    colour_image(root / "imgs" / f"{k}.png", red, blue, seed=k)
+                    labels = "|".join(n for n, on in (("red", red), ("blue", blue)) if on)
+                    lines.append(f"imgs/{k}.png,{labels},{split}")
+                    k += 1
+    (root / "m.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fitted(manifest) -> tuple[Path, Path, dict]:
+    """`probe extract` of the manifest, then `probe fit-head --head linear`: (store, head file, fit summary)."""
+    store, head = manifest / "s.h5", manifest / "lin.safetensors"
+    r = run("extract", manifest / "m.csv", "--backbone", TINY, "--weights", "random", "--out", store)
+    assert r.exit_code == 0, r.output
+    return store, head, ok_json("fit-head", store, "--head", "linear", "--n-Cs", "8", "--out", head)
+
+
+def test_csv_manifest_extract_fit_eval_predict_round_trip(manifest, fitted):
+    store, head, fit = fitted
+    s = FeatureStore(store)
+    assert s.multilabel and s.classes == ["blue", "red"]
+    assert fit["multilabel"] and fit["select"] == "map" and fit["n_train"] == 24 and fit["n_test"] == 16
+    assert fit["calibration"] is None and fit["calibration_note"] == "not calibrated: independent sigmoid per class"
+    assert set(fit["thresholds"]["values"]) == {"blue", "red"} and fit["test"]["mAP"] > 0.9
+    text = run("fit-head", store, "--head", "linear", "--n-Cs", "8", "--out", manifest / "t.safetensors")
+    assert text.exit_code == 0 and "L2 sweep (C: val map)" in text.output and "test  mAP" in text.output, text.output
+
+    ev = ok_json("eval", store, "--head", head, "--split", "test", "--bootstrap", "200")
+    h, meta = load_head(head)
+    P, Y = h.predict_proba(s.features("test")), s.label_matrix("test")[:, [s.classes.index(c)
+                                                                           for c in meta["class_names"]]]
+    sk = np.mean([average_precision_score(Y[:, c], P[:, c]) for c in range(Y.shape[1])])
+    assert ev["multilabel"] and ev["mAP"] == pytest.approx(sk, abs=1e-9) and ev["n"] == 16
+    assert ev["per_class"]["red"]["ap"] == pytest.approx(average_precision_score(Y[:, 1], P[:, 1]), abs=1e-9)
+    assert ev["confusion"] is None and 0 <= ev["ci95"]["map"][0] <= ev["mAP"] <= ev["ci95"]["map"][1] <= 1
+    assert {"mAP_voc07", "micro_f1", "macro_f1"} <= set(ev)
+    assert "(multi-label)" in run("eval", store, "--head", head).output
+
+    test_files = [str(manifest / "imgs" / f"{k}.png") for k in range(40, 56)]
+    out = ok_json("predict", *test_files, "--head", head, "--top-k", "2")
+    X_test = s.features("test")
+    for p, x in zip(out["predictions"], X_test):  # the test rows, in manifest order
+        proba = dict(zip(meta["class_names"], h.predict_proba(x[None])[0]))
+        want = sorted((c for c in proba if proba[c] >= h.thresholds_[meta["class_names"].index(c)]),
+                      key=lambda c: -proba[c])
+        assert [lab["class"] for lab in p["labels"]] == want and len(p["top"]) == 2
+        assert all(lab["probability"] >= lab["threshold"] for lab in p["labels"])
+    assert out["multilabel"] and out["calibrated"] is False
+    hits = sum(set(lab["class"] for lab in p["labels"]) == {n for n, on in zip(s.classes, y) if on}
+               for p, y in zip(out["predictions"], s.label_matrix("test")))
+    assert hits >= 12, out  # the label sets are mostly right (16 images)
+    one_line_error(run("predict", test_files[0], "--head", head, "--reject", "auto"),
+                   "is multi-label (independent sigmoid per class")
+
+
+# ------------------------------------------------------------------------------ the heads on arrays
+def test_linear_ovr_matches_sklearn_per_class_and_ranks_perfectly():
+    X, Y = synthetic()
+    head = LinearHead(C=0.3, norm="none", tol=1e-6, device="cpu").fit(X, Y)
+    assert head.multilabel_ and head.classes_.tolist() == [0, 1, 2] and head.predict_proba(X).shape == (300, 3)
+    for c in range(3):
+        sk = LogisticRegression(C=0.3, tol=1e-10, max_iter=10_000).fit(X, Y[:, c])
+        np.testing.assert_allclose(head.coef_[c], sk.coef_[0], atol=1e-3)
+        assert head.intercept_[c] == pytest.approx(sk.intercept_[0], abs=1e-3)
+    Xt, Yt = synthetic(200, seed=1)
+    P = head.predict_proba(Xt)
+    assert all(average_precision_score(Yt[:, c], P[:, c]) > 0.99 for c in range(3))
+    assert np.array_equal(head.predict(Xt), (P >= 0.5).astype(int)) and head.decision_function(Xt).shape == (200, 3)
+    swept = LinearHead(n_Cs=6, device="cpu").fit(X[:200], Y[:200], eval_set=(X[200:], Y[200:]))
+    assert swept.select_ == "map" and [set(r) for r in swept.sweep_][0] == {"C", "val_map", "val_loss"}
+    assert swept.val_score_ == pytest.approx(max(r["val_map"] for r in swept.sweep_))
+    cv = LinearHead(n_Cs=4, select="macro-f1", folds=3, device="cpu").fit(X, Y)  # no eval_set: k-fold
+    assert cv.select_ == "macro-f1" and cv.val_score_ > 0.9
+
+
+def test_mlp_learns_multilabel_and_stops_on_map():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 10)).astype(np.float32)
+    Y = np.stack([X[:, 0] > 0, X[:, 1] * X[:, 2] > 0, X[:, 3] > 0.7], 1).astype(np.uint8)  # one label is an XOR
+    val = (X[300:], Y[300:])
+    head = MLPHead(hidden=(64,), lr=1e-2, epochs=60, device="cpu").fit(X[:300], Y[:300], eval_set=val)
+    chance = Y[300:].mean(0).mean()  # mAP of random scores is about the positive rate
+    assert head.multilabel_ and head.predict(val[0]).shape == (100, 3)
+    assert mean_ap(val[1], head.predict_proba(val[0])) > max(0.8, chance + 0.3)
+    by_map = MLPHead(hidden=(64,), lr=1e-2, epochs=30, patience=5, select="map", device="cpu").fit(X[:300], Y[:300],
+                                                                                          eval_set=val)
+    assert by_map.val_score_ == pytest.approx(max(r["val_map"] for r in by_map.history_))
+
+
+def test_refusals_are_one_line(tmp_path):
+    X, Y = synthetic(120)
+    store = store_from_arrays(tmp_path / "ml.h5", X, Y, classes=["a", "b", "c"],
+                              splits=["train"] * 80 + ["val"] * 40).path
+    for kind in ("prototype", "knn"):
+        one_line_error(run("fit-head", store, "--head", kind, "--out", tmp_path / "h.safetensors"),
+                       f"is multi-label (3 classes, several per image): the {kind} head takes one class per row")
+    with pytest.raises(ProbeError, match="the prototype head takes one class per row"):
+        PrototypeHead().fit(X, Y)
+    # accuracy / mean-per-class score one class per row: refused on multi-label targets (map is the default)
+    one_line_error(run("fit-head", store, "--select", "accuracy", "--out", tmp_path / "h.safetensors"),
+                   "select 'accuracy' scores one class per row")
+    with pytest.raises(ProbeError, match="select 'mean-per-class' scores one class per row"):
+        MLPHead(select="mean-per-class", epochs=1).fit(X, Y)
+    one_line_error(run("fit-head", store, "--balanced", "--out", tmp_path / "h.safetensors"),
+                   "does not take them")
+    head = LinearHead(C=1.0, device="cpu").fit(X, Y)
+    for call in (lambda: head.calibrate(X, Y), lambda: head.fit_rejection(X, Y, X, Y)):
+        with pytest.raises(ProbeError, match="is multi-label .* no temperature and no unknown rejection"):
+            call()
+    from probe.heads import calibration as cal
+
+    for reject in ("auto", "0.5"):
+        with pytest.raises(ProbeError, match="is multi-label .* pass reject none"):
+            cal.resolve_threshold(head, reject)
+    assert cal.resolve_threshold(head, "none") is None
+
+
+def test_save_load_round_trip_keeps_thresholds(tmp_path):
+    X, Y = synthetic(200)
+    for head in (LinearHead(C=1.0, device="cpu"), MLPHead(hidden=(16,), epochs=5, device="cpu")):
+        head.fit(X[:150], Y[:150]).fit_thresholds(X[150:], Y[150:])
+        assert not np.allclose(head.thresholds_, 0.5)
+        path = save_head(head, tmp_path / f"{head.kind}.safetensors", class_names=["a", "b", "c"])
+        back, meta = load_head(path)
+        assert back.multilabel_ and np.array_equal(back.thresholds_, head.thresholds_)
+        np.testing.assert_allclose(back.predict_proba(X), head.predict_proba(X), atol=1e-6)
+        assert np.array_equal(back.predict(X), head.predict(X)) and meta["class_names"] == ["a", "b", "c"]
+    single, _ = load_head(save_head(LinearHead(C=1.0, device="cpu").fit(X, Y[:, 0]), tmp_path / "s.safetensors"))
+    assert single.multilabel_ is False and not hasattr(single, "thresholds_")
+
+
+def test_fit_head_on_store_without_splits_and_the_mlp(tmp_path):
+    X, Y = synthetic(150)
+    store = store_from_arrays(tmp_path / "nosplit.h5", X, Y, classes=["a", "b", "c"])
+    fit = fit_head(store, MLPHead(hidden=(32,), lr=1e-2, epochs=40, device="cpu"))
+    assert fit.n_train == 120 and fit.n_val == 30 and fit.val["mAP"] > 0.9 and fit["select"] == "loss"
+    assert fit["thresholds"]["fit_on"] == "val" and fit.test is None
+
+
+def test_service_classify_lists_labels_above_thresholds(manifest, fitted, tmp_path):
+    """Through the Service object (no HTTP server): a multi-label head's classify gives ``labels``."""
+    import asyncio
+
+    from probe.serve.service import ServeConfig, load_service
+
+    head = fitted[1]
+    svc = load_service(ServeConfig(heads=(f"ml={head}",), state_dir=str(tmp_path / "state"), device="cpu"))
+    data = (manifest / "imgs" / "55.png").read_bytes()  # red and blue
+
+    async def go():
+        await svc.start()
+        try:
+            return await svc.classify("ml", data, top_k=2), svc.catalog()
+        finally:
+            await svc.stop()
+
+    out, catalog = asyncio.run(go())
+    assert out["multilabel"] and {lab["class"] for lab in out["labels"]} == {"red", "blue"} and len(out["top"]) == 2
+    assert catalog["heads"][0]["multilabel"] is True
+    with pytest.raises(ProbeError, match="pass reject none"):
+        asyncio.run(svc.classify("ml", data, reject="auto"))
+
+
+def test_bootstrap_map_equals_map_of_each_resample():
+    from probe.heads.evaluate import multilabel_stats
+
+    rng = np.random.default_rng(3)
+    Y = (rng.random((40, 4)) < 0.3).astype(np.uint8)
+    P = np.round(rng.random((40, 4)) * 0.5 + 0.4 * Y, 1)  # rounded: tied scores
+    idx = rng.integers(0, 40, size=(25, 40))
+    got = multilabel_stats(Y, P)["map"](idx)
+    want = [mean_ap(Y[i], P[i]) for i in idx]
+    np.testing.assert_allclose(got, np.nan_to_num(want), atol=1e-12)
+
+
+def test_map_ties_go_to_the_lowest_val_loss_so_thresholds_carry_over():
+    """Separable data: mAP is 1 from C=1e-6 on (it only ranks), where every probability sits near its base rate;
+    the tie goes to the lowest val cross-entropy, so the refit head's probabilities are confident and the
+    thresholds fit on val classify held-out rows (with the first maximum, macro-F1 was 0 on such data)."""
+    from probe.heads.multilabel import f1_scores
+
+    rng = np.random.default_rng(3)
+    Y = rng.integers(0, 2, size=(120, 2))
+    X = (Y * 6.0 - 3.0) @ np.eye(2, 8) + rng.normal(scale=0.3, size=(120, 8))
+    X = X.astype(np.float32)
+    head = LinearHead(n_Cs=9, device="cpu").fit(X[:60], Y[:60], eval_set=(X[60:90], Y[60:90]))
+    maps = [r["val_map"] for r in head.sweep_]
+    assert maps[0] == maps[-1] == 1.0  # the tie this is about
+    assert head.C_ > head.Cs()[0]
+    losses = [r["val_loss"] for r in head.sweep_]
+    assert losses[list(head.Cs()).index(head.C_)] == min(losses)
+    head.fit_thresholds(X[60:90], Y[60:90])
+    assert f1_scores(Y[90:], head.predict_proba(X[90:]), head.thresholds_)["macro_f1"] == 1.0
