@@ -70,6 +70,12 @@ def _fit_text(s: dict) -> str:
         lines.append(f"thresholds (F1-optimal per class) fit on {t['fit_on'] or '- (no val rows: 0.5)'}: "
                      + "  ".join(f"{n}:{v:.3f}" for n, v in list(t["values"].items())[:20])
                      + ("  …" if len(t["values"]) > 20 else ""))
+        if s.get("calibration"):
+            c = s["calibration"]
+            lines.append(f"per-class Platt scaling fit on {c['fit_on']} ({c['n']} images): mean per-class ECE "
+                         f"{c['val_before']['ece']:.3f} -> {c['val_after']['ece']:.3f}, NLL "
+                         f"{c['val_before']['nll']:.3f} -> {c['val_after']['nll']:.3f}, Brier "
+                         f"{c['val_before']['brier']:.3f} -> {c['val_after']['brier']:.3f}")
         lines.append(s["calibration_note"] + "; no unknown rejection")
         for name in ("val", "test"):
             if s.get(name):
@@ -211,7 +217,8 @@ def eval_(
 ) -> None:
     """Accuracy (with a bootstrap 95% interval), top-5, balanced accuracy, per-class precision/recall/F1 and a
     confusion-matrix PNG; for a multi-label head mAP (area under PR, with its interval) and VOC07 11-point mAP,
-    per-class AP and micro/macro F1 at the head's thresholds (no PNG)."""
+    per-class AP and micro/macro F1 at the head's thresholds, mean per-class ECE/NLL/Brier before and after its
+    Platt scaling and a reliability PNG pooling every (image, class) probability (no confusion matrix)."""
     from probe.heads.evaluate import evaluate_store
 
     png = png or Path(f"{head.with_suffix('')}.{split}.confusion.png")
@@ -225,7 +232,14 @@ def eval_(
                  f"{'class':24} {'AP':>6} {'AP07':>6} {'thresh':>6} {'prec':>6} {'recall':>6} {'f1':>6} {'n':>6}"]
         lines += [f"{n[:24]:24} {_num(c['ap'])} {_num(c['ap_voc07'])} {c['threshold']:6.3f} {c['precision']:6.3f} "
                   f"{c['recall']:6.3f} {c['f1']:6.3f} {c['support']:6d}" for n, c in r["per_class"].items()]
-        lines.append(f"{r['calibration']['note']}; {r['confusion_note']}")
+        c = r["calibration"]
+        m = [f"ECE {c[w]['ece']:.3f}  NLL {c[w]['nll']:.3f}  Brier {c[w]['brier']:.3f}" for w in ("before", "after")
+             if c[w]]
+        lines.append(f"calibration (mean per class, {c['ece_bins']} bins): uncalibrated {m[0]}"
+                     + (f"; Platt-scaled: {m[1]}" if c["calibrated"] else ""))
+        lines.append(f"{c['note']}; {r['confusion_note']}")
+        if c.get("reliability_png"):
+            lines.append(f"reliability diagram (all classes pooled): {c['reliability_png']}")
         return "\n".join(lines)
 
     def text(r):

@@ -88,7 +88,10 @@ def test_csv_manifest_extract_fit_eval_predict_round_trip(manifest, fitted):
     s = FeatureStore(store)
     assert s.multilabel and s.classes == ["blue", "red"]
     assert fit["multilabel"] and fit["select"] == "map" and fit["n_train"] == 24 and fit["n_test"] == 16
-    assert fit["calibration"] is None and fit["calibration_note"] == "not calibrated: independent sigmoid per class"
+    c = fit["calibration"]
+    assert fit["calibration_note"] == "calibrated: per-class Platt scaling on val" and c["method"] == "platt"
+    assert set(c["platt"]) == {"blue", "red"} and c["n"] == 16 and c["fit_on"].startswith("val")
+    assert set(c["val_before"]) == set(c["test_after"]) == {"ece", "nll", "brier"}
     assert set(fit["thresholds"]["values"]) == {"blue", "red"} and fit["test"]["mAP"] > 0.9
     text = run("fit-head", store, "--head", "linear", "--n-Cs", "8", "--out", manifest / "t.safetensors")
     assert text.exit_code == 0 and "L2 sweep (C: val map)" in text.output and "test  mAP" in text.output, text.output
@@ -102,7 +105,15 @@ def test_csv_manifest_extract_fit_eval_predict_round_trip(manifest, fitted):
     assert ev["per_class"]["red"]["ap"] == pytest.approx(average_precision_score(Y[:, 1], P[:, 1]), abs=1e-9)
     assert ev["confusion"] is None and 0 <= ev["ci95"]["map"][0] <= ev["mAP"] <= ev["ci95"]["map"][1] <= 1
     assert {"mAP_voc07", "micro_f1", "macro_f1"} <= set(ev)
-    assert "(multi-label)" in run("eval", store, "--head", head).output
+    cb = ev["calibration"]
+    assert cb["calibrated"] and cb["method"] == "platt" and cb["note"] == "calibrated: per-class Platt scaling on val"
+    assert set(cb["before"]) == set(cb["after"]) == {"ece", "nll", "brier"} and cb["ece_bins"] == 15
+    assert Path(cb["reliability_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    np.testing.assert_allclose(h.platt_, [meta["fit"]["calibration"]["platt"][n] for n in meta["class_names"]],
+                               atol=1e-6)
+    text = run("eval", store, "--head", head).output
+    assert "(multi-label)" in text and "Platt-scaled: ECE" in text and "reliability diagram (all classes pooled)" \
+        in text, text
 
     test_files = [str(manifest / "imgs" / f"{k}.png") for k in range(40, 56)]
     out = ok_json("predict", *test_files, "--head", head, "--top-k", "2")
@@ -113,7 +124,7 @@ def test_csv_manifest_extract_fit_eval_predict_round_trip(manifest, fitted):
                       key=lambda c: -proba[c])
         assert [lab["class"] for lab in p["labels"]] == want and len(p["top"]) == 2
         assert all(lab["probability"] >= lab["threshold"] for lab in p["labels"])
-    assert out["multilabel"] and out["calibrated"] is False
+    assert out["multilabel"] and out["calibrated"] is True and out["method"] == "platt"
     hits = sum(set(lab["class"] for lab in p["labels"]) == {n for n, on in zip(s.classes, y) if on}
                for p, y in zip(out["predictions"], s.label_matrix("test")))
     assert hits >= 12, out  # the label sets are mostly right (16 images)
@@ -172,9 +183,10 @@ def test_refusals_are_one_line(tmp_path):
     one_line_error(run("fit-head", store, "--balanced", "--out", tmp_path / "h.safetensors"),
                    "does not take them")
     head = LinearHead(C=1.0, device="cpu").fit(X, Y)
-    for call in (lambda: head.calibrate(X, Y), lambda: head.fit_rejection(X, Y, X, Y)):
-        with pytest.raises(ProbeError, match="is multi-label .* no temperature and no unknown rejection"):
-            call()
+    with pytest.raises(ProbeError, match="is multi-label .* no unknown rejection"):
+        head.fit_rejection(X, Y, X, Y)
+    with pytest.raises(ProbeError, match="calibrate: Y must be a \\(120, 3\\) 0/1 matrix"):
+        head.calibrate(X, Y[:, 0])
     from probe.heads import calibration as cal
 
     for reject in ("auto", "0.5"):
@@ -259,3 +271,83 @@ def test_map_ties_go_to_the_lowest_val_loss_so_thresholds_carry_over():
     assert losses[list(head.Cs()).index(head.C_)] == min(losses)
     head.fit_thresholds(X[60:90], Y[60:90])
     assert f1_scores(Y[90:], head.predict_proba(X[90:]), head.thresholds_)["macro_f1"] == 1.0
+
+
+# ------------------------------------------------------------------------------ calibration (issue 14 part 3)
+def noisy(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """X (n, 30) and four labels drawn from a logistic model on weak directions: noisy labels, so a head with
+    little regularisation fit on few rows is over-confident."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 30)).astype(np.float32)
+    W = np.random.default_rng(99).normal(size=(30, 4)) * 0.4
+    return X, (rng.random((n, 4)) < 1 / (1 + np.exp(-(X @ W)))).astype(np.uint8)
+
+
+def test_platt_lowers_per_class_ece_and_nll_on_held_out_rows_and_keeps_the_ranking():
+    from probe.heads import calibration as cal
+
+    X, Y = noisy(900)
+    tr, va, te = slice(0, 150), slice(150, 450), slice(450, 900)
+    head = LinearHead(C=100.0, device="cpu").fit(X[tr], Y[tr])
+    raw = head.predict_proba(X[te])
+    before = cal.multilabel_calibration_metrics(raw, Y[te])
+    head.calibrate(X[va], Y[va])
+    assert head.platt_.shape == (4, 2) and (head.platt_[:, 0] < 1).all()  # over-confident: every slope shrinks
+    P = head.predict_proba(X[te])
+    after = cal.multilabel_calibration_metrics(P, Y[te])
+    assert after["ece"] < 0.7 * before["ece"] and after["nll"] < before["nll"] - 0.05
+    assert after["brier"] < before["brier"]
+    np.testing.assert_allclose(head.uncalibrated_proba(X[te]), raw)
+    assert mean_ap(Y[te], P) == pytest.approx(mean_ap(Y[te], raw), abs=1e-12)  # a > 0: rankings unchanged
+    # the metric, by hand for one class: 15 equal-width bins of its probability, |fraction positive - mean p|
+    b = np.clip(np.ceil(P[:, 1].astype(np.float64) * 15).astype(int) - 1, 0, 14)
+    ece1 = sum(abs(Y[te][b == k, 1].mean() - P[b == k, 1].astype(np.float64).mean()) * (b == k).sum()
+               for k in range(15) if (b == k).any()) / len(P)
+    per_class = [cal.multilabel_calibration_metrics(P[:, [c]], Y[te][:, [c]])["ece"] for c in range(4)]
+    assert per_class[1] == pytest.approx(ece1, abs=1e-9) and after["ece"] == pytest.approx(np.mean(per_class))
+
+
+def test_platt_matches_sklearn_logistic_regression_on_the_logit():
+    from probe.heads.calibration import fit_platt
+
+    rng = np.random.default_rng(1)
+    Z = rng.normal(scale=4, size=(400, 2))
+    Y = (rng.random((400, 2)) < 1 / (1 + np.exp(-(0.5 * Z + [0.3, -0.7])))).astype(np.uint8)
+    ab = fit_platt(Z, Y)
+    for c in range(2):  # Platt's smoothed targets as sample-weighted 0/1 rows, no penalty
+        n1 = Y[:, c].sum()
+        t = np.where(Y[:, c] == 1, (n1 + 1) / (n1 + 2), 1 / (400 - n1 + 2))
+        lr = LogisticRegression(C=1e10, tol=1e-12, max_iter=10000).fit(
+            np.r_[Z[:, [c]], Z[:, [c]]], np.r_[np.ones(400), np.zeros(400)], sample_weight=np.r_[t, 1 - t])
+        np.testing.assert_allclose(ab[c], [lr.coef_[0, 0], lr.intercept_[0]], atol=1e-4)
+
+
+def test_platt_round_trips_and_a_class_without_val_positives_keeps_identity(tmp_path):
+    X, Y = noisy(600, seed=2)
+    Yv = Y[200:400].copy()
+    Yv[:, 2] = 0  # no positives on val for class 2
+    for head in (LinearHead(C=100.0, device="cpu"), MLPHead(hidden=(16,), epochs=5, device="cpu")):
+        head.fit(X[:200], Y[:200]).calibrate(X[200:400], Yv).fit_thresholds(X[200:400], Yv)
+        assert head.platt_[2].tolist() == [1.0, 0.0] and not np.allclose(head.platt_[[0, 1, 3]], [1.0, 0.0])
+        np.testing.assert_allclose(head.predict_proba(X)[:, 2], head.uncalibrated_proba(X)[:, 2], atol=1e-6)
+        path = save_head(head, tmp_path / f"{head.kind}.safetensors", class_names=["a", "b", "c", "d"])
+        back, _ = load_head(path)
+        assert back.platt_.shape == (4, 2) and np.array_equal(back.platt_, head.platt_)
+        np.testing.assert_allclose(back.predict_proba(X), head.predict_proba(X), atol=1e-6)
+        assert np.array_equal(back.predict(X), head.predict(X))
+        assert np.array_equal(head.predict(X), (head.predict_proba(X) >= head.thresholds_).astype(np.int64))
+        head.fit(X[:200], Y[:200])  # a new fit forgets the calibration
+        assert not hasattr(head, "platt_")
+
+
+def test_fit_head_fits_platt_before_the_thresholds(tmp_path):
+    X, Y = noisy(600, seed=3)
+    store = store_from_arrays(tmp_path / "noisy.h5", X, Y, classes=["a", "b", "c", "d"],
+                              splits=["train"] * 150 + ["val"] * 200 + ["test"] * 250).path
+    fit = fit_head(store, LinearHead(C=100.0, device="cpu"))
+    c, h = fit["calibration"], fit.head
+    assert c["method"] == "platt" and c["fit_on"] == "val" and c["n"] == 200
+    assert c["test_after"]["ece"] < c["test_before"]["ece"] and c["test_after"]["nll"] < c["test_before"]["nll"]
+    s = FeatureStore(store)
+    want = h.fit_thresholds(s.features("val"), s.label_matrix("val")).thresholds_  # on calibrated val proba
+    np.testing.assert_allclose(fit["thresholds"]["values"]["b"], want[1], atol=1e-6)

@@ -14,9 +14,11 @@ X_val, y_val)`` learns the class means and the distance threshold that ``rejecti
 
 Multi-label (scikit-learn's indicator convention; the linear and MLP heads, ``multilabel_ok``): ``fit(X, Y)`` with Y
 an (N, C) 0/1 matrix makes the head multi-label (``multilabel_`` True, ``classes_`` = arange(C)); ``predict_proba``
-gives (N, C) independent sigmoid probabilities (never temperature-scaled), ``predict`` (N, C) 0/1 at
-``thresholds_`` (0.5 until ``fit_thresholds(X_val, Y_val)`` sets each class's F1-optimal threshold). Such a head
-has no temperature and no rejection: ``calibrate`` and ``fit_rejection`` refuse it.
+gives (N, C) independent sigmoid probabilities, ``predict`` (N, C) 0/1 at ``thresholds_`` (0.5 until
+``fit_thresholds(X_val, Y_val)`` sets each class's F1-optimal threshold). For such a head ``calibrate(X_val,
+Y_val)`` learns per-class Platt scaling instead of a temperature: ``platt_`` (C, 2), ``predict_proba`` giving
+``sigmoid(a_c * z_c + b_c)`` of each class's logit z_c (fit thresholds after it: they are probabilities). It has
+no unknown rejection: ``fit_rejection`` refuses it.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from . import calibration as cal
 from . import multilabel as ml
 from .features import NORMS, apply_norm, fit_norm
 
-CALIBRATION_ATTRS = ("temperature_", "reject_center_", "reject_means_", "reject_threshold_", "reject_target_")
+CALIBRATION_ATTRS = ("temperature_", "platt_", "reject_center_", "reject_means_", "reject_threshold_", "reject_target_")
 NOUNS = {"norm": "normalisation"}  # what a parameter's value is, for "unknown normalisation 'zca'"
 
 
@@ -177,16 +179,31 @@ class Head(ClassifierMixin, BaseEstimator):
         """(N, D) normalised -> (N, C) logits up to a per-row constant: by default the log-probabilities."""
         return cal.log_proba(self._proba(Z))
 
+    def _ml_logits(self, Z: np.ndarray) -> np.ndarray:
+        """Multi-label: (N, D) normalised -> (N, C) each class's logit (by default the logit of its probability)."""
+        from scipy.special import logit
+
+        return logit(np.clip(np.asarray(self._proba(Z), np.float64), 1e-12, 1 - 1e-12))
+
+    def _ml_proba(self, Z: np.ndarray) -> np.ndarray:
+        """Multi-label: (N, D) normalised -> (N, C) probabilities, Platt-scaled per class once ``platt_`` is set."""
+        platt = getattr(self, "platt_", None)
+        return self._proba(Z) if platt is None else cal.platt_proba(self._ml_logits(Z), platt)
+
     def predict_proba(self, X: Any) -> np.ndarray:
         """(N, D) -> (N, n_classes) class probabilities, columns in the order of ``classes_``; temperature-scaled
-        once ``calibrate`` has run (``temperature_``)."""
+        once ``calibrate`` has run (``temperature_``), or for a multi-label head Platt-scaled per class
+        (``platt_``)."""
         Z = self.transform_features(X)
+        if getattr(self, "multilabel_", False):
+            return self._ml_proba(Z)
         T = getattr(self, "temperature_", None)
         return self._proba(Z) if T is None else cal.softmax_t(self._logits(Z), T)
 
     def fit_thresholds(self, X: Any, Y: Any) -> Head:
         """Multi-label: learn ``thresholds_`` (C,), each class's F1-optimal threshold on held-out X (N, D), Y (N, C)
-        (0.5 for a class without positives there: ``multilabel.fit_thresholds``). Returns self."""
+        (0.5 for a class without positives there: ``multilabel.fit_thresholds``), on ``predict_proba`` (so after
+        ``calibrate`` when the head is to be calibrated). Returns self."""
         self._require_multilabel("fit_thresholds")
         Y = np.asarray(Y)
         if Y.ndim != 2 or Y.shape[1] != len(self.classes_):
@@ -203,10 +220,10 @@ class Head(ClassifierMixin, BaseEstimator):
     def _refuse_multilabel(self, what: str) -> None:
         if getattr(self, "multilabel_", False):
             raise ProbeError(f"{what}: this {self.kind} head is multi-label (an independent sigmoid per class); it has "
-                             "no temperature and no unknown rejection")
+                             "no unknown rejection")
 
     def uncalibrated_proba(self, X: Any) -> np.ndarray:
-        """(N, D) -> (N, n_classes) the head's own probabilities, without ``temperature_``."""
+        """(N, D) -> (N, n_classes) the head's own probabilities, without ``temperature_`` / ``platt_``."""
         return self._proba(self.transform_features(X))
 
     def _columns(self, y: Any, what: str) -> np.ndarray:
@@ -222,11 +239,21 @@ class Head(ClassifierMixin, BaseEstimator):
         """Learn ``temperature_``: the T minimising the NLL of ``softmax(logits / T)`` on held-out X (N, D), y (N,)
         (never the training rows: there the head is overconfident by construction). Returns self.
 
+        A multi-label head takes Y (N, C) 0/1 and learns ``platt_`` (C, 2) instead: per class, the (a, b) of
+        ``sigmoid(a * logit + b)`` minimising its binary log-loss (``calibration.fit_platt``; (1, 0) for a class
+        without a positive or a negative there).
+
         Example:
             >>> head.fit(X_train, y_train).calibrate(X_val, y_val).predict_proba(X_new)
         """
-        self._refuse_multilabel("calibrate")
         Z = self.transform_features(X)
+        if getattr(self, "multilabel_", False):
+            Y = np.asarray(y)
+            if Y.ndim != 2 or Y.shape != (len(Z), len(self.classes_)) or not np.isin(Y, (0, 1)).all():
+                raise ProbeError(f"calibrate: Y must be a ({len(Z)}, {len(self.classes_)}) 0/1 matrix for this "
+                                 f"multi-label head, got shape {Y.shape}")
+            self.platt_ = cal.fit_platt(self._ml_logits(Z), Y)
+            return self
         self.temperature_ = cal.fit_temperature(self._logits(Z), self._columns(y, "calibrate: y"))
         return self
 
@@ -258,7 +285,7 @@ class Head(ClassifierMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         Z = self.transform_features(X)  # checks the head is fitted
         if getattr(self, "multilabel_", False):  # (N, C) 0/1: every class at or above its threshold
-            return (self._proba(Z) >= self.thresholds_).astype(np.int64)
+            return (self._ml_proba(Z) >= self.thresholds_).astype(np.int64)
         return self.classes_[self._scores(Z).argmax(1)]
 
     def _decision(self, X: Any) -> np.ndarray:
@@ -293,5 +320,6 @@ class Head(ClassifierMixin, BaseEstimator):
         for a in CALIBRATION_ATTRS:  # heads saved before calibration existed have none
             if f"calibration.{a}" in arrays:
                 v = arrays[f"calibration.{a}"]
-                setattr(self, a, float(v[0]) if a in ("temperature_", "reject_threshold_", "reject_target_") else v)
+                setattr(self, a, float(v[0]) if a in ("temperature_", "reject_threshold_", "reject_target_")
+                        else np.asarray(v, np.float64) if a == "platt_" else v)
         return self

@@ -14,11 +14,22 @@
   head. On the demo set it separates held-out classes better than the maximum calibrated probability
   (benchmarks/bench_openset.py: AUROC 0.80 against 0.63-0.72). The threshold is the quantile of the validation
   images' distances that rejects ``target`` of them (5% by default).
+* **Multi-label heads: per-class Platt scaling** (Platt 1999). Each class c keeps its own sigmoid over the head's
+  logit z_c: ``p_c = sigmoid(a_c * z_c + b_c)``, (a_c, b_c) minimising that class's binary log-loss on val
+  against Platt's smoothed targets ((n+ + 1)/(n+ + 2) for a positive, 1/(n- + 2) for a negative, so a class that
+  val separates perfectly keeps a finite slope), all classes at once with L-BFGS-B, a_c in [1e-3, 1e3]: a_c > 0
+  keeps each class's ranking, so AP / mAP are unchanged. A class with no positive or no negative on val keeps
+  (1, 0). Metrics (``multilabel_calibration_metrics``): per class, ECE over 15 equal-width bins of that class's
+  positive probability (``sum_b n_b/N * |fraction positive_b - mean probability_b|``), its binary log-loss
+  (probabilities clipped to [1e-12, 1 - 1e-12]) and Brier score (mean ``(p - y)^2``), each averaged over the C
+  classes. The reliability diagram pools every (row, class) probability into one set of 15 bins.
 
 Example:
     >>> T = fit_temperature(val_logits, y_val)                     # (N, C) logits, (N,) column indices
     >>> calibration_metrics(softmax_t(val_logits, T), y_val)       # {"ece": …, "nll": …, "brier": …}
     >>> t = rejection_threshold(distances_of_known_val_images, 0.05)
+    >>> ab = fit_platt(val_logits, Y_val)                          # multi-label: (N, C) logits, (N, C) 0/1 -> (C, 2)
+    >>> multilabel_calibration_metrics(platt_proba(val_logits, ab), Y_val)
 """
 
 from __future__ import annotations
@@ -102,9 +113,26 @@ def calibration_metrics(proba: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return {"ece": ece(proba, y), "nll": nll(proba, y), "brier": brier(proba, y)}
 
 
-def reliability_bins(proba: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> dict[str, np.ndarray]:
-    """Per bin: count, mean confidence and accuracy (NaN where empty), and the bin edges."""
-    conf, correct = np.asarray(proba, np.float64).max(1), np.asarray(proba).argmax(1) == np.asarray(y)
+def _binned_ece(conf: np.ndarray, outcome: np.ndarray, bins: int = ECE_BINS) -> float:
+    """``sum_b n_b/N * |mean outcome_b - mean conf_b|`` over equal-width bins (0, 1/bins], … (0 falls in the first)."""
+    b = np.clip(np.searchsorted(np.linspace(0, 1, bins + 1), conf, side="left") - 1, 0, bins - 1)
+    gap = np.abs(np.bincount(b, outcome.astype(np.float64), bins) - np.bincount(b, conf, bins))
+    return float(gap.sum() / len(conf)) if len(conf) else 0.0
+
+
+def _conf_outcome(proba: np.ndarray, y: np.ndarray, multilabel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """What a reliability diagram bins: (top-1 probability, top-1 correct), or for a multi-label (N, C) matrix
+    every (row, class) positive probability and its 0/1 label, pooled."""
+    if multilabel:
+        return np.asarray(proba, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+    return np.asarray(proba, np.float64).max(1), np.asarray(proba).argmax(1) == np.asarray(y)
+
+
+def reliability_bins(proba: np.ndarray, y: np.ndarray, bins: int = ECE_BINS, multilabel: bool = False
+                     ) -> dict[str, np.ndarray]:
+    """Per bin: count, mean confidence and accuracy (NaN where empty), and the bin edges. ``multilabel``: y is the
+    (N, C) 0/1 matrix and every (row, class) probability is binned, "accuracy" being the fraction positive."""
+    conf, correct = _conf_outcome(proba, y, multilabel)
     edges = np.linspace(0, 1, bins + 1)
     b = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
     n = np.bincount(b, minlength=bins)
@@ -114,9 +142,11 @@ def reliability_bins(proba: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> 
 
 
 def reliability_png(proba_before: np.ndarray, y: np.ndarray, path: str | os.PathLike,
-                    proba_after: np.ndarray | None = None, title: str = "") -> Path:
+                    proba_after: np.ndarray | None = None, title: str = "", multilabel: bool = False) -> Path:
     """Reliability diagram (accuracy against confidence in 15 bins, before and after calibration, with the
-    diagonal of perfect calibration) over a histogram of how many images fall in each bin."""
+    diagonal of perfect calibration) over a histogram of how many images fall in each bin. ``multilabel``: y is
+    the (N, C) 0/1 matrix; every (row, class) probability is pooled into the one diagram (fraction positive
+    against predicted probability; the legend's ECE is of that pool, not the mean per-class ECE)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,20 +159,23 @@ def reliability_png(proba_before: np.ndarray, y: np.ndarray, path: str | os.Path
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
     runs = [("uncalibrated", proba_before, "tab:red")]
     if proba_after is not None:
-        runs.append(("temperature-scaled", proba_after, "tab:blue"))
+        runs.append(("Platt-scaled per class" if multilabel else "temperature-scaled", proba_after, "tab:blue"))
     width = 1.0 / ECE_BINS
     for i, (name, p, colour) in enumerate(runs):
-        r = reliability_bins(p, y)
+        r = reliability_bins(p, y, multilabel=multilabel)
         centres = r["edges"][:-1] + width / 2
         ok = r["count"] > 0
+        e = _binned_ece(*_conf_outcome(p, y, multilabel))
         ax.plot(r["confidence"][ok], r["accuracy"][ok], marker="o", color=colour,
-                label=f"{name}: ECE {ece(p, y):.3f}")
+                label=f"{name}: {'pooled ' if multilabel else ''}ECE {e:.3f}")
         shift = (i - (len(runs) - 1) / 2) * width / len(runs)
         hx.bar(centres + shift, r["count"], width=width / len(runs), color=colour, alpha=0.7)
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="accuracy")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="fraction positive" if multilabel else "accuracy")
     ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(title or f"reliability ({len(y)} images, {ECE_BINS} bins)", fontsize=10)
-    hx.set(xlabel="top-1 probability (confidence)", ylabel="images")
+    what = f"{np.size(y)} (image, class) pairs" if multilabel else f"{len(y)} images"
+    ax.set_title(title or f"reliability ({what}, {ECE_BINS} bins)", fontsize=10)
+    hx.set(xlabel="class probability (all classes pooled)" if multilabel else "top-1 probability (confidence)",
+           ylabel="pairs" if multilabel else "images")
     fig.tight_layout()
     path = Path(path)
     try:
@@ -151,6 +184,73 @@ def reliability_png(proba_before: np.ndarray, y: np.ndarray, path: str | os.Path
     finally:
         plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- multi-label
+PLATT_A_BOUNDS = (1e-3, 1e3)  # a_c > 0 keeps each class's ranking (AP unchanged)
+ML_PROBA_CLIP = 1e-12  # binary log-loss of probabilities clipped to [1e-12, 1 - 1e-12]
+
+
+def platt_proba(logits: np.ndarray, platt: np.ndarray | None) -> np.ndarray:
+    """(N, C) logits and (C, 2) per-class (a, b) -> (N, C) float32 ``sigmoid(a * z + b)`` (plain sigmoid for None)."""
+    from scipy.special import expit
+
+    z = np.asarray(logits, np.float64)
+    if platt is not None:
+        ab = np.asarray(platt, np.float64)
+        z = z * ab[:, 0] + ab[:, 1]
+    return expit(z).astype(np.float32)
+
+
+def fit_platt(logits: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """(C, 2) per-class (a, b) minimising each class's binary log-loss of ``sigmoid(a * z + b)`` on held-out
+    logits (N, C) against Platt's smoothed targets of the 0/1 matrix Y (N, C); (1, 0) for a class with no positive
+    or no negative there. All classes at once (their losses are independent) with L-BFGS-B, a in [1e-3, 1e3]."""
+    from scipy.optimize import minimize
+    from scipy.special import expit, log_expit
+
+    Z, Y = np.asarray(logits, np.float64), np.asarray(Y, np.float64)
+    if Z.ndim != 2 or Z.shape != Y.shape:
+        raise ProbeError(f"Platt scaling needs (N, C) logits and labels of one shape, got {Z.shape} and {Y.shape}")
+    C = Z.shape[1]
+    out = np.tile([1.0, 0.0], (C, 1))
+    if len(Z) == 0:
+        raise ProbeError("Platt scaling needs held-out rows to fit on, got 0")
+    pos = Y.sum(0)
+    fit = np.flatnonzero((pos > 0) & (pos < len(Y)))
+    if not len(fit):
+        return out
+    Z, Y, pos = Z[:, fit], Y[:, fit], pos[fit]
+    T = np.where(Y > 0, (pos + 1) / (pos + 2), 1 / (len(Y) - pos + 2))  # Platt's targets (N, k)
+    n, k = Z.shape
+
+    def loss(x: np.ndarray) -> tuple[float, np.ndarray]:
+        a, b = x[:k], x[k:]
+        u = Z * a + b
+        f = -(T * log_expit(u) + (1 - T) * log_expit(-u)).sum() / n
+        r = (expit(u) - T) / n  # d loss / d u
+        return float(f), np.concatenate([(r * Z).sum(0), r.sum(0)])
+
+    x0 = np.r_[np.ones(k), np.zeros(k)]
+    res = minimize(loss, x0, jac=True, method="L-BFGS-B", bounds=[PLATT_A_BOUNDS] * k + [(None, None)] * k,
+                   options={"maxiter": 1000, "gtol": 1e-10, "ftol": 1e-15})
+    x = res.x if np.isfinite(res.x).all() and res.fun <= loss(x0)[0] else x0
+    out[fit, 0], out[fit, 1] = x[:k], x[k:]
+    return out
+
+
+def multilabel_calibration_metrics(P: np.ndarray, Y: np.ndarray, bins: int = ECE_BINS) -> dict[str, float]:
+    """{"ece", "nll", "brier"} of (N, C) positive-class probabilities against the (N, C) 0/1 matrix, each the mean
+    over classes of that class's own: ECE over ``bins`` equal-width bins of its probability, binary log-loss
+    (probabilities clipped to [1e-12, 1 - 1e-12]) and Brier score ``mean (p - y)^2``."""
+    P, Y = np.asarray(P, np.float64), np.asarray(Y, np.float64)
+    if P.ndim != 2 or P.shape != Y.shape or not len(P):
+        raise ProbeError(f"calibration metrics need (N, C) probabilities and labels of one shape with N > 0, got "
+                         f"{P.shape} and {Y.shape}")
+    Pc = np.clip(P, ML_PROBA_CLIP, 1 - ML_PROBA_CLIP)
+    nll_c = -(Y * np.log(Pc) + (1 - Y) * np.log1p(-Pc)).mean(0)
+    ece_c = [_binned_ece(P[:, c], Y[:, c], bins) for c in range(P.shape[1])]
+    return {"ece": float(np.mean(ece_c)), "nll": float(nll_c.mean()), "brier": float(((P - Y) ** 2).mean())}
 
 
 # ---------------------------------------------------------------------------------------------- unknowns
@@ -266,7 +366,14 @@ def describe(head: Any, reject: Any, threshold: float | None) -> dict[str, Any]:
         rej["target_known_rejected"] = getattr(head, "reject_target_", None)
         if threshold is None:
             rej["note"] = "the head has no rejection threshold (fit before probe stored one): nothing is rejected"
-    out = {"calibrated": T is not None, "temperature": None if T is None else round(float(T), 6), "reject": rej}
+    out = {"calibrated": T is not None, "method": None if T is None else "temperature",
+           "temperature": None if T is None else round(float(T), 6), "reject": rej}
     if getattr(head, "multilabel_", False):
-        out.update(multilabel=True, calibration_note="not calibrated: independent sigmoid per class")
+        platt = hasattr(head, "platt_")
+        out.update(multilabel=True, calibrated=platt, method="platt" if platt else None,
+                   calibration_note=MULTILABEL_CALIBRATED if platt else MULTILABEL_NOT_CALIBRATED)
     return out
+
+
+MULTILABEL_CALIBRATED = "calibrated: per-class Platt scaling on val"
+MULTILABEL_NOT_CALIBRATED = "not calibrated: independent sigmoid per class"

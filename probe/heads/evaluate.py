@@ -2,7 +2,9 @@
 
 A multi-label head (on a multi-label store) gets a ``MultiLabelReport`` instead: mAP (area under PR) and VOC07
 11-point mAP, per-class AP, micro/macro F1 at the head's thresholds, a bootstrap interval of mAP; no confusion
-matrix (several labels per image have no single true/predicted cell) and no calibration (independent sigmoids).
+matrix (several labels per image have no single true/predicted cell); its calibration block has the mean per-class
+ECE, NLL and Brier before and after the head's per-class Platt scaling (``calibration.multilabel_calibration_
+metrics``), and its reliability diagram pools every (image, class) probability.
 
 Example:
     >>> report = evaluate(head, X_test, y_test)                     # arrays in, an EvalReport out
@@ -272,12 +274,12 @@ class MultiLabelReport:
     context: dict[str, Any] = field(default_factory=dict)
     ci95: dict[str, list[float]] = field(default_factory=dict)  # bootstrap [low, high]: map
     bootstrap: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)  # mean per-class ECE/NLL/Brier before/after Platt
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {**self.context, "multilabel": True, "n": self.metrics["images"], **self.metrics,
                              "confusion": None, "confusion_note": "no confusion matrix for multi-label heads",
-                             "calibration": {"calibrated": False, "note": "not calibrated: independent sigmoid "
-                                                                           "per class"}}
+                             "calibration": self.calibration}
         if self.ci95:
             d.update(ci95=self.ci95, bootstrap=self.bootstrap)
         return d
@@ -291,10 +293,13 @@ class MultiLabelReport:
 
 
 def evaluate_multilabel(head: Any, X: np.ndarray, Y: np.ndarray, *, class_names: list[str] | None = None,
-                        bootstrap: int = BOOTSTRAP, seed: int = 0, context: dict[str, Any] | None = None
-                        ) -> MultiLabelReport:
+                        bootstrap: int = BOOTSTRAP, seed: int = 0, context: dict[str, Any] | None = None,
+                        reliability_png: str | os.PathLike | None = None, title: str = "") -> MultiLabelReport:
     """``MultiLabelReport`` of a multi-label ``head`` on X (N, D) and its (N, C) 0/1 label matrix Y (columns in the
-    head's order), with a bootstrap 95% interval of mAP (``bootstrap`` resamples; 0: none)."""
+    head's order), with a bootstrap 95% interval of mAP (``bootstrap`` resamples; 0: none) and the calibration
+    block (mean per-class ECE/NLL/Brier without and with ``platt_``); the pooled reliability diagram only when
+    ``reliability_png``."""
+    from . import calibration as cal
     from .multilabel import multilabel_metrics
 
     if not getattr(head, "multilabel_", False):
@@ -309,6 +314,17 @@ def evaluate_multilabel(head: Any, X: np.ndarray, Y: np.ndarray, *, class_names:
     names = class_names if class_names is not None else [str(c) for c in head.classes_.tolist()]
     P = head.predict_proba(X)
     report = MultiLabelReport(multilabel_metrics(Y, P, head.thresholds_, names), names, dict(context or {}))
+    platt = hasattr(head, "platt_")
+    before = head.uncalibrated_proba(X) if platt else P
+    report.calibration = {"calibrated": platt, "method": "platt" if platt else None,
+                          "note": cal.MULTILABEL_CALIBRATED if platt else cal.MULTILABEL_NOT_CALIBRATED,
+                          "ece_bins": cal.ECE_BINS, "ece": "mean over classes of each class's ECE on its probability",
+                          "before": cal.multilabel_calibration_metrics(before, Y),
+                          "after": cal.multilabel_calibration_metrics(P, Y) if platt else None}
+    if reliability_png is not None:
+        report.calibration["reliability_png"] = str(cal.reliability_png(
+            before, Y, reliability_png, P if platt else None, title, multilabel=True))
+        report.calibration["reliability_pooled"] = "every (image, class) probability in one diagram"
     if bootstrap:
         t0 = time.perf_counter()
         report.ci95 = bootstrap_intervals(multilabel_stats(Y, P), len(Y), bootstrap, seed)
@@ -372,7 +388,7 @@ def evaluate_store(store: Any, head: str | os.PathLike, split: str | None = "tes
             raise ProbeError(f"store {store.path} has no {split!r} split (it has: {', '.join(have) or 'none'}; "
                              "pass split=None (--split all) to evaluate every labelled row)")
     if getattr(fitted, "multilabel_", False) or getattr(store, "multilabel", False):
-        return _evaluate_store_multilabel(store, fitted, meta, head, split, bootstrap, seed)
+        return _evaluate_store_multilabel(store, fitted, meta, head, split, bootstrap, seed, reliability_png)
     X, y = store.features(split), store.labels(split)
     keep = y >= 0
     if not keep.any():
@@ -397,7 +413,8 @@ def evaluate_store(store: Any, head: str | os.PathLike, split: str | None = "tes
 
 
 def _evaluate_store_multilabel(store: Any, fitted: Any, meta: dict[str, Any], head: str | os.PathLike,
-                               split: str | None, bootstrap: int, seed: int) -> MultiLabelReport:
+                               split: str | None, bootstrap: int, seed: int,
+                               reliability_png: str | os.PathLike | None = None) -> MultiLabelReport:
     """``evaluate_store`` for a multi-label head on a multi-label store: every row of ``split`` (an image without
     labels is a negative for every class), store columns matched to the head's classes by name."""
     if not getattr(store, "multilabel", False):
@@ -420,6 +437,12 @@ def _evaluate_store_multilabel(store: Any, fitted: Any, meta: dict[str, Any], he
     Y = Y_store[:, [col[n] for n in names]]
     if not len(Y):
         raise ProbeError(f"no images in split {split or 'all'!r} of {store.path}")
-    return evaluate_multilabel(fitted, store.features(split), Y, class_names=names, bootstrap=bootstrap, seed=seed,
-                               context={"store": str(store.path), "head": str(head), "head_type": meta["head"],
-                                        "split": split or "all"})
+    report = evaluate_multilabel(
+        fitted, store.features(split), Y, class_names=names, bootstrap=bootstrap, seed=seed,
+        context={"store": str(store.path), "head": str(head), "head_type": meta["head"], "split": split or "all"},
+        reliability_png=reliability_png, title=f"{Path(head).name} on {store.path.name} [{split or 'all'}]: "
+                                               f"reliability, {Y.size} (image, class) pairs pooled")
+    fit_on = ((meta.get("fit") or {}).get("calibration") or {}).get("fit_on") or ""
+    if report.calibration["calibrated"] and split in (None, "val") and fit_on.startswith("val"):
+        report.calibration["note"] += " ('after' on val rows is optimistic)"
+    return report

@@ -8,8 +8,9 @@ has is refused: a K-shot head sees K images of every class). The MLP also trains
 
 A multi-label store (several labels per image: ``store.label_matrix()``) fits the linear or MLP head one-vs-rest
 on the (N, C) label matrix; every row of a split is a row (an image without labels is a negative for every
-class); C / the early stop are chosen by mAP (linear default) or val loss (MLP default); each class's threshold
-is then set on val (F1-optimal); there is no temperature (independent sigmoids) and no unknown rejection.
+class); C / the early stop are chosen by mAP (linear default) or val loss (MLP default); each class's sigmoid is
+then Platt-scaled on val (``calibration.fit_platt``), and each class's threshold set on the calibrated val
+probabilities (F1-optimal); there is no unknown rejection.
 
 Example:
     >>> fit = fit_head("cache/demo.h5", LinearHead(), out="heads/demo-linear.safetensors")
@@ -39,7 +40,7 @@ from .features import k_per_class, stratified_holdout
 from .io import make_head, save_head
 from .scoring import refuse_map
 
-NOT_CALIBRATED = "not calibrated: independent sigmoid per class"
+NOT_CALIBRATED = cal.MULTILABEL_NOT_CALIBRATED
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,8 @@ def _save(fit: HeadFit, store: FeatureStore, out: str | os.PathLike | None, conf
 
 def _fit_multilabel(store: FeatureStore, head: Head, out: str | os.PathLike | None, *, shots: int | None, seed: int,
                     views: bool | None, t0: float) -> HeadFit:
-    """``fit_head`` on a multi-label store: one-vs-rest on ``store.label_matrix()``, thresholds fit on val."""
+    """``fit_head`` on a multi-label store: one-vs-rest on ``store.label_matrix()``, then per-class Platt scaling
+    and the thresholds fit on val (thresholds after Platt: they are calibrated probabilities)."""
     if not head.multilabel_ok:
         raise ProbeError(f"store {store.path} is multi-label ({len(store.classes)} classes, several per image): the "
                          f"{head.kind} head takes one class per row; use --head linear or --head mlp (one-vs-rest)")
@@ -300,17 +302,28 @@ def _fit_multilabel(store: FeatureStore, head: Head, out: str | os.PathLike | No
     head.fit(X[train], Y[train], **fit_kw)
     fit_s = time.perf_counter() - t0
     class_names = list(store.classes)
-    thresholds: dict[str, Any] = {"fit_on": None, "rule": "F1-optimal per class on val (0.5 for a class without "
-                                  "val positives)"}
-    if len(val):  # thresholds from scores of rows the head did not train on: a linear refit on train+val has
-        held, thresholds["fit_on"] = head, "val"  # seen val, so a copy fit on train alone at the chosen C scores it
-        if head.kind == "linear" and head.sweep_ and head.refit:
+    thresholds: dict[str, Any] = {"fit_on": None, "rule": "F1-optimal per class on val, on the Platt-scaled "
+                                  "probabilities (0.5 for a class without val positives)"}
+    calib: dict[str, Any] | None = None
+    if len(val):  # Platt and thresholds from scores of rows the head did not train on: a linear refit on
+        held, thresholds["fit_on"] = head, "val"  # train+val has seen val, so a copy fit on train alone at the
+        if head.kind == "linear" and head.sweep_ and head.refit:  # chosen C scores it
             params = {"C": head.C_, **({"grid": "default"} if "grid" in head.get_params() else {})}
             held = clone(head).set_params(**params).fit(X[train], Y[train])
             thresholds["fit_on"] = f"val, scored by the head fit on train alone at C={head.C_:.3g}"
+        before = held.uncalibrated_proba(X[val])
+        head.platt_ = held.calibrate(X[val], Y[val]).platt_  # first: thresholds are calibrated probabilities
         head.thresholds_ = held.fit_thresholds(X[val], Y[val]).thresholds_
+        calib = {"method": "platt", "fit_on": thresholds["fit_on"], "n": int(len(val)), "ece_bins": cal.ECE_BINS,
+                 "platt": {n: [round(float(a), 6), round(float(b), 6)] for n, (a, b) in zip(class_names, head.platt_)},
+                 "val_before": cal.multilabel_calibration_metrics(before, Y[val]),
+                 "val_after": cal.multilabel_calibration_metrics(held.predict_proba(X[val]), Y[val])}
+        if len(test):
+            calib["test_before"] = cal.multilabel_calibration_metrics(head.uncalibrated_proba(X[test]), Y[test])
+            calib["test_after"] = cal.multilabel_calibration_metrics(head.predict_proba(X[test]), Y[test])
     else:
-        log.warning("no validation rows: the multi-label %s head keeps threshold 0.5 for every class", head.kind)
+        log.warning("no validation rows: the multi-label %s head is not calibrated and keeps threshold 0.5 for every "
+                    "class", head.kind)
     thresholds["values"] = {n: round(float(t), 6) for n, t in zip(class_names, head.thresholds_)}
 
     def report(idx: np.ndarray) -> dict[str, Any] | None:
@@ -320,7 +333,8 @@ def _fit_multilabel(store: FeatureStore, head: Head, out: str | os.PathLike | No
     details = _head_details(head, {"shots": None, "seed": seed}, len(val))
     train_map = ml.mean_ap(Y[train], head.predict_proba(X[train]))
     details.update(multilabel=True, train_map=None if np.isnan(train_map) else train_map, thresholds=thresholds,
-                   calibration=None, calibration_note=NOT_CALIBRATED, rejection=None)
+                   calibration=calib, calibration_note=cal.MULTILABEL_CALIBRATED if calib else NOT_CALIBRATED,
+                   rejection=None)
     fit = HeadFit(head, class_names, store.identity.features_only(), str(store.path), int(len(train)),
                   int(len(val)), int(len(test)), None, None if head.kind == "linear" else report(val), report(test),
                   round(fit_s, 3), details=details)

@@ -425,6 +425,9 @@ class LinearHead(Head):
     def _scores(self, Z: np.ndarray) -> np.ndarray:
         return Z @ self.coef_.T + self.intercept_  # (N, K) logits
 
+    def _ml_logits(self, Z: np.ndarray) -> np.ndarray:
+        return np.asarray(self._scores(Z), np.float64)  # (N, K) each class's own logit
+
     def _proba(self, Z: np.ndarray) -> np.ndarray:
         from .prototype import softmax
 

@@ -262,6 +262,10 @@ class MLPHead(Head):
         net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in self.weights_.items()})
         return net.eval()
 
+    def _ml_logits(self, Z: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self._net()(torch.from_numpy(Z)).double().numpy()  # (N, K) each class's own logit
+
     def _proba(self, Z: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             logits = self._net()(torch.from_numpy(Z))

@@ -264,7 +264,8 @@ class Service:
                          "device": str(self.embedder.device), "tta": self.embedder.tta, "config_key": self.key,
                          "engine": self.embedder.engine.name},
             "heads": [{"name": n, "kind": h.kind, "classes": names, "path": str(p),
-                       "multilabel": bool(getattr(h, "multilabel_", False)), "calibrated": hasattr(h, "temperature_"),
+                       "multilabel": bool(getattr(h, "multilabel_", False)),
+                       "calibrated": hasattr(h, "temperature_") or hasattr(h, "platt_"),
                        "reject_threshold": getattr(h, "reject_threshold_", None)}
                       for n, (h, names, p) in sorted(self.heads.items())],
             "indexes": [{"name": n, "type": i.kind, "metric": i.metric, "count": i.count, "classes": list(i.classes),
