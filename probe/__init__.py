@@ -40,6 +40,8 @@ _EXPORTS = {
     "predict": "probe.predict",
     # search
     "SearchIndex": "probe.search", "IndexConfig": "probe.search",
+    # store diagnostics
+    "doctor": "probe.doctor", "DoctorReport": "probe.doctor",
     # errors
     "ProbeError": "probe.errors", "IdentityMismatchError": "probe.identity",
 }
@@ -62,6 +64,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .backbones import Backbone, create_backbone, list_backbones  # noqa: F401
+    from .doctor import DoctorReport, doctor  # noqa: F401
     from .embedder import Embedder, embedder_for  # noqa: F401
     from .errors import ProbeError  # noqa: F401
     from .extract import ExtractConfig, extract  # noqa: F401

@@ -1,0 +1,48 @@
+"""`probe doctor`: likely label errors, cross-split duplicates, outliers and class balance of a labelled store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .app import app, emit, handles_errors
+
+
+def _text(r: dict, top: int) -> str:
+    d, b = r["duplicates"], r["balance"]
+    lines = [f"{r['store']}: {r['n']} labelled rows, {len(r['classes'])} classes; linear head C={r['C']:.3g}, "
+             f"{r['folds']}-fold out-of-fold accuracy {100 * r['oof_accuracy']:.1f}% (seed {r['seed']})",
+             f"likely label errors: {len(r['label_issues'])} (cleanlab, ranked by self-confidence)"]
+    lines += [f"  {i['self_confidence']:.3f}  {i['path']} [{i['split']}]  given {i['given']!r}, "
+              f"suggested {i['suggested']!r}" for i in r["label_issues"][:top]]
+    lines.append(f"near-duplicates (cosine >= {d['threshold']}, {d['index']} index): {len(d['pairs'])} pairs, "
+                 f"{d['cross_split']} across splits, {d['exact']} exact")
+    lines += [f"  {p['similarity']:.4f}{' exact' if p['exact'] else ''}  {p['paths'][0]} [{p['splits'][0]}]  "
+              f"{p['paths'][1]} [{p['splits'][1]}]" for p in d["pairs"][:top]]
+    for split, share in r["leakage"].items():
+        lines.append(f"leakage: {100 * share:.1f}% of {split or '(no split)'} rows have a train near-duplicate")
+    lines.append("outliers (cosine distance to own class mean; mean distance to 10 nearest):")
+    lines += [f"  {o['class_distance']:.3f}  {o['knn_distance']:.3f}  {o['path']} [{o['split']}] {o['label']!r}"
+              for o in r["outliers"][:top]]
+    lines.append(f"class balance: imbalance ratio {b['imbalance_ratio']:.2f} (largest / smallest class)")
+    for split, counts in b["counts"].items():
+        lines.append(f"  {split or '(no split)':6} " + "  ".join(f"{c}:{n}" for c, n in counts.items()))
+    lines += r["notes"]
+    return "\n".join(lines)
+
+
+@app.command("doctor")
+@handles_errors
+def doctor(
+    store: Path = typer.Argument(..., help="Labelled feature store (.h5) made by `probe extract`."),
+    folds: int = typer.Option(5, "--folds", help="Folds of the out-of-fold probabilities."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fold split and the head."),
+    top: int = typer.Option(20, "--top", help="Rows of each list to print (--json has them all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+) -> None:
+    """Likely label errors, train/val/test leakage, outliers and class balance of a labelled store."""
+    from probe.doctor import doctor as run
+
+    report = run(store, folds=folds, seed=seed).to_dict()
+    emit(report, as_json, lambda r: _text(r, top))

@@ -1,0 +1,206 @@
+"""`probe doctor`: what is wrong with a labelled store -- likely label errors, cross-split leakage, outliers, balance.
+
+Label errors: out-of-fold probabilities of the linear head (seeded stratified K-fold; C chosen once by the head's
+batched sweep on all labelled rows, then every fold refits at that fixed C -- one sweep instead of K) passed to
+cleanlab's ``find_label_issues``, ranked by self-confidence. Duplicates: cosine similarity of L2-normalised features,
+exact range search up to the search index's flat size (``IndexConfig.exact_below``), above it the k nearest
+neighbours from the tuned approximate index. Outliers: CL2N cosine distance to the row's own class mean, and the
+mean distance to its k nearest neighbours.
+
+Example:
+    >>> report = probe.doctor("cache/photos.h5")
+    >>> report.label_issues[0]        # {"row": 17, "path": ..., "given": "cat", "suggested": "dog", ...}
+    >>> report.leakage["val"]         # share of val rows with a near-duplicate in train
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._callable import make_module_callable
+from .errors import ProbeError
+from .store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+DUP_THRESHOLD = 0.94  # cosine (lite0): JPEG q70 / 0.8x / flipped copies of a 112 px demo image score >= 0.949;
+# distinct demo images of one class reach 0.95 (2 pairs of 400 images at >= 0.95, 20 at >= 0.9)
+EXACT = 0.9999  # cosine at or above which two rows are the same image (or identical file fingerprints)
+MIN_ROWS = 20  # fewer labelled rows give fold probabilities too noisy to rank
+
+
+@dataclass
+class DoctorReport:
+    """What `probe doctor` found; ``to_dict()`` is the --json output."""
+    store: str
+    n: int  # labelled rows examined
+    classes: list[str]
+    folds: int
+    seed: int
+    C: float  # the linear head's strength, chosen once by its sweep on all labelled rows
+    oof_accuracy: float  # accuracy of the out-of-fold predictions
+    label_issues: list[dict[str, Any]]  # most likely error first
+    duplicates: dict[str, Any]  # threshold, pairs (cross-split first), exact count, index
+    leakage: dict[str, float]  # split -> share of its rows with a train near-duplicate
+    outliers: list[dict[str, Any]]  # farthest from its class mean first
+    balance: dict[str, Any]  # counts per class per split, imbalance ratio
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+def _cleanlab():
+    try:
+        from cleanlab.filter import find_label_issues
+    except ImportError:
+        raise ProbeError("probe doctor needs cleanlab: pip install 'probe[doctor]'") from None
+    return find_label_issues
+
+
+def _check(store: FeatureStore, y: np.ndarray, folds: int) -> None:
+    where = f"store {str(store.path)!r}"
+    if store.multilabel:
+        raise ProbeError(f"{where} is multi-label; probe doctor checks single-label stores")
+    if not (y >= 0).any():
+        raise ProbeError(f"{where} has no labelled rows: probe doctor needs labels (extract from class folders)")
+    if folds < 2:
+        raise ProbeError(f"folds must be >= 2 for out-of-fold probabilities, got {folds}")
+    present = np.unique(y[y >= 0])
+    if len(present) < 2:
+        raise ProbeError(f"{where} has one class ({store.classes[present[0]]!r}): label errors need at least 2")
+    n = int((y >= 0).sum())
+    if n < MIN_ROWS:
+        raise ProbeError(f"{where} has {n} labelled rows: probe doctor needs at least {MIN_ROWS}")
+    counts = np.bincount(y[y >= 0], minlength=len(store.classes))
+    small = [c for c in present if counts[c] < folds]
+    if small:
+        c = small[0]
+        raise ProbeError(f"class {store.classes[c]!r} has {counts[c]} rows, fewer than folds={folds}: add images "
+                         f"of it, lower folds, or drop the class")
+
+
+def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> tuple[np.ndarray, float]:
+    """(N, C) out-of-fold class probabilities of the linear head and the C chosen by one sweep on all rows.
+    y holds class indices 0..C-1, every class present."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from .heads import LinearHead
+
+    C = LinearHead(seed=seed).fit(X, y).C_  # one batched sweep (inner CV) picks the strength for every fold
+    K = int(y.max()) + 1
+    proba = np.zeros((len(y), K), np.float64)
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y):
+        head = LinearHead(C=C, seed=seed).fit(X[tr], y[tr])
+        proba[np.ix_(te, head.classes_.astype(int))] = head.predict_proba(X[te])
+    return proba, float(C)
+
+
+def _pairs(x: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(pairs (m, 2), similarities (m,), (N,) mean cosine distance to k nearest neighbours, index kind) over the
+    L2-normalised rows x. Exact below the flat-index size, else the search module's tuned approximate index."""
+    from .search import IndexConfig
+    from .search.dedup import duplicate_pairs
+    from .search.faiss_index import build_faiss
+    from .search.rows import prepare
+
+    cfg = IndexConfig(metric="cosine")
+    xn = prepare(x, "cosine")
+    index, kind, _, _ = build_faiss(xn, cfg)
+    kk = min(k + 1, len(xn))
+    sims, ids = index.search(xn, kk)  # (N, k+1), the row itself usually first
+    own = ids == np.arange(len(xn))[:, None]
+    nn = np.where(own | (ids < 0), np.nan, sims)  # (N, k+1): neighbours only
+    knn = 1.0 - np.nanmean(nn, axis=1) if kk > 1 else np.zeros(len(xn))
+    if kind == "flat":
+        pairs, psims = duplicate_pairs(xn, threshold)
+    else:  # approximate: the k nearest neighbours above the threshold
+        i = np.repeat(np.arange(len(xn)), kk)
+        j, s = ids.ravel(), sims.ravel()
+        keep = (j >= 0) & (i != j) & (s >= threshold)
+        a, b = np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])
+        uniq, first = np.unique(np.stack([a, b], 1), axis=0, return_index=True)
+        pairs, psims = uniq, s[keep][first]
+    return pairs, psims, knn, kind
+
+
+def doctor(store: FeatureStore | str | os.PathLike, *, folds: int = 5, seed: int = 0,
+           dup_threshold: float = DUP_THRESHOLD, k: int = 10) -> DoctorReport:
+    """Likely label errors, near-duplicates across splits, outliers and class balance of a labelled store.
+
+    Example:
+        >>> r = doctor("cache/photos.h5", folds=5, seed=0)
+        >>> [(i["path"], i["given"], i["suggested"]) for i in r.label_issues[:5]]
+    """
+    t0 = time.perf_counter()
+    find_label_issues = _cleanlab()
+    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    if not -1 <= dup_threshold <= 1:
+        raise ProbeError(f"dup_threshold is a cosine similarity in [-1, 1], got {dup_threshold}")
+    y_all = store.labels() if store.count else np.zeros(0, np.int64)
+    _check(store, y_all, folds)
+    X_all = store.features()  # (N, D)
+    paths, splits, prints = store.paths(), store.splits(), store.fingerprints()
+    lab = np.flatnonzero(y_all >= 0)
+    X, y_store = X_all[lab], y_all[lab]
+    present = np.unique(y_store)
+    y = np.searchsorted(present, y_store)  # (n,) indices 0..C'-1 over the classes present
+    names = [store.classes[c] for c in present]
+
+    proba, C = out_of_fold_proba(X, y, folds, seed)
+    ranked = find_label_issues(labels=y, pred_probs=proba, return_indices_ranked_by="self_confidence")
+    issues = [{"row": int(lab[i]), "path": str(paths[lab[i]]), "split": str(splits[lab[i]]), "given": names[y[i]],
+               "suggested": names[int(proba[i].argmax())], "self_confidence": round(float(proba[i, y[i]]), 6)}
+              for i in ranked]
+
+    pairs, psims, knn, kind = _pairs(X_all, dup_threshold, k)
+    same_print = [prints[a] != "" and prints[a] == prints[b] for a, b in pairs]
+    found = []
+    for (a, b), s, fp in zip(pairs, psims, same_print):
+        found.append({"rows": [int(a), int(b)], "paths": [str(paths[a]), str(paths[b])],
+                      "splits": [str(splits[a]), str(splits[b])], "similarity": round(float(s), 6),
+                      "exact": bool(fp or s >= EXACT), "cross_split": bool(splits[a] != splits[b])})
+    found.sort(key=lambda p: (not p["cross_split"], -p["similarity"]))
+    train_dup: dict[str, set[int]] = {}
+    for p in found:
+        for me, other in ((0, 1), (1, 0)):
+            if p["splits"][other] == "train" and p["splits"][me] != "train":
+                train_dup.setdefault(p["splits"][me], set()).add(p["rows"][me])
+    leakage = {str(s): round(len(train_dup.get(str(s), ())) / int((splits == s).sum()), 6)
+               for s in np.unique(splits) if s != "train"}
+    duplicates = {"threshold": dup_threshold, "index": kind, "pairs": found,
+                  "cross_split": sum(p["cross_split"] for p in found), "exact": sum(p["exact"] for p in found)}
+
+    from .heads.calibration import _cl2n, class_means
+
+    centre, means = class_means(X, y, np.arange(len(present)))
+    d_class = 1.0 - (_cl2n(X, centre) * means[y]).sum(1)  # (n,) cosine distance to own class mean
+    order = np.argsort(-d_class, kind="stable")
+    outliers = [{"row": int(lab[i]), "path": str(paths[lab[i]]), "split": str(splits[lab[i]]), "label": names[y[i]],
+                 "class_distance": round(float(d_class[i]), 6), "knn_distance": round(float(knn[lab[i]]), 6)}
+                for i in order]
+
+    counts = {str(s): {names[c]: int(((splits[lab] == s) & (y == c)).sum()) for c in range(len(names))}
+              for s in np.unique(splits[lab])}
+    total = np.bincount(y, minlength=len(names))
+    balance = {"counts": counts, "total": dict(zip(names, total.tolist())),
+               "imbalance_ratio": round(float(total.max() / total.min()), 6)}
+    notes = [f"{len(y_all) - len(lab)} unlabelled rows skipped"] if len(lab) < len(y_all) else []
+    oof = float((proba.argmax(1) == y).mean())
+    log.info("doctor: %d label issues, %d duplicate pairs, oof accuracy %.3f", len(issues), len(found), oof)
+    return DoctorReport(store=str(store.path), n=len(lab), classes=names, folds=folds, seed=seed, C=C,
+                        oof_accuracy=round(oof, 6), label_issues=issues, duplicates=duplicates, leakage=leakage,
+                        outliers=outliers, balance=balance, seconds=round(time.perf_counter() - t0, 3), notes=notes)
+
+
+make_module_callable(__name__, doctor)  # `probe.doctor(...)` whether Python bound the module or the function
