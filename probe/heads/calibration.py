@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ProbeError
+from .features import l2
 
 ECE_BINS = 15  # equal-width bins of the top-1 probability, as in Guo et al. 2017
 T_BOUNDS = (0.01, 100.0)  # searched in log T; a validation set with no error drives T to the lower bound
@@ -88,10 +89,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 def ece(proba: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
     """Expected calibration error of the top-1 probability: equal-width bins (0, 1/bins], …; proba (N, C), y (N,)."""
     conf, correct = np.asarray(proba, np.float64).max(1), np.asarray(proba).argmax(1) == np.asarray(y)
-    b = np.clip(np.searchsorted(np.linspace(0, 1, bins + 1), conf, side="left") - 1, 0, bins - 1)  # (N,)
-    n = np.bincount(b, minlength=bins)
-    gap = np.abs(np.bincount(b, correct.astype(np.float64), bins) - np.bincount(b, conf, bins))  # per bin, summed
-    return float(gap.sum() / max(len(conf), 1)) if n.any() else 0.0
+    return _binned_ece(conf, correct, bins)
 
 
 def nll(proba: np.ndarray, y: np.ndarray) -> float:
@@ -113,9 +111,14 @@ def calibration_metrics(proba: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return {"ece": ece(proba, y), "nll": nll(proba, y), "brier": brier(proba, y)}
 
 
+def _bin_of(conf: np.ndarray, bins: int) -> np.ndarray:
+    """(N,) bin index of each probability among equal-width bins (0, 1/bins], … (0 falls in the first)."""
+    return np.clip(np.searchsorted(np.linspace(0, 1, bins + 1), conf, side="left") - 1, 0, bins - 1)
+
+
 def _binned_ece(conf: np.ndarray, outcome: np.ndarray, bins: int = ECE_BINS) -> float:
-    """``sum_b n_b/N * |mean outcome_b - mean conf_b|`` over equal-width bins (0, 1/bins], … (0 falls in the first)."""
-    b = np.clip(np.searchsorted(np.linspace(0, 1, bins + 1), conf, side="left") - 1, 0, bins - 1)
+    """``sum_b n_b/N * |mean outcome_b - mean conf_b|`` over equal-width bins (``_bin_of``)."""
+    b = _bin_of(conf, bins)
     gap = np.abs(np.bincount(b, outcome.astype(np.float64), bins) - np.bincount(b, conf, bins))
     return float(gap.sum() / len(conf)) if len(conf) else 0.0
 
@@ -134,7 +137,7 @@ def reliability_bins(proba: np.ndarray, y: np.ndarray, bins: int = ECE_BINS, mul
     (N, C) 0/1 matrix and every (row, class) probability is binned, "accuracy" being the fraction positive."""
     conf, correct = _conf_outcome(proba, y, multilabel)
     edges = np.linspace(0, 1, bins + 1)
-    b = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
+    b = _bin_of(conf, bins)
     n = np.bincount(b, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         return {"edges": edges, "count": n, "confidence": np.bincount(b, conf, bins) / n,
@@ -264,8 +267,7 @@ def class_means(X: np.ndarray, y: np.ndarray, classes: np.ndarray) -> tuple[np.n
 
 
 def _cl2n(X: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    Z = np.asarray(X, np.float32) - centre
-    return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+    return l2(np.asarray(X, np.float32) - centre)  # the heads' own CL2N (features.apply_norm "cl2n")
 
 
 def prototype_distance(X: np.ndarray, centre: np.ndarray, means: np.ndarray) -> np.ndarray:

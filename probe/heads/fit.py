@@ -164,6 +164,32 @@ def _head_details(head: Head, cfg: dict[str, Any], n_val: int) -> dict[str, Any]
     return d
 
 
+def _views_kw(store: FeatureStore, head: Head, train: np.ndarray, views: bool | None) -> dict[str, Any]:
+    """``{"views": (n_train, K, D)}`` for an MLP on a store with augmented views (unless ``views`` is False), else
+    {}; ``views=True`` on a store without them is an error."""
+    if views and not store.n_views:
+        raise ProbeError(f"views: store {store.path} has no augmented views (make a store with them: "
+                         "probe extract DATA --views K)")
+    if not store.n_views or views is False:
+        return {}
+    if head.kind != "mlp":
+        log.info("the %s head ignores the store's %d augmented views per image (the mlp head trains on them)",
+                 head.kind, store.n_views)
+        return {}
+    return {"views": store.views(rows=train)}
+
+
+def _held_out_scorer(head: Head, X: np.ndarray, y: np.ndarray, train: np.ndarray) -> tuple[Head, str]:
+    """(a head that never saw val, what it is) to score val with when calibrating: ``head`` itself, or -- for a
+    linear head refit on train + val -- a copy fit on train alone at the chosen C (its fit is carried over to the
+    refit head: more data at the same C changes its scale a little). ``y``: labels or the multi-label matrix."""
+    if head.kind == "linear" and head.sweep_ and head.refit:
+        params = {"C": head.C_, **({"grid": "default"} if "grid" in head.get_params() else {})}
+        return (clone(head).set_params(**params).fit(X[train], y[train]),
+                f"val, scored by the head fit on train alone at C={head.C_:.3g}")
+    return head, "val"
+
+
 def _calibrate(head: Head, X: np.ndarray, y: np.ndarray, rows: dict[str, np.ndarray], target: float
                ) -> dict[str, Any]:
     """Fit the head's temperature and rejection threshold on val; the summary's "calibration" and "rejection".
@@ -176,11 +202,7 @@ def _calibrate(head: Head, X: np.ndarray, y: np.ndarray, rows: dict[str, np.ndar
     if not len(val):
         log.warning("no validation rows: the %s head is not calibrated and has no rejection threshold", head.kind)
         return {"calibration": None, "rejection": None}
-    held, fit_on = head, "val"
-    if head.kind == "linear" and head.sweep_ and head.refit:
-        params = {"C": head.C_, **({"grid": "default"} if "grid" in head.get_params() else {})}
-        held = clone(head).set_params(**params).fit(X[train], y[train])
-        fit_on = f"val, scored by the head fit on train alone at C={head.C_:.3g}"
+    held, fit_on = _held_out_scorer(head, X, y, train)
     before = held.predict_proba(X[val])
     test_before = head.predict_proba(X[test]) if len(test) else None  # (N_test, C) uncalibrated
     head.temperature_ = held.calibrate(X[val], y[val]).temperature_
@@ -232,15 +254,7 @@ def fit_head(store: FeatureStore | str | os.PathLike, head: Head | str = "linear
     fit_kw: dict[str, Any] = {}
     if head.kind in ("linear", "mlp") and len(val):
         fit_kw["eval_set"] = (X[val], y[val])
-    if views and not store.n_views:
-        raise ProbeError(f"views: store {store.path} has no augmented views (make a store with them: "
-                         "probe extract DATA --views K)")
-    if store.n_views and views is not False:
-        if head.kind == "mlp":
-            fit_kw["views"] = store.views(rows=train)  # (n_train, K, D)
-        else:
-            log.info("the %s head ignores the store's %d augmented views per image (the mlp head trains on them)",
-                     head.kind, store.n_views)
+    fit_kw.update(_views_kw(store, head, train, views))
     head.fit(X[train], y[train], **fit_kw)
     fit_s = time.perf_counter() - t0
     class_names = [store.classes[i] for i in head.classes_]
@@ -294,23 +308,15 @@ def _fit_multilabel(store: FeatureStore, head: Head, out: str | os.PathLike | No
     rows = labelled_splits(store, seed)
     train, val, test = rows["train"], rows["val"], rows["test"]
     fit_kw: dict[str, Any] = {"eval_set": (X[val], Y[val])} if len(val) else {}
-    if views and not store.n_views:
-        raise ProbeError(f"views: store {store.path} has no augmented views (make a store with them: "
-                         "probe extract DATA --views K)")
-    if store.n_views and views is not False and head.kind == "mlp":
-        fit_kw["views"] = store.views(rows=train)
+    fit_kw.update(_views_kw(store, head, train, views))
     head.fit(X[train], Y[train], **fit_kw)
     fit_s = time.perf_counter() - t0
     class_names = list(store.classes)
     thresholds: dict[str, Any] = {"fit_on": None, "rule": "F1-optimal per class on val, on the Platt-scaled "
                                   "probabilities (0.5 for a class without val positives)"}
     calib: dict[str, Any] | None = None
-    if len(val):  # Platt and thresholds from scores of rows the head did not train on: a linear refit on
-        held, thresholds["fit_on"] = head, "val"  # train+val has seen val, so a copy fit on train alone at the
-        if head.kind == "linear" and head.sweep_ and head.refit:  # chosen C scores it
-            params = {"C": head.C_, **({"grid": "default"} if "grid" in head.get_params() else {})}
-            held = clone(head).set_params(**params).fit(X[train], Y[train])
-            thresholds["fit_on"] = f"val, scored by the head fit on train alone at C={head.C_:.3g}"
+    if len(val):  # Platt and thresholds from scores of rows the head did not train on
+        held, thresholds["fit_on"] = _held_out_scorer(head, X, Y, train)
         before = held.uncalibrated_proba(X[val])
         head.platt_ = held.calibrate(X[val], Y[val]).platt_  # first: thresholds are calibrated probabilities
         head.thresholds_ = held.fit_thresholds(X[val], Y[val]).thresholds_
