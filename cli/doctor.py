@@ -11,9 +11,11 @@ from .app import app, emit, handles_errors
 
 def _text(r: dict, top: int) -> str:
     d, b = r["duplicates"], r["balance"]
-    lines = [f"{r['store']}: {r['n']} labelled rows, {len(r['classes'])} classes; linear head C={r['C']:.3g}, "
+    c = f"{r['C']:.3g}" if r["C"] is not None else "swept per fold"
+    lines = [f"{r['store']}: {r['n']} labelled rows, {len(r['classes'])} classes; linear head C={c}, "
              f"{r['folds']}-fold out-of-fold accuracy {100 * r['oof_accuracy']:.1f}% (seed {r['seed']})",
-             f"likely label errors: {len(r['label_issues'])} (cleanlab, ranked by self-confidence)"]
+             f"likely label errors: {len(r['label_issues'])} (cleanlab: ranked by self-confidence, cut at its "
+             "estimated count)"]
     lines += [f"  {i['self_confidence']:.3f}  {i['path']} [{i['split']}]  given {i['given']!r}, "
               f"suggested {i['suggested']!r}" for i in r["label_issues"][:top]]
     lines.append(f"near-duplicates (cosine >= {d['threshold']}, {d['index']} index): {len(d['pairs'])} pairs, "
@@ -38,11 +40,14 @@ def doctor(
     store: Path = typer.Argument(..., help="Labelled feature store (.h5) made by `probe extract`."),
     folds: int = typer.Option(5, "--folds", help="Folds of the out-of-fold probabilities."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fold split and the head."),
-    top: int = typer.Option(20, "--top", help="Rows of each list to print (--json has them all)."),
+    top: int = typer.Option(20, "--top", help="Rows of each list to print (--json has them all; --out shows 50)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Also write an HTML report with thumbnails."),
+    sweep: str = typer.Option("once", "--sweep", help="once: C chosen by one sweep on all rows, each fold refit "
+                              "at it; per-fold: each fold sweeps on its own rows (nested, folds x slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
 ) -> None:
     """Likely label errors, train/val/test leakage, outliers and class balance of a labelled store."""
     from probe.doctor import doctor as run
 
-    report = run(store, folds=folds, seed=seed).to_dict()
-    emit(report, as_json, lambda r: _text(r, top))
+    report = run(store, folds=folds, seed=seed, sweep=sweep, out=out).to_dict()
+    emit(report, as_json, lambda r: _text(r, top) + (f"\nreport: {r['html']}" if out else ""))

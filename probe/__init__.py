@@ -42,6 +42,7 @@ _EXPORTS = {
     "SearchIndex": "probe.search", "IndexConfig": "probe.search",
     # store diagnostics
     "doctor": "probe.doctor", "DoctorReport": "probe.doctor",
+    "embedding_map": "probe.embedding_map", "EmbeddingMap": "probe.embedding_map",
     # errors
     "ProbeError": "probe.errors", "IdentityMismatchError": "probe.identity",
 }
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .backbones import Backbone, create_backbone, list_backbones  # noqa: F401
     from .doctor import DoctorReport, doctor  # noqa: F401
     from .embedder import Embedder, embedder_for  # noqa: F401
+    from .embedding_map import EmbeddingMap, embedding_map  # noqa: F401
     from .errors import ProbeError  # noqa: F401
     from .extract import ExtractConfig, extract  # noqa: F401
     from .heads import KNNHead, LinearHead, MLPHead, PrototypeHead, load_head, make_head, save_head  # noqa: F401

@@ -1,10 +1,13 @@
 """`probe doctor`: what is wrong with a labelled store -- likely label errors, cross-split leakage, outliers, balance.
 
 Label errors: out-of-fold probabilities of the linear head (seeded stratified K-fold; C chosen once by the head's
-batched sweep on all labelled rows, then every fold refits at that fixed C -- one sweep instead of K) passed to
-cleanlab's ``find_label_issues``, ranked by self-confidence. Duplicates: cosine similarity of L2-normalised features,
-exact range search up to the search index's flat size (``IndexConfig.exact_below``), above it the k nearest
-neighbours from the tuned approximate index. Outliers: CL2N cosine distance to the row's own class mean, and the
+batched sweep on all labelled rows, then every fold refits at that fixed C -- one sweep instead of K; or, with
+``sweep="per-fold"``, a sweep inside each fold) passed to cleanlab: every row ranked by
+``cleanlab.rank.get_label_quality_scores`` (self-confidence), the list cut at ``cleanlab.count.num_label_issues``
+(the calibrated confident-joint estimate of how many labels are wrong). Duplicates: cosine similarity of
+L2-normalised features, exact range search up to the search index's flat size (``IndexConfig.exact_below``), above
+it the k nearest neighbours from the tuned approximate index (plus a range search for rows whose k are all
+duplicates). Outliers: CL2N cosine distance to the row's own class mean, and the
 mean distance to its k nearest neighbours.
 
 Example:
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 DUP_THRESHOLD = 0.94  # cosine (lite0): JPEG q70 / 0.8x / flipped copies of a 112 px demo image score >= 0.949;
 # distinct demo images of one class reach 0.95 (2 pairs of 400 images at >= 0.95, 20 at >= 0.9)
 EXACT = 0.9999  # cosine at or above which two rows are the same image (or identical file fingerprints)
+SWEEPS = ("once", "per-fold")  # how out-of-fold probabilities choose C
 MIN_ROWS = 20  # fewer labelled rows give fold probabilities too noisy to rank
 
 
@@ -43,7 +47,7 @@ class DoctorReport:
     classes: list[str]
     folds: int
     seed: int
-    C: float  # the linear head's strength, chosen once by its sweep on all labelled rows
+    C: float | None  # the linear head's strength, chosen once by its sweep on all labelled rows (None: per fold)
     oof_accuracy: float  # accuracy of the out-of-fold predictions
     label_issues: list[dict[str, Any]]  # most likely error first
     duplicates: dict[str, Any]  # threshold, pairs (cross-split first), exact count, index
@@ -52,6 +56,15 @@ class DoctorReport:
     balance: dict[str, Any]  # counts per class per split, imbalance ratio
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    sweep: str = "once"  # "once": C chosen on all rows, each fold refit at it; "per-fold": nested
+    html: str | None = None  # the report page, when asked for
+
+    def write_html(self, out: str | os.PathLike, top: int = 50) -> str:
+        """Write the report as a self-contained HTML page with thumbnails; returns its path."""
+        from .report import doctor_page
+
+        self.html = str(doctor_page(self, out, top=top))
+        return self.html
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,10 +75,11 @@ class DoctorReport:
 
 def _cleanlab():
     try:
-        from cleanlab.filter import find_label_issues
+        from cleanlab.count import num_label_issues
+        from cleanlab.rank import get_label_quality_scores
     except ImportError:
         raise ProbeError("probe doctor needs cleanlab: pip install 'probe[doctor]'") from None
-    return find_label_issues
+    return num_label_issues, get_label_quality_scores
 
 
 def _check(store: FeatureStore, y: np.ndarray, folds: int) -> None:
@@ -90,20 +104,27 @@ def _check(store: FeatureStore, y: np.ndarray, folds: int) -> None:
                          f"of it, lower folds, or drop the class")
 
 
-def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> tuple[np.ndarray, float]:
-    """(N, C) out-of-fold class probabilities of the linear head and the C chosen by one sweep on all rows.
-    y holds class indices 0..C-1, every class present."""
+def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int, seed: int,
+                      sweep: str = "once") -> tuple[np.ndarray, float | None]:
+    """(N, C) out-of-fold class probabilities of the linear head, and the C they used. y holds class indices
+    0..C-1, every class present.
+
+    ``sweep="once"`` (default): one batched sweep (the head's own k-fold CV on all rows) picks C, then each fold
+    refits at that C -- one sweep instead of ``folds``. ``sweep="per-fold"``: each fold sweeps on its own training
+    rows (nested CV: no held-out label touches the choice of C); the C returned is then None, as folds differ."""
     from sklearn.model_selection import StratifiedKFold
 
     from .heads import LinearHead
 
-    C = LinearHead(seed=seed).fit(X, y).C_  # one batched sweep (inner CV) picks the strength for every fold
+    if sweep not in SWEEPS:
+        raise ProbeError(f"sweep must be one of {', '.join(SWEEPS)}, got {sweep!r}")
+    C = LinearHead(seed=seed).fit(X, y).C_ if sweep == "once" else None
     K = int(y.max()) + 1
     proba = np.zeros((len(y), K), np.float64)
     for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y):
         head = LinearHead(C=C, seed=seed).fit(X[tr], y[tr])
         proba[np.ix_(te, head.classes_.astype(int))] = head.predict_proba(X[te])
-    return proba, float(C)
+    return proba, None if C is None else float(C)
 
 
 def _pairs(x: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
@@ -127,6 +148,11 @@ def _pairs(x: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, np.ndar
     else:  # approximate: the k nearest neighbours above the threshold
         i = np.repeat(np.arange(len(xn)), kk)
         j, s = ids.ravel(), sims.ravel()
+        full = np.flatnonzero(sims[:, -1] >= threshold)  # all k+1 neighbours are duplicates: there may be more
+        if len(full):
+            lims, rs, rj = index.range_search(xn[full], float(np.nextafter(np.float32(threshold), -1)))
+            i = np.r_[i, np.repeat(full, np.diff(lims).astype(np.int64))]
+            j, s = np.r_[j, rj], np.r_[s, rs]
         keep = (j >= 0) & (i != j) & (s >= threshold)
         a, b = np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])
         uniq, first = np.unique(np.stack([a, b], 1), axis=0, return_index=True)
@@ -135,16 +161,20 @@ def _pairs(x: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, np.ndar
 
 
 def doctor(store: FeatureStore | str | os.PathLike, *, folds: int = 5, seed: int = 0,
-           dup_threshold: float = DUP_THRESHOLD, k: int = 10) -> DoctorReport:
+           dup_threshold: float = DUP_THRESHOLD, k: int = 10, sweep: str = "once",
+           out: str | os.PathLike | None = None) -> DoctorReport:
     """Likely label errors, near-duplicates across splits, outliers and class balance of a labelled store.
 
     Example:
         >>> r = doctor("cache/photos.h5", folds=5, seed=0)
         >>> [(i["path"], i["given"], i["suggested"]) for i in r.label_issues[:5]]
+        >>> doctor("cache/photos.h5", out="doctor.html").html   # also the HTML report with thumbnails
     """
     t0 = time.perf_counter()
-    find_label_issues = _cleanlab()
+    num_label_issues, label_quality = _cleanlab()
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    if sweep not in SWEEPS:
+        raise ProbeError(f"sweep must be one of {', '.join(SWEEPS)}, got {sweep!r}")
     if not -1 <= dup_threshold <= 1:
         raise ProbeError(f"dup_threshold is a cosine similarity in [-1, 1], got {dup_threshold}")
     y_all = store.labels() if store.count else np.zeros(0, np.int64)
@@ -157,8 +187,13 @@ def doctor(store: FeatureStore | str | os.PathLike, *, folds: int = 5, seed: int
     y = np.searchsorted(present, y_store)  # (n,) indices 0..C'-1 over the classes present
     names = [store.classes[c] for c in present]
 
-    proba, C = out_of_fold_proba(X, y, folds, seed)
-    ranked = find_label_issues(labels=y, pred_probs=proba, return_indices_ranked_by="self_confidence")
+    proba, C = out_of_fold_proba(X, y, folds, seed, sweep)
+    # cleanlab's recipe for a ranked list: every row scored by self-confidence, cut at the calibrated confident-joint
+    # estimate of how many labels are wrong (find_label_issues' own filter drops some low-confidence rows whose
+    # class pair its joint under-counts, so its list is not a prefix of the ranking)
+    quality = label_quality(y, proba, method="self_confidence")
+    count = num_label_issues(y, proba, estimation_method="off_diagonal_calibrated")
+    ranked = np.argsort(quality, kind="stable")[:count]
     issues = [{"row": int(lab[i]), "path": str(paths[lab[i]]), "split": str(splits[lab[i]]), "given": names[y[i]],
                "suggested": names[int(proba[i].argmax())], "self_confidence": round(float(proba[i, y[i]]), 6)}
               for i in ranked]
@@ -181,10 +216,10 @@ def doctor(store: FeatureStore | str | os.PathLike, *, folds: int = 5, seed: int
     duplicates = {"threshold": dup_threshold, "index": kind, "pairs": found,
                   "cross_split": sum(p["cross_split"] for p in found), "exact": sum(p["exact"] for p in found)}
 
-    from .heads.calibration import _cl2n, class_means
+    from .heads.calibration import cl2n, class_means
 
     centre, means = class_means(X, y, np.arange(len(present)))
-    d_class = 1.0 - (_cl2n(X, centre) * means[y]).sum(1)  # (n,) cosine distance to own class mean
+    d_class = 1.0 - (cl2n(X, centre) * means[y]).sum(1)  # (n,) cosine distance to own class mean
     order = np.argsort(-d_class, kind="stable")
     outliers = [{"row": int(lab[i]), "path": str(paths[lab[i]]), "split": str(splits[lab[i]]), "label": names[y[i]],
                  "class_distance": round(float(d_class[i]), 6), "knn_distance": round(float(knn[lab[i]]), 6)}
@@ -198,9 +233,13 @@ def doctor(store: FeatureStore | str | os.PathLike, *, folds: int = 5, seed: int
     notes = [f"{len(y_all) - len(lab)} unlabelled rows skipped"] if len(lab) < len(y_all) else []
     oof = float((proba.argmax(1) == y).mean())
     log.info("doctor: %d label issues, %d duplicate pairs, oof accuracy %.3f", len(issues), len(found), oof)
-    return DoctorReport(store=str(store.path), n=len(lab), classes=names, folds=folds, seed=seed, C=C,
-                        oof_accuracy=round(oof, 6), label_issues=issues, duplicates=duplicates, leakage=leakage,
-                        outliers=outliers, balance=balance, seconds=round(time.perf_counter() - t0, 3), notes=notes)
+    report = DoctorReport(store=str(store.path), n=len(lab), classes=names, folds=folds, seed=seed, C=C,
+                          oof_accuracy=round(oof, 6), label_issues=issues, duplicates=duplicates, leakage=leakage,
+                          outliers=outliers, balance=balance, seconds=round(time.perf_counter() - t0, 3),
+                          notes=notes, sweep=sweep)
+    if out is not None:
+        report.write_html(out)
+    return report
 
 
 make_module_callable(__name__, doctor)  # `probe.doctor(...)` whether Python bound the module or the function

@@ -1,7 +1,9 @@
-"""Self-contained HTML contact sheets: thumbnails embedded as base64 data URIs, so the file opens anywhere.
+"""Self-contained HTML pages: search contact sheets and `probe doctor` reports, thumbnails embedded as base64 data
+URIs, so the file opens anywhere.
 
 Example:
     >>> contact_sheet(search_index("cache/demo.faiss", ["photo.jpg"]), "hits.html")
+    >>> doctor_page(probe.doctor("cache/photos.h5"), "doctor.html")
 """
 
 from __future__ import annotations
@@ -11,13 +13,19 @@ import html
 import io
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from .data import ImageDecodeError, load_image
+from .errors import ProbeError
 from .fs import write_bytes_atomic
+from .store import FeatureStore
+
+if TYPE_CHECKING:
+    from .doctor import DoctorReport
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,10 @@ h1 { font-size: 18px; } h2 { font-size: 15px; margin: 18px 0 6px; word-break: br
 .card img { display: block; max-width: 100%; margin: 0 auto 4px; }
 .missing { height: 80px; display: flex; align-items: center; justify-content: center; color: #999; background: #eee; }
 .path { color: #666; word-break: break-all; } .score { font-weight: 600; }
+.pair { display: flex; gap: 4px; padding: 4px; border: 1px solid #ccc; border-radius: 4px; background: #f0f0f0; }
+.pair.cross { border-color: #d93025; } .more { color: #666; font-size: 12px; }
+table { border-collapse: collapse; font-size: 12px; } td, th { border: 1px solid #ddd; padding: 2px 8px; }
+td { text-align: right; } .summary td { text-align: left; } .summary th { font-weight: normal; color: #666; }
 """.replace("CARD", str(THUMB + 10))
 
 
@@ -78,4 +90,92 @@ def contact_sheet(result: dict[str, Any], out: str | os.PathLike, title: str = "
         parts.append("<h2>skipped queries</h2><ul>" + "".join(
             f"<li>{e(s['path'])}: {e(s['reason'])}</li>" for s in result["skipped"]) + "</ul>")
     parts.append("</body></html>")
-    return write_bytes_atomic(out, "\n".join(parts).encode("utf-8"), what="any previous page there is unchanged")
+    return _write(out, parts)
+
+
+def _write(out: str | os.PathLike, parts: list[str]) -> Path:
+    """The page, atomically; a full disk is DiskFullError, an unwritable path one ProbeError naming the file."""
+    try:
+        return write_bytes_atomic(out, "\n".join(parts).encode("utf-8"), what="any previous page there is unchanged")
+    except ProbeError:
+        raise
+    except OSError as e:
+        raise ProbeError(f"cannot write the HTML page {str(out)!r}: {e.strerror or e}") from None
+
+
+def _resolver(store: str) -> Callable[[str], str]:
+    """Store-relative row paths -> image files, through the store's root (read once); as given when the store
+    cannot be opened (moved, deleted), so those cards say "image not found" unless the path still resolves."""
+    try:
+        return FeatureStore(store).abspath
+    except ProbeError as e:
+        log.warning("thumbnails from the paths as stored: %s", e)
+        return lambda p: p
+
+
+def _more(shown: int, total: int) -> str:
+    return f"<p class='more'>{total - shown} more in --json</p>" if total > shown else ""
+
+
+def doctor_page(report: DoctorReport | dict[str, Any], out: str | os.PathLike, *, top: int = 50,
+                title: str = "probe doctor") -> Path:
+    """Write a ``DoctorReport`` (or its ``to_dict()``) as one HTML page: a summary, then the ``top`` likely label
+    errors, near-duplicate pairs (cross-split first) and outliers as thumbnails, and the class balance as a table.
+    Returns the path written.
+
+    Example:
+        >>> doctor_page(probe.doctor("cache/photos.h5"), "doctor.html", top=20)
+    """
+    r = report.to_dict() if hasattr(report, "to_dict") else report
+    e = html.escape
+    where = _resolver(r["store"])
+    d, b = r["duplicates"], r["balance"]
+    issues, pairs, outliers = r["label_issues"], d["pairs"], r["outliers"]
+    C = "swept per fold" if r.get("C") is None else format(r["C"], ".3g")
+    summary = [("store", r["store"]), ("labelled rows", r["n"]),
+               ("classes", f"{len(r['classes'])}: {', '.join(r['classes'])}"),
+               ("linear head", f"C={C}, {r['folds']}-fold out-of-fold accuracy "
+                               f"{100 * r['oof_accuracy']:.1f}% (seed {r['seed']})"),
+               ("seconds", r["seconds"]), *(("note", n) for n in r["notes"])]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
+             f"</head><body><h1>{e(title)}: {e(r['store'])}</h1><table class='summary'>"
+             + "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in summary)
+             + "</table>"]
+
+    parts.append(f"<section id='label-errors'><h2>likely label errors: {len(issues)} (cleanlab, ranked by "
+                 "self-confidence)</h2><div class='row'>")
+    parts += [_card(where(i["path"]), [
+        f"<span class='score'>{i['self_confidence']:.3f}</span> [{e(i['split'])}]",
+        f"{e(i['given'])} &rarr; {e(i['suggested'])}", f"<span class='path'>{e(i['path'])}</span>"])
+        for i in issues[:top]]
+    parts.append("</div>" + _more(top, len(issues)) + "</section>")
+
+    parts.append(f"<section id='duplicates'><h2>near-duplicates (cosine &ge; {d['threshold']}, {e(d['index'])} "
+                 f"index): {len(pairs)} pairs, {d['cross_split']} across splits, {d['exact']} exact</h2>")
+    parts += [f"<p>leakage: {100 * share:.1f}% of {e(split or '(no split)')} rows have a train near-duplicate</p>"
+              for split, share in r["leakage"].items()]
+    parts.append("<div class='row'>")
+    for p in sorted(pairs, key=lambda p: (not p["cross_split"], -p["similarity"]))[:top]:
+        head = f"<span class='score'>{p['similarity']:.4f}</span>{' exact' if p['exact'] else ''}"
+        parts.append(f"<div class='pair{' cross' if p['cross_split'] else ''}'>" + "".join(
+            _card(where(path), [head, f"[{e(split)}] <span class='path'>{e(path)}</span>"])
+            for path, split in zip(p["paths"], p["splits"])) + "</div>")
+    parts.append("</div>" + _more(top, len(pairs)) + "</section>")
+
+    parts.append("<section id='outliers'><h2>outliers (cosine distance to own class mean / mean distance to the "
+                 "nearest neighbours)</h2><div class='row'>")
+    parts += [_card(where(o["path"]), [
+        f"<span class='score'>{o['class_distance']:.3f}</span> / {o['knn_distance']:.3f}",
+        f"{e(o['label'])} [{e(o['split'])}]", f"<span class='path'>{e(o['path'])}</span>"]) for o in outliers[:top]]
+    parts.append("</div>" + _more(top, len(outliers)) + "</section>")
+
+    names = list(b["total"])
+    parts.append(f"<section id='balance'><h2>class balance: imbalance ratio {b['imbalance_ratio']:.2f} (largest / "
+                 "smallest class)</h2><table><tr><th>split</th>" + "".join(f"<th>{e(c)}</th>" for c in names)
+                 + "<th>total</th></tr>")
+    for split, counts in [*b["counts"].items(), ("total", b["total"])]:
+        cells = [counts.get(c, 0) for c in names]
+        parts.append(f"<tr><th>{e(split or '(no split)')}</th>" + "".join(f"<td>{n}</td>" for n in cells)
+                     + f"<td>{sum(cells)}</td></tr>")
+    parts.append("</table></section></body></html>")
+    return _write(out, parts)

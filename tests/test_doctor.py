@@ -1,8 +1,13 @@
-"""`probe doctor`: planted label noise and planted cross-split duplicates in the real demo features, bad input."""
+"""`probe doctor`: planted label noise and planted cross-split duplicates in the real demo features, the HTML report,
+bad input."""
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +18,10 @@ from typer.testing import CliRunner
 from cli.main import app
 from probe.doctor import doctor
 from probe.extract import ExtractConfig, extract
+from probe.report import THUMB, doctor_page
 from probe.store import FeatureStore, store_from_arrays
 
-from .conftest import DEMO
+from .conftest import DEMO, fill_disk, make_image
 
 runner = CliRunner()
 FLIPS = 20  # 5% of the 400 demo images
@@ -47,8 +53,10 @@ def planted(demo_store, tmp_path_factory):
     flip = rng.choice(len(y), FLIPS, replace=False)
     y[flip] = (y[flip] + rng.integers(1, len(demo.classes), FLIPS)) % len(demo.classes)
     dy = np.array([demo.classes.index(dups.classes[c]) for c in dups.labels()])
+    (tmp / "demo").symlink_to(DEMO)  # one root for both image folders, so the HTML page finds every thumbnail
     store = store_from_arrays(tmp / "noisy.h5", np.concatenate([demo.features(), dups.features()]),
-                              np.concatenate([y, dy]), paths=[*demo.paths(), *(f"dups/{p}" for p in dups.paths())],
+                              np.concatenate([y, dy]), root=str(tmp),
+                              paths=[*(f"demo/{p}" for p in demo.paths()), *(f"dups/{p}" for p in dups.paths())],
                               splits=[*demo.splits(), *dups.splits()], classes=demo.classes)
     return doctor(store), set(flip.tolist()), store
 
@@ -58,20 +66,27 @@ def test_planted_label_noise_is_ranked_first(planted):
     flagged = {i["row"] for i in report.label_issues}
     top = {i["row"] for i in report.label_issues[:FLIPS]}
     recall, precision_top = len(flagged & flipped) / FLIPS, len(top & flipped) / FLIPS
-    # measured (seed 0): cleanlab flags 73 rows, recall 0.85 (precision 0.23: Fashion-MNIST shirts / tops / coats
-    # really are confused); the 20 highest-ranked rows are 75% planted flips
-    assert recall >= 0.6 and precision_top >= 0.5, (recall, precision_top)
+    # measured (seed 0): the 20 highest-ranked rows are 80% planted flips (the issue's target: precision >= 0.8 at
+    # recall >= 0.6 at the number of flips); cleanlab's estimated count cuts the list at ~90 rows, all 20 flips in
+    # it (the rest: Fashion-MNIST's shirts / tops / coats really are confused, some really mislabelled)
+    assert recall >= 0.8 and precision_top >= 0.7, (recall, precision_top)
+    quality = [i["self_confidence"] for i in report.label_issues]
+    assert quality == sorted(quality)  # ranked, least self-confident first
     i = report.label_issues[0]
     assert i["given"] != i["suggested"] and 0 <= i["self_confidence"] < 0.5
 
 
-def test_planted_cross_split_duplicates_are_all_found(planted):
-    report, _, _ = planted
-    found = {tuple(sorted(p["paths"])) for p in report.duplicates["pairs"] if p["cross_split"]}
-    copies = [p for p in FeatureStore(report.store).paths() if p.startswith("dups/test/")]
+def _planted_pairs(store: FeatureStore) -> list[tuple[str, str]]:
+    """(test copy, train original) paths of the 18 planted copies."""
+    copies = [p for p in store.paths() if p.startswith("dups/test/")]
     assert len(copies) == 18
-    for c in copies:
-        original = c.replace("test/", "train/")[:-len(Path(c).name)] + "o" + Path(c).stem[1:] + ".png"
+    return [(c, c.replace("test/", "train/")[:-len(Path(c).name)] + "o" + Path(c).stem[1:] + ".png") for c in copies]
+
+
+def test_planted_cross_split_duplicates_are_all_found(planted):
+    report, _, store = planted
+    found = {tuple(sorted(p["paths"])) for p in report.duplicates["pairs"] if p["cross_split"]}
+    for c, original in _planted_pairs(store):
         assert tuple(sorted((c, original))) in found, c
     assert report.leakage["test"] == 1.0  # every test row is a planted copy of a train image
 
@@ -84,6 +99,135 @@ def test_outliers_and_balance(planted):
     b = report.balance
     assert sum(b["total"].values()) == 424 and b["imbalance_ratio"] >= 1
     assert set(b["counts"]) == {"train", "val", "test"}
+
+
+# ---------------------------------------------------------------------------------------------- HTML report
+def _section(page: str, name: str) -> str:
+    return page.split(f"<section id='{name}'>", 1)[1].split("</section>", 1)[0]
+
+
+def _cards(section: str) -> dict[str, str]:
+    """Row path (as shown) -> the HTML of its card."""
+    cards = section.split('<div class="card">')[1:]
+    return {html.unescape(re.search(r"<span class='path'>(.*?)</span>", c).group(1)): c for c in cards}
+
+
+@pytest.fixture(scope="module")
+def page(planted, tmp_path_factory) -> str:
+    out = doctor_page(planted[0], tmp_path_factory.mktemp("page") / "doctor.html")
+    return out.read_text(encoding="utf-8")
+
+
+def test_page_shows_the_flipped_rows_as_label_errors(planted, page):
+    report, flipped, _ = planted
+    cards = _cards(_section(page, "label-errors"))
+    assert list(cards) == [i["path"] for i in report.label_issues[:50]]  # the top 50, in rank order
+    shown = [i for i in report.label_issues[:50] if i["row"] in flipped]
+    assert len(shown) >= 12  # measured: 17 of the 20 flips are flagged, most of them near the top
+    for i in shown:
+        card = cards[i["path"]]
+        assert f"{html.escape(i['given'])} &rarr; {html.escape(i['suggested'])}" in card
+        assert f"{i['self_confidence']:.3f}" in card and 'src="data:image/jpeg;base64,' in card
+    assert f"{len(report.label_issues) - 50} more in --json" in _section(page, "label-errors")
+
+
+def test_page_thumbnails_are_jpeg_data_uris(planted, page):
+    report, _, _ = planted
+    uris = re.findall(r'<img src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(uris) == 50 + 2 * min(50, len(report.duplicates["pairs"])) + 50
+    for uri in uris[::10]:
+        im = Image.open(io.BytesIO(base64.b64decode(uri)))
+        im.load()
+        assert im.format == "JPEG" and max(im.size) == THUMB
+    assert "image not found" not in page  # every path resolved through the store's root
+
+
+def test_page_shows_the_planted_duplicate_pairs(planted, page):
+    report, _, store = planted
+    section = _section(page, "duplicates")
+    pairs = section.split("<div class='pair")[1:]
+    assert [p.startswith(" cross'") for p in pairs] == sorted((p.startswith(" cross'") for p in pairs), reverse=True)
+    for c, original in _planted_pairs(store):
+        assert any(p.startswith(" cross'") and f">{c}</span>" in p and f">{original}</span>" in p for p in pairs), c
+    assert "100.0% of test rows have a train near-duplicate" in section
+
+
+def test_page_balance_table_counts(planted, page):
+    report, _, store = planted
+    rows = [re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", r) for r in
+            re.findall(r"<tr>(.*?)</tr>", _section(page, "balance"))]
+    assert rows[0] == ["split", *map(html.escape, store.classes), "total"]
+    y, sp = store.labels(), store.splits()
+    want = {s: [int(((sp == s) & (y == c)).sum()) for c in range(len(store.classes))] for s in np.unique(sp)}
+    want["total"] = np.bincount(y, minlength=len(store.classes)).tolist()
+    got = {r[0]: [int(n) for n in r[1:]] for r in rows[1:]}
+    assert got == {s: [*n, sum(n)] for s, n in want.items()}
+    assert got["total"][-1] == 424
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory) -> tuple[Path, object]:
+    """A tiny labelled store whose class names and a path hold HTML ('<b>&', '<i>'), with real images under its
+    root: (root, report)."""
+    root = tmp_path_factory.mktemp("odd")
+    paths = [f"imgs/x{i}.png" for i in range(39)] + ["imgs/a<i>&.png"]
+    for i, p in enumerate(paths):
+        make_image(root / p, seed=i)
+    y = np.arange(40) % 2
+    X = np.random.default_rng(0).normal(size=(40, 8)) + 2 * y[:, None]
+    store = store_from_arrays(root / "odd.h5", X, y, paths=paths, splits=["train", "val"] * 20,
+                              classes=["<b>&", "ok"], root=str(root))
+    return root, doctor(store, folds=3)
+
+
+def test_page_escapes_class_names_and_paths(odd, tmp_path):
+    _, report = odd
+    text = doctor_page(report, tmp_path / "p.html", title="doctor <script>").read_text(encoding="utf-8")
+    for raw in ("<b>&", "<i>", "<script>"):
+        assert raw not in text, raw
+    assert "<th>&lt;b&gt;&amp;</th>" in text and "a&lt;i&gt;&amp;.png" in text and "doctor &lt;script&gt;" in text
+    assert "&lt;b&gt;&amp; [" in text  # an outlier card's label
+    assert text.count('src="data:image/jpeg;base64,') == len(report.label_issues[:50]) + 2 * len(
+        report.duplicates["pairs"][:50]) + 40
+
+
+def test_page_of_a_moved_store_uses_the_paths_as_given(odd, tmp_path, monkeypatch):
+    root, report = odd
+    gone = {**report.to_dict(), "store": str(tmp_path / "moved.h5")}
+    monkeypatch.chdir(root)  # store-relative paths still resolve from here
+    assert "image not found" not in doctor_page(gone, tmp_path / "a.html").read_text(encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # ... and from here they do not: cards say so, the page is still written
+    text = doctor_page(gone, tmp_path / "b.html", top=5).read_text(encoding="utf-8")
+    assert text.count("image not found") == text.count('<div class="card">') > 0
+    assert "data:image" not in text
+
+
+def test_cli_out_writes_the_page(odd, tmp_path):
+    root, _ = odd
+    res = runner.invoke(app, ["doctor", str(root / "odd.h5"), "--folds", "3", "--out", str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.rstrip().splitlines()[-1] == f"report: {tmp_path / 'r.html'}"
+    assert (tmp_path / "r.html").read_text(encoding="utf-8").count("<img ") > 40
+    res = runner.invoke(app, ["doctor", str(root / "odd.h5"), "--folds", "3", "--json", "-o", str(tmp_path / "j.html")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["html"] == str(tmp_path / "j.html") and (tmp_path / "j.html").is_file()
+
+
+@pytest.mark.parametrize("where", ["not a folder", "full disk"])
+def test_cli_out_unwritable_is_one_line(odd, tmp_path, small_disk, where):
+    root, _ = odd
+    if where == "not a folder":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "r.html"
+    else:
+        disk = small_disk("1m")
+        fill_disk(disk, leave=16_384)  # the page (40+ thumbnails) needs more
+        out = disk / "r.html"
+    res = runner.invoke(app, ["doctor", str(root / "odd.h5"), "--folds", "3", "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    err = res.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err and str(out) in err, err
+    assert not out.exists() and not list(out.parent.glob("*.tmp*"))
 
 
 def test_cli_json(demo_store, tmp_path):

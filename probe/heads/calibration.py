@@ -261,18 +261,19 @@ def class_means(X: np.ndarray, y: np.ndarray, classes: np.ndarray) -> tuple[np.n
     """(centre (D,), unit class means (C, D)) of training features X (N, D) under CL2N, one row per ``classes``."""
     X = np.asarray(X, np.float32)
     centre = X.mean(0)
-    Z = _cl2n(X, centre)
+    Z = cl2n(X, centre)
     means = np.stack([Z[y == c].mean(0) for c in classes])  # (C, D)
     return centre, (means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def _cl2n(X: np.ndarray, centre: np.ndarray) -> np.ndarray:
+def cl2n(X: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Rows of X (N, D) centred on ``centre`` (D,) then scaled to unit length: SimpleShot's CL2N."""
     return l2(np.asarray(X, np.float32) - centre)  # the heads' own CL2N (features.apply_norm "cl2n")
 
 
 def prototype_distance(X: np.ndarray, centre: np.ndarray, means: np.ndarray) -> np.ndarray:
     """(N,) cosine distance, in [0, 2], from each row of X (N, D) (CL2N) to its nearest class mean (C, D)."""
-    return (1.0 - (_cl2n(X, centre) @ means.T).max(1)).astype(np.float64)
+    return (1.0 - (cl2n(X, centre) @ means.T).max(1)).astype(np.float64)
 
 
 def rejection_threshold(known_scores: np.ndarray, target: float = REJECT_TARGET) -> float:
