@@ -17,11 +17,20 @@ def backbones(
     timm: str | None = typer.Option(None, "--timm", help="Also list timm models matching this pattern, "
                                                              "e.g. 'convnext*' ('*' lists all ~1,300)."),
     offline: bool = typer.Option(False, "--offline", help="Only backbones whose weights are available now."),
+    layers: str | None = typer.Option(None, "--layers", help="List the intermediate layers of this backbone that "
+                                                             "`probe extract --layer` takes: index, name, channels."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List backbone names with embedding dim, input size and whether their weights are available offline."""
-    from probe.backbones import list_backbones
+    from probe.backbones import describe_layers, list_backbones
 
+    if layers:
+        emit(describe_layers(layers), as_json, lambda rows: "\n".join(
+            [f"{'index':>5} {'name':34} {'channels':>8}"]
+            + [f"{r['index']:>5} {r['name']:34} {r['channels']:>8}" for r in rows]
+            + [f"extract one with `probe extract DATA --backbone {layers} --layer NAME|INDEX` (-1 = deepest; "
+               "A+B concatenates); without --layer: the pre-logits embedding"]))
+        return
     rows = [r for r in list_backbones(timm) if r["offline"] or not offline]
 
     def text(rows):
@@ -40,8 +49,9 @@ def _extract_text(s: dict) -> str:  # ExtractSummary.to_dict()
     lines = [f"skipped {x['path']}: {x['reason']}" for x in s["skipped"]]
     rate = f", {s['images_per_s']} img/s" if s["images_per_s"] else ""
     views = f" + {s['views']} augmented views each" if s["views"] else ""
+    at = f" at {s['layer']}" if s.get("layer") else ""
     lines.append(
-        f"{s['store']}: {s['count']} images x {s['dim']}{views} ({s['backbone']}, {s['dtype']} on {s['device']}, "
+        f"{s['store']}: {s['count']} images x {s['dim']}{views} ({s['backbone']}{at}, {s['dtype']} on {s['device']}, "
         f"{s['engine']}); "
         f"embedded {s['embedded']} new, reused {s['reused']}, skipped {len(s['skipped'])}"
         + (f", {s['stale']} stale kept" if s["stale"] else "") + f" in {s['seconds']:.1f}s{rate}"
@@ -82,6 +92,10 @@ def extract(
                                                           "other files on the CPU."),
     engine: str = typer.Option("auto", "--engine", help="auto (ONNX Runtime for float32 on the CPU, else torch), "
                                                          "torch or onnxruntime."),
+    layer: str | None = typer.Option(None, "--layer", help="Intermediate layer(s) instead of the pre-logits "
+                                                           "embedding, average-pooled: a name or index from `probe "
+                                                           "backbones --layers NAME` (-1 = deepest), or several "
+                                                           "joined by '+' (concatenated)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Embed every image of DATA once and cache the features in an HDF5 store (resumable, incremental)."""
@@ -90,7 +104,7 @@ def extract(
 
     cfg = ExtractConfig(backbone=backbone, weights=weights, batch_size=batch_size, workers=workers, device=device,
                         dtype=dtype, tta=tta, pixels=pixels, layout=layout, prune=prune, shard=shard,
-                        views=views, engine=engine, decode=decode)
+                        views=views, engine=engine, decode=decode, layer=layer)
     summary = run(data, out, cfg, progress=sys.stderr.isatty() and not as_json)
     emit(summary.to_dict(), as_json, _extract_text)
 
@@ -104,7 +118,8 @@ def info(
     """Describe a feature store: size, backbone, preprocessing, classes, splits and skipped files."""
     from probe.store import FeatureStore
 
-    s = FeatureStore(store).info()
+    fs = FeatureStore(store)
+    s = {**fs.info(), "layer": fs.attrs.get("layer")}  # None: the pre-logits embedding
 
     def text(s):
         pre = s["preprocess"] or {}
@@ -114,7 +129,8 @@ def info(
             *([f"views      {s['views']} per image: {s['views_augment']}"] if s["views"] else []),
             f"backbone   {s['backbone']}  weights {s['weights']}  sha256 {str(s['weights_sha256'])[:16]}…",
             f"preprocess {pre.get('repr', pre)}",
-            f"tta {s['tta']}  dtype {s['dtype']}  pooling {s['pooling']}  key {str(s['config_key'])[:12]}",
+            f"tta {s['tta']}  dtype {s['dtype']}  pooling {s['pooling']}"
+            + (f" of {s['layer']}" if s["layer"] else "") + f"  key {str(s['config_key'])[:12]}",
             *([f"engine     {s['engine'].get('engine')} {s['engine'].get('version')}"] if s.get("engine") else []),
             f"root       {s['root']} ({s['layout']})",
             "splits     " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()),

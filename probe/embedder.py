@@ -72,7 +72,7 @@ class Embedder:
         ident = self.backbone.identity()
         if self.pixels is not None:  # recorded only when used: stores made by the PIL path keep their key
             ident["preprocess"] = {**ident["preprocess"], "pixels": "uint8"}
-        return FeatureIdentity(**ident, pooling="penultimate", tta=self.tta, dtype=self.dtype)
+        return FeatureIdentity(**ident, pooling=self.backbone.pooling, tta=self.tta, dtype=self.dtype)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -186,7 +186,7 @@ def weights_arg(identity: str) -> str | None:
 
 def embedder_for(attrs: dict[str, Any], device: str = "auto", engine: str = "auto") -> Embedder:
     """Rebuild the embedder recorded in a store's or head's attributes, refusing any difference in backbone,
-    weights or preprocessing: it embeds query images for predict, search and serve.
+    weights, preprocessing or layer: it embeds query images for predict, search and serve.
 
     The one allowed difference is precision: half-precision features are queried in float32 on a device that
     does not compute that half precision natively (``probe.device.query_dtype``): a GPU store (float16) on a
@@ -196,7 +196,7 @@ def embedder_for(attrs: dict[str, Any], device: str = "auto", engine: str = "aut
     if dtype != recorded.dtype:
         log.info("features recorded in %s; queries on %s run in %s (cosine >= 0.995 to the recorded precision)",
                  recorded.dtype, resolve_device(device), dtype)
-    bb = create_backbone(attrs["backbone"], weights_arg(attrs["weights"]))
+    bb = create_backbone(attrs["backbone"], weights_arg(attrs["weights"]), layer=recorded.layer)
     emb = Embedder(bb, device=device, dtype=dtype, tta=recorded.tta, engine=engine,
                    pixels=recorded.preprocess.get("pixels", "pil"))
     replace(recorded, dtype=dtype).check(

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from ._callable import make_module_callable
-from .backbones import DEFAULT_BACKBONE, Backbone, BackboneError, create_backbone
+from .backbones import DEFAULT_BACKBONE, LAYER_SEP, Backbone, BackboneError, at_layer, create_backbone, resolve_layers
 from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, fingerprint, load_image
 from .device import DTYPES, cpu_has_native_bf16, resolve_device, resolve_dtype
 from .embedder import PIXEL_PATHS, TTA_MODES, Embedder, embed_views, embedder_for, weights_arg
@@ -80,6 +80,8 @@ class ExtractConfig:
     # (nvjpeg + resize on the device, probe.gpu_decode; other files take the CPU path per file)
     engine: str = "auto"  # what runs the backbone: auto (ONNX Runtime for float32 on the CPU, else torch) | torch |
     # onnxruntime. Not part of the identity: float32 engines give the same features (cosine >= 0.9999)
+    layer: str | None = None  # None: the pre-logits embedding; else intermediate layers, each average-pooled: names
+    # or indices of probe.backbones.list_layers ("-1" deepest), "+"-joined to concatenate ("layer3+layer4"), lastN
 
     def __post_init__(self) -> None:  # cheap checks first: a bad option fails before any model loads
         if self.tta not in TTA_MODES:
@@ -99,6 +101,9 @@ class ExtractConfig:
         if self.views and self.pixels == "pil":
             raise ProbeError(f"--views {self.views} makes its views on uint8 tensors: it needs --pixels uint8, "
                              "not --pixels pil")
+        if self.layer is not None and not all(t.strip() for t in str(self.layer).split(LAYER_SEP)):
+            raise ProbeError(f"--layer {self.layer!r}: expected layer names or indices joined by '{LAYER_SEP}' "
+                             "(probe backbones --layers NAME lists them)")
         resolve_device(self.device)
         parse_shard(self.shard)
         from .gpu_decode import check_decode  # imported here: probe.gpu_decode uses _Files and Decoded below
@@ -130,6 +135,7 @@ class ExtractSummary:
     decode: str  # where JPEGs were decoded: cpu, or gpu (nvjpeg)
     seconds: float
     images_per_s: float | None  # of the embedding loop; None when it had nothing to do
+    layer: str | None = None  # the intermediate layers the features pool ("layer3+layer4"); None: pre-logits
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -300,8 +306,7 @@ def _job(data: str | os.PathLike, out: str | os.PathLike | None, cfg: ExtractCon
     device = cfg.device
     if shard and device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun rank
-    emb = Embedder(backbone or create_backbone(cfg.backbone, cfg.weights), device, cfg.dtype, cfg.tta,
-                   cfg.channels_last, cfg.pixels, cfg.engine)
+    emb = Embedder(_backbone(cfg, backbone), device, cfg.dtype, cfg.tta, cfg.channels_last, cfg.pixels, cfg.engine)
     views, identity = None, emb.identity
     if cfg.views:
         if emb.pixels is None:
@@ -317,6 +322,17 @@ def _job(data: str | os.PathLike, out: str | os.PathLike | None, cfg: ExtractCon
 
     decode = gpu_decode.choose_decode(cfg.decode, emb.device, emb.pixels, cfg.views)
     return Job(ds, emb, identity, out, cfg, shard, views, decode)
+
+
+def _backbone(cfg: ExtractConfig, given: Backbone | None) -> Backbone:
+    """The backbone of the config (at ``cfg.layer``), or the one given, taken at ``cfg.layer`` if it is not already."""
+    if given is None:
+        return create_backbone(cfg.backbone, cfg.weights, layer=cfg.layer)
+    if cfg.layer is None or given.layer is None:
+        return at_layer(given, cfg.layer) if cfg.layer is not None else given
+    if LAYER_SEP.join(resolve_layers(cfg.layer, given.model.offered, given.name)) != given.layer:
+        raise BackboneError(f"layer {cfg.layer!r} asked for, but the backbone given gives layer {given.layer!r}")
+    return given
 
 
 # ------------------------------------------------------------------------------------------- 1. plan
@@ -569,6 +585,7 @@ def _summary(job: Job, plan: Plan, stats: RunStats, result: Reconciled, seconds:
         ignored=len(job.ds.ignored), device=str(emb.device), dtype=emb.dtype, engine=emb.engine.name,
         decode=job.decode, seconds=round(seconds, 3),
         images_per_s=round(plan.count / stats.seconds, 2) if plan.count and stats.seconds > 0 else None,
+        layer=emb.backbone.layer,
     )
 
 

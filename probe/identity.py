@@ -23,14 +23,15 @@ from typing import Any
 
 from .errors import BackboneError, IndexMismatchError, ProbeError, StoreError
 
-KEY_FIELDS = ("backbone", "weights", "weights_sha256", "preprocess", "pooling", "tta", "dtype", "views")
-OPTIONAL_KEY_FIELDS = ("views",)  # hashed only when set: stores without augmented views keep their original key
+KEY_FIELDS = ("backbone", "weights", "weights_sha256", "preprocess", "pooling", "tta", "dtype", "views", "layer")
+OPTIONAL_KEY_FIELDS = ("views", "layer")  # hashed only when set: stores without augmented views or made of the
+# pre-logits embedding (no layer) keep their original key
 VERSION_ONLY = ("timm",)  # fields of `preprocess` that record a library version, not a change in the pixels
 
 
 class IdentityMismatchError(StoreError, IndexMismatchError, BackboneError):
     """Two artefacts hold features made differently (another backbone, weights, preprocessing, pooling, TTA,
-    dtype or views): mixing them would give wrong numbers silently, so probe refuses.
+    dtype, views or layer): mixing them would give wrong numbers silently, so probe refuses.
 
     The one mismatch error, with one message: which artefacts, their backbones, every differing field with both
     values, and what to do. It is also the error each of these checks raised before it was one (a StoreError for
@@ -44,9 +45,10 @@ class IdentityMismatchError(StoreError, IndexMismatchError, BackboneError):
         la = f"{la} {mine.verb}".rstrip()
         lines = [f"{k}: {la} {x!r}, {lb} {y!r}" for k, x, y in diffs] or ["configuration keys differ"]
         super().__init__(
-            f"{theirs} was made with backbone {b.backbone} ({b.weights}, {b.dtype}, key {b.key[:12]}), {mine} with "
-            f"{a.backbone} ({a.weights}, {a.dtype}, key {a.key[:12]}): another backbone configuration, so their "
-            f"features must not be mixed (different configurations: {', '.join(k for k, _, _ in diffs) or 'key'})"
+            f"{theirs} was made with backbone {b.backbone}{_at(b)} ({b.weights}, {b.dtype}, key {b.key[:12]}), {mine} "
+            f"with {a.backbone}{_at(a)} ({a.weights}, {a.dtype}, key {a.key[:12]}): another backbone configuration, "
+            f"so their features must not be mixed (different configurations: "
+            f"{', '.join(k for k, _, _ in diffs) or 'key'})"
             "\n  " + "\n  ".join(lines) + (f"\n  {fix}" if fix else ""))
 
 
@@ -64,6 +66,10 @@ class Side:
 
     def __str__(self) -> str:
         return f"{self.label} {self.file}" if self.file else self.label
+
+
+def _at(ident: FeatureIdentity) -> str:
+    return f" at layer {ident.layer}" if ident.layer else ""
 
 
 def _canonical(v: Any) -> Any:
@@ -89,6 +95,7 @@ class FeatureIdentity:
     tta: str = "none"
     dtype: str = "float32"
     views: dict[str, Any] | None = field(default=None, hash=False)  # {"count": K, "augment": recipe}, or None
+    layer: str | None = None  # intermediate layers, "layer3+layer4" (pooling "avg"); None: the pre-logits embedding
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "preprocess", _canonical(self.preprocess) or {})
@@ -109,7 +116,8 @@ class FeatureIdentity:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as recorded in files (``views`` only when set, so stores without views keep their key)."""
+        """The fields as recorded in files (``views`` and ``layer`` only when set, so stores without them keep their
+        key)."""
         d = asdict(self)
         return {k: v for k, v in d.items() if k not in OPTIONAL_KEY_FIELDS or v}
 
@@ -154,8 +162,8 @@ class FeatureIdentity:
             raise IdentityMismatchError(side(mine), side(theirs), a, b, diffs, fix)
 
     def short(self) -> str:
-        """One line for logs: backbone, dtype, TTA and the first 12 hex digits of the key."""
-        return f"{self.backbone} ({self.weights}, {self.dtype}, tta {self.tta}, key {self.key[:12]})"
+        """One line for logs: backbone (and layer), dtype, TTA and the first 12 hex digits of the key."""
+        return f"{self.backbone}{_at(self)} ({self.weights}, {self.dtype}, tta {self.tta}, key {self.key[:12]})"
 
 
 def config_key(config: Mapping[str, Any]) -> str:

@@ -310,6 +310,7 @@ class FeatureStore:
             "tta": self.attrs.get("tta"),
             "dtype": self.attrs.get("dtype"),
             "pooling": self.attrs.get("pooling"),
+            "layer": self.attrs.get("layer"),  # intermediate layer(s), "+"-joined; None: the pre-logits embedding
             "config_key": self.attrs.get("config_key"),
             "root": self.attrs.get("root"),
             "layout": self.attrs.get("layout"),
