@@ -5,7 +5,7 @@ Every command that reports something takes ``--json``; user errors go to stderr 
 
 from __future__ import annotations
 
-from . import demo, doctor, extract, finetune, heads, map, search, serve  # noqa: F401  (registers the commands)
+from . import demo, doctor, extract, finetune, heads, map, search, serve, sweep  # noqa: F401  (registers the commands)
 from .app import app
 
 

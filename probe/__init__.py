@@ -44,6 +44,8 @@ _EXPORTS = {
     # store diagnostics
     "doctor": "probe.doctor", "DoctorReport": "probe.doctor",
     "embedding_map": "probe.embedding_map", "EmbeddingMap": "probe.embedding_map",
+    # model selection
+    "sweep": "probe.sweep", "SweepResult": "probe.sweep",
     # errors
     "ProbeError": "probe.errors", "IdentityMismatchError": "probe.identity",
 }
@@ -78,3 +80,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .predict import predict  # noqa: F401
     from .search import IndexConfig, SearchIndex  # noqa: F401
     from .store import FeatureStore, store_from_arrays  # noqa: F401
+    from .sweep import SweepResult, sweep  # noqa: F401
