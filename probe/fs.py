@@ -155,6 +155,20 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, what: str = "") -> 
     return Path(path)
 
 
+def save_figure(fig, path: str | os.PathLike, fmt: str = "png") -> Path:
+    """Write a matplotlib figure atomically as ``fmt`` (any previous file stays until the new one is complete), then
+    close it -- also when the write fails."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_path(path, what="any previous one is unchanged") as tmp:
+            fig.savefig(tmp, format=fmt)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()

@@ -26,7 +26,8 @@ from .errors import BackboneError, IndexMismatchError, ProbeError, StoreError
 KEY_FIELDS = ("backbone", "weights", "weights_sha256", "preprocess", "pooling", "tta", "dtype", "views", "layer")
 OPTIONAL_KEY_FIELDS = ("views", "layer")  # hashed only when set: stores without augmented views or made of the
 # pre-logits embedding (no layer) keep their original key
-VERSION_ONLY = ("timm", "transformers", "open_clip")  # fields of `preprocess` that record a library version, not a change in the pixels
+# fields of `preprocess` that record a library version, not a change in the pixels
+VERSION_ONLY = ("timm", "transformers", "open_clip")
 
 
 class IdentityMismatchError(StoreError, IndexMismatchError, BackboneError):

@@ -510,7 +510,7 @@ def plot(result: SweepResult, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from .fs import atomic_path
+    from .fs import save_figure
 
     split = "test" if result.rows and all(r.best("test") is not None for r in result.rows) else "val"
     by_backbone: dict[str, list[SweepRow]] = {}
@@ -570,13 +570,7 @@ def plot(result: SweepResult, path: str | os.PathLike) -> Path:
         ax2.legend(fontsize=8)
         ax2.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_path(path, what="any previous one is unchanged") as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _value(r: SweepRow, head: str, split: str) -> tuple[float | None, float | None, float | None]:

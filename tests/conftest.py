@@ -5,6 +5,8 @@ No network: pretrained weights come only from the offline-packaged efficientnet_
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +106,31 @@ def fill_disk(where: Path, leave: int = 0) -> Path:
             except OSError:
                 break
     return filler
+
+
+CHROMIUM = os.environ.get("PROBE_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("PROBE_CHROMEDRIVER", "/usr/bin/chromedriver")
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--disable-background-networking", "--disable-component-update", "--no-first-run")
+
+
+@contextmanager
+def chromium(profile: Path, window: str, page_load_timeout: int):
+    """A real headless Debian chromium driven through chromedriver (the browser tests' fixtures). Fails, never
+    skips, when it is missing: CI installs it (.ci/run); locally `apt-get install chromium chromium-driver`."""
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        pytest.fail(f"the browser test needs {CHROMIUM} and {CHROMEDRIVER}: apt-get install -y chromium "
+                    "chromium-driver (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for f in (*CHROMIUM_FLAGS, f"--window-size={window}", f"--user-data-dir={profile}"):
+        opts.add_argument(f)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(page_load_timeout)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -8,8 +8,6 @@ Not skipped when chromium is missing: CI installs it (.ci/run); locally `apt-get
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
 import numpy as np
@@ -18,33 +16,15 @@ import pytest
 from probe.embedding_map import embedding_map
 from probe.store import FeatureStore, store_from_arrays
 
-pytestmark = pytest.mark.slow
+from .conftest import chromium
 
-CHROMIUM = os.environ.get("PROBE_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("PROBE_CHROMEDRIVER", "/usr/bin/chromedriver")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--window-size=1200,900")
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def browser(tmp_path):  # as in tests/test_serve_browser.py
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.fail(f"the browser test needs {CHROMIUM} and {CHROMEDRIVER}: apt-get install -y chromium "
-                    "chromium-driver (.ci/run installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for f in FLAGS:
-        opts.add_argument(f)
-    opts.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(120)
-    try:
+def browser(tmp_path):
+    with chromium(tmp_path / "chromium-profile", window="1200,900", page_load_timeout=120) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def open_map(browser, path, timeout: float = 60) -> float:

@@ -8,43 +8,23 @@ Not skipped when chromium is missing: CI installs it (.ci/run); locally `apt-get
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from probe.serve.process import running_server
 
+from .conftest import chromium
 from .test_serve_api import make_served_files
 from .test_serve_security import TOKEN
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = os.environ.get("PROBE_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("PROBE_CHROMEDRIVER", "/usr/bin/chromedriver")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--window-size=1200,1000")
-
 
 @pytest.fixture
 def browser(tmp_path):
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.fail(f"the browser test needs {CHROMIUM} and {CHROMEDRIVER}: apt-get install -y chromium "
-                    "chromium-driver (.ci/run installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for f in FLAGS:
-        opts.add_argument(f)
-    opts.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(60)
-    try:
+    with chromium(tmp_path / "chromium-profile", window="1200,1000", page_load_timeout=60) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_page_upload_shows_nearest_images_and_predicted_class(tmp_path, browser):

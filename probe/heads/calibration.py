@@ -155,7 +155,7 @@ def reliability_png(proba_before: np.ndarray, y: np.ndarray, path: str | os.Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..fs import atomic_path
+    from ..fs import save_figure
 
     fig, (ax, hx) = plt.subplots(2, 1, figsize=(5.5, 6.2), dpi=110, sharex=True,
                                  gridspec_kw={"height_ratios": [3, 1]})
@@ -180,13 +180,7 @@ def reliability_png(proba_before: np.ndarray, y: np.ndarray, path: str | os.Path
     hx.set(xlabel="class probability (all classes pooled)" if multilabel else "top-1 probability (confidence)",
            ylabel="pairs" if multilabel else "images")
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_path(path, what="any previous one is unchanged") as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- multi-label

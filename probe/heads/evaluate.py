@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ProbeError
-from ..fs import atomic_path
+from ..fs import save_figure
 from ..identity import FeatureIdentity, Side
 
 log = logging.getLogger(__name__)
@@ -200,13 +200,7 @@ def confusion_png(confusion: list[list[int]], class_names: list[str], path: str 
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_path(path, what="any previous one is unchanged") as tmp:
-            fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, Path(path).suffix.lstrip(".").lower() or "png")
 
 
 def head_columns_for(store_classes: list[str], store_labels: np.ndarray, head_classes: list[str],
