@@ -278,6 +278,8 @@ def fewshot(
     metric: str = typer.Option("cosine", "--metric", help="prototype: cosine or euclidean."),
     C: float = typer.Option(1.0, "--C", help="linear: inverse L2 strength (1.0 as in Tian et al. 2020)."),
     split: str | None = typer.Option(None, "--split", help="Draw episodes from this split only (default: all)."),
+    compare: list[Path] = typer.Option([], "--compare", help="A saved head (e.g. from probe zeroshot) scored on the "
+                                                              "same queries with no support; repeatable."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Episodic few-shot accuracy of the prototype and/or linear head, mean and 95% confidence interval."""
@@ -288,7 +290,7 @@ def fewshot(
     except ValueError:
         raise ValueError(f"--shot must be comma-separated integers like 1,5, got {shot!r}") from None
     r = run(store, way=way, shots=shots, query=query, episodes=episodes, seed=seed, norm=norm, metric=metric,
-            split=split, head=head, C=C)
+            split=split, head=head, C=C, compare=compare)
 
     def text(r):
         heads = {"prototype": f"prototype head ({r['metric']})", "linear": f"linear head (C={r['C']:g})",
@@ -297,7 +299,9 @@ def fewshot(
                  f"seed {r['seed']}"]
         lines += [f"{x['head']:9} {r['way']}-way {x['shot']}-shot ({r['query']} queries): {_pct(x['accuracy'])} "
                   f"± {100 * x['ci95']:.2f} (95% CI, {x['episodes']} episodes, {x['episodes_per_s']:.0f}/s)"
-                  for x in r["results"]]
+                  if x["support"] else
+                  f"{x['head']:9} {r['way']}-way, no support (the {x['shot']}-shot episodes' queries): "
+                  f"{_pct(x['accuracy'])} ± {100 * x['ci95']:.2f} (95% CI)" for x in r["results"]]
         return "\n".join(lines)
 
     emit(r, as_json, text)

@@ -5,7 +5,8 @@ Every command that reports something takes ``--json``; user errors go to stderr 
 
 from __future__ import annotations
 
-from . import demo, doctor, extract, finetune, heads, map, search, serve, sweep  # noqa: F401  (registers the commands)
+# importing each command module registers its commands on the app
+from . import demo, doctor, extract, finetune, heads, map, search, serve, sweep, zeroshot  # noqa: F401
 from .app import app
 
 

@@ -66,18 +66,26 @@ def _search_text(r: dict) -> str:
 @app.command()
 @handles_errors
 def search(
-    queries: list[str] = typer.Argument(..., help="Image files, folders of images, gallery ids or stored paths."),
+    queries: list[str] | None = typer.Argument(None, help="Image files, folders of images, gallery ids or stored "
+                                                          "paths (or --text instead)."),
+    text: list[str] | None = typer.Option(None, "--text", "-t", help="Search by text (an index of a clip/ store): "
+                                                                     "'a photo of a bee'; repeat for more queries."),
     index_path: Path = typer.Option(..., "--index", "-i", help="Index made by probe index."),
     k: int = typer.Option(10, "-k", help="Hits per query."),
     html: Path | None = typer.Option(None, "--html", help="Also write a contact sheet (self-contained HTML)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for embedding query images)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for embedding query images or texts)."),
     engine: str = typer.Option("auto", "--engine", help="auto, torch or onnxruntime (for embedding query images)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """The k gallery images most similar to each query: rank, score, label and path."""
-    from probe.search import search_index
+    """The k gallery images most similar to each query image, or to each --text: rank, score, label and path."""
+    from probe.errors import ProbeError
+    from probe.search import search_index, search_text
 
-    result = search_index(index_path, queries, k=k, device=device, engine=engine)
+    if bool(queries) == bool(text):
+        raise ProbeError("give query images (files, folders, gallery ids or stored paths) or --text 'a photo of "
+                         "...', " + ("not both" if queries else "got neither"))
+    result = (search_text(index_path, text, k=k, device=device) if text else
+              search_index(index_path, queries, k=k, device=device, engine=engine))
     if html:
         from probe.report import contact_sheet
 

@@ -46,6 +46,9 @@ _EXPORTS = {
     "embedding_map": "probe.embedding_map", "EmbeddingMap": "probe.embedding_map",
     # model selection
     "sweep": "probe.sweep", "SweepResult": "probe.sweep",
+    # CLIP: text tower and zero-shot heads
+    "TextTower": "probe.clip", "text_tower": "probe.clip", "text_tower_for": "probe.clip",
+    "zeroshot": "probe.zeroshot", "ZeroShotResult": "probe.zeroshot",
     # errors
     "ProbeError": "probe.errors", "IdentityMismatchError": "probe.identity",
 }
@@ -68,6 +71,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .backbones import Backbone, create_backbone, list_backbones, list_layers  # noqa: F401
+    from .clip import TextTower, text_tower, text_tower_for  # noqa: F401
     from .doctor import DoctorReport, doctor  # noqa: F401
     from .embedder import Embedder, embedder_for  # noqa: F401
     from .embedding_map import EmbeddingMap, embedding_map  # noqa: F401
@@ -81,3 +85,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .search import IndexConfig, SearchIndex  # noqa: F401
     from .store import FeatureStore, store_from_arrays  # noqa: F401
     from .sweep import SweepResult, sweep  # noqa: F401
+    from .zeroshot import ZeroShotResult, zeroshot  # noqa: F401

@@ -39,6 +39,8 @@ h1 { font-size: 18px; } h2 { font-size: 15px; margin: 18px 0 6px; word-break: br
 .card.query { border: 2px solid #1a73e8; }
 .card img { display: block; max-width: 100%; margin: 0 auto 4px; }
 .missing { height: 80px; display: flex; align-items: center; justify-content: center; color: #999; background: #eee; }
+.words { min-height: 80px; display: flex; align-items: center; justify-content: center; text-align: center;
+         font-size: 13px; background: #eef3ff; }
 .path { color: #666; word-break: break-all; } .score { font-weight: 600; }
 .pair { display: flex; gap: 4px; padding: 4px; border: 1px solid #ccc; border-radius: 4px; background: #f0f0f0; }
 .pair.cross { border-color: #d93025; } .more { color: #666; font-size: 12px; }
@@ -70,8 +72,8 @@ def _card(path: str, caption: list[str], css: str = "card") -> str:
 
 
 def contact_sheet(result: dict[str, Any], out: str | os.PathLike, title: str = "probe search") -> Path:
-    """Write the output of ``search_index`` as an HTML page: per query, the query image then its hits with
-    rank, score, label and path. Returns the path written."""
+    """Write the output of ``search_index`` (or ``search_text``) as an HTML page: per query, the query image (or
+    text) then its hits with rank, score, label and path. Returns the path written."""
     e = html.escape
     score_name = "cosine" if result.get("metric") == "cosine" else "distance"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
@@ -79,8 +81,13 @@ def contact_sheet(result: dict[str, Any], out: str | os.PathLike, title: str = "
              f"{e(str(result.get('backbone')))}, {e(score_name)}, top {result.get('k')}</h1>"]
     for r in result["results"]:
         parts.append(f"<h2>query: {e(r['query'])} ({e(r['kind'])})</h2><div class='row'>")
-        where = r["query"] if r["kind"] == "image" else f"{r['query']}: {r['query_path']}"
-        parts.append(_card(r["query_path"], ["<b>query</b>", f"<span class='path'>{e(where)}</span>"], "card query"))
+        if r["kind"] == "text":  # search_text (CLIP): the words stand where the query image would
+            parts.append(f"<div class='card query'><div class='words'>{e(r['query'])}</div><div><b>query</b> "
+                         "(text)</div></div>")
+        else:
+            where = r["query"] if r["kind"] == "image" else f"{r['query']}: {r['query_path']}"
+            parts.append(_card(r["query_path"], ["<b>query</b>", f"<span class='path'>{e(where)}</span>"],
+                               "card query"))
         for h in r["hits"]:
             parts.append(_card(h["abspath"], [
                 f"#{h['rank']} <span class='score'>{h['score']:.4f}</span> {e(str(h['label'] or ''))}",

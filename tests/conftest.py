@@ -134,3 +134,26 @@ def chromium(profile: Path, window: str, page_load_timeout: int):
         yield driver
     finally:
         driver.quit()
+
+
+TINY_OPEN_CLIP = {"embed_dim": 16,  # an open_clip CLIP: 2-layer ViT image tower, 2-layer text tower, 16-d joint space
+                  "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+def make_open_clip_dir(folder: Path, seed: int = 0) -> Path:
+    """A tiny random open_clip model saved as a ``clip/local-dir:FOLDER`` backbone (open_clip_config.json and
+    open_clip_model.safetensors): its config travels with it, so a child process (`probe serve`) loads it too; the
+    tokenizer is open_clip's bundled one. No network."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP, "preprocess_cfg": {}}))
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_OPEN_CLIP)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder

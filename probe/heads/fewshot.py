@@ -10,6 +10,10 @@ The linear head is multinomial logistic regression fitted on each episode's supp
 ("Rethinking few-shot image classification", ``LogisticRegression(C=1.0)`` on normalised features), the usual
 few-shot linear probe. Every episode is solved exactly and all at once: see ``linear_episode_accuracy``.
 
+``compare``: saved heads (a zero-shot head from `probe zeroshot`, a head fit on another store) scored on the same
+episodes' queries, each choosing among its episode's ``way`` classes with no support at all -- CLIP's "zero-shot
+matches k-shot" comparison on identical queries.
+
 Normalisation: ``cl2n`` centres with the mean of the store's ``train`` split (all labelled rows when the store
 has no splits) -- SimpleShot uses the base-class mean; here it is one label-free statistic shared by every
 episode -- then L2-normalises.
@@ -24,6 +28,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -247,13 +253,50 @@ def _cg(hvp, b: torch.Tensor, live: torch.Tensor, eta: torch.Tensor, max_iter: i
     return x
 
 
+def head_episode_accuracy(proba: np.ndarray, cols: np.ndarray, support: np.ndarray, query: np.ndarray
+                          ) -> np.ndarray:
+    """A fixed head's accuracy per episode, (E,): each query goes to the episode class the head scores highest.
+    proba (N, C) the head's probabilities of every row (a softmax: its argmax over any subset of classes is the
+    logits'), cols (N,) each row's head column; support (E, W, K) names each episode's classes, query (E, W, Q)."""
+    E, W, _ = support.shape
+    Q = query.shape[2]
+    truth = np.repeat(np.arange(W), Q)  # (W*Q,)
+    per = max(1, CHUNK // (W * Q * W))
+    out = []
+    for s in range(0, E, per):
+        hc = cols[support[s: s + per, :, 0]]  # (e, W) the head's column of each episode class
+        q = query[s: s + per].reshape(-1, W * Q)  # (e, WQ)
+        score = proba[q[:, :, None], hc[:, None, :]]  # (e, WQ, W)
+        out.append((score.argmax(2) == truth).mean(1))
+    return np.concatenate(out)
+
+
+def _compare_heads(store: Any, paths: Sequence[str | os.PathLike], X: np.ndarray, y: np.ndarray
+                   ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, probabilities (n, C), head column per row (n,)) of each saved head, checked against the store."""
+    from .evaluate import check_head_matches_store, head_columns_for
+    from .io import load_head
+
+    out = []
+    for path in paths:
+        fitted, meta = load_head(path)
+        check_head_matches_store(meta, store)
+        if getattr(fitted, "multilabel_", False):
+            raise ProbeError(f"head {path} is multi-label: few-shot episodes compare single-label heads")
+        cols = head_columns_for(store.classes, y, meta["class_names"], f"store {store.path}")
+        out.append((Path(path).name, fitted.predict_proba(X), cols))
+    return out
+
+
 def fewshot(store_path: str | os.PathLike, way: int = 5, shots: tuple[int, ...] = (1, 5), query: int = 15,
             episodes: int = 10_000, seed: int = 0, norm: str = "cl2n", metric: str = "cosine",
-            split: str | None = None, head: str = "prototype", C: float = C_LINEAR) -> dict[str, Any]:
+            split: str | None = None, head: str = "prototype", C: float = C_LINEAR,
+            compare: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:
     """Mean accuracy and 95% confidence interval over seeded episodes, per head and shot count.
 
     ``head``: prototype, linear or both (the same episodes go to both); ``C``: the linear head's inverse L2
-    strength; ``split``: draw episodes from that split's labelled rows (None: every labelled row).
+    strength; ``split``: draw episodes from that split's labelled rows (None: every labelled row); ``compare``:
+    saved head files scored on the same queries without support (rows with ``"support": false``).
     ``results`` has one row per (head, shot); ``seconds`` includes drawing the episodes."""
     from probe.store import FeatureStore
 
@@ -273,6 +316,7 @@ def fewshot(store_path: str | os.PathLike, way: int = 5, shots: tuple[int, ...] 
     Z = apply_norm(X[rows], fit_norm(X[base], norm))  # (n, D)
     y = y_all[rows]
     gram = Z @ Z.T if len(Z) <= GRAM_MAX_ROWS else None  # (n, n)
+    fixed = _compare_heads(store, compare, X[rows], y) if compare else []
     heads = ("prototype", "linear") if head == "both" else (head,)
     results = []
     for shot in shots:
@@ -284,11 +328,18 @@ def fewshot(store_path: str | os.PathLike, way: int = 5, shots: tuple[int, ...] 
             acc = (episode_accuracy(Z, sup, qry, metric, gram) if h == "prototype"
                    else linear_episode_accuracy(Z, sup, qry, C, gram))
             s = time.perf_counter() - t + t_sample
-            results.append({"head": h, "shot": int(shot), "accuracy": float(acc.mean()),
+            results.append({"head": h, "shot": int(shot), "support": True, "accuracy": float(acc.mean()),
                             "ci95": float(1.96 * acc.std() / np.sqrt(len(acc))), "episodes": int(len(acc)),
                             "seconds": round(s, 3), "episodes_per_s": round(len(acc) / s, 1) if s > 0 else None})
             log.info("%s head, %d-way %d-shot: %.4f +- %.4f over %d episodes (%.2fs)", h, way, shot, acc.mean(),
                      results[-1]["ci95"], len(acc), s)
+        for name, proba, cols in fixed:  # the same queries, no support
+            t = time.perf_counter()
+            acc = head_episode_accuracy(proba, cols, sup, qry)
+            s = time.perf_counter() - t
+            results.append({"head": name, "shot": int(shot), "support": False, "accuracy": float(acc.mean()),
+                            "ci95": float(1.96 * acc.std() / np.sqrt(len(acc))), "episodes": int(len(acc)),
+                            "seconds": round(s, 3), "episodes_per_s": round(len(acc) / s, 1) if s > 0 else None})
     return {"store": str(store.path), "head": head, "way": way, "query": query, "episodes": episodes, "seed": seed,
             "norm": norm, "metric": metric, "C": C, "split": split or "all", "n_images": int(len(rows)),
-            "n_classes": int(len(np.unique(y))), "results": results}
+            "n_classes": int(len(np.unique(y))), "compare": [str(c) for c in compare], "results": results}

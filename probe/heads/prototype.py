@@ -13,7 +13,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from ..errors import ProbeError
 from .base import Head
-from .features import weighted_sum
+from .features import fit_norm, weighted_sum
 
 METRICS = ("cosine", "euclidean")
 
@@ -56,6 +56,34 @@ class PrototypeHead(Head):
         sums = [weighted_sum(Z[yi == c], None if sw is None else sw[yi == c]) for c in range(k)]
         self.prototypes_ = (np.stack(sums) / mass[:, None]).astype(np.float32)  # (C, D)
         return self
+
+    @classmethod
+    def from_prototypes(cls, prototypes, classes=None, *, metric: str = "cosine", norm: str = "l2",
+                        temperature: float = 0.1) -> PrototypeHead:
+        """A fitted head whose class means are given rather than learned -- CLIP's zero-shot text prototypes
+        (``probe.zeroshot``): ``prototypes`` (C, D), ``classes`` (C,) their labels (default ``arange(C)``; rows
+        are reordered to sorted labels, as ``fit`` orders ``classes_``). ``norm`` none or l2: the normalisations
+        that need no training statistics.
+
+        Example:
+            >>> PrototypeHead.from_prototypes(T, metric="cosine", norm="l2", temperature=0.01).predict(X)
+        """
+        head = cls(metric=metric, norm=norm, temperature=temperature)
+        head._validate_params()
+        if norm not in ("none", "l2"):
+            raise ProbeError(f"norm {norm!r} learns statistics from training features: given prototypes take "
+                             "norm 'none' or 'l2'")
+        P = np.asarray(prototypes, np.float32)
+        if P.ndim != 2 or not P.size or not np.isfinite(P).all():
+            raise ProbeError(f"prototypes must be a finite (C, D) matrix with C, D >= 1, got shape {P.shape}")
+        labels = np.arange(len(P)) if classes is None else np.asarray(classes)
+        if labels.shape != (len(P),) or len(np.unique(labels)) != len(P):
+            raise ProbeError(f"classes must be {len(P)} distinct labels, one per prototype, got {labels.tolist()[:10]}")
+        order = np.argsort(labels, kind="stable")
+        head.classes_, head.prototypes_ = labels[order], P[order]  # (C,), (C, D)
+        head.norm_ = fit_norm(P, norm)  # none / l2: zero mean, unit scale, nothing taken from P
+        head.n_features_in_, head.multilabel_ = P.shape[1], False
+        return head
 
     def decision_function(self, X) -> np.ndarray:
         """(N, D) -> (N, C) scores: cosine similarity, or minus the squared euclidean distance; for two classes

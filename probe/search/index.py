@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -45,7 +46,8 @@ from .rows import Rows, prepare
 from .sharding import add_rows, combine, shard_of, sub_indexes
 from .tuning import RECALL_K, knn_ground_truth, tune
 
-if TYPE_CHECKING:  # extract loads torch: imported only where an image query needs it
+if TYPE_CHECKING:  # extract and clip load torch: imported only where an image or text query needs them
+    from ..clip import TextTower
     from ..extract import Embedder
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,8 @@ class SearchIndex:
         self.meta = meta
         self.template = template  # sharded: the trained, empty index the shards were cloned from
         self.path: Path | None = None  # where it was saved or loaded from
+        self._text_towers: dict[str, TextTower] = {}  # device -> the CLIP text tower, built on the first text query
+        self._text_lock = threading.Lock()  # concurrent first queries (the server's threads) build it once
 
     # ---- what it holds
     @property
@@ -201,6 +205,69 @@ class SearchIndex:
         from ..extract import embedder_for
 
         return embedder_for(self.identity.to_dict(), device=device, engine=engine)
+
+    # ---- text queries (CLIP)
+    @property
+    def text_search_problem(self) -> str | None:
+        """Why this index cannot answer text queries (one line naming what to do), or None when it can: it holds
+        the image embeddings of a clip/ backbone under the cosine metric."""
+        from ..clip import is_clip
+
+        name = f"index {str(self.path)!r}" if self.path else "this index"
+        ident = self.identity
+        if not self.has_backbone:
+            return (f"{name} holds vectors that no backbone made: text search needs an index of a "
+                    "clip/<model>:<pretrained> store (probe extract --backbone clip/ViT-B-32:openai, then probe index)")
+        if not is_clip(ident.to_dict()):
+            return (f"{name} holds features of backbone {ident.backbone}, which has no text tower: text search needs "
+                    "an index of a clip/<model>:<pretrained> store (probe extract --backbone clip/ViT-B-32:openai)")
+        if ident.layer:
+            return (f"{name} holds layer {ident.layer} of {ident.backbone}, not its image embedding: text search "
+                    "needs the final embedding (extract without --layer)")
+        if self.metric != "cosine":
+            # CLIP image features are stored unnormalised: their l2 distance to a unit text vector mixes the
+            # image's norm into the ranking, so only the cosine (normalised) index ranks texts as CLIP does
+            return (f"{name} uses metric {self.metric}; CLIP compares a text with images by cosine, over features "
+                    f"stored unnormalised: rebuild it with probe index {self.meta.get('store') or 'STORE'} "
+                    f"--metric cosine")
+        return None
+
+    def _require_text(self) -> None:
+        problem = self.text_search_problem
+        if problem:
+            raise ProbeError(problem)
+
+    def text_tower(self, device: str = "auto") -> TextTower:
+        """The text tower of the index's CLIP (``probe.clip.text_tower_for`` its identity), built on first use and
+        kept for the next queries. Raises ProbeError with ``text_search_problem`` for an index that cannot take
+        text, BackboneError when the CLIP weights available now are not the ones the features were made with."""
+        self._require_text()
+        with self._text_lock:
+            if device not in self._text_towers:
+                from ..clip import text_tower_for
+
+                t0 = time.perf_counter()
+                self._text_towers[device] = text_tower_for(self.identity.to_dict(), device)
+                log.info("text tower of %s loaded in %.1fs", self.identity.backbone, time.perf_counter() - t0)
+            return self._text_towers[device]
+
+    def search_text(self, texts: str | Sequence[str], k: int = 10, device: str = "auto",
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """(n,) texts (one string: n = 1) -> (cosine similarities (n, k), ids (n, k)), best first: each text
+        encoded by the index's CLIP text tower and compared with the stored (normalised) image features.
+
+        Example:
+            >>> scores, ids = SearchIndex.load("cache/photos.faiss").search_text("a photo of a bee", k=5)  # (1, 5)
+        """
+        self._require_text()  # what the index is comes first: no text or k would make it work
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ProbeError("no text queries given: pass at least one text, e.g. 'a photo of a bee'")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise ProbeError(f"text query {i + 1} is {t!r}: expected words to search for, e.g. 'a photo of a bee'")
+        check_k(k, self.count)  # before the tower loads
+        return self.search(self.text_tower(device).encode(texts), k)  # (n, D) unit rows
 
     # ---- build / add
     @classmethod

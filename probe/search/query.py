@@ -2,11 +2,13 @@
 
 A query is an image file (embedded with exactly the index's backbone and preprocessing), a folder (every image in
 it, recursively), or something already in the gallery: an integer id or a stored path (relative, or absolute under
-the store's root), whose stored vector is used without loading the backbone.
+the store's root), whose stored vector is used without loading the backbone. An index of a clip/ store also takes
+text (``search_text``: encoded by the CLIP's text tower, `probe search --text`).
 
 Example:
     >>> out = search_index("cache/demo.faiss", ["photo.jpg", "17", "train/Bag/00754.png"], k=5)
     >>> out["results"][0]["hits"][0]          # {"rank": 1, "id": …, "score": 0.93, "path": …, "label": "Bag"}
+    >>> search_text("cache/photos.faiss", ["a photo of a bee"], k=5)["results"][0]["hits"]
 """
 
 from __future__ import annotations
@@ -130,10 +132,38 @@ def search_index(index: str | os.PathLike | SearchIndex, inputs: Sequence[str | 
         s, i = scores[row], ids[row]
         if q.gallery_id is not None:
             s, i = _self_first(idx, x[row], s, i, q.gallery_id, k)
-        hits = [{"rank": r + 1, "id": int(g), "score": round(float(sc), 6), "path": idx.paths[g],
-                 "abspath": idx.abspath(int(g)), "label": idx.label_name(int(g))}
-                for r, (sc, g) in enumerate(zip(s, i)) if g >= 0]
         results.append({"query": q.text, "kind": q.kind, "gallery_id": q.gallery_id,
-                        "query_path": q.text if q.kind == "image" else idx.abspath(q.gallery_id), "hits": hits})
+                        "query_path": q.text if q.kind == "image" else idx.abspath(q.gallery_id),
+                        "hits": _hits(idx, s, i)})
+    return _answer(idx, k, results, bad)
+
+
+def search_text(index: str | os.PathLike | SearchIndex, texts: Sequence[str], k: int = 10,
+                device: str = "auto") -> dict[str, Any]:
+    """Top-k gallery hits for every text, by cosine to the text's CLIP embedding; the same answer as
+    ``search_index`` (each result's ``kind`` is "text", with no ``gallery_id`` or ``query_path``).
+
+    Raises ProbeError for an empty text, an index that cannot take text (not clip/, a layer, metric l2: see
+    ``SearchIndex.text_search_problem``) or a k that does not fit the gallery.
+
+    Example:
+        >>> search_text("cache/photos.faiss", ["a photo of a bee"], k=5)["results"][0]["hits"][0]["path"]
+    """
+    idx = index if isinstance(index, SearchIndex) else SearchIndex.load(index)
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    scores, ids = idx.search_text(texts, k, device)  # (n, k)
+    results = [{"query": t, "kind": "text", "gallery_id": None, "query_path": None, "hits": _hits(idx, s, i)}
+               for t, s, i in zip(texts, scores, ids)]
+    return _answer(idx, k, results, [])
+
+
+def _hits(idx: SearchIndex, scores: np.ndarray, ids: np.ndarray) -> list[dict[str, Any]]:
+    """(k,) scores and ids -> the hit records, best first; ids of -1 (fewer than k found) dropped."""
+    return [{"rank": r + 1, "id": int(g), "score": round(float(sc), 6), "path": idx.paths[g],
+             "abspath": idx.abspath(int(g)), "label": idx.label_name(int(g))}
+            for r, (sc, g) in enumerate(zip(scores, ids)) if g >= 0]
+
+
+def _answer(idx: SearchIndex, k: int, results: list[dict[str, Any]], skipped: list[dict[str, str]]) -> dict[str, Any]:
     return {"index": str(idx.path or ""), "type": idx.kind, "metric": idx.metric, "k": k,
-            "count": idx.count, "backbone": idx.identity.backbone, "results": results, "skipped": bad}
+            "count": idx.count, "backbone": idx.identity.backbone, "results": results, "skipped": skipped}

@@ -7,6 +7,7 @@
     POST /heads/{name}/classify?k=5&reject=none  file         -> top-k classes with probabilities, or "unknown"
     POST /indexes/{name}/search?k=10      file                -> nearest gallery images
     GET  /indexes/{name}/search?id=3&k=10                     -> neighbours of gallery image 3
+    GET  /indexes/{name}/search/text?text=a+bee&k=10          -> nearest gallery images to a text (CLIP indexes)
     GET  /indexes/{name}/items/{id}/image?size=256            -> PNG thumbnail (gallery files only)
     GET  /fewshot                         sets;  POST/GET/DELETE /fewshot/{set}
     POST /fewshot/{set}/examples          file + label        -> add a support image
@@ -231,6 +232,13 @@ def _search_routes(app: FastAPI, service: Service) -> None:
     def search_id(name: str, id: int = Query(..., description="Gallery id (store row)."),  # noqa: A002
                   k: int = k_param) -> dict[str, Any]:
         return service.search_id(name, id, k)
+
+    @app.get("/indexes/{name}/search/text", tags=["search"],
+             summary="Nearest gallery images to a text (an index of a clip/ store: /models says text_search)")
+    async def search_text(name: str, text: str = Query(..., min_length=1, description="What to look for, e.g. "
+                                                                                      "'a photo of a bee'."),
+                          k: int = k_param) -> dict[str, Any]:
+        return await service.search_text(name, text, k)
 
     @app.get("/indexes/{name}/items/{item}/image", tags=["search"], response_class=Response,
              summary="PNG thumbnail of a gallery image (only files of a loaded index)")

@@ -43,6 +43,8 @@ from .security import check_exposure, check_token
 
 log = logging.getLogger(__name__)
 
+MAX_TEXT_CHARS = 1000  # CLIP's tokenizer keeps 77 tokens (~300 characters); longer texts are not queries
+
 
 @dataclass
 class ServeConfig:
@@ -215,6 +217,18 @@ class Service:
         hits = [{key: h[key] for key in ("rank", "id", "score", "path", "label")} for h in r["hits"]]
         return {"index": index_name, "metric": idx.metric, "k": k, "query_id": gallery_id, "hits": hits}
 
+    async def search_text(self, index_name: str, text: str, k: int = 10) -> dict[str, Any]:
+        """Nearest gallery images to a text, for an index of a clip/ store: the text encoded by its CLIP text
+        tower (loaded on the first text query, then kept), compared by cosine with the stored image features."""
+        idx = self._index(index_name)
+        self._check_k(k, idx.count)
+        if len(text) > MAX_TEXT_CHARS:
+            raise TooLarge(f"the text is {len(text)} characters; this server takes at most {MAX_TEXT_CHARS} "
+                           "(CLIP reads the first 77 tokens)")
+        scores, ids = await asyncio.to_thread(idx.search_text, [text], k, self.config.device)  # (1, k)
+        return {"index": index_name, "metric": idx.metric, "k": k, "text": text,
+                "hits": self._hits(idx, scores[0], ids[0])}
+
     def thumbnail(self, index_name: str, gallery_id: int, size: int = 256) -> bytes:
         """A PNG of gallery image ``gallery_id`` at most ``size`` px on a side. Only files of a loaded index's
         gallery can be served: the path comes from the index, never from the request."""
@@ -269,7 +283,8 @@ class Service:
                        "reject_threshold": getattr(h, "reject_threshold_", None)}
                       for n, (h, names, p) in sorted(self.heads.items())],
             "indexes": [{"name": n, "type": i.kind, "metric": i.metric, "count": i.count, "classes": list(i.classes),
-                         "source": self.sources[n]} for n, i in sorted(self.indexes.items())],
+                         "source": self.sources[n], "text_search": i.text_search_problem is None}
+                        for n, i in sorted(self.indexes.items())],
             "fewshot_sets": self.sets.list(),
             "limits": {"max_upload_mb": self.config.max_upload_mb, "max_pixels": self.config.max_pixels,
                        "max_k": self.config.max_k},

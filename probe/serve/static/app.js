@@ -1,4 +1,5 @@
-// The search page: pick an image, POST it to /indexes/{name}/search and (optionally) a classifier, show the results.
+// The search page: pick an image, POST it to /indexes/{name}/search and (optionally) a classifier, show the results;
+// or, for an index of a CLIP store (/models: text_search), type a text and GET /indexes/{name}/search/text.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let catalog = null;
@@ -27,6 +28,20 @@ async function loadCatalog() {
     $("classifier").append(option(`set:${s.name}`, `few-shot ${s.name}`));
   if (catalog.heads.length) $("classifier").value = `head:${catalog.heads[0].name}`;
   if (!catalog.indexes.length) setStatus("no index is loaded: start the server with --store or --index", true);
+  showTextForm();
+}
+
+function selectedIndex() {
+  return catalog && catalog.indexes.find((i) => i.name === $("index").value);
+}
+
+function showTextForm() {  // text search only where the index's backbone has a text tower
+  $("text-form").hidden = !(selectedIndex() || {}).text_search;
+}
+
+function hitsWanted() {
+  const k = Math.max(1, Math.min(100, parseInt($("k").value, 10) || 12));
+  return Math.min(k, selectedIndex().count);
 }
 
 function setStatus(text, error = false) {
@@ -89,13 +104,12 @@ async function query(file) {
   $("query").hidden = false;
   $("predictions").hidden = true;
   $("results").hidden = true;
+  document.body.dataset.state = "busy";
   setStatus(`searching with ${file.name}…`);
   const index = $("index").value;
-  const k = Math.max(1, Math.min(100, parseInt($("k").value, 10) || 12));
   const jobs = [];
   if (index) {
-    const count = catalog.indexes.find((i) => i.name === index).count;
-    jobs.push(api(`/indexes/${encodeURIComponent(index)}/search?k=${Math.min(k, count)}`,
+    jobs.push(api(`/indexes/${encodeURIComponent(index)}/search?k=${hitsWanted()}`,
                   { method: "POST", body: form(file) }).then((r) => showHits(index, r)));
   }
   const [kind, name] = $("classifier").value.split(/:(.*)/s);
@@ -112,7 +126,29 @@ async function query(file) {
   document.body.dataset.state = failed.length ? "error" : "done";
 }
 
+async function textQuery(text) {
+  text = text.trim();
+  if (!text) return;
+  const index = $("index").value;
+  $("query").hidden = true;
+  $("predictions").hidden = true;
+  $("results").hidden = true;
+  document.body.dataset.state = "busy";
+  setStatus(`searching for "${text}"…`);
+  try {
+    const q = new URLSearchParams({ text, k: hitsWanted() });
+    showHits(index, await api(`/indexes/${encodeURIComponent(index)}/search/text?${q}`));
+    setStatus(`results for "${text}"`);
+    document.body.dataset.state = "done";
+  } catch (e) {
+    setStatus(e.message, true);
+    document.body.dataset.state = "error";
+  }
+}
+
 $("file").addEventListener("change", (e) => query(e.target.files[0]));
+$("index").addEventListener("change", showTextForm);
+$("text-form").addEventListener("submit", (e) => { e.preventDefault(); textQuery($("text").value); });
 const drop = $("drop");
 for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
 for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
