@@ -43,7 +43,7 @@ def doctor(
     top: int = typer.Option(20, "--top", help="Rows of each list to print (--json has them all; --out shows 50)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Also write an HTML report with thumbnails."),
     sweep: str = typer.Option("once", "--sweep", help="once: C chosen by one sweep on all rows, each fold refit "
-                              "at it; per-fold: each fold sweeps on its own rows (nested, folds x slower)."),
+                              "at it; per-fold: nested CV, each fold sweeps on its own rows (slower)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
 ) -> None:
     """Likely label errors, train/val/test leakage, outliers and class balance of a labelled store."""

@@ -2,7 +2,8 @@
 
 Label errors: out-of-fold probabilities of the linear head (seeded stratified K-fold; C chosen once by the head's
 batched sweep on all labelled rows, then every fold refits at that fixed C -- one sweep instead of K; or, with
-``sweep="per-fold"``, a sweep inside each fold) passed to cleanlab: every row ranked by
+``sweep="per-fold"``, nested cross-validation: a full sweep inside each fold, its inner folds the other outer folds)
+passed to cleanlab: every row ranked by
 ``cleanlab.rank.get_label_quality_scores`` (self-confidence), the list cut at ``cleanlab.count.num_label_issues``
 (the calibrated confident-joint estimate of how many labels are wrong). Duplicates: cosine similarity of
 L2-normalised features, exact range search up to the search index's flat size (``IndexConfig.exact_below``), above
@@ -110,21 +111,75 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int, seed: int,
     0..C-1, every class present.
 
     ``sweep="once"`` (default): one batched sweep (the head's own k-fold CV on all rows) picks C, then each fold
-    refits at that C -- one sweep instead of ``folds``. ``sweep="per-fold"``: each fold sweeps on its own training
-    rows (nested CV: no held-out label touches the choice of C); the C returned is then None, as folds differ."""
+    refits at that C -- one sweep instead of ``folds``. ``sweep="per-fold"``: nested cross-validation, each fold
+    choosing its own C by a full sweep on its own training rows (``_nested``); the C returned is then None."""
     from sklearn.model_selection import StratifiedKFold
 
     from .heads import LinearHead
 
     if sweep not in SWEEPS:
         raise ProbeError(f"sweep must be one of {', '.join(SWEEPS)}, got {sweep!r}")
-    C = LinearHead(seed=seed).fit(X, y).C_ if sweep == "once" else None
+    parts = [te for _, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y)]
+    if sweep == "per-fold":
+        return _nested(X, y, parts, seed), None
+    C = LinearHead(seed=seed).fit(X, y).C_
     K = int(y.max()) + 1
     proba = np.zeros((len(y), K), np.float64)
-    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y):
+    for te in parts:
+        tr = np.setdiff1d(np.arange(len(y)), te)
         head = LinearHead(C=C, seed=seed).fit(X[tr], y[tr])
         proba[np.ix_(te, head.classes_.astype(int))] = head.predict_proba(X[te])
-    return proba, None if C is None else float(C)
+    return proba, float(C)
+
+
+def _nested(X: np.ndarray, y: np.ndarray, parts: list[np.ndarray], seed: int) -> np.ndarray:
+    """Out-of-fold probabilities (N, C) with a full sweep in each fold: fold i's C is the best mean accuracy over
+    the linear head's grid in an inner cross-validation whose folds are the other outer folds, then fold i is
+    predicted by a refit on all rows but its own at that C. No label of fold i touches its C or weights.
+
+    Inner folds aligned with the outer ones share their fits: the inner model of (outer i, inner j) trains on every
+    fold but i and j, the same rows as that of (outer j, inner i), so K(K-1)/2 sweeps serve the K(K-1) inner
+    problems -- each scored on fold j for outer i and on fold i for outer j. Features are standardised once with
+    every row's mean and variance (label-free statistics); each refit starts from its inner solutions' mean."""
+    import torch
+
+    from .device import resolve_device
+    from .heads.features import apply_norm, fit_norm
+    from .heads.linear import LinearHead, _solve, sweep_path, threads_for
+
+    k = len(parts)
+    if k < 3:
+        raise ProbeError(f"a sweep in each fold needs folds >= 3 (inner folds are the other outer folds), got {k}")
+    head = LinearHead(seed=seed)  # the default head's grid, block, iteration caps and tolerance
+    Cs, K, dev = head.Cs(), int(y.max()) + 1, resolve_device(head.device)
+    Z = torch.from_numpy(np.ascontiguousarray(apply_norm(X, fit_norm(X, "standardize")), np.float32)).to(dev)
+    yt = torch.from_numpy(y.astype(np.int64)).to(dev)
+    every = np.arange(len(y))
+    acc = np.zeros((k, k, len(Cs)))  # acc[i, j]: fit without folds i and j, accuracy on fold j, per strength
+    path = {}
+    with threads_for(Z.shape[0] * Z.shape[1] * K, dev):
+        for i in range(k):
+            for j in range(i + 1, k):
+                tr = torch.from_numpy(np.setdiff1d(every, np.r_[parts[i], parts[j]])).to(dev)
+                sols = sweep_path(Z[tr], yt[tr], torch.ones(len(tr), device=dev), Cs, K, head.block, head.max_iter,
+                                  head.tol)
+                for a, b in ((i, j), (j, i)):
+                    Zv, yv = Z[torch.from_numpy(parts[b]).to(dev)], y[parts[b]]
+                    acc[a, b] = [float(((Zv @ W + c).argmax(1).cpu().numpy() == yv).mean()) for W, c, _ in sols]
+                path[i, j] = path[j, i] = sols
+        proba = np.zeros((len(y), K), np.float64)
+        for i in range(k):
+            others = [j for j in range(k) if j != i]
+            best = int(np.argmax(acc[i, others].mean(0)))  # the first maximum: ties keep the stronger penalty
+            W0 = torch.stack([path[i, j][best][0] for j in others]).mean(0)
+            b0 = torch.stack([path[i, j][best][1] for j in others]).mean(0)
+            tr = torch.from_numpy(np.setdiff1d(every, parts[i])).to(dev)
+            W, b, _ = _solve(Z[tr], yt[tr], torch.ones(len(tr), device=dev), float(Cs[best]), W0, b0,
+                             head.max_iter_final, head.tol)
+            te = torch.from_numpy(parts[i]).to(dev)
+            proba[parts[i]] = torch.softmax(Z[te] @ W + b, 1).double().cpu().numpy()
+            log.info("fold %d: C=%.3g (inner accuracy %.4f)", i, Cs[best], acc[i, others].mean(0)[best])
+    return proba
 
 
 def _pairs(x: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:

@@ -259,3 +259,32 @@ def test_bad_input_is_one_line(tmp_path, labels, n, needle):
     assert res.exit_code == 1, res.output
     err = res.stderr.strip()
     assert err.startswith("error:") and "\n" not in err and needle in err, err
+
+
+def test_sweep_per_fold_is_nested_and_agrees_with_once():
+    """sweep="per-fold": fold i's probabilities never see fold i's labels (changing them changes nothing there, and
+    does change the other folds'); its out-of-fold accuracy is that of the single sweep; folds < 3 is refused."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from probe.doctor import _nested, out_of_fold_proba
+    from probe.errors import ProbeError
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 0.7, (4, 12))
+    y = np.repeat(np.arange(4), 50)
+    X = (centres[y] + rng.normal(size=(200, 12))).astype(np.float32)
+    parts = [te for _, te in StratifiedKFold(5, shuffle=True, random_state=0).split(X, y)]
+    P = _nested(X, y, parts, seed=0)
+    assert P.shape == (200, 4) and np.allclose(P.sum(1), 1, atol=1e-5)
+    y2 = y.copy()
+    y2[parts[0]] = (y2[parts[0]] + 1) % 4  # every label of fold 0 wrong
+    P2 = _nested(X, y2, parts, seed=0)
+    np.testing.assert_array_equal(P2[parts[0]], P[parts[0]])
+    assert np.abs(P2[parts[1]] - P[parts[1]]).max() > 1e-3
+    nested, C = out_of_fold_proba(X, y, 5, 0, "per-fold")
+    once, C1 = out_of_fold_proba(X, y, 5, 0, "once")
+    assert C is None and C1 is not None
+    acc = (nested.argmax(1) == y).mean(), (once.argmax(1) == y).mean()
+    assert 0.7 < acc[1] < 0.97 and abs(acc[0] - acc[1]) <= 0.04, acc
+    with pytest.raises(ProbeError, match="folds >= 3"):
+        out_of_fold_proba(X, y, 2, 0, "per-fold")

@@ -118,7 +118,7 @@ def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarra
     its largest gradient entry is below ``tol`` or its line search cannot decrease the loss any further.
 
     Z (N, D), y (N,) class indices -- or (N, K) 0/1 for one-vs-rest, binary log-losses summed over classes --,
-    w (N,) weights, Cs (S,), init a warm start: (D*K + K,) shared by all S or (S, D*K + K) one per strength
+    w (N,) weights, Cs (S,), init (D*K + K,) a warm start shared by all S
     (default zeros); anchor (D, K) the weights the penalty pulls towards (default 0).
     Returns W (S, D, K), b (S, K), iterations (S,)."""
     N, D = Z.shape
@@ -195,6 +195,23 @@ def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarra
         theta, f, g = new_theta, new_f, new_g
         active = active & ~stuck & (g.abs().amax(1) > tol)
     return theta[:, : D * K].view(S, D, K), theta[:, D * K:], iters
+
+
+def sweep_path(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarray, K: int, block: int, max_iter: int,
+               tol: float, anchor: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(W (D, K), b (K,), L-BFGS iterations) for every strength of ``Cs`` (strongest first) on Z (N, D), y, w.
+
+    ``block`` strengths are solved together (``_solve_many``), each block warm-started from the previous block's
+    weakest regularisation (the first from ``anchor`` (W, b), else zeros): batching keeps the products wide, the
+    path keeps the iterations few."""
+    A, start = (None, None) if anchor is None else (anchor[0], torch.cat([anchor[0].reshape(-1), anchor[1]]))
+    out = []
+    for a in range(0, len(Cs), block):
+        W, b, n = _solve_many(Z, y, w, Cs[a: a + block], K, max_iter, tol, init=start, anchor=A)
+        out += [(W[i], b[i], int(n[i])) for i in range(len(n))]
+        start = torch.cat([W[-1].reshape(-1), b[-1]])
+    return out
 
 
 class LinearHead(Head):
@@ -384,7 +401,7 @@ class LinearHead(Head):
         per_fold, fold_sols = [], []  # each fold's sweep_ ({"C", "val_accuracy", ...} per strength), solutions
         for tr, va in folds.split(Z, yi):
             w_tr, w_va = (None, None) if sw is None else (sw[tr], sw[va])
-            _, sols = self._sweep(t(Z[tr]), t(yi[tr]), weights(yi[tr], w_tr), t(Z[va]), yi[va], w_va, anchor=anchor)
+            _, sols = self._sweep(t(Z[tr]), t(yi[tr]), weights(yi[tr], w_tr), t(Z[va]), yi[va], w_va, anchor)
             per_fold.append(self.sweep_)
             fold_sols.append(sols)
         self.sweep_ = [{"C": r["C"], **{k: float(np.mean([f[i][k] for f in per_fold])) for k in r if k != "C"}}
@@ -421,27 +438,16 @@ class LinearHead(Head):
             raise ProbeError(f"validation labels {unknown[:5].tolist()} do not occur in the training labels")
         return Zv, np.searchsorted(self.classes_, yv)
 
-    def _sweep(self, Z, y, w, Zv, yv, wv: np.ndarray | None = None, init: torch.Tensor | None = None,
+    def _sweep(self, Z, y, w, Zv, yv, wv: np.ndarray | None = None,
                anchor: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor, int]]]:
-        """Fit every C of the grid at once (``_solve_many``): (val ``select`` scores (S,), solutions (W, b,
-        iterations)), rows weighted by ``wv`` (M,) when given; ``init`` (S, D*K + K) a warm start per strength.
-        Records ``sweep_``: {"C", "val_accuracy"} per strength, and the ``select`` metric (``val_mean_per_class``,
-        ``val_macro_f1``) when it is not accuracy."""
-        # Blocks of strengths solved together, each block warm-started from the previous block's weakest
-        # regularisation (or from ``init``): batching keeps the products wide, the path keeps the iterations few.
-        K, Cs, Ws, bs, its = len(self.classes_), self.Cs(), [], [], []
-        A, start = (None, None) if anchor is None else (anchor[0], torch.cat([anchor[0].reshape(-1), anchor[1]]))
-        for a in range(0, len(Cs), self.block):
-            W, b, n = _solve_many(Z, y, w, Cs[a: a + self.block], K, self.max_iter, self.tol,
-                                  init=start if init is None else init[a: a + self.block], anchor=A)
-            Ws += list(W)
-            bs += list(b)
-            its += n.tolist()
-            start = torch.cat([W[-1].reshape(-1), b[-1]])
+        """Fit every C of the grid (``sweep_path``): (val ``select`` scores (S,), solutions (W, b, iterations)),
+        rows weighted by ``wv`` (M,) when given. Records ``sweep_``: {"C", "val_accuracy"} per strength, and the
+        ``select`` metric (``val_mean_per_class``, ``val_macro_f1``) when it is not accuracy."""
+        path = sweep_path(Z, y, w, self.Cs(), len(self.classes_), self.block, self.max_iter, self.tol, anchor)
         scores, sols = [], []
         self.sweep_ = []
-        for C, W, b, n in zip(self.Cs(), Ws, bs, its):
+        for C, (W, b, n) in zip(self.Cs(), path):
             acc, sel = self._val_scores(Zv @ W + b, yv, wv)
             row = {"C": float(C), **({} if acc is None else {"val_accuracy": acc}), key(self.select_): sel}
             if self.multilabel_:  # the tie-break of _best: mAP ranks, so it ties while probabilities still flatten
