@@ -62,8 +62,10 @@ def _extract_text(s: dict) -> str:  # ExtractSummary.to_dict()
 @app.command()
 @handles_errors
 def extract(
-    data: Path = typer.Argument(..., help="ImageFolder, split root (train/ val/ test/), flat folder or CSV "
-                                          "manifest (path,label[,split])."),
+    data: str = typer.Argument(..., help="ImageFolder, split root (train/ val/ test/), flat folder, CSV manifest "
+                                         "(path,label[,split]), WebDataset shards ('shards/{000000..000099}.tar'), "
+                                         "Parquet files, a saved Hugging Face dataset, or any of these at an fsspec "
+                                         "URL (s3://, gs://, file://)."),
     backbone: str | None = typer.Option(
         None, "--backbone", "-b",
         help="Backbone name (probe backbones); default efficientnet_lite0, or the one a probe checkpoint names."),
@@ -80,7 +82,14 @@ def extract(
     tta: str = typer.Option("none", "--tta", help="none or hflip (mean of image and mirror)."),
     pixels: str = typer.Option("uint8", "--pixels", help="uint8: resize/crop on uint8 tensors (fast); pil: the "
                                                            "weights' own Pillow transform, exactly."),
-    layout: str = typer.Option("auto", "--layout", help="auto, imagefolder, splits, flat or csv."),
+    layout: str = typer.Option("auto", "--layout", help="auto, imagefolder, splits, flat, csv, webdataset, parquet "
+                                                         "or hf."),
+    image_column: str | None = typer.Option(None, "--image-column", help="Parquet / Hugging Face dataset: the "
+                                                                         "column of image bytes (default: 'image' "
+                                                                         "or the only one)."),
+    label_column: str | None = typer.Option(None, "--label-column", help="Parquet / Hugging Face dataset: the label "
+                                                                         "column; WebDataset: the key of the json "
+                                                                         "member (default: label)."),
     prune: bool = typer.Option(False, "--prune", help="Drop stored rows whose files are gone from DATA."),
     shard: str | None = typer.Option(None, "--shard", help="I/N: embed only shard I of N into STORE.shard-I-of-N.h5 "
                                                            "(under torchrun: the rank's shard, automatically)."),
@@ -103,7 +112,8 @@ def extract(
     from probe.extract import extract as run
 
     cfg = ExtractConfig(backbone=backbone, weights=weights, batch_size=batch_size, workers=workers, device=device,
-                        dtype=dtype, tta=tta, pixels=pixels, layout=layout, prune=prune, shard=shard,
+                        dtype=dtype, tta=tta, pixels=pixels, layout=layout, image_column=image_column,
+                        label_column=label_column, prune=prune, shard=shard,
                         views=views, engine=engine, decode=decode, layer=layer)
     summary = run(data, out, cfg, progress=sys.stderr.isatty() and not as_json)
     emit(summary.to_dict(), as_json, _extract_text)

@@ -10,39 +10,48 @@ Layouts (``discover``):
       per image, ``cat|dog``; empty = none of the classes), or ``path[,split],<class>,<class>,…`` (one 0/1 column
       per class: a header without ``label``/``labels`` whose other columns are all classes). The last two make a
       multi-label dataset (``Dataset.label_matrix``).
+
+Container datasets -- WebDataset tar shards, Parquet files, Hugging Face datasets saved to disk -- and any layout
+at an fsspec URL (``s3://``, ``gs://``, ``memory://``, ``file://``) are read by ``probe.sources``: their rows are
+named ``<container>#<member>`` and carry a ``Dataset.reader``.
 """
 
 from __future__ import annotations
 
 import csv
 import errno
+import io
 import logging
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import DatasetError, ProbeError
 
+if TYPE_CHECKING:
+    from .sources import Source
+
 log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
-LAYOUTS = ("auto", "imagefolder", "splits", "flat", "csv")
+LAYOUTS = ("auto", "imagefolder", "splits", "flat", "csv", "webdataset", "parquet", "hf")
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (0.25 GiB of 24-bit pixels)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is reported and skipped, never half-decoded
 
 
 @dataclass
 class Dataset:
-    """Files to embed. ``paths`` are relative to ``root`` (absolute where a manifest gave them so)."""
+    """Files to embed. ``paths`` are relative to ``root`` (absolute where a manifest gave them so). A container
+    dataset (``probe.sources``) has a ``reader`` and a URL or Path ``root``; its paths are ``<container>#<member>``."""
 
-    root: Path
+    root: Path | str
     layout: str
     paths: list[str]
     labels: np.ndarray  # (N,) int64, -1 = unlabelled
@@ -51,6 +60,7 @@ class Dataset:
     ignored: list[str] = field(default_factory=list)  # files skipped by extension, relative paths
     source: Path | None = None  # what DATA named: the folder (= root) or the CSV manifest
     label_matrix: np.ndarray | None = None  # (N, C) uint8 0/1 of a multi-label manifest (``labels`` all -1)
+    reader: Source | None = None  # rows inside containers or at a URL (probe.sources); None: local files
 
     def __post_init__(self) -> None:
         self.source = self.source or self.root
@@ -64,6 +74,30 @@ class Dataset:
 
     def abspath(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i])
+
+    def fingerprints(self) -> list[str]:
+        """(N,) what changes when a row's file (or container) is replaced: size and mtime, or an object's ETag."""
+        if self.reader is not None:
+            return self.reader.fingerprints()
+        return [fingerprint(self.abspath(i)) for i in range(len(self))]
+
+    def shard_key(self, i: int) -> str:
+        """What ``probe.shard`` hashes to place row i: its path, or its container (a shard file stays whole)."""
+        return self.reader.container(i) if self.reader is not None else self.paths[i]
+
+    def require_files(self, command: str) -> None:
+        """Refuse a dataset in containers or at a URL where ``command`` opens image files by path."""
+        if self.reader is not None:
+            raise DatasetError(f"{command} reads image files from a folder or a CSV manifest on this machine; "
+                               f"{self.source} is read from containers or a URL, which only probe extract reads: "
+                               "unpack the images to a folder (or extract features and work on the store)")
+
+    def subset(self, keep: list[int]) -> Dataset:
+        """The rows ``keep``, in that order; classes (and so label indices) unchanged."""
+        return Dataset(self.root, self.layout, [self.paths[k] for k in keep], self.labels[keep],
+                       [self.splits[k] for k in keep], self.classes, self.ignored, self.source,
+                       None if self.label_matrix is None else self.label_matrix[keep],
+                       None if self.reader is None else self.reader.subset(keep))
 
 
 def _is_image_name(name: str) -> bool:
@@ -94,11 +128,18 @@ def _subdirs(p: Path) -> list[Path]:
     return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def discover(data: str | os.PathLike, layout: str = "auto") -> Dataset:
-    """Read DATA (a folder or a CSV manifest) into a Dataset. ``layout='auto'`` picks by shape."""
-    root = Path(data)
+def discover(data: str | os.PathLike, layout: str = "auto", image_column: str | None = None,
+             label_column: str | None = None) -> Dataset:
+    """Read DATA (a folder, a CSV manifest, WebDataset shards, Parquet files, a saved Hugging Face dataset, or any
+    of these at an fsspec URL) into a Dataset. ``layout='auto'`` picks by shape. ``image_column``/``label_column``:
+    the Parquet / Hugging Face columns (the WebDataset ``json`` key of the label) when not the defaults."""
     if layout not in LAYOUTS:
         raise DatasetError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    from . import sources  # imported here: it builds Datasets
+
+    if sources.is_source(data, layout):
+        return sources.discover_source(str(data), layout, image_column, label_column)
+    root = Path(data)
     if not root.exists():
         raise DatasetError(f"{str(root)!r} does not exist: expected an image folder or a CSV manifest")
     if root.is_file():
@@ -362,6 +403,31 @@ def decode(source: str | os.PathLike | BinaryIO, max_pixels: int = MAX_PIXELS, d
                 img.draft(None, (draft, draft))  # keeps both sides >= draft; no-op when the image is smaller
             img.load()
             return to_rgb(ImageOps.exif_transpose(img))
+
+
+def decode_bytes(data: bytes, max_pixels: int = MAX_PIXELS, draft: int | None = None,
+                 footprint: FootprintFn | None = None) -> Image.Image:
+    """Decode an image held in memory (a tar member, a Parquet cell; see ``decode``), or raise ImageDecodeError
+    with the reason recorded for it."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        return decode(io.BytesIO(data), max_pixels, draft, footprint)
+    except Exception as e:  # noqa: BLE001 - worded by _reason
+        raise ImageDecodeError(_reason(e)) from None
+
+
+def _reason(e: Exception) -> str:
+    """The reason recorded for an image that did not decode, from the decoder's exception."""
+    if isinstance(e, ImageDecodeError):
+        return str(e)
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image (Pillow cannot identify the format)"
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"decompression bomb: {e}"
+    if isinstance(e, OSError):  # truncated data, broken streams
+        return f"corrupt or truncated image: {e}"
+    return f"cannot decode: {type(e).__name__}: {e}"
 
 
 def load_image(path: str, max_pixels: int = MAX_PIXELS, draft: int | None = None,

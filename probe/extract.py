@@ -15,6 +15,10 @@ With ``views=K`` every image also gets K augmented views (seeded RandomResizedCr
 embedded into the store's ``views`` (N, K, D) beside its centre-crop ``features``: training data for heads that
 augment (the MLP), still one decode and one pass of the backbone per run.
 
+DATA may also be WebDataset tar shards, Parquet files, a saved Hugging Face dataset, or anything at an fsspec URL
+(``probe.sources``): rows are then ``<container>#<member>``, batches never straddle two containers, and each decode
+worker streams whole containers, so a kill loses at most one batch and a finished shard is never read again.
+
 Example:
     >>> summary = extract("probe/demo/fashion-mnist", config=ExtractConfig(backbone="efficientnet_lite0"))
     >>> summary.count, summary.store
@@ -40,7 +44,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from ._callable import make_module_callable
 from .backbones import DEFAULT_BACKBONE, LAYER_SEP, Backbone, BackboneError, at_layer, create_backbone, resolve_layers
-from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, fingerprint, load_image
+from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, load_image
 from .device import DTYPES, cpu_has_native_bf16, resolve_device, resolve_dtype
 from .embedder import PIXEL_PATHS, TTA_MODES, Embedder, embed_views, embedder_for, weights_arg
 from .engine import ENGINES, engine_info
@@ -70,7 +74,9 @@ class ExtractConfig:
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on the CPU (ONNX Runtime: faster than torch's bf16 there)
     tta: str = "none"  # "hflip": mean of the image and its mirror
     pixels: str = "uint8"  # resize/crop on uint8 tensors (fast), or "pil": the weights' own PIL transform
-    layout: str = "auto"  # see probe.data.discover
+    layout: str = "auto"  # see probe.data.discover: also webdataset | parquet | hf (probe.sources)
+    image_column: str | None = None  # Parquet / HF dataset: the image column (None: 'image' or the only one)
+    label_column: str | None = None  # Parquet / HF dataset: the label column; WebDataset: the json key (None: label)
     max_pixels: int = MAX_PIXELS  # larger images are refused as decompression bombs
     channels_last: bool = True  # NHWC: faster convolutions on CPU (oneDNN) and GPU (tensor cores)
     prune: bool = False  # drop stored rows whose files have disappeared from DATA
@@ -301,7 +307,7 @@ def _extract_locked(job: Job, progress: bool = False) -> ExtractSummary:
 def _job(data: str | os.PathLike, out: str | os.PathLike | None, cfg: ExtractConfig,
          backbone: Backbone | None) -> Job:
     """Resolve a config: list the files, build the embedder, key the features, choose the store (and shard)."""
-    ds = discover(data, cfg.layout)
+    ds = discover(data, cfg.layout, cfg.image_column, cfg.label_column)
     shard = parse_shard(cfg.shard)
     device = cfg.device
     if shard and device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
@@ -320,7 +326,11 @@ def _job(data: str | os.PathLike, out: str | os.PathLike | None, cfg: ExtractCon
         log.info("shard %d/%d: %d files -> %s", *shard, len(ds), out)
     from . import gpu_decode  # here, not at the top: it imports this module
 
-    decode = gpu_decode.choose_decode(cfg.decode, emb.device, emb.pixels, cfg.views)
+    if ds.reader is not None and cfg.decode == "gpu":
+        raise ProbeError(f"--decode gpu reads image files by path; the rows of {ds.source} are read from containers "
+                         "or a URL and decoded on the CPU: use --decode cpu (or auto)")
+    decode = "cpu" if ds.reader is not None else gpu_decode.choose_decode(cfg.decode, emb.device, emb.pixels,
+                                                                          cfg.views)
     return Job(ds, emb, identity, out, cfg, shard, views, decode)
 
 
@@ -341,7 +351,7 @@ def make_plan(job: Job) -> Plan:
     cut into batches, less what an interrupted run's journal already holds."""
     old, created = _old_rows(job)
     paths = job.ds.paths
-    fps = [fingerprint(job.ds.abspath(i)) for i in range(len(job.ds))]
+    fps = job.ds.fingerprints()
     todo = [i for i, p in enumerate(paths) if not old.has(p, fps[i])]
     try:
         journal = Journaled.recover(job.out, job.identity.key)
@@ -350,9 +360,11 @@ def make_plan(job: Job) -> Plan:
                               "unchanged") from None
     finished = {i for i in todo if journal.finished(paths[i], fps[i])}
     # Batches are cut from the to-do list before the journal is consulted: a resumed run sees the same batch
-    # boundaries as an uninterrupted one, so every image goes through the same forward pass.
+    # boundaries as an uninterrupted one, so every image goes through the same forward pass. A container dataset's
+    # batches stay within one container (a shard, a row group), which one worker reads.
     bs = job.cfg.batch_size
-    cut = [todo[s: s + bs] for s in range(0, len(todo), bs)]
+    groups = job.ds.reader.group(todo) if job.ds.reader is not None else [todo]
+    cut = [g[s: s + bs] for g in groups for s in range(0, len(g), bs)]
     batches = [b for b in ([i for i in b if i not in finished] for b in cut) if b]
     if finished:
         log.info("resuming %s: %d images already done in the journal", job.out, len(finished))
@@ -435,13 +447,16 @@ class _Files(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img = load_image(self.paths[i], self.max_pixels, self.draft, self.footprint)
-            x = self.transform(img)
-            return (x if self.views is None else (x, self.views(img, self.keys[i]))), i, ""
+            return self.prepare(load_image(self.paths[i], self.max_pixels, self.draft, self.footprint), i)
         except ImageDecodeError as e:
             return None, i, str(e)
         except Exception as e:  # noqa: BLE001 - a transform failing on an odd image must not stop the run
             return None, i, f"preprocessing failed: {type(e).__name__}: {e}"
+
+    def prepare(self, img, i: int):
+        """A decoded image -> (centre, or (centre, views)), i, ""."""
+        x = self.transform(img)
+        return (x if self.views is None else (x, self.views(img, self.keys[i]))), i, ""
 
 
 def _collate(items) -> Decoded:
@@ -466,6 +481,14 @@ def _reader(job: Job, batches: list[list[int]]) -> Iterable[Decoded]:
         log.info("decoding JPEGs on %s (nvjpeg); other files on the CPU", emb.device)
         return gpu_decode.GpuReader([ds.abspath(i) for i in range(len(ds))], emb.pixels, emb.device,
                                     cfg.max_pixels, emb.draft, batches, workers)
+    if ds.reader is not None:  # containers or a URL: each worker streams whole units (probe.sources)
+        from .sources import UnitReader
+
+        files = _Files([], emb.preprocess, cfg.max_pixels, job.views, ds.paths, emb.draft)
+        units = UnitReader(ds.reader, batches, files.prepare, _collate, cfg.max_pixels, emb.draft, files.footprint)
+        workers = min(workers, len(units.work))
+        return DataLoader(units, batch_size=None, num_workers=workers, pin_memory=emb.device.type == "cuda",
+                          prefetch_factor=2 if workers else None)
     files = _Files([ds.abspath(i) for i in range(len(ds))], emb.preprocess, cfg.max_pixels, job.views, ds.paths,
                    emb.draft)
     return DataLoader(files, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
@@ -596,9 +619,15 @@ def cache_dir() -> Path:
 
 def default_store_path(ds: Dataset, backbone: str, key: str) -> Path:
     """cache/<dataset>-<hash of its path>.<backbone>.<config key>.h5: a new configuration gets a new file.
-    The dataset is what DATA named: a folder, or a CSV manifest (two manifests in one folder get two stores)."""
+    The dataset is what DATA named: a folder, or a CSV manifest (two manifests in one folder get two stores), or a
+    shard pattern, Parquet file or URL (``probe.sources.store_name``)."""
     src = ds.source
-    name = src.stem if src != ds.root else src.name
+    if ds.reader is not None:  # containers, or a URL: the name of the folder, file or pattern
+        from .sources import store_name
+
+        name = store_name(src)
+    else:
+        name = src.stem if src != ds.root else src.name
     slug = (name or "data") + "-" + hashlib.sha1(str(src).encode()).hexdigest()[:6]
     return cache_dir() / f"{slug}.{backbone.replace('/', '_')}.{key[:8]}.h5"
 

@@ -1,9 +1,11 @@
 """Sharded extraction: a pure map over files, one store per shard, merged into one store at the end.
 
-A file's shard is a hash of its relative path modulo N, so the same file goes to the same shard whatever order each
-rank lists the folder in. Under ``torchrun`` every rank takes its shard from ``RANK``/``WORLD_SIZE``. Each shard is an
-ordinary resumable store (``STORE.shard-I-of-N.h5``, with ``shard`` and ``complete`` attributes): a lost rank is re-run
-alone and resumes from its journal; a finished shard has nothing left to do.
+A file's shard is a hash of its relative path modulo N (a container dataset's row: of its container -- a tar
+shard, a Parquet or Arrow file -- so that each rank reads whole shard files), so the same file goes to the same shard
+whatever order each rank lists the folder in. Under ``torchrun`` every rank takes its shard from
+``RANK``/``WORLD_SIZE``. Each shard is an ordinary resumable store (``STORE.shard-I-of-N.h5``, with ``shard`` and
+``complete`` attributes): a lost rank is re-run alone and resumes from its journal; a finished shard has nothing left
+to do.
 
 Example:
     torchrun --nproc-per-node 2 -m probe extract DATA --out cache/big.h5      # cache/big.shard-{0,1}-of-2.h5
@@ -49,11 +51,10 @@ def shard_of(path: str, n: int) -> int:
 
 
 def take_shard(ds: Dataset, shard: tuple[int, int]) -> Dataset:
-    """The files of shard I of N; the class list stays the whole dataset's, so labels agree across shards."""
+    """The files of shard I of N (of a container dataset: the rows of its containers of shard I); the class list
+    stays the whole dataset's, so labels agree across shards."""
     i, n = shard
-    keep = [k for k, p in enumerate(ds.paths) if shard_of(p, n) == i]
-    return Dataset(ds.root, ds.layout, [ds.paths[k] for k in keep], ds.labels[keep], [ds.splits[k] for k in keep],
-                   ds.classes, ds.ignored, label_matrix=None if ds.label_matrix is None else ds.label_matrix[keep])
+    return ds.subset([k for k in range(len(ds)) if shard_of(ds.shard_key(k), n) == i])
 
 
 def shard_path(out: Path, shard: tuple[int, int]) -> Path:

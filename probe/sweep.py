@@ -405,6 +405,7 @@ def sweep(data: str | os.PathLike, backbones: str | Sequence[str], *, layers: st
     plan = _resolve_layers(names, layers, weights)
 
     ds = discover(data)
+    ds.require_files("probe sweep")
     if ds.multilabel:
         raise DatasetError(f"{data} is multi-label: probe sweep compares backbones on single-label data")
     if not (ds.labels >= 0).any():

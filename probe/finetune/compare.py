@@ -59,6 +59,7 @@ def linear_probe(data: str | os.PathLike, run_dir: str | os.PathLike, cfg: Finet
         layout=cfg.layout))
     store = FeatureStore(summary["store"])
     ds = discover(data, cfg.layout)
+    ds.require_files("probe compare")
     train_idx, val_idx, source = train_val_indices(ds, cfg.val_fraction, cfg.seed)
     row_of = {p: i for i, p in enumerate(store.paths().tolist())}  # skipped images have no row
     tr = np.array([row_of[ds.paths[i]] for i in train_idx if ds.paths[i] in row_of], dtype=np.int64)

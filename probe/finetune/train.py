@@ -343,6 +343,7 @@ def _finetune(data: str | os.PathLike, run_dir: Path, cfg: FinetuneConfig, ctx: 
               on_epoch: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     saved = _open_run_dir(run_dir, cfg, ctx)
     ds = discover(data, cfg.layout)
+    ds.require_files("probe finetune")
     split = train_val_indices(ds, cfg.val_fraction, cfg.seed)  # bad labels fail before any model loads
     net = _build_net(cfg, ctx.device, len(ds.classes))
     loaders = _build_data(ds, split, net.bb, cfg, ctx)

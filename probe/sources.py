@@ -1,0 +1,606 @@
+"""Datasets kept where users keep them: WebDataset tar shards, Parquet files with image bytes, Hugging Face datasets
+saved to disk, and any of these -- or a folder, or a CSV manifest -- at an fsspec URL (``s3://``, ``gs://``,
+``memory://``, ``file://``).
+
+A container's rows are named ``<container>#<member>`` relative to the dataset's root, which is what the store keeps
+in ``paths``:
+
+    WebDataset   shards/{000000..000099}.tar  -> 000003.tar#000123.jpg        (the sample's image member)
+    Parquet      data/*.parquet               -> train-0.parquet#row=17       (row of the file)
+    HF dataset   saved/ (save_to_disk)        -> train/data-00000-of-00001.arrow#row=17
+
+Every row of a container carries the container's fingerprint (size and mtime locally, the ETag of an object), so
+an incremental run re-embeds a replaced shard and nothing else. Work is cut into ``Unit`` s -- a tar shard, a Parquet
+row group, an Arrow file, or one file of a folder at a URL -- each read start to end by one decode worker
+(``UnitReader``): a tar is streamed once, never seeked member by member, and memory holds one batch per worker
+whatever the number of shards.
+
+Labels: a WebDataset sample's ``cls`` member (an integer or a name) or the ``label`` key of its ``json`` member; a
+Parquet / Hugging Face ``label`` column (ClassLabel indices become their names); the column names are options.
+Splits: a Hugging Face DatasetDict's split names; a Parquet ``split`` column.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import pickle
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import (
+    IMG_EXTENSIONS,
+    SPLIT_NAMES,
+    Dataset,
+    ImageDecodeError,
+    _build,
+    _canonical_split,
+    _is_image_name,
+    decode_bytes,
+    fingerprint,
+)
+from .errors import DatasetError, ProbeError
+
+log = logging.getLogger(__name__)
+
+SEP = "#"  # between a container and its member in a row's path
+CONTAINER_LAYOUTS = ("webdataset", "parquet", "hf")
+IMAGE_EXTS = {e[1:] for e in IMG_EXTENSIONS}  # WebDataset member extensions that hold the sample's image
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+HF_MARKERS = ("dataset_dict.json", "state.json")
+_BRACE = re.compile(r"\{[^{}]*\}|[*?\[]")
+
+
+def need(module: str, extra: str) -> Any:
+    """Import an optional dependency, or a ProbeError saying which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ProbeError(f"reading this dataset needs the {module.split('.')[0]} package: pip install "
+                         f"'probe[{extra}]'") from None
+
+
+# ------------------------------------------------------------------------------------------ records
+@dataclass(frozen=True)
+class Unit:
+    """What one worker reads start to end: a tar shard, a Parquet row group, an Arrow file, or one plain file."""
+
+    container: str  # relative to the dataset's root: the rows' path prefix (the path itself for a plain file)
+    url: str  # the path fsspec opens on the source's filesystem
+    kind: str  # tar | parquet | arrow | file
+    fingerprint: str
+    part: int = 0  # the Parquet row group
+    start: int = 0  # the file's row index of the unit's first row (a Parquet row group)
+
+
+@dataclass
+class Source:
+    """How a dataset's rows are read: the units, and where each row lies in its unit. Pickled into workers."""
+
+    fs: Any  # fsspec filesystem
+    units: list[Unit]
+    unit: np.ndarray  # (N,) int64: row -> index into units
+    member: list[str]  # (N,) tar member name, or the row index in its container (as text); "" for a plain file
+    image_column: str | None = None  # Parquet / Arrow: the column holding the image
+
+    def fingerprints(self) -> list[str]:
+        return [self.units[u].fingerprint for u in self.unit]
+
+    def container(self, i: int) -> str:
+        return self.units[self.unit[i]].container
+
+    def subset(self, keep: Sequence[int]) -> Source:
+        return Source(self.fs, self.units, self.unit[list(keep)], [self.member[k] for k in keep], self.image_column)
+
+    def group(self, rows: Sequence[int]) -> list[list[int]]:
+        """``rows`` grouped by unit (in order of first appearance), each in its given order: batches never straddle
+        two units, so one worker reads one shard."""
+        groups: dict[int, list[int]] = {}
+        for i in rows:
+            groups.setdefault(int(self.unit[i]), []).append(i)
+        return list(groups.values())
+
+
+# ------------------------------------------------------------------------------------------ discovery
+def is_url(data: str | os.PathLike) -> bool:
+    return isinstance(data, str) and "://" in data
+
+
+def is_source(data: str | os.PathLike, layout: str) -> bool:
+    """Whether DATA is for this module: a URL, a container layout, or (auto) something that looks like one."""
+    if is_url(data) or layout in CONTAINER_LAYOUTS:
+        return True
+    if layout != "auto":
+        return False
+    text, p = str(data), Path(data)
+    containers = (*TAR_SUFFIXES, ".parquet")
+    if p.is_file():
+        return text.lower().endswith(containers)
+    if p.is_dir():  # a saved HF dataset, or a folder of nothing but shards / Parquet files
+        if any((p / m).is_file() for m in HF_MARKERS):
+            return True
+        names = [f.name.lower() for f in p.iterdir() if not f.name.startswith(".")]
+        return bool(names) and all(n.endswith(containers) for n in names)
+    return bool(_BRACE.search(text)) or text.lower().endswith(containers)  # a pattern, or a missing shard
+
+
+def discover_source(data: str, layout: str = "auto", image_column: str | None = None,
+                    label_column: str | None = None) -> Dataset:
+    """A Dataset of DATA read through fsspec: shards, Parquet, a saved HF dataset, or a folder / manifest at a URL."""
+    fsspec = need("fsspec", "data")
+    fs, path = fsspec.core.url_to_fs(data)
+    path = path.rstrip("/") or "/"
+    base = _base(path)
+    local = _is_local(fs)
+    if layout == "auto":
+        layout = _guess(fs, path, base)
+    if layout == "webdataset":
+        urls = _expand(fs, path, TAR_SUFFIXES, "tar shards")
+        ds = _webdataset(fs, base, urls, label_column or "label")
+    elif layout == "parquet":
+        urls = _expand(fs, path, (".parquet",), "Parquet files")
+        ds = _parquet(fs, base, urls, image_column, label_column or "label")
+    elif layout == "hf":
+        ds = _hf(fs, path, image_column, label_column or "label")
+    elif layout in ("imagefolder", "splits", "flat", "csv", "folder"):
+        if local:  # file:// of a plain folder or manifest: the local reader, as without the scheme
+            from .data import discover
+
+            return discover(path, "auto" if layout == "folder" else layout)
+        ds = _remote_files(fs, path, layout)
+    else:
+        raise DatasetError(f"unknown layout {layout!r} for {data!r}")
+    if local:
+        ds.root = Path(ds.root)
+    ds.source = data if not local else (Path(path) if not _BRACE.search(path) else path)
+    return ds
+
+
+def _is_local(fs: Any) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _base(path: str) -> str:
+    """The folder the rows are named from: DATA's folder before any brace or glob, or DATA if it is a folder."""
+    m = _BRACE.search(path)
+    head = path[: m.start()] if m else path
+    return head.rsplit("/", 1)[0] if "/" in head and (m or head.lower().endswith((*TAR_SUFFIXES, ".parquet"))) \
+        else head
+
+
+def _guess(fs: Any, path: str, base: str) -> str:
+    low = path.lower()
+    if low.endswith(TAR_SUFFIXES):
+        return "webdataset"
+    if low.endswith(".parquet"):
+        return "parquet"
+    if _BRACE.search(path):
+        raise DatasetError(f"{path!r}: a shard pattern should end in .tar or .parquet (or pass --layout)")
+    if low.endswith(".csv"):
+        return "csv"
+    if not fs.exists(path):
+        raise DatasetError(f"{path!r} does not exist: expected an image folder, a CSV manifest, tar shards, "
+                           "Parquet files or a saved Hugging Face dataset")
+    if any(fs.exists(f"{path}/{m}") for m in HF_MARKERS):
+        return "hf"
+    files = [f.lower() for f in fs.ls(path, detail=False)]
+    if files and all(f.endswith(TAR_SUFFIXES) for f in files):
+        return "webdataset"
+    if files and all(f.endswith(".parquet") for f in files):
+        return "parquet"
+    return "folder"
+
+
+def _expand(fs: Any, path: str, suffixes: tuple[str, ...], what: str) -> list[str]:
+    """Shard URLs of a brace pattern (``{000000..000099}``), a glob, a folder of them, or one file; sorted."""
+    braceexpand = need("braceexpand", "data").braceexpand
+    if fs.isdir(path):
+        urls = sorted(u for u in fs.ls(path, detail=False) if u.lower().endswith(suffixes))
+    else:
+        urls = []
+        for p in braceexpand(path):
+            if re.search(r"[*?\[]", p):
+                urls += sorted(fs.glob(p))
+            elif not fs.exists(p):
+                raise DatasetError(f"{p!r} does not exist (listed by {path!r}): expected {what}")
+            else:
+                urls.append(p)
+    if not urls:
+        raise DatasetError(f"no {what} ({', '.join(suffixes)}) found at {path!r}")
+    return urls
+
+
+def _rel(url: str, base: str) -> str:
+    url, base = url.lstrip("/"), base.strip("/")
+    return url[len(base) + 1:] if base and url.startswith(base + "/") else url
+
+
+def _fingerprint(fs: Any, url: str) -> str:
+    """size:mtime_ns locally (as ``probe.data.fingerprint``); an object's ETag (or generation, or mtime) remotely."""
+    if _is_local(fs):
+        return fingerprint(url)
+    info = fs.info(url)
+    tag = info.get("ETag") or info.get("etag") or info.get("generation") or info.get("md5Hash") or \
+        info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created")
+    return f"{info.get('size')}:{str(tag).strip(chr(34))}"
+
+
+def _label_name(value: Any, names: list[str] | None) -> str | None:
+    """A label cell -> its class name; None/-1/"" = unlabelled; ClassLabel indices through ``names``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (int, np.integer)):
+        if value < 0:
+            return None
+        return names[value] if names and value < len(names) else str(int(value))
+    return str(value).strip()
+
+
+# ---------------------------------------------------------------------------------------- WebDataset
+def split_key(name: str) -> tuple[str, str]:
+    """WebDataset's rule: key = the member's path up to the first dot of its file name, extension = the rest,
+    lowercased (``a/b.seg.png`` -> ``a/b``, ``seg.png``)."""
+    folder, _, file = name.rpartition("/")
+    stem, dot, ext = file.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
+
+
+def _tar_mode(fs: Any, url: str) -> str:
+    """Seek past members' data locally; stream (one sequential read, any compression) remotely."""
+    return "r:" if _is_local(fs) and url.lower().endswith(".tar") else "r|*"
+
+
+def _webdataset(fs: Any, base: str, urls: list[str], label_key: str) -> Dataset:
+    """One row per sample with an image member; its label from ``cls`` or ``json[label_key]``."""
+    units, unit, member, labels, ignored = [], [], [], [], []
+    for url in urls:
+        rel = _rel(url, base)
+        units.append(Unit(rel, url, "tar", _fingerprint(fs, url)))
+        samples: dict[str, dict[str, Any]] = {}
+        try:
+            with fs.open(url, "rb") as f, tarfile.open(fileobj=f, mode=_tar_mode(fs, url)) as tar:
+                for m in tar:
+                    if not m.isfile() or m.name.rsplit("/", 1)[-1].startswith(("__", ".")):
+                        continue
+                    key, ext = split_key(m.name)
+                    s = samples.setdefault(key, {})
+                    if ext in IMAGE_EXTS:
+                        s.setdefault("image", m.name)
+                    elif ext in ("cls", "json"):
+                        s[ext] = tar.extractfile(m).read()
+                    else:
+                        s.setdefault("other", m.name)
+        except (tarfile.TarError, EOFError) as e:
+            log.warning("%s: %s: %s (its samples before the damage are kept)", url, type(e).__name__, e)
+        n = len(unit)
+        for key, s in samples.items():
+            if "image" not in s:
+                ignored.append(f"{rel}{SEP}{s.get('other', key)}")
+                continue
+            unit.append(len(units) - 1)
+            member.append(s["image"])
+            labels.append(_wds_label(url, key, s, label_key))
+        if len(unit) == n:
+            log.warning("%s: no sample with an image member (%s)", url, ", ".join(sorted(IMAGE_EXTS)))
+    if not unit:
+        raise DatasetError(f"no sample with an image member ({', '.join(sorted(IMAGE_EXTS))}) in {len(urls)} tar "
+                           f"shards under {base!r}")
+    paths = [f"{units[u].container}{SEP}{m}" for u, m in zip(unit, member)]
+    ds = _build(Path(base), "webdataset", paths, labels, [""] * len(paths), ignored)
+    ds.root, ds.reader = base, Source(fs, units, np.asarray(unit, np.int64), member)
+    return ds
+
+
+def _wds_label(url: str, key: str, s: dict[str, Any], label_key: str) -> str | None:
+    if "cls" in s:
+        return _label_name(s["cls"].decode("utf-8", "replace").strip(), None)
+    if "json" in s:
+        try:
+            meta = json.loads(s["json"])
+        except ValueError as e:
+            raise DatasetError(f"{url}{SEP}{key}.json: not JSON ({e})") from None
+        value = meta.get(label_key) if isinstance(meta, dict) else None
+        return _label_name(value, None)
+    return None
+
+
+# ------------------------------------------------------------------------------------------- Parquet
+def _image_column(schema: Any, wanted: str | None, where: str) -> str:
+    """The column holding image bytes: ``wanted``, else ``image``, else the one binary (or {bytes, path}) column."""
+    pa = need("pyarrow", "data")
+    names = list(schema.names)
+
+    def holds_image(t: Any) -> bool:
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t) or (
+            pa.types.is_struct(t) and any(t.field(k).name == "bytes" for k in range(t.num_fields)))
+
+    if wanted is not None:
+        if wanted not in names:
+            raise DatasetError(f"{where}: no column {wanted!r} (image_column); columns: {', '.join(names)}")
+        return wanted
+    if "image" in names:
+        return "image"
+    found = [n for n in names if holds_image(schema.field(n).type)]
+    if len(found) != 1:
+        raise DatasetError(f"{where}: cannot tell which column holds the images ({', '.join(names)}): pass "
+                           "--image-column NAME")
+    return found[0]
+
+
+def _class_names(meta: dict | None, column: str) -> list[str] | None:
+    """ClassLabel names of ``column`` in Hugging Face features metadata, if it is one."""
+    feature = ((meta or {}).get("features") or {}).get(column) or {}
+    return feature.get("names") if feature.get("_type") == "ClassLabel" else None
+
+
+def _hf_meta(schema: Any) -> dict | None:
+    raw = (schema.metadata or {}).get(b"huggingface")
+    return (json.loads(raw).get("info") or json.loads(raw)) if raw else None
+
+
+def _parquet(fs: Any, base: str, urls: list[str], image_column: str | None, label_column: str) -> Dataset:
+    """One row per Parquet row, one unit per row group; labels and splits from the label and ``split`` columns."""
+    pq = need("pyarrow.parquet", "data")
+    units, unit, member, labels, splits = [], [], [], [], []
+    column = None
+    for url in urls:
+        rel, fp = _rel(url, base), _fingerprint(fs, url)
+        with fs.open(url, "rb") as f:
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+            column = _image_column(schema, image_column, url) if column is None else column
+            if column not in schema.names:
+                raise DatasetError(f"{url}: no column {column!r} (the images of {urls[0]})")
+            names = _class_names(_hf_meta(schema), label_column)
+            cols = [c for c in (label_column, "split") if c in schema.names]
+            table = pf.read(columns=cols) if cols else None
+        lab = table.column(label_column).to_pylist() if table is not None and label_column in cols else None
+        spl = table.column("split").to_pylist() if table is not None and "split" in cols else None
+        start = 0
+        for g in range(pf.metadata.num_row_groups):
+            count = pf.metadata.row_group(g).num_rows
+            units.append(Unit(rel, url, "parquet", fp, part=g, start=start))
+            unit += [len(units) - 1] * count
+            member += [str(r) for r in range(start, start + count)]
+            start += count
+        labels += [_label_name(v, names) for v in lab] if lab is not None else [None] * start
+        splits += [_canonical_split(str(v or "")) for v in spl] if spl is not None else [""] * start
+    if not unit:
+        raise DatasetError(f"no rows in {len(urls)} Parquet files under {base!r}")
+    return _rows_dataset("parquet", fs, base, units, unit, member, labels, splits, column)
+
+
+def _rows_dataset(layout: str, fs: Any, base: str, units: list[Unit], unit: list[int], member: list[str],
+                  labels: list[str | None], splits: list[str], column: str | None) -> Dataset:
+    paths = [f"{units[u].container}{SEP}row={m}" for u, m in zip(unit, member)]
+    ds = _build(Path(base), layout, paths, labels, splits, [])
+    ds.root, ds.reader = base, Source(fs, units, np.asarray(unit, np.int64), member, column)
+    return ds
+
+
+# --------------------------------------------------------------------------------- Hugging Face datasets
+def _hf(fs: Any, path: str, image_column: str | None, label_column: str) -> Dataset:
+    """A ``save_to_disk`` folder (a Dataset, or a DatasetDict of splits): its Arrow files, read with pyarrow.
+
+    The files are read directly, not through ``datasets.load_from_disk``: that copies a remote dataset to a local
+    folder before reading it, where this streams one Arrow file per worker, at a URL as on a disk."""
+    pa = need("pyarrow", "data")
+    if fs.exists(f"{path}/dataset_dict.json"):
+        with fs.open(f"{path}/dataset_dict.json", "rb") as f:
+            parts = [(s, f"{path}/{s}") for s in json.load(f)["splits"]]
+    elif fs.exists(f"{path}/state.json"):
+        parts = [(None, path)]
+    else:
+        raise DatasetError(f"{path!r} is not a dataset saved by save_to_disk: no dataset_dict.json or state.json")
+    units, unit, member, labels, splits = [], [], [], [], []
+    column = image_column
+    for split, folder in parts:
+        with fs.open(f"{folder}/state.json", "rb") as f:
+            state = json.load(f)
+        with fs.open(f"{folder}/dataset_info.json", "rb") as f:
+            info = json.load(f)
+        features = info.get("features") or {}
+        images = [k for k, v in features.items() if isinstance(v, dict) and v.get("_type") == "Image"]
+        if column is None:
+            if len(images) != 1:
+                raise DatasetError(f"{folder}: {len(images)} Image features ({', '.join(images) or 'none'}) among "
+                                   f"{', '.join(features)}: pass --image-column NAME")
+            column = images[0]
+        if column not in features:
+            raise DatasetError(f"{folder}: no feature {column!r} (image_column); features: {', '.join(features)}")
+        names = _class_names(info, label_column)
+        name = _canonical_split(split if split is not None else (state.get("_split") or ""))
+        for entry in state["_data_files"]:
+            url = f"{folder}/{entry['filename']}"
+            rel = _rel(url, path)
+            count, lab = 0, []
+            with fs.open(url, "rb") as f, pa.ipc.open_stream(f) as reader:
+                for batch in reader:
+                    count += batch.num_rows
+                    if label_column in batch.schema.names:
+                        lab += batch.column(label_column).to_pylist()
+            units.append(Unit(rel, url, "arrow", _fingerprint(fs, url)))
+            unit += [len(units) - 1] * count
+            member += [str(r) for r in range(count)]
+            labels += [_label_name(v, names) for v in lab] if lab else [None] * count
+            splits += [name] * count
+    if not unit:
+        raise DatasetError(f"no rows in the dataset saved at {path!r}")
+    return _rows_dataset("hf", fs, path, units, unit, member, labels, splits, column)
+
+
+# ------------------------------------------------------------------------------ folders and manifests at URLs
+def _remote_files(fs: Any, path: str, layout: str) -> Dataset:
+    """A folder (ImageFolder, split root or flat, as ``probe.data.discover`` tells them apart) or a CSV manifest
+    at a URL: each file its own unit, read whole by a worker."""
+    if layout == "csv" or path.lower().endswith(".csv"):
+        rels, labels, splits, base = _remote_csv(fs, path)
+        layout = "csv"
+    else:
+        base = path
+        found = sorted(_rel(u, base) for u in fs.find(base))
+        rels = [r for r in found if _is_image_name(r.rsplit("/", 1)[-1])]
+        if not rels:
+            raise DatasetError(f"no image files ({', '.join(IMG_EXTENSIONS)}) found under {path!r}")
+        parts = [r.split("/") for r in rels]
+        tops = {p[0] for p in parts if len(p) > 1}
+        if layout == "folder":
+            if tops and all(t.lower() in SPLIT_NAMES for t in tops) and all(len(p) > 2 for p in parts):
+                layout = "splits"
+            else:
+                layout = "imagefolder" if all(len(p) > 1 for p in parts) else "flat"
+        if layout == "splits":
+            keep = [p for p in parts if len(p) > 2]
+            labels, splits = [p[1] for p in keep], [_canonical_split(p[0]) for p in keep]
+        elif layout == "imagefolder":
+            keep = [p for p in parts if len(p) > 1]
+            labels, splits = [p[0] for p in keep], [""] * len(keep)
+        else:
+            keep = parts
+            labels, splits = [None] * len(keep), [""] * len(keep)
+        rels = ["/".join(p) for p in keep]
+    units = [Unit(r, f"{base}/{r}", "file", _fingerprint(fs, f"{base}/{r}")) for r in rels]
+    ds = _build(Path(base), layout, rels, labels, splits, [])
+    ds.root, ds.reader = base, Source(fs, units, np.arange(len(units), dtype=np.int64), [""] * len(units))
+    return ds
+
+
+def _remote_csv(fs: Any, path: str) -> tuple[list[str], list[str | None], list[str], str]:
+    """A ``path,label[,split]`` manifest at a URL; paths relative to its folder."""
+    with fs.open(path, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise DatasetError(f"{path}: expected a header row with a 'path' column (and 'label'; optional 'split')")
+        rows = list(reader)
+    if not rows:
+        raise DatasetError(f"{path}: manifest has no rows")
+    base = path.rsplit("/", 1)[0]
+    return ([r["path"].strip() for r in rows], [(r.get("label") or "").strip() or None for r in rows],
+            [_canonical_split(r.get("split") or "") for r in rows], base)
+
+
+# ------------------------------------------------------------------------------------------- reading
+class UnitReader(torch.utils.data.IterableDataset):
+    """Planned batches of a container dataset -> collated batches, each worker reading whole units in turn.
+
+    ``batches`` must each lie in one unit (``Source.group``). A member that does not decode is (None, row, reason);
+    a damaged tar fails its remaining members with the reason; any other read error (a network failure) stops the
+    run, whose finished batches stay in the journal."""
+
+    def __init__(self, source: Source, batches: list[list[int]], prepare: Callable, collate: Callable,
+                 max_pixels: int, draft: int | None, footprint: Any):
+        self.source, self.fs, self.prepare, self.collate = source, source.fs, prepare, collate
+        self.max_pixels, self.draft, self.footprint = max_pixels, draft, footprint
+        by_unit: dict[int, list[list[int]]] = {}
+        for b in batches:
+            by_unit.setdefault(int(source.unit[b[0]]), []).append(b)
+        self.work = list(by_unit.items())  # [(unit, its batches)] in plan order
+
+    def __iter__(self) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.work if info is None else self.work[info.id:: info.num_workers]
+        if info is not None:  # a forked worker: its own filesystem instance (async ones, s3fs, are not fork-safe)
+            self.fs = pickle.loads(pickle.dumps(self.source.fs))
+        for u, batches in mine:
+            rows = [i for b in batches for i in b]
+            done: dict[int, tuple[Any, int, str]] = {}
+            pending = list(batches)
+            for i, data in self._read(self.source.units[u], rows):
+                done[i] = self._item(i, data)
+                while pending and all(j in done for j in pending[0]):
+                    yield self.collate([done.pop(j) for j in pending.pop(0)])
+            for b in pending:  # members the unit no longer holds
+                yield self.collate([done.pop(j, None) or (None, j, "member not found in its container (changed "
+                                                          "since the run was planned?)") for j in b])
+
+    def _item(self, i: int, data: bytes | str) -> tuple[Any, int, str]:
+        if isinstance(data, str):  # the reason the unit could not give the member
+            return None, i, data
+        try:
+            img = decode_bytes(data, self.max_pixels, self.draft, self.footprint)
+            return self.prepare(img, i)
+        except ImageDecodeError as e:
+            return None, i, str(e)
+        except Exception as e:  # noqa: BLE001 - a transform failing on an odd image must not stop the run
+            return None, i, f"preprocessing failed: {type(e).__name__}: {e}"
+
+    def _read(self, unit: Unit, rows: list[int]) -> Iterator[tuple[int, bytes | str]]:
+        """(row, bytes) of ``rows`` in the order the unit holds them; (row, reason) for one it cannot give."""
+        src = self.source
+        if unit.kind == "file":
+            try:
+                with self.fs.open(unit.url, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                data = "file not found (deleted or moved during the run)"
+            yield rows[0], data
+        elif unit.kind == "tar":
+            want = {src.member[i]: i for i in rows}
+            try:
+                with self.fs.open(unit.url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                    for m in tar:
+                        i = want.pop(m.name, None)
+                        if i is not None:
+                            yield i, tar.extractfile(m).read() if m.isfile() else "not a regular file in the tar"
+                        if not want:
+                            break
+            except (tarfile.TarError, EOFError) as e:
+                for i in want.values():
+                    yield i, f"damaged tar shard: {type(e).__name__}: {e}"
+        else:
+            yield from self._read_rows(unit, rows)
+
+    def _read_rows(self, unit: Unit, rows: list[int]) -> Iterator[tuple[int, bytes | str]]:
+        """Rows of a Parquet row group or an Arrow file, streamed record batch by record batch."""
+        pa = need("pyarrow", "data")
+        src, column = self.source, self.source.image_column
+        want = {int(src.member[i]) - (unit.start if unit.kind == "parquet" else 0): i for i in rows}
+        with self.fs.open(unit.url, "rb") as f:
+            if unit.kind == "parquet":
+                batches = need("pyarrow.parquet", "data").ParquetFile(f).iter_batches(
+                    batch_size=256, row_groups=[unit.part], columns=[column])
+            else:
+                batches = iter(pa.ipc.open_stream(f))
+            at = 0
+            for batch in batches:
+                for k, cell in enumerate(batch.column(column).to_pylist() if want else []):
+                    i = want.pop(at + k, None)
+                    if i is not None:
+                        yield i, self._cell(cell)
+                at += batch.num_rows
+                if not want:
+                    break
+
+    def _cell(self, cell: Any) -> bytes | str:
+        """Image bytes of a cell: raw bytes, or a Hugging Face Image {bytes, path} (read from path without bytes)."""
+        if isinstance(cell, dict):
+            if cell.get("bytes") is not None:
+                return cell["bytes"]
+            if cell.get("path"):
+                try:
+                    with open(cell["path"], "rb") as f:
+                        return f.read()
+                except OSError as e:
+                    return f"image file {cell['path']!r} of the row cannot be read: {e.strerror or e}"
+            return "empty cell (no image bytes)"
+        return cell if cell is not None else "empty cell (no image bytes)"
+
+
+def store_name(source: str | os.PathLike) -> str:
+    """A file-name-safe name for a dataset's default store: the last part of its folder, file or pattern."""
+    name = PurePosixPath(str(source).rstrip("/")).name or "data"
+    name = name.rsplit(".", 1)[0] if name.lower().endswith((".csv", ".tar", ".parquet")) else name
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "data"
