@@ -1,5 +1,6 @@
 """On a CUDA device: GPU decode (nvjpeg + resize on the device) against the CPU reader, a mixed folder, float16
-autocast against float32 on the CPU, cuda:LOCAL_RANK, the pinned-memory path, and a GPU store queried on the CPU.
+autocast against float32 on the CPU, cuda:LOCAL_RANK, the pinned-memory path, a GPU store queried on the CPU, and
+the linear head (sweep, refit, anchor, nested out-of-fold probabilities) against the CPU.
 
 Skipped without CUDA. Run on a GPU machine with ``python -m pytest -q -m cuda tests/test_cuda.py`` (or
 ``bash benchmarks/gpu_check.sh``, which also runs the GPU extract benchmark). Pretrained features make the cosine
@@ -167,3 +168,29 @@ def test_cuda_store_queried_on_the_cpu(photos, tmp_path):
     if PRETRAINED:
         hits = [p["top"][0]["class"] == Path(p["path"]).parent.name for p in res["predictions"]]
         assert np.mean(hits) >= 0.9
+
+
+# ------------------------------------------------------------------------------------------ heads
+def test_linear_sweep_and_anchored_fit_on_cuda_match_the_cpu():
+    """The batched sweep, the hand-written gradient of the refit and the L2-SP anchor give the CPU's answer on the
+    GPU: the same C, predictions and (to float32 solver precision) weights; and doctor's nested per-fold
+    probabilities agree."""
+    from probe.doctor import out_of_fold_proba
+    from probe.heads import LinearHead
+
+    from .test_heads import blobs
+
+    X, y = blobs(n_per=300, classes=5, dim=64, spread=6.0, seed=3)
+    cpu = LinearHead(device="cpu").fit(X, y)
+    gpu = LinearHead(device="cuda").fit(X, y)
+    assert gpu.C_ == cpu.C_ and (gpu.predict(X) == cpu.predict(X)).mean() >= 0.995
+    np.testing.assert_allclose(gpu.coef_, cpu.coef_, atol=2e-2 * np.abs(cpu.coef_).max())
+    rng = np.random.default_rng(0)
+    anchor = (rng.normal(size=(5, 64)).astype(np.float32), np.zeros(5, np.float32))
+    a_cpu = LinearHead(C=0.01, device="cpu").fit(X, y, anchor=anchor)
+    a_gpu = LinearHead(C=0.01, device="cuda").fit(X, y, anchor=anchor)
+    np.testing.assert_allclose(a_gpu.coef_, a_cpu.coef_, atol=2e-2 * np.abs(a_cpu.coef_).max())
+    nested, _ = out_of_fold_proba(X, y, 5, 0, "per-fold")  # resolve_device("auto"): the GPU here
+    once, _ = out_of_fold_proba(X, y, 5, 0, "once")
+    assert np.allclose(nested.sum(1), 1, atol=1e-5)
+    assert abs((nested.argmax(1) == y).mean() - (once.argmax(1) == y).mean()) <= 0.03
