@@ -252,13 +252,15 @@ def _palette(legend: list[str], color: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- the page
 def _thumbnails(store: FeatureStore, paths: list[str], rows: np.ndarray, size: int) -> dict[int, str]:
-    """{row: data URI} for the rows whose image can be read (decoded in threads: PIL releases the GIL)."""
+    """{row: data URI} for the rows whose image can be read: files, or members of the store's containers (decoded
+    in threads: PIL releases the GIL)."""
     from .report import thumbnail_uri
+    from .sources import Pictures
 
-    absolute = {int(i): store.abspath(paths[i]) for i in rows}
-    there = [i for i, p in absolute.items() if os.path.isfile(p)]  # missing files: one note, not a warning each
+    pictures = Pictures.of_store(store.attrs)
+    there = [int(i) for i in rows if pictures.exists(paths[i])]  # missing files: one note, not a warning each
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        uris = pool.map(lambda i: thumbnail_uri(absolute[i], size), there)
+        uris = pool.map(lambda i: thumbnail_uri(paths[i], size, pictures), there)
         return {i: u for i, u in zip(there, uris) if u}
 
 
@@ -366,7 +368,12 @@ def embedding_map(store: FeatureStore | str | os.PathLike, *, color: str = "labe
         uris = _thumbnails(store, paths, rows, thumb_size)
         if len(uris) < len(rows):
             notes.append(f"{len(rows) - len(uris)} of {len(rows)} sampled images could not be read: no thumbnail")
-        if n > len(uris):
+        from .sources import CONTAINER_LAYOUTS
+
+        if n > len(uris) and store.attrs.get("layout") in CONTAINER_LAYOUTS:  # no file:// URL reaches a member
+            notes.append(f"{n - len(uris)} rows without an embedded thumbnail: their images are inside containers, "
+                         "their tooltips show none (raise thumbs to embed more)")
+        elif n > len(uris):
             notes.append(f"{n - len(uris)} rows without an embedded thumbnail: their tooltips load file:// paths, "
                          "shown only on the machine holding the images")
         page = _page(m, store, label_text, [s or NO_SPLIT for s in splits], pred_text, details, uris,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from PIL import Image
 from .data import ImageDecodeError, load_image
 from .errors import ProbeError
 from .fs import write_bytes_atomic
+from .sources import Pictures
 from .store import FeatureStore
 
 if TYPE_CHECKING:
@@ -49,10 +51,11 @@ td { text-align: right; } .summary td { text-align: left; } .summary th { font-w
 """.replace("CARD", str(THUMB + 10))
 
 
-def thumbnail_uri(path: str, size: int = THUMB) -> str | None:
-    """A data: URI of a JPEG thumbnail of ``path``, or None when it cannot be read (moved, undecodable)."""
+def thumbnail_uri(path: str, size: int = THUMB, pictures: Pictures | None = None) -> str | None:
+    """A data: URI of a JPEG thumbnail of the file ``path`` -- or, with ``pictures``, of the stored row ``path``
+    (a file or a container's member) -- or None when it cannot be read (moved, undecodable)."""
     try:
-        img = load_image(path)
+        img = load_image(path) if pictures is None else pictures.load(path)
     except (ImageDecodeError, OSError) as e:
         log.warning("no thumbnail for %s: %s", path, e)
         return None
@@ -64,8 +67,8 @@ def thumbnail_uri(path: str, size: int = THUMB) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _card(path: str, caption: list[str], css: str = "card") -> str:
-    uri = thumbnail_uri(path)
+def _card(path: str, pictures: Pictures | None, caption: list[str], css: str = "card") -> str:
+    uri = thumbnail_uri(path, pictures=pictures)
     img = f'<img src="{uri}" alt="{html.escape(os.path.basename(path))}">' if uri else \
         '<div class="missing">image not found</div>'
     return f'<div class="{css}">{img}' + "".join(f"<div>{c}</div>" for c in caption) + "</div>"
@@ -79,6 +82,7 @@ def contact_sheet(result: dict[str, Any], out: str | os.PathLike, title: str = "
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
              f"</head><body><h1>{e(title)}: {e(str(result.get('index', '')))} — {result.get('count')} images, "
              f"{e(str(result.get('backbone')))}, {e(score_name)}, top {result.get('k')}</h1>"]
+    pictures = _sheet_pictures(result)
     for r in result["results"]:
         parts.append(f"<h2>query: {e(r['query'])} ({e(r['kind'])})</h2><div class='row'>")
         if r["kind"] == "text":  # search_text (CLIP): the words stand where the query image would
@@ -86,10 +90,10 @@ def contact_sheet(result: dict[str, Any], out: str | os.PathLike, title: str = "
                          "(text)</div></div>")
         else:
             where = r["query"] if r["kind"] == "image" else f"{r['query']}: {r['query_path']}"
-            parts.append(_card(r["query_path"], ["<b>query</b>", f"<span class='path'>{e(where)}</span>"],
+            parts.append(_card(*pictures(r["query_path"]), ["<b>query</b>", f"<span class='path'>{e(where)}</span>"],
                                "card query"))
         for h in r["hits"]:
-            parts.append(_card(h["abspath"], [
+            parts.append(_card(*pictures(h["abspath"]), [
                 f"#{h['rank']} <span class='score'>{h['score']:.4f}</span> {e(str(h['label'] or ''))}",
                 f"<span class='path'>{e(h['path'])}</span>"]))
         parts.append("</div>")
@@ -98,6 +102,36 @@ def contact_sheet(result: dict[str, Any], out: str | os.PathLike, title: str = "
             f"<li>{e(s['path'])}: {e(s['reason'])}</li>" for s in result["skipped"]) + "</ul>")
     parts.append("</body></html>")
     return _write(out, parts)
+
+
+def _sheet_pictures(result: dict[str, Any]) -> Callable[[str], tuple[str, Pictures | None]]:
+    """A search result's absolute path -> (path, Pictures) for ``thumbnail_uri``: a file as it is; any other row
+    (a container's member, a file at a URL) as its index's row, through the record of the index's store -- read
+    once, when the first such row comes."""
+    found: list[tuple[Pictures, str]] = []
+
+    def where(path: str) -> tuple[str, Pictures | None]:
+        if os.path.isfile(path) or not result.get("index"):
+            return path, None
+        if not found:
+            found.append(_index_pictures(result["index"]))
+        pictures, root = found[0]
+        head = os.path.join(root, "") if root else ""
+        return (path[len(head):] if head and path.startswith(head) else path), pictures
+
+    return where
+
+
+def _index_pictures(index: str) -> tuple[Pictures, str]:
+    """The Pictures of a saved index's rows and the root its absolute paths start with."""
+    from .search.index import sidecar
+
+    try:
+        meta = json.loads(sidecar(index).read_bytes())
+    except (OSError, ValueError) as e:
+        log.warning("thumbnails of files only: cannot read the metadata of index %s: %s", index, e)
+        meta = {}
+    return Pictures.of_index(meta), str(meta.get("root") or "")
 
 
 def _write(out: str | os.PathLike, parts: list[str]) -> Path:
@@ -110,14 +144,15 @@ def _write(out: str | os.PathLike, parts: list[str]) -> Path:
         raise ProbeError(f"cannot write the HTML page {str(out)!r}: {e.strerror or e}") from None
 
 
-def _resolver(store: str) -> Callable[[str], str]:
-    """Store-relative row paths -> image files, through the store's root (read once); as given when the store
-    cannot be opened (moved, deleted), so those cards say "image not found" unless the path still resolves."""
+def _resolver(store: str) -> Pictures:
+    """The images of a store's rows (files under its root, or members of its containers), from the store's record
+    (read once); the paths as stored when the store cannot be opened (moved, deleted), so those cards say "image
+    not found" unless the path still resolves."""
     try:
-        return FeatureStore(store).abspath
+        return Pictures.of_store(FeatureStore(store).attrs)
     except ProbeError as e:
         log.warning("thumbnails from the paths as stored: %s", e)
-        return lambda p: p
+        return Pictures("")
 
 
 def _more(shown: int, total: int) -> str:
@@ -151,7 +186,7 @@ def doctor_page(report: DoctorReport | dict[str, Any], out: str | os.PathLike, *
 
     parts.append(f"<section id='label-errors'><h2>likely label errors: {len(issues)} (cleanlab, ranked by "
                  "self-confidence)</h2><div class='row'>")
-    parts += [_card(where(i["path"]), [
+    parts += [_card(i["path"], where, [
         f"<span class='score'>{i['self_confidence']:.3f}</span> [{e(i['split'])}]",
         f"{e(i['given'])} &rarr; {e(i['suggested'])}", f"<span class='path'>{e(i['path'])}</span>"])
         for i in issues[:top]]
@@ -165,13 +200,13 @@ def doctor_page(report: DoctorReport | dict[str, Any], out: str | os.PathLike, *
     for p in sorted(pairs, key=lambda p: (not p["cross_split"], -p["similarity"]))[:top]:
         head = f"<span class='score'>{p['similarity']:.4f}</span>{' exact' if p['exact'] else ''}"
         parts.append(f"<div class='pair{' cross' if p['cross_split'] else ''}'>" + "".join(
-            _card(where(path), [head, f"[{e(split)}] <span class='path'>{e(path)}</span>"])
+            _card(path, where, [head, f"[{e(split)}] <span class='path'>{e(path)}</span>"])
             for path, split in zip(p["paths"], p["splits"])) + "</div>")
     parts.append("</div>" + _more(top, len(pairs)) + "</section>")
 
     parts.append("<section id='outliers'><h2>outliers (cosine distance to own class mean / mean distance to the "
                  "nearest neighbours)</h2><div class='row'>")
-    parts += [_card(where(o["path"]), [
+    parts += [_card(o["path"], where, [
         f"<span class='score'>{o['class_distance']:.3f}</span> / {o['knn_distance']:.3f}",
         f"{e(o['label'])} [{e(o['split'])}]", f"<span class='path'>{e(o['path'])}</span>"]) for o in outliers[:top]]
     parts.append("</div>" + _more(top, len(outliers)) + "</section>")

@@ -18,10 +18,14 @@ whatever the number of shards.
 Labels: a WebDataset sample's ``cls`` member (an integer or a name) or the ``label`` key of its ``json`` member; a
 Parquet / Hugging Face ``label`` column (ClassLabel indices become their names); the column names are options.
 Splits: a Hugging Face DatasetDict's split names; a Parquet ``split`` column.
+
+Pictures: ``Pictures`` reads one row's image by its stored path (a tar member by its offset, a Parquet row from its
+row group's image column, an Arrow row) for the pages and the served thumbnail, which show files the same way.
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import logging
@@ -29,6 +33,8 @@ import os
 import pickle
 import re
 import tarfile
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -36,9 +42,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .data import (
     IMG_EXTENSIONS,
+    MAX_PIXELS,
     SPLIT_NAMES,
     Dataset,
     ImageDecodeError,
@@ -47,6 +55,7 @@ from .data import (
     _is_image_name,
     decode_bytes,
     fingerprint,
+    load_image,
 )
 from .errors import DatasetError, ProbeError
 
@@ -584,7 +593,8 @@ class UnitReader(torch.utils.data.IterableDataset):
                 if not want:
                     break
 
-    def _cell(self, cell: Any) -> bytes | str:
+    @staticmethod
+    def _cell(cell: Any) -> bytes | str:
         """Image bytes of a cell: raw bytes, or a Hugging Face Image {bytes, path} (read from path without bytes)."""
         if isinstance(cell, dict):
             if cell.get("bytes") is not None:
@@ -597,6 +607,230 @@ class UnitReader(torch.utils.data.IterableDataset):
                     return f"image file {cell['path']!r} of the row cannot be read: {e.strerror or e}"
             return "empty cell (no image bytes)"
         return cell if cell is not None else "empty cell (no image bytes)"
+
+
+# ------------------------------------------------------------------------------------------ pictures
+MEMBER_SUFFIXES = (*TAR_SUFFIXES, ".parquet", ".arrow")  # what a container row names before its SEP
+TAR_CACHE = 256  # shards whose member offsets a process keeps (~100 bytes a member)
+GROUP_CACHE = 4  # Parquet row groups / Arrow record batches whose image column a process keeps
+_LOCK = threading.Lock()  # the caches are shared by the threads that make a page's thumbnails
+_OFFSETS: OrderedDict[tuple[str, str], dict[str, tuple[int, int]]] = OrderedDict()  # tar -> {member: (at, size)}
+_STARTS: OrderedDict[tuple[str, str], tuple[list[int], str]] = OrderedDict()  # Parquet -> (group starts, column)
+_CELLS: OrderedDict[tuple[str, str, int], tuple[int, Any]] = OrderedDict()  # (file, fp, first row) -> (rows, column)
+
+
+def _cached(cache: OrderedDict, key: Any, make: Callable[[], Any], limit: int) -> Any:
+    """``cache[key]``, made by ``make()`` (outside the lock) when absent; the least recently used beyond ``limit``
+    go."""
+    with _LOCK:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+    value = make()
+    with _LOCK:
+        cache[key] = value
+        while len(cache) > limit:
+            cache.popitem(last=False)
+    return value
+
+
+class Pictures:
+    """The image of a stored row, by the path the store keeps: a file under the dataset's root, or a member of a
+    container (``000003.tar#Bag/00011.png``, ``part-0.parquet#row=17``, ``train/data-00000-of-00002.arrow#row=17``)
+    read without unpacking it. The root may be a URL (read through fsspec).
+
+    Which rows are members is decided by what the store recorded: every row of a ``webdataset``, ``parquet`` or
+    ``hf`` store is one (``discover_source`` names them so), no row of another layout is (a folder may hold a file
+    named ``a#b.png``). Where the layout is unknown (an index whose store is gone), a row is a member when its plain
+    path is no file and the part before one of its ``#`` is an existing ``.tar``/``.parquet``/``.arrow`` file.
+
+    A process keeps each tar shard's member offsets (``TAR_CACHE`` shards), each Parquet file's row-group bounds
+    and the image column of the last ``GROUP_CACHE`` row groups or Arrow batches read: 2,000 thumbnails from a few
+    shards read each header once.
+
+    Example:
+        >>> pics = Pictures.of_store(FeatureStore("cache/shards.h5").attrs)
+        >>> pics.load("000003.tar#Bag/00011.png").size
+        (28, 28)
+    """
+
+    def __init__(self, root: str | os.PathLike, layout: str | None = None, image_column: str | None = None):
+        self.root, self.layout, self.image_column = str(root), layout, image_column
+        self.fs, self.base = None, self.root  # fs None: the local disk, read with open()
+        if is_url(self.root):
+            fs, base = need("fsspec", "data").core.url_to_fs(self.root)
+            self.fs, self.base = (None, base) if _is_local(fs) else (fs, base.rstrip("/"))
+
+    @classmethod
+    def of_store(cls, attrs: Any) -> Pictures:
+        """From a store's attributes: its root, layout and image column (and the URL scheme its ``source``
+        recorded, for a dataset at a URL)."""
+        root, source = str(attrs.get("root") or ""), str(attrs.get("source") or "")
+        if is_url(source) and not is_url(root):  # the root was kept as fsspec's path: bucket/shards
+            root = f"{source.split('://', 1)[0]}://{root.lstrip('/')}"
+        made = attrs.get("extract_config") or {}
+        column = (json.loads(made) if isinstance(made, str) else made).get("image_column")
+        return cls(root, attrs.get("layout"), column)
+
+    @classmethod
+    def of_index(cls, meta: dict[str, Any]) -> Pictures:
+        """From a search index's metadata: its store's record while the store is there, else the root alone (rows
+        told apart by what exists)."""
+        store = meta.get("store") or ""
+        if store and os.path.isfile(store):
+            from .store import FeatureStore
+
+            try:
+                return cls.of_store({**FeatureStore(store).attrs, "root": meta.get("root", "")})
+            except ProbeError as e:
+                log.warning("pictures from the index's root alone: %s", e)
+        return cls(str(meta.get("root") or ""))
+
+    def _url(self, rel: str) -> str:
+        return os.path.join(self.base, rel) if self.fs is None else f"{self.base}/{rel.lstrip('/')}"
+
+    def _isfile(self, rel: str) -> bool:
+        return os.path.isfile(self._url(rel)) if self.fs is None else self.fs.isfile(self._url(rel))
+
+    def member(self, path: str) -> tuple[str, str] | None:
+        """(container, member) of a container row, None for a file. ``x.tar#a#b.png``: the first ``#`` after a
+        container name."""
+        if self.layout is not None and self.layout not in CONTAINER_LAYOUTS:
+            return None
+        if self.layout is None and self._isfile(path):
+            return None
+        at = path.find(SEP)
+        while at >= 0:
+            container = path[:at]
+            if container.lower().endswith(MEMBER_SUFFIXES) and (self.layout is not None or self._isfile(container)):
+                return container, path[at + 1:]
+            at = path.find(SEP, at + 1)
+        return None
+
+    def exists(self, path: str) -> bool:
+        """Whether there is something to read for ``path`` (its file, or its member's container)."""
+        parts = self.member(path)
+        return self._isfile(parts[0] if parts else path)
+
+    def load(self, path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+        """The RGB image of row ``path``, or ImageDecodeError with the reason (as ``probe.data.load_image``)."""
+        if self.fs is None and self.member(path) is None:
+            return load_image(self._url(path), max_pixels)  # a local file: exactly as before containers
+        return decode_bytes(self.read(path), max_pixels)
+
+    def read(self, path: str) -> bytes:
+        """The bytes of row ``path``'s image, or ImageDecodeError saying why they cannot be read."""
+        parts = self.member(path)
+        url = self._url(parts[0] if parts else path)
+        try:
+            if parts is None:
+                return self._read_file(url)
+            low, member = parts[0].lower(), parts[1]
+            if low.endswith(TAR_SUFFIXES):
+                return self._tar_member(url, member)
+            if not (member.startswith("row=") and member[4:].isdigit()):
+                raise ImageDecodeError(f"{member!r} is not a row of {url} (expected row=N)")
+            row = int(member[4:])
+            return self._parquet_row(url, row) if low.endswith(".parquet") else self._arrow_row(url, row)
+        except ImageDecodeError:
+            raise
+        except FileNotFoundError:
+            raise ImageDecodeError(f"{'container' if parts else 'file'} not found: {url}") from None
+        except Exception as e:  # noqa: BLE001 - a damaged container or a failed request: no picture, not a crash
+            raise ImageDecodeError(f"cannot read {url}: {type(e).__name__}: {e}") from None
+
+    def _open(self, url: str) -> Any:
+        return open(url, "rb") if self.fs is None else self.fs.open(url, "rb")
+
+    def _fingerprint(self, url: str) -> str:
+        return fingerprint(url) if self.fs is None else _fingerprint(self.fs, url)
+
+    def _read_file(self, url: str) -> bytes:
+        with self._open(url) as f:
+            return f.read()
+
+    def _tar_member(self, url: str, name: str) -> bytes:
+        if not url.lower().endswith(".tar"):  # compressed: no offsets to seek to, one streamed pass
+            with self._open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                for m in tar:
+                    if m.name == name and m.isfile():
+                        return tar.extractfile(m).read()
+            raise ImageDecodeError(f"member {name!r} not found in {url} (changed since extraction?)")
+        offsets = _cached(_OFFSETS, (url, self._fingerprint(url)), lambda: self._tar_offsets(url), TAR_CACHE)
+        if name not in offsets:
+            raise ImageDecodeError(f"member {name!r} not found in {url} (changed since extraction?)")
+        at, size = offsets[name]
+        with self._open(url) as f:
+            f.seek(at)
+            data = f.read(size)
+        if len(data) != size:
+            raise ImageDecodeError(f"member {name!r} of {url} is truncated ({len(data)} of {size} bytes)")
+        return data
+
+    def _tar_offsets(self, url: str) -> dict[str, tuple[int, int]]:
+        """{member: (offset of its data, size)} of an uncompressed tar: headers only, the data seeked past."""
+        found: dict[str, tuple[int, int]] = {}
+        try:
+            with self._open(url) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for m in tar:
+                    if m.isfile():
+                        found[m.name] = (m.offset_data, m.size)
+        except (tarfile.TarError, EOFError) as e:
+            log.warning("%s: %s: %s (its members before the damage can be shown)", url, type(e).__name__, e)
+        return found
+
+    def _parquet_row(self, url: str, row: int) -> bytes:
+        """Row ``row`` of a Parquet file: the image column of its row group alone is read (and kept)."""
+        fp = self._fingerprint(url)
+        starts, column = _cached(_STARTS, (url, fp), lambda: self._parquet_groups(url), TAR_CACHE)
+        g = bisect.bisect_right(starts, row) - 1
+        if not 0 <= row < starts[-1]:
+            raise ImageDecodeError(f"row {row} is not in {url} ({starts[-1]} rows)")
+
+        def read() -> tuple[int, Any]:
+            with self._open(url) as f:
+                col = need("pyarrow.parquet", "data").ParquetFile(f).read_row_group(g, columns=[column]).column(0)
+            return len(col), col
+
+        _, col = _cached(_CELLS, (url, fp, starts[g]), read, GROUP_CACHE)
+        return self._cell(col[row - starts[g]].as_py(), url, row)
+
+    def _parquet_groups(self, url: str) -> tuple[list[int], str]:
+        """Each row group's first row, then the row count; the image column."""
+        with self._open(url) as f:
+            pf = need("pyarrow.parquet", "data").ParquetFile(f)
+            column = self.image_column or _image_column(pf.schema_arrow, None, url)
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+        return [int(v) for v in np.cumsum([0, *sizes])], column
+
+    def _arrow_row(self, url: str, row: int) -> bytes:
+        """Row ``row`` of an Arrow stream file (a saved Hugging Face dataset's): its record batches streamed (memory
+        mapped locally, so the batches before it cost no copy) up to the one holding the row, whose image column is
+        kept."""
+        fp = self._fingerprint(url)
+        with _LOCK:
+            kept = [(k[2], v) for k, v in _CELLS.items() if k[:2] == (url, fp) and k[2] <= row < k[2] + v[0]]
+        if kept:
+            at, (_, col) = kept[0]
+            return self._cell(col[row - at].as_py(), url, row)
+        pa = need("pyarrow", "data")
+        with (pa.memory_map(url) if self.fs is None else self._open(url)) as f, pa.ipc.open_stream(f) as reader:
+            column = self.image_column or _image_column(reader.schema, None, url)
+            at = 0
+            for batch in reader:
+                if row < at + batch.num_rows:
+                    col = batch.column(column)
+                    _cached(_CELLS, (url, fp, at), lambda n=batch.num_rows, c=col: (n, c), GROUP_CACHE)
+                    return self._cell(col[row - at].as_py(), url, row)
+                at += batch.num_rows
+        raise ImageDecodeError(f"row {row} is not in {url} ({at} rows)")
+
+    @staticmethod
+    def _cell(cell: Any, url: str, row: int) -> bytes:
+        data = UnitReader._cell(cell)
+        if isinstance(data, str):
+            raise ImageDecodeError(f"row {row} of {url}: {data}")
+        return data
 
 
 def store_name(source: str | os.PathLike) -> str:

@@ -15,6 +15,7 @@ Layout (schema version 1)::
            pooling, config_key, root, layout, versions (JSON), created, updated, device;
            views (JSON: {"count": K, "augment": recipe}) only in stores with /views;
            multilabel (True) only in stores with /label_matrix;
+           source (the dataset's URL, e.g. s3://bucket/shards/{000..099}.tar) only for a dataset at a URL;
            checksums (JSON: crc32 of the other attributes and of each string array)
 
 ``config_key`` hashes everything that changes the numbers (backbone, weights checksum, preprocessing, pooling,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..backbones import DEFAULT_BACKBONE, BackboneError, create_backbone
-from ..data import ImageDecodeError, load_image
+from ..data import ImageDecodeError
 from ..embedder import Embedder, embedder_for
 from ..errors import ProbeError
 from ..heads import calibration as cal
@@ -34,6 +34,7 @@ from ..heads.io import load_head
 from ..identity import FeatureIdentity, Side
 from ..search.index import IndexConfig, SearchIndex, check_k
 from ..search.query import search_index
+from ..sources import Pictures
 from ..store import FeatureStore
 from .batching import MicroBatcher
 from .errors import NotFound, TooLarge, available
@@ -133,6 +134,7 @@ class Service:
         self.batcher: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
             self._forward, config.max_batch, config.max_wait_ms)
         self.started = time.time()
+        self._pictures: dict[str, tuple[SearchIndex, Pictures]] = {}  # index name -> how its rows' images are read
 
     # ---- lifecycle
     async def start(self) -> None:
@@ -237,8 +239,10 @@ class Service:
             raise NotFound(f"id {gallery_id} is not in index {index_name!r}: ids run from 0 to {idx.count - 1}")
         if not 16 <= size <= 1024:
             raise ProbeError(f"size must be between 16 and 1024 pixels, got {size}")
+        if self._pictures.get(index_name, (None,))[0] is not idx:  # its store's record, read once per index
+            self._pictures[index_name] = (idx, Pictures.of_index(idx.meta))
         try:
-            img = load_image(idx.abspath(gallery_id), self.config.max_pixels)
+            img = self._pictures[index_name][1].load(idx.paths[gallery_id], self.config.max_pixels)
         except ImageDecodeError as e:
             raise NotFound(f"gallery image {gallery_id} ({idx.paths[gallery_id]}) cannot be shown: {e}") from None
         img.thumbnail((size, size))
