@@ -15,6 +15,12 @@ row group, an Arrow file, or one file of a folder at a URL -- each read start to
 (``UnitReader``): a tar is streamed once, never seeked member by member, and memory holds one batch per worker
 whatever the number of shards.
 
+Listings: planning needs each container's samples (tar member names and labels, an Arrow file's row count and
+labels), which for a tar or Arrow file at a URL means streaming the whole object. Each such listing is kept in
+``<cache dir>/listings/<sha1 of the URL>.json`` with the container's fingerprint, so a re-run reads no container
+whose fingerprint is unchanged (``cached_listing``). Local containers are listed from disk each run (a tar's
+headers are seeked over), and Parquet files anywhere (their footer and label column are small reads).
+
 Labels: a WebDataset sample's ``cls`` member (an integer or a name) or the ``label`` key of its ``json`` member; a
 Parquet / Hugging Face ``label`` column (ClassLabel indices become their names); the column names are options.
 Splits: a Hugging Face DatasetDict's split names; a Parquet ``split`` column.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +44,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -58,6 +66,7 @@ from .data import (
     load_image,
 )
 from .errors import DatasetError, ProbeError
+from .fs import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -276,33 +285,18 @@ def _webdataset(fs: Any, base: str, urls: list[str], label_key: str) -> Dataset:
     """One row per sample with an image member; its label from ``cls`` or ``json[label_key]``."""
     units, unit, member, labels, ignored = [], [], [], [], []
     for url in urls:
-        rel = _rel(url, base)
-        units.append(Unit(rel, url, "tar", _fingerprint(fs, url)))
-        samples: dict[str, dict[str, Any]] = {}
-        try:
-            with fs.open(url, "rb") as f, tarfile.open(fileobj=f, mode=_tar_mode(fs, url)) as tar:
-                for m in tar:
-                    if not m.isfile() or m.name.rsplit("/", 1)[-1].startswith(("__", ".")):
-                        continue
-                    key, ext = split_key(m.name)
-                    s = samples.setdefault(key, {})
-                    if ext in IMAGE_EXTS:
-                        s.setdefault("image", m.name)
-                    elif ext in ("cls", "json"):
-                        s[ext] = tar.extractfile(m).read()
-                    else:
-                        s.setdefault("other", m.name)
-        except (tarfile.TarError, EOFError) as e:
-            log.warning("%s: %s: %s (its samples before the damage are kept)", url, type(e).__name__, e)
-        n = len(unit)
-        for key, s in samples.items():
-            if "image" not in s:
-                ignored.append(f"{rel}{SEP}{s.get('other', key)}")
-                continue
+        rel, fp = _rel(url, base), _fingerprint(fs, url)
+        units.append(Unit(rel, url, "tar", fp))
+        listing = cached_listing(fs, url, fp, {"kind": "tar", "label_key": label_key},
+                                 partial(_list_tar, fs, url, label_key), _tar_listing_ok)
+        if listing["damage"]:
+            log.warning("%s: %s (its samples before the damage are kept)", url, listing["damage"])
+        ignored += [f"{rel}{SEP}{name}" for name in listing["ignored"]]
+        for name, label in listing["rows"]:
             unit.append(len(units) - 1)
-            member.append(s["image"])
-            labels.append(_wds_label(url, key, s, label_key))
-        if len(unit) == n:
+            member.append(name)
+            labels.append(label)
+        if not listing["rows"]:
             log.warning("%s: no sample with an image member (%s)", url, ", ".join(sorted(IMAGE_EXTS)))
     if not unit:
         raise DatasetError(f"no sample with an image member ({', '.join(sorted(IMAGE_EXTS))}) in {len(urls)} tar "
@@ -311,6 +305,39 @@ def _webdataset(fs: Any, base: str, urls: list[str], label_key: str) -> Dataset:
     ds = _build(Path(base), "webdataset", paths, labels, [""] * len(paths), ignored)
     ds.root, ds.reader = base, Source(fs, units, np.asarray(unit, np.int64), member)
     return ds
+
+
+def _list_tar(fs: Any, url: str, label_key: str) -> dict[str, Any]:
+    """A shard's listing: ``rows`` [image member, label] per sample with an image, ``ignored`` (a member of each
+    sample without one), ``damage`` (why the read stopped early, or None)."""
+    samples: dict[str, dict[str, Any]] = {}
+    damage = None
+    try:
+        with fs.open(url, "rb") as f, tarfile.open(fileobj=f, mode=_tar_mode(fs, url)) as tar:
+            for m in tar:
+                if not m.isfile() or m.name.rsplit("/", 1)[-1].startswith(("__", ".")):
+                    continue
+                key, ext = split_key(m.name)
+                s = samples.setdefault(key, {})
+                if ext in IMAGE_EXTS:
+                    s.setdefault("image", m.name)
+                elif ext in ("cls", "json"):
+                    s[ext] = tar.extractfile(m).read()
+                else:
+                    s.setdefault("other", m.name)
+    except (tarfile.TarError, EOFError) as e:
+        damage = f"{type(e).__name__}: {e}"
+    rows = [[s["image"], _wds_label(url, key, s, label_key)] for key, s in samples.items() if "image" in s]
+    ignored = [s.get("other", key) for key, s in samples.items() if "image" not in s]
+    return {"rows": rows, "ignored": ignored, "damage": damage}
+
+
+def _tar_listing_ok(listing: Any) -> bool:
+    return isinstance(listing, dict) and isinstance(listing.get("rows"), list) and \
+        isinstance(listing.get("ignored"), list) and all(isinstance(n, str) for n in listing["ignored"]) and \
+        isinstance(listing.get("damage"), (str, type(None))) and \
+        all(isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) and isinstance(r[1], (str, type(None)))
+            for r in listing["rows"])
 
 
 def _wds_label(url: str, key: str, s: dict[str, Any], label_key: str) -> str | None:
@@ -406,7 +433,6 @@ def _hf(fs: Any, path: str, image_column: str | None, label_column: str) -> Data
 
     The files are read directly, not through ``datasets.load_from_disk``: that copies a remote dataset to a local
     folder before reading it, where this streams one Arrow file per worker, at a URL as on a disk."""
-    pa = need("pyarrow", "data")
     if fs.exists(f"{path}/dataset_dict.json"):
         with fs.open(f"{path}/dataset_dict.json", "rb") as f:
             parts = [(s, f"{path}/{s}") for s in json.load(f)["splits"]]
@@ -435,13 +461,11 @@ def _hf(fs: Any, path: str, image_column: str | None, label_column: str) -> Data
         for entry in state["_data_files"]:
             url = f"{folder}/{entry['filename']}"
             rel = _rel(url, path)
-            count, lab = 0, []
-            with fs.open(url, "rb") as f, pa.ipc.open_stream(f) as reader:
-                for batch in reader:
-                    count += batch.num_rows
-                    if label_column in batch.schema.names:
-                        lab += batch.column(label_column).to_pylist()
-            units.append(Unit(rel, url, "arrow", _fingerprint(fs, url)))
+            fp = _fingerprint(fs, url)
+            listing = cached_listing(fs, url, fp, {"kind": "arrow", "label_column": label_column},
+                                     partial(_list_arrow, fs, url, label_column), _arrow_listing_ok)
+            count, lab = listing["count"], listing["labels"]
+            units.append(Unit(rel, url, "arrow", fp))
             unit += [len(units) - 1] * count
             member += [str(r) for r in range(count)]
             labels += [_label_name(v, names) for v in lab] if lab else [None] * count
@@ -449,6 +473,62 @@ def _hf(fs: Any, path: str, image_column: str | None, label_column: str) -> Data
     if not unit:
         raise DatasetError(f"no rows in the dataset saved at {path!r}")
     return _rows_dataset("hf", fs, path, units, unit, member, labels, splits, column)
+
+
+def _list_arrow(fs: Any, url: str, label_column: str) -> dict[str, Any]:
+    """An Arrow file's listing: its ``count`` of rows and their ``labels`` (the column's cells; empty without one)."""
+    pa = need("pyarrow", "data")
+    count, lab = 0, []
+    with fs.open(url, "rb") as f, pa.ipc.open_stream(f) as reader:
+        for batch in reader:
+            count += batch.num_rows
+            if label_column in batch.schema.names:
+                lab += batch.column(label_column).to_pylist()
+    return {"count": count, "labels": lab}
+
+
+def _arrow_listing_ok(listing: Any) -> bool:
+    return isinstance(listing, dict) and isinstance(listing.get("count"), int) and \
+        isinstance(listing.get("labels"), list) and len(listing["labels"]) in (0, listing["count"])
+
+
+# ------------------------------------------------------------------------------------------ listing cache
+def listing_file(fs: Any, url: str) -> Path:
+    """Where the listing of the container at URL (on filesystem FS) is kept: ``<cache dir>/listings/<sha1>.json``."""
+    from .extract import cache_dir  # imported here: probe.extract imports this module's readers
+
+    key = hashlib.sha1(fs.unstrip_protocol(url).encode()).hexdigest()
+    return cache_dir() / "listings" / f"{key}.json"
+
+
+def cached_listing(fs: Any, url: str, fp: str, params: dict[str, str], build: Callable[[], dict[str, Any]],
+                   valid: Callable[[Any], bool]) -> dict[str, Any]:
+    """The listing of a container at a URL: the cached one if it was made from the same fingerprint FP and PARAMS
+    (the kind of container, the label key), else ``build()`` -- which reads the container -- stored for next time.
+    A missing, unreadable or malformed entry is rebuilt (logged); a failed write only logged. Local containers, and
+    objects whose store gives no ETag, generation or time (size alone would not tell a replacement), are always
+    built."""
+    if _is_local(fs) or fp.endswith(":None"):
+        return build()
+    path, name = listing_file(fs, url), fs.unstrip_protocol(url)
+    try:
+        entry = json.loads(path.read_bytes())
+        if isinstance(entry, dict) and entry.get("url") == name and entry.get("fingerprint") == fp and \
+                entry.get("params") == params:
+            if valid(entry.get("listing")):
+                return entry["listing"]
+            log.warning("%s: malformed listing of %s; listing it again", path, name)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable listing of %s (%s: %s); listing it again", path, name, type(e).__name__, e)
+    listing = build()
+    try:
+        data = json.dumps({"url": name, "fingerprint": fp, "params": params, "listing": listing}).encode()
+        write_bytes_atomic(path, data, "a container listing")
+    except (TypeError, ValueError, OSError) as e:  # a label cell JSON cannot hold; a full or read-only disk
+        log.warning("%s: listing of %s not cached (%s: %s)", path, name, type(e).__name__, e)
+    return listing
 
 
 # ------------------------------------------------------------------------------ folders and manifests at URLs

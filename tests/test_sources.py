@@ -39,6 +39,15 @@ CLASSES = ("Bag", "Coat", "Sandal")
 
 
 # ------------------------------------------------------------------------------------------- builders
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Listings of remote containers (cache/listings) and engine exports go to this session's temporary cache,
+    not the checkout's cache/."""
+    monkeypatch.setenv("PROBE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "probe-cache"))
+
+
 def demo_images(split: str = "train", per_class: int = 4) -> list[tuple[str, str, bytes]]:
     """(class, file name, PNG bytes) of the first demo images of each class, sorted."""
     out = []

@@ -20,6 +20,13 @@ from .conftest import tiny_config
 from .test_sources import CLASSES, assert_same_images, parquet_tables, wds_shards, write_parquet, write_shards
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Listings of remote containers (cache/listings) and engine exports go to this session's temporary cache,
+    not the checkout's cache/."""
+    monkeypatch.setenv("PROBE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "probe-cache"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

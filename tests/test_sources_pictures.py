@@ -37,6 +37,13 @@ PER_CLASS = 8  # 24 train rows (and 24 val rows in the Parquet files): the docto
 SHARDS = 3 * PER_CLASS // 6  # of 6 samples each
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Listings of remote containers (cache/listings) and engine exports go to this session's temporary cache,
+    not the checkout's cache/."""
+    monkeypatch.setenv("PROBE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "probe-cache"))
+
+
 def original(path: str) -> bytes:
     """The demo image a container row was written from: a shard member ``<class>/<stem>.png`` (train), or a
     Parquet row (train rows then val rows, as ``parquet_tables`` lists them)."""
