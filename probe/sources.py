@@ -212,7 +212,9 @@ def _guess(fs: Any, path: str, base: str) -> str:
                            "Parquet files or a saved Hugging Face dataset")
     if any(fs.exists(f"{path}/{m}") for m in HF_MARKERS):
         return "hf"
-    files = [f.lower() for f in fs.ls(path, detail=False)]
+    # hidden names (.DS_Store) are skipped, as is_source skips them: the two must agree, or a folder of shards that
+    # is_source hands here would come back as a "folder" and go round through discover again
+    files = [f.lower() for f in fs.ls(path, detail=False) if not f.rstrip("/").rsplit("/", 1)[-1].startswith(".")]
     if files and all(f.endswith(TAR_SUFFIXES) for f in files):
         return "webdataset"
     if files and all(f.endswith(".parquet") for f in files):

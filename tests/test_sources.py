@@ -386,6 +386,8 @@ def test_errors_name_the_problem(tmp_path):
     r = runner.invoke(app, ["extract", str(tmp_path / "nope" / "{0..3}.tar"), "--backbone", TINY])
     assert r.exit_code == 1 and "does not exist" in r.stderr
     shards = write_shards(tmp_path / "wds", wds_shards())  # commands that open image files by path refuse them
+    (tmp_path / "wds" / ".DS_Store").write_bytes(b"\0")  # a hidden file beside the shards: still a shard folder
+    assert discover(str(tmp_path / "wds")).layout == "webdataset"
     for args in (["sweep", shards, "--backbones", TINY], ["finetune", shards, "--out", str(tmp_path / "run")]):
         r = runner.invoke(app, args)
         assert r.exit_code == 1 and "read from containers or a URL, which only probe extract reads" in r.stderr, args
