@@ -7,10 +7,7 @@ from pathlib import Path
 import typer
 
 from .app import app, emit, handles_errors
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+from .heads import _pct
 
 
 def _text(r: dict) -> str:

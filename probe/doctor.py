@@ -119,14 +119,13 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int, seed: int,
 
     if sweep not in SWEEPS:
         raise ProbeError(f"sweep must be one of {', '.join(SWEEPS)}, got {sweep!r}")
-    parts = [te for _, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y)]
+    splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y))
     if sweep == "per-fold":
-        return _nested(X, y, parts, seed), None
+        return _nested(X, y, [te for _, te in splits], seed), None
     C = LinearHead(seed=seed).fit(X, y).C_
     K = int(y.max()) + 1
     proba = np.zeros((len(y), K), np.float64)
-    for te in parts:
-        tr = np.setdiff1d(np.arange(len(y)), te)
+    for tr, te in splits:
         head = LinearHead(C=C, seed=seed).fit(X[tr], y[tr])
         proba[np.ix_(te, head.classes_.astype(int))] = head.predict_proba(X[te])
     return proba, float(C)
@@ -155,6 +154,7 @@ def _nested(X: np.ndarray, y: np.ndarray, parts: list[np.ndarray], seed: int) ->
     Z = torch.from_numpy(np.ascontiguousarray(apply_norm(X, fit_norm(X, "standardize")), np.float32)).to(dev)
     yt = torch.from_numpy(y.astype(np.int64)).to(dev)
     every = np.arange(len(y))
+    Zf = [Z[torch.from_numpy(p).to(dev)] for p in parts]  # each fold's rows, scored k - 1 times
     acc = np.zeros((k, k, len(Cs)))  # acc[i, j]: fit without folds i and j, accuracy on fold j, per strength
     path = {}
     with threads_for(Z.shape[0] * Z.shape[1] * K, dev):
@@ -164,21 +164,20 @@ def _nested(X: np.ndarray, y: np.ndarray, parts: list[np.ndarray], seed: int) ->
                 sols = sweep_path(Z[tr], yt[tr], torch.ones(len(tr), device=dev), Cs, K, head.block, head.max_iter,
                                   head.tol)
                 for a, b in ((i, j), (j, i)):
-                    Zv, yv = Z[torch.from_numpy(parts[b]).to(dev)], y[parts[b]]
-                    acc[a, b] = [float(((Zv @ W + c).argmax(1).cpu().numpy() == yv).mean()) for W, c, _ in sols]
+                    acc[a, b] = [float(((Zf[b] @ W + c).argmax(1).cpu().numpy() == y[parts[b]]).mean())
+                                 for W, c, _ in sols]
                 path[i, j] = path[j, i] = sols
         proba = np.zeros((len(y), K), np.float64)
         for i in range(k):
             others = [j for j in range(k) if j != i]
-            best = int(np.argmax(acc[i, others].mean(0)))  # the first maximum: ties keep the stronger penalty
-            W0 = torch.stack([path[i, j][best][0] for j in others]).mean(0)
-            b0 = torch.stack([path[i, j][best][1] for j in others]).mean(0)
+            inner = acc[i, others].mean(0)  # (S,) the inner cross-validation accuracy per strength
+            best = int(np.argmax(inner))  # the first maximum: ties keep the stronger penalty
+            W0, b0 = (torch.stack([path[i, j][best][n] for j in others]).mean(0) for n in (0, 1))
             tr = torch.from_numpy(np.setdiff1d(every, parts[i])).to(dev)
             W, b, _ = _solve(Z[tr], yt[tr], torch.ones(len(tr), device=dev), float(Cs[best]), W0, b0,
                              head.max_iter_final, head.tol)
-            te = torch.from_numpy(parts[i]).to(dev)
-            proba[parts[i]] = torch.softmax(Z[te] @ W + b, 1).double().cpu().numpy()
-            log.info("fold %d: C=%.3g (inner accuracy %.4f)", i, Cs[best], acc[i, others].mean(0)[best])
+            proba[parts[i]] = torch.softmax(Zf[i] @ W + b, 1).double().cpu().numpy()
+            log.info("fold %d: C=%.3g (inner accuracy %.4f)", i, Cs[best], inner[best])
     return proba
 
 

@@ -41,7 +41,7 @@ from .clip import import_open_clip, is_clip, text_tower_for
 from .errors import MissingFileError, ProbeError
 from .heads.evaluate import metrics
 from .heads.features import stratified_holdout
-from .heads.fit import labelled_splits
+from .heads.fit import _training_rows
 from .heads.io import save_head
 from .heads.linear import LinearHead
 from .heads.prototype import PrototypeHead
@@ -249,8 +249,8 @@ def _linear_comparison(store: FeatureStore, X: np.ndarray, cols: np.ndarray, zs:
                        ) -> dict[str, Any]:
     """Zero-shot, plain linear probe and zero-shot-anchored linear probe on the same rows (see the module's
     docstring for the protocol); writes the anchored probe to ``linear_out`` when given."""
-    rows = labelled_splits(store, seed)
-    train, val, test = rows["train"], rows["val"], rows["test"]
+    # fit-head's rows: val and test keep the classes train has (the head columns map the store's classes one to one)
+    train, val, test, _ = _training_rows(store, store.labels(), None, seed)
     eval_set = None
     if len(test):  # C on val (when there is one), scored on test
         scored, on = test, "test"
@@ -269,10 +269,8 @@ def _linear_comparison(store: FeatureStore, X: np.ndarray, cols: np.ndarray, zs:
     anchor = (zs.prototypes_[known] / zs.temperature, np.zeros(len(known), np.float32))
     anchored = LinearHead(norm="l2", seed=seed, device=device).fit(X[train], cols[train], eval_set=eval_set,
                                                                    anchor=anchor)
-    y = cols[scored]
-    acc = {"zeroshot": float((zs.predict(X[scored]) == y).mean()),
-           "linear": float((plain.predict(X[scored]) == y).mean()),
-           "anchored": float((anchored.predict(X[scored]) == y).mean())}
+    acc = {name: float((h.predict(X[scored]) == cols[scored]).mean())
+           for name, h in (("zeroshot", zs), ("linear", plain), ("anchored", anchored))}
     summary = {"scored_on": on, "n_train": int(len(train)), "n_scored": int(len(scored)),
                "C_chosen_on": "val" if eval_set is not None else "cross-validation of train",
                "accuracy": acc, "C": {"linear": plain.C_, "anchored": anchored.C_}, "out": None}

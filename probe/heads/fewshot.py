@@ -288,6 +288,13 @@ def _compare_heads(store: Any, paths: Sequence[str | os.PathLike], X: np.ndarray
     return out
 
 
+def _result(head: str, shot: int, support: bool, acc: np.ndarray, seconds: float) -> dict[str, Any]:
+    """One row of ``fewshot``'s results: a head's accuracy over the episodes (E,), mean and 95% interval."""
+    return {"head": head, "shot": int(shot), "support": support, "accuracy": float(acc.mean()),
+            "ci95": float(1.96 * acc.std() / np.sqrt(len(acc))), "episodes": int(len(acc)),
+            "seconds": round(seconds, 3), "episodes_per_s": round(len(acc) / seconds, 1) if seconds > 0 else None}
+
+
 def fewshot(store_path: str | os.PathLike, way: int = 5, shots: tuple[int, ...] = (1, 5), query: int = 15,
             episodes: int = 10_000, seed: int = 0, norm: str = "cl2n", metric: str = "cosine",
             split: str | None = None, head: str = "prototype", C: float = C_LINEAR,
@@ -328,18 +335,13 @@ def fewshot(store_path: str | os.PathLike, way: int = 5, shots: tuple[int, ...] 
             acc = (episode_accuracy(Z, sup, qry, metric, gram) if h == "prototype"
                    else linear_episode_accuracy(Z, sup, qry, C, gram))
             s = time.perf_counter() - t + t_sample
-            results.append({"head": h, "shot": int(shot), "support": True, "accuracy": float(acc.mean()),
-                            "ci95": float(1.96 * acc.std() / np.sqrt(len(acc))), "episodes": int(len(acc)),
-                            "seconds": round(s, 3), "episodes_per_s": round(len(acc) / s, 1) if s > 0 else None})
+            results.append(_result(h, shot, True, acc, s))
             log.info("%s head, %d-way %d-shot: %.4f +- %.4f over %d episodes (%.2fs)", h, way, shot, acc.mean(),
                      results[-1]["ci95"], len(acc), s)
         for name, proba, cols in fixed:  # the same queries, no support
             t = time.perf_counter()
             acc = head_episode_accuracy(proba, cols, sup, qry)
-            s = time.perf_counter() - t
-            results.append({"head": name, "shot": int(shot), "support": False, "accuracy": float(acc.mean()),
-                            "ci95": float(1.96 * acc.std() / np.sqrt(len(acc))), "episodes": int(len(acc)),
-                            "seconds": round(s, 3), "episodes_per_s": round(len(acc) / s, 1) if s > 0 else None})
+            results.append(_result(name, shot, False, acc, time.perf_counter() - t))
     return {"store": str(store.path), "head": head, "way": way, "query": query, "episodes": episodes, "seed": seed,
             "norm": norm, "metric": metric, "C": C, "split": split or "all", "n_images": int(len(rows)),
             "n_classes": int(len(np.unique(y))), "compare": [str(c) for c in compare], "results": results}

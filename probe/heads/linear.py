@@ -69,6 +69,15 @@ def _ztg(Z: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return (G.T @ Z).T if G.shape[1] <= 32 else Z.T @ G
 
 
+def _log_loss(logits: torch.Tensor, target: torch.Tensor, ovr: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's loss (...,) and d loss / d logits (..., K) of logits (..., K) against the 0/1 ``target``
+    (broadcast to them): softmax cross-entropy, or with ``ovr`` the binary log-losses summed over classes."""
+    if ovr:  # sum_k softplus(l_k) - y_k l_k; gradient sigmoid(l) - y
+        return (torch.nn.functional.softplus(logits) - logits * target).sum(-1), torch.sigmoid(logits) - target
+    lse = torch.logsumexp(logits, -1, keepdim=True)
+    return lse[..., 0] - (logits * target).sum(-1), torch.exp(logits - lse) - target
+
+
 def _solve(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float, W: torch.Tensor, b: torch.Tensor,
            max_iter: int, tol: float, anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Minimise sklearn's objective, scaled by 1/(C * sum w) so that float32 stays well-conditioned.
@@ -89,14 +98,8 @@ def _solve(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float, W: torch
 
     @torch.no_grad()
     def closure():  # the gradient by hand: autograd's Z.T @ dlogits is the slow narrow product (_ztg)
-        logits = Z @ W + b  # (N, K)
-        if y.dim() == 2:  # one-vs-rest: each class's binary log-loss, summed; gradient sigmoid(l) - y
-            rows = (torch.nn.functional.softplus(logits) - logits * onehot).sum(1)
-            G = (torch.sigmoid(logits) - onehot) * ww
-        else:
-            lse = torch.logsumexp(logits, 1, keepdim=True)
-            rows = lse[:, 0] - (logits * onehot).sum(1)
-            G = (torch.exp(logits - lse) - onehot) * ww  # (N, K): d loss / d logits
+        rows, G = _log_loss(Z @ W + b, onehot, y.dim() == 2)  # (N,), (N, K)
+        G = G * ww
         W.grad = (_ztg(Z, G) + 2 * lam * (W - W0)).contiguous()
         b.grad = G.sum(0)
         return (rows * ww[:, 0]).sum() + lam * ((W - W0) ** 2).sum()
@@ -134,13 +137,8 @@ def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarra
         s = theta.shape[0]
         W, b = theta[:, : D * K].view(s, D, K), theta[:, D * K:]  # (s, D, K), (s, K)
         logits = (Z @ W.permute(1, 0, 2).reshape(D, s * K)).view(N, s, K) + b  # (N, s, K)
-        if ovr:  # sum_k softplus(l_k) - y_k l_k; gradient sigmoid(l) - y
-            G = (torch.sigmoid(logits) - onehot[:, None]) * ww
-            loss = (torch.nn.functional.softplus(logits) - logits * onehot[:, None]).sum(-1)  # (N, s)
-        else:
-            lse = torch.logsumexp(logits, -1, keepdim=True)  # (N, s, 1)
-            G = (torch.exp(logits - lse) - onehot[:, None]) * ww  # (N, s, K): d loss / d logits
-            loss = lse[..., 0] - (logits * onehot[:, None]).sum(-1)  # (N, s)
+        loss, G = _log_loss(logits, onehot[:, None], ovr)  # (N, s), (N, s, K)
+        G = G * ww
         f = (loss * ww[..., 0]).sum(0) + lam * ((W - A) ** 2).sum((1, 2))
         gW = _ztg(Z, G.reshape(N, s * K)).reshape(D, s, K).permute(1, 0, 2) + 2 * lam[:, None, None] * (W - A)
         return f, torch.cat([gW.reshape(s, D * K), G.sum(0)], 1)  # (s,), (s, P)
