@@ -247,8 +247,9 @@ def _rel(url: str, base: str) -> str:
 
 
 def _fingerprint(fs: Any, url: str) -> str:
-    """size:mtime_ns locally (as ``probe.data.fingerprint``); an object's ETag (or generation, or mtime) remotely."""
-    if _is_local(fs):
+    """size:mtime_ns locally (``fs`` None or a local filesystem, as ``probe.data.fingerprint``); an object's ETag
+    (or generation, or mtime) remotely."""
+    if fs is None or _is_local(fs):
         return fingerprint(url)
     info = fs.info(url)
     tag = info.get("ETag") or info.get("etag") or info.get("generation") or info.get("md5Hash") or \
@@ -796,13 +797,17 @@ class Pictures:
 
     def load(self, path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
         """The RGB image of row ``path``, or ImageDecodeError with the reason (as ``probe.data.load_image``)."""
-        if self.fs is None and self.member(path) is None:
+        parts = self.member(path)
+        if self.fs is None and parts is None:
             return load_image(self._url(path), max_pixels)  # a local file: exactly as before containers
-        return decode_bytes(self.read(path), max_pixels)
+        return decode_bytes(self._read(path, parts), max_pixels)
 
     def read(self, path: str) -> bytes:
         """The bytes of row ``path``'s image, or ImageDecodeError saying why they cannot be read."""
-        parts = self.member(path)
+        return self._read(path, self.member(path))
+
+    def _read(self, path: str, parts: tuple[str, str] | None) -> bytes:
+        """``read`` with ``member(path)`` already worked out."""
         url = self._url(parts[0] if parts else path)
         try:
             if parts is None:
@@ -824,9 +829,6 @@ class Pictures:
     def _open(self, url: str) -> Any:
         return open(url, "rb") if self.fs is None else self.fs.open(url, "rb")
 
-    def _fingerprint(self, url: str) -> str:
-        return fingerprint(url) if self.fs is None else _fingerprint(self.fs, url)
-
     def _read_file(self, url: str) -> bytes:
         with self._open(url) as f:
             return f.read()
@@ -838,7 +840,7 @@ class Pictures:
                     if m.name == name and m.isfile():
                         return tar.extractfile(m).read()
             raise ImageDecodeError(f"member {name!r} not found in {url} (changed since extraction?)")
-        offsets = _cached(_OFFSETS, (url, self._fingerprint(url)), lambda: self._tar_offsets(url), TAR_CACHE)
+        offsets = _cached(_OFFSETS, (url, _fingerprint(self.fs, url)), lambda: self._tar_offsets(url), TAR_CACHE)
         if name not in offsets:
             raise ImageDecodeError(f"member {name!r} not found in {url} (changed since extraction?)")
         at, size = offsets[name]
@@ -863,7 +865,7 @@ class Pictures:
 
     def _parquet_row(self, url: str, row: int) -> bytes:
         """Row ``row`` of a Parquet file: the image column of its row group alone is read (and kept)."""
-        fp = self._fingerprint(url)
+        fp = _fingerprint(self.fs, url)
         starts, column = _cached(_STARTS, (url, fp), lambda: self._parquet_groups(url), TAR_CACHE)
         g = bisect.bisect_right(starts, row) - 1
         if not 0 <= row < starts[-1]:
@@ -889,7 +891,7 @@ class Pictures:
         """Row ``row`` of an Arrow stream file (a saved Hugging Face dataset's): its record batches streamed (memory
         mapped locally, so the batches before it cost no copy) up to the one holding the row, whose image column is
         kept."""
-        fp = self._fingerprint(url)
+        fp = _fingerprint(self.fs, url)
         with _LOCK:
             kept = [(k[2], v) for k, v in _CELLS.items() if k[:2] == (url, fp) and k[2] <= row < k[2] + v[0]]
         if kept:
