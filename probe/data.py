@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -112,16 +112,15 @@ def images_in(folder: str | os.PathLike) -> list[str]:
     return found
 
 
-def _walk(folder: Path, root: Path, ignored: list[str]) -> list[str]:
-    """Image files under ``folder`` (following links to folders), sorted, as paths relative to ``root``.
-    A dangling link keeps its name: the decoder reports it instead of it vanishing silently."""
+def _files(root: Path) -> list[str]:
+    """Every file under ``root`` (following links to folders, hidden folders left out), relative to it and
+    '/'-separated. A dangling link keeps its name: the decoder reports it instead of it vanishing silently."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in filenames:
-            rel = os.path.relpath(os.path.join(dirpath, f), root)
-            (out if _is_image_name(f) else ignored).append(rel)
-    return sorted(out)
+        rel = Path(dirpath).relative_to(root).as_posix()
+        out += [f if rel == "." else f"{rel}/{f}" for f in filenames]
+    return out
 
 
 def _subdirs(p: Path) -> list[Path]:
@@ -146,10 +145,21 @@ def discover(data: str | os.PathLike, layout: str = "auto", image_column: str | 
         if layout not in ("auto", "csv") or root.suffix.lower() != ".csv":
             raise DatasetError(f"{str(root)!r} is a file: expected a folder of images or a .csv manifest")
         return _from_csv(root)
-    subdirs = _subdirs(root)
-    top_images = [p.name for p in root.iterdir() if p.is_file() and _is_image_name(p.name)]
+    layout, *rows = _folder_rows(str(root), layout, _files(root), [d.name for d in _subdirs(root)])
+    return _build(root, layout, *rows)
+
+
+def _folder_rows(where: str, layout: str, files: list[str], subdirs: list[str]) -> tuple[
+        str, list[str], list[str | None], list[str], list[str]]:
+    """A folder's rows by its layout -- ``imagefolder``, ``splits`` or ``flat``; ``auto`` picks by shape -- from
+    ``files`` (every file under it, relative, '/'-separated, hidden folders left out) and ``subdirs`` (its visible
+    folders): (layout, paths, labels, splits, ignored). The one rule for a folder on disk and one at a URL.
+
+    ImageFolder rows are labelled by their top folder (images beside the folders are ignored), split-root rows by
+    the folder under their split's; a file without an image extension inside a class folder is ignored."""
+    top_images = sorted(f for f in files if "/" not in f and _is_image_name(f))
     if layout == "auto":
-        if subdirs and all(d.name.lower() in SPLIT_NAMES for d in subdirs):
+        if subdirs and all(d.lower() in SPLIT_NAMES for d in subdirs):
             layout = "splits"
         elif subdirs and not top_images:
             layout = "imagefolder"
@@ -157,38 +167,35 @@ def discover(data: str | os.PathLike, layout: str = "auto", image_column: str | 
             layout = "flat"
         elif top_images:
             raise DatasetError(
-                f"{str(root)!r} has both image files ({top_images[0]}, …) and subfolders ({subdirs[0].name}, …): "
+                f"{where!r} has both image files ({top_images[0]}, …) and subfolders ({subdirs[0]}, …): "
                 "pass --layout imagefolder (subfolders are classes, top-level files ignored) "
                 "or --layout flat (every image, unlabelled)"
             )
         else:
-            raise DatasetError(f"{str(root)!r} contains no images and no subfolders")
-    ignored: list[str] = []
-    paths: list[str] = []
-    labels: list[str | None] = []
-    splits: list[str] = []
-    if layout == "flat":
-        paths = _walk(root, root, ignored)
-        labels, splits = [None] * len(paths), [""] * len(paths)
-    elif layout == "imagefolder":
-        ignored += [f for f in top_images]
+            raise DatasetError(f"{where!r} contains no images and no subfolders")
+    if layout == "splits":
         for d in subdirs:
-            files = _walk(d, root, ignored)
-            paths += files
-            labels += [d.name] * len(files)
-        splits = [""] * len(paths)
-    else:  # splits
-        for s in subdirs:
-            if s.name.lower() not in SPLIT_NAMES:
-                raise DatasetError(f"{str(s)!r} is not a split folder: expected one of {', '.join(SPLIT_NAMES)}")
-            for d in _subdirs(s):
-                files = _walk(d, root, ignored)
-                paths += files
-                labels += [d.name] * len(files)
-                splits += [_canonical_split(s.name)] * len(files)
+            if d.lower() not in SPLIT_NAMES:
+                raise DatasetError(f"{os.path.join(where, d)!r} is not a split folder: expected one of "
+                                   f"{', '.join(SPLIT_NAMES)}")
+    depth = {"flat": 0, "imagefolder": 1, "splits": 2}[layout]  # folders above an image that name it
+    ignored = list(top_images) if layout == "imagefolder" else []
+    rows = []  # (its folders, path): a class folder's images together, in order, as the classes sort
+    for f in files:
+        parts = f.split("/")
+        if len(parts) <= depth:  # beside the class folders, not in one
+            continue
+        if _is_image_name(parts[-1]):
+            rows.append((parts[:depth], f))
+        else:
+            ignored.append(f)
+    rows.sort()
+    paths = [f for _, f in rows]
     if not paths:
-        raise DatasetError(f"no image files ({', '.join(IMG_EXTENSIONS)}) found under {str(root)!r}")
-    return _build(root, layout, paths, labels, splits, ignored)
+        raise DatasetError(f"no image files ({', '.join(IMG_EXTENSIONS)}) found under {where!r}")
+    labels = [d[-1] if d else None for d, _ in rows]
+    splits = [_canonical_split(d[0]) if layout == "splits" else "" for d, _ in rows]
+    return layout, paths, labels, splits, sorted(ignored)
 
 
 def _canonical_split(name: str) -> str:
@@ -199,16 +206,20 @@ def _canonical_split(name: str) -> str:
 LABEL_SEP = "|"  # between the names of a multi-label manifest's ``labels`` cell: ``cat|dog``
 
 
-def _from_csv(path: Path) -> Dataset:
+def _from_csv(path: Path, f: TextIO | None = None) -> Dataset:
     """A CSV manifest in one of its three forms (see the module docstring), every bad cell a DatasetError naming
-    the file, the line and the value."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames
-        if header is None or "path" not in header:
-            raise DatasetError(f"{path}: expected a header row with a 'path' column (and 'label' or 'labels', or one "
-                               f"0/1 column per class; optional 'split'), got {header}")
-        rows = [(reader.line_num, r) for r in reader]  # line_num: the file's line (blank lines are skipped)
+    the file, the line and the value; rows' paths relative to ``path``'s folder. ``f``: the manifest's text, opened
+    by the caller (a manifest at a URL: ``path`` is then its path there, and the caller sets the root); else the
+    file at ``path`` is read."""
+    if f is None:
+        with open(path, newline="", encoding="utf-8") as f:
+            return _from_csv(path, f)
+    reader = csv.DictReader(f)
+    header = reader.fieldnames
+    if header is None or "path" not in header:
+        raise DatasetError(f"{path}: expected a header row with a 'path' column (and 'label' or 'labels', or one "
+                           f"0/1 column per class; optional 'split'), got {header}")
+    rows = [(reader.line_num, r) for r in reader]  # line_num: the file's line (blank lines are skipped)
     header = [h.strip() for h in header]
     form = _manifest_form(path, header)
     if not rows:
@@ -445,18 +456,12 @@ def load_image(path: str, max_pixels: int = MAX_PIXELS, draft: int | None = None
             raise ImageDecodeError("empty file (0 bytes)")
         return decode(path, max_pixels, draft, footprint)
     except ImageDecodeError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageDecodeError("not an image (Pillow cannot identify the format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(f"decompression bomb: {e}") from None
+        raise  # its subclass kept (TooManyPixels, ResizeTooLarge)
     except IsADirectoryError:
         raise ImageDecodeError("is a directory, not a file") from None
     except PermissionError as e:
         raise ImageDecodeError(f"unreadable: {e.strerror}") from None
     except FileNotFoundError:
         raise ImageDecodeError("file not found (deleted or moved during the run)") from None
-    except OSError as e:  # truncated data, broken streams
-        raise ImageDecodeError(f"corrupt or truncated image: {e}") from None
     except Exception as e:  # noqa: BLE001 - decoders raise many types; a bad file must never stop a run
-        raise ImageDecodeError(f"cannot decode: {type(e).__name__}: {e}") from None
+        raise ImageDecodeError(_reason(e)) from None

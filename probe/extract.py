@@ -31,8 +31,9 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -446,8 +447,13 @@ class _Files(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        return self.item(i, partial(load_image, self.paths[i], self.max_pixels, self.draft, self.footprint))
+
+    def item(self, i: int, load: Callable[[], Any]):
+        """Row i's item from ``load()``, its decoded image (a file's, or a container member's:
+        ``probe.sources.UnitReader``); (None, i, reason) when it raises ImageDecodeError or the transform fails."""
         try:
-            return self.prepare(load_image(self.paths[i], self.max_pixels, self.draft, self.footprint), i)
+            return self.prepare(load(), i)
         except ImageDecodeError as e:
             return None, i, str(e)
         except Exception as e:  # noqa: BLE001 - a transform failing on an odd image must not stop the run
@@ -485,7 +491,7 @@ def _reader(job: Job, batches: list[list[int]]) -> Iterable[Decoded]:
         from .sources import UnitReader
 
         files = _Files([], emb.preprocess, cfg.max_pixels, job.views, ds.paths, emb.draft)
-        units = UnitReader(ds.reader, batches, files.prepare, _collate, cfg.max_pixels, emb.draft, files.footprint)
+        units = UnitReader(ds.reader, batches, files.item, _collate, cfg.max_pixels, emb.draft, files.footprint)
         workers = min(workers, len(units.work))
         return DataLoader(units, batch_size=None, num_workers=workers, pin_memory=emb.device.type == "cuda",
                           prefetch_factor=2 if workers else None)

@@ -19,7 +19,9 @@ Listings: planning needs each container's samples (tar member names and labels, 
 labels), which for a tar or Arrow file at a URL means streaming the whole object. Each such listing is kept in
 ``<cache dir>/listings/<sha1 of the URL>.json`` with the container's fingerprint, so a re-run reads no container
 whose fingerprint is unchanged (``cached_listing``). Local containers are listed from disk each run (a tar's
-headers are seeked over), and Parquet files anywhere (their footer and label column are small reads).
+headers are seeked over), and Parquet files anywhere (their footer and label column are small reads). The
+fingerprints cost one request per container a pattern names and none per file a folder listing gives (its size
+and ETag come with the listing).
 
 Labels: a WebDataset sample's ``cls`` member (an integer or a name) or the ``label`` key of its ``json`` member; a
 Parquet / Hugging Face ``label`` column (ClassLabel indices become their names); the column names are options.
@@ -32,7 +34,6 @@ row group's image column, an Arrow row) for the pages and the served thumbnail, 
 from __future__ import annotations
 
 import bisect
-import csv
 import hashlib
 import json
 import logging
@@ -42,7 +43,7 @@ import re
 import tarfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -55,12 +56,12 @@ from PIL import Image
 from .data import (
     IMG_EXTENSIONS,
     MAX_PIXELS,
-    SPLIT_NAMES,
     Dataset,
     ImageDecodeError,
     _build,
     _canonical_split,
-    _is_image_name,
+    _folder_rows,
+    _from_csv,
     decode_bytes,
     fingerprint,
     load_image,
@@ -161,16 +162,18 @@ def discover_source(data: str, layout: str = "auto", image_column: str | None = 
     path = path.rstrip("/") or "/"
     base = _base(path)
     local = _is_local(fs)
+    named = _BRACE.search(path) or path.lower().endswith((*TAR_SUFFIXES, ".parquet", ".csv"))
+    # a folder of containers (or a saved HF dataset) is listed once, for the layout, its markers and its files
+    folder = _entries(fs, path) if layout in ("auto", *CONTAINER_LAYOUTS) and not named else None
     if layout == "auto":
-        layout = _guess(fs, path, base)
+        layout = _guess(path, folder)
     if layout == "webdataset":
-        urls = _expand(fs, path, TAR_SUFFIXES, "tar shards")
-        ds = _webdataset(fs, base, urls, label_column or "label")
+        ds = _webdataset(fs, base, _expand(fs, path, folder, TAR_SUFFIXES, "tar shards"), label_column or "label")
     elif layout == "parquet":
-        urls = _expand(fs, path, (".parquet",), "Parquet files")
-        ds = _parquet(fs, base, urls, image_column, label_column or "label")
+        found = _expand(fs, path, folder, (".parquet",), "Parquet files")
+        ds = _parquet(fs, base, found, image_column, label_column or "label")
     elif layout == "hf":
-        ds = _hf(fs, path, image_column, label_column or "label")
+        ds = _hf(fs, path, folder, image_column, label_column or "label")
     elif layout in ("imagefolder", "splits", "flat", "csv", "folder"):
         if local:  # file:// of a plain folder or manifest: the local reader, as without the scheme
             from .data import discover
@@ -197,7 +200,22 @@ def _base(path: str) -> str:
         else head
 
 
-def _guess(fs: Any, path: str, base: str) -> str:
+def _name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _entries(fs: Any, path: str) -> dict[str, dict[str, Any]] | None:
+    """{url: info} of what the folder PATH holds, from one listing, hidden names (.DS_Store) left out as
+    ``is_source`` leaves them out; None when nothing is there."""
+    try:
+        found = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return None
+    return {e["name"]: e for e in found if not _name(e["name"]).startswith(".")}
+
+
+def _guess(path: str, folder: dict[str, dict[str, Any]] | None) -> str:
+    """The layout of PATH by its name, else by what its ``folder`` listing holds."""
     low = path.lower()
     if low.endswith(TAR_SUFFIXES):
         return "webdataset"
@@ -207,38 +225,44 @@ def _guess(fs: Any, path: str, base: str) -> str:
         raise DatasetError(f"{path!r}: a shard pattern should end in .tar or .parquet (or pass --layout)")
     if low.endswith(".csv"):
         return "csv"
-    if not fs.exists(path):
+    if folder is None:
         raise DatasetError(f"{path!r} does not exist: expected an image folder, a CSV manifest, tar shards, "
                            "Parquet files or a saved Hugging Face dataset")
-    if any(fs.exists(f"{path}/{m}") for m in HF_MARKERS):
+    names = [_name(u) for u in folder]
+    if any(m in names for m in HF_MARKERS):
         return "hf"
-    # hidden names (.DS_Store) are skipped, as is_source skips them: the two must agree, or a folder of shards that
-    # is_source hands here would come back as a "folder" and go round through discover again
-    files = [f.lower() for f in fs.ls(path, detail=False) if not f.rstrip("/").rsplit("/", 1)[-1].startswith(".")]
-    if files and all(f.endswith(TAR_SUFFIXES) for f in files):
+    names = [n.lower() for n in names]
+    if names and all(n.endswith(TAR_SUFFIXES) for n in names):
         return "webdataset"
-    if files and all(f.endswith(".parquet") for f in files):
+    if names and all(n.endswith(".parquet") for n in names):
         return "parquet"
     return "folder"
 
 
-def _expand(fs: Any, path: str, suffixes: tuple[str, ...], what: str) -> list[str]:
-    """Shard URLs of a brace pattern (``{000000..000099}``), a glob, a folder of them, or one file; sorted."""
-    braceexpand = need("braceexpand", "data").braceexpand
-    if fs.isdir(path):
-        urls = sorted(u for u in fs.ls(path, detail=False) if u.lower().endswith(suffixes))
+def _expand(fs: Any, path: str, folder: dict[str, dict[str, Any]] | None, suffixes: tuple[str, ...],
+            what: str) -> dict[str, dict[str, Any]]:
+    """{url: info} of the shards of a brace pattern (``{000000..000099}``), a glob, a ``folder`` (its listing), or
+    one file (or folder): one request per shard named, none per shard listed; in the pattern's order, each glob or
+    folder sorted."""
+    if folder is not None:
+        found = {u: folder[u] for u in sorted(folder) if u.lower().endswith(suffixes)}
     else:
-        urls = []
-        for p in braceexpand(path):
+        found = {}
+        for p in need("braceexpand", "data").braceexpand(path):
             if re.search(r"[*?\[]", p):
-                urls += sorted(fs.glob(p))
-            elif not fs.exists(p):
-                raise DatasetError(f"{p!r} does not exist (listed by {path!r}): expected {what}")
+                found.update(sorted(fs.glob(p, detail=True).items()))
+                continue
+            try:
+                info = fs.info(p)
+            except FileNotFoundError:
+                raise DatasetError(f"{p!r} does not exist (listed by {path!r}): expected {what}") from None
+            if info.get("type") == "directory":  # a folder named as one (Spark writes data.parquet/part-*.parquet)
+                found.update((u, i) for u, i in sorted((_entries(fs, p) or {}).items()) if u.lower().endswith(suffixes))
             else:
-                urls.append(p)
-    if not urls:
+                found[p] = info
+    if not found:
         raise DatasetError(f"no {what} ({', '.join(suffixes)}) found at {path!r}")
-    return urls
+    return found
 
 
 def _rel(url: str, base: str) -> str:
@@ -246,14 +270,20 @@ def _rel(url: str, base: str) -> str:
     return url[len(base) + 1:] if base and url.startswith(base + "/") else url
 
 
-def _fingerprint(fs: Any, url: str) -> str:
+def _fingerprint(fs: Any, url: str, info: dict[str, Any] | None = None) -> str:
     """size:mtime_ns locally (``fs`` None or a local filesystem, as ``probe.data.fingerprint``); an object's ETag
-    (or generation, or mtime) remotely."""
+    (or generation, or mtime) remotely, from its ``info`` when a listing gave it (else one request)."""
     if fs is None or _is_local(fs):
         return fingerprint(url)
-    info = fs.info(url)
+    if not info:  # find() gives {} for a path that is itself a file
+        try:
+            info = fs.info(url)
+        except FileNotFoundError:  # a manifest row naming no object: reported and skipped when read, as locally
+            return "missing"
     tag = info.get("ETag") or info.get("etag") or info.get("generation") or info.get("md5Hash") or \
         info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created")
+    if hasattr(tag, "timestamp"):  # a datetime where a listing gives seconds (memory://'s info and ls)
+        tag = tag.timestamp()
     return f"{info.get('size')}:{str(tag).strip(chr(34))}"
 
 
@@ -284,11 +314,12 @@ def _tar_mode(fs: Any, url: str) -> str:
     return "r:" if _is_local(fs) and url.lower().endswith(".tar") else "r|*"
 
 
-def _webdataset(fs: Any, base: str, urls: list[str], label_key: str) -> Dataset:
-    """One row per sample with an image member; its label from ``cls`` or ``json[label_key]``."""
+def _webdataset(fs: Any, base: str, shards: dict[str, dict[str, Any]], label_key: str) -> Dataset:
+    """One row per sample with an image member of ``shards`` ({url: info}); its label from ``cls`` or
+    ``json[label_key]``."""
     units, unit, member, labels, ignored = [], [], [], [], []
-    for url in urls:
-        rel, fp = _rel(url, base), _fingerprint(fs, url)
+    for url, info in shards.items():
+        rel, fp = _rel(url, base), _fingerprint(fs, url, info)
         units.append(Unit(rel, url, "tar", fp))
         listing = cached_listing(fs, url, fp, {"kind": "tar", "label_key": label_key},
                                  partial(_list_tar, fs, url, label_key), _tar_listing_ok)
@@ -302,11 +333,17 @@ def _webdataset(fs: Any, base: str, urls: list[str], label_key: str) -> Dataset:
         if not listing["rows"]:
             log.warning("%s: no sample with an image member (%s)", url, ", ".join(sorted(IMAGE_EXTS)))
     if not unit:
-        raise DatasetError(f"no sample with an image member ({', '.join(sorted(IMAGE_EXTS))}) in {len(urls)} tar "
-                           f"shards under {base!r}")
+        raise DatasetError(f"no sample with an image member ({', '.join(sorted(IMAGE_EXTS))}) in {len(shards)} "
+                           f"tar shards under {base!r}")
     paths = [f"{units[u].container}{SEP}{m}" for u, m in zip(unit, member)]
-    ds = _build(Path(base), "webdataset", paths, labels, [""] * len(paths), ignored)
-    ds.root, ds.reader = base, Source(fs, units, np.asarray(unit, np.int64), member)
+    return _read_through(_build(Path(base), "webdataset", paths, labels, [""] * len(paths), ignored), base,
+                         Source(fs, units, np.asarray(unit, np.int64), member))
+
+
+def _read_through(ds: Dataset, base: str, source: Source) -> Dataset:
+    """``ds`` with its rows read by ``source`` and named from ``base``, the path on the source's filesystem (kept
+    as it is, not resolved on this machine's disk)."""
+    ds.root, ds.reader = base, source
     return ds
 
 
@@ -390,19 +427,22 @@ def _hf_meta(schema: Any) -> dict | None:
     return (json.loads(raw).get("info") or json.loads(raw)) if raw else None
 
 
-def _parquet(fs: Any, base: str, urls: list[str], image_column: str | None, label_column: str) -> Dataset:
-    """One row per Parquet row, one unit per row group; labels and splits from the label and ``split`` columns."""
+def _parquet(fs: Any, base: str, files: dict[str, dict[str, Any]], image_column: str | None,
+             label_column: str) -> Dataset:
+    """One row per row of ``files`` ({url: info}), one unit per row group; labels and splits from the label and
+    ``split`` columns."""
     pq = need("pyarrow.parquet", "data")
     units, unit, member, labels, splits = [], [], [], [], []
     column = None
-    for url in urls:
-        rel, fp = _rel(url, base), _fingerprint(fs, url)
+    first = next(iter(files))
+    for url, info in files.items():
+        rel, fp = _rel(url, base), _fingerprint(fs, url, info)
         with fs.open(url, "rb") as f:
             pf = pq.ParquetFile(f)
             schema = pf.schema_arrow
             column = _image_column(schema, image_column, url) if column is None else column
             if column not in schema.names:
-                raise DatasetError(f"{url}: no column {column!r} (the images of {urls[0]})")
+                raise DatasetError(f"{url}: no column {column!r} (the images of {first})")
             names = _class_names(_hf_meta(schema), label_column)
             cols = [c for c in (label_column, "split") if c in schema.names]
             table = pf.read(columns=cols) if cols else None
@@ -418,53 +458,56 @@ def _parquet(fs: Any, base: str, urls: list[str], image_column: str | None, labe
         labels += [_label_name(v, names) for v in lab] if lab is not None else [None] * start
         splits += [_canonical_split(str(v or "")) for v in spl] if spl is not None else [""] * start
     if not unit:
-        raise DatasetError(f"no rows in {len(urls)} Parquet files under {base!r}")
+        raise DatasetError(f"no rows in {len(files)} Parquet files under {base!r}")
     return _rows_dataset("parquet", fs, base, units, unit, member, labels, splits, column)
 
 
 def _rows_dataset(layout: str, fs: Any, base: str, units: list[Unit], unit: list[int], member: list[str],
                   labels: list[str | None], splits: list[str], column: str | None) -> Dataset:
     paths = [f"{units[u].container}{SEP}row={m}" for u, m in zip(unit, member)]
-    ds = _build(Path(base), layout, paths, labels, splits, [])
-    ds.root, ds.reader = base, Source(fs, units, np.asarray(unit, np.int64), member, column)
-    return ds
+    return _read_through(_build(Path(base), layout, paths, labels, splits, []), base,
+                         Source(fs, units, np.asarray(unit, np.int64), member, column))
 
 
 # --------------------------------------------------------------------------------- Hugging Face datasets
-def _hf(fs: Any, path: str, image_column: str | None, label_column: str) -> Dataset:
-    """A ``save_to_disk`` folder (a Dataset, or a DatasetDict of splits): its Arrow files, read with pyarrow.
+def _hf(fs: Any, path: str, folder: dict[str, dict[str, Any]] | None, image_column: str | None,
+        label_column: str) -> Dataset:
+    """A ``save_to_disk`` folder (a Dataset, or a DatasetDict of splits) whose listing is ``folder``: its Arrow
+    files, read with pyarrow.
 
     The files are read directly, not through ``datasets.load_from_disk``: that copies a remote dataset to a local
     folder before reading it, where this streams one Arrow file per worker, at a URL as on a disk."""
-    if fs.exists(f"{path}/dataset_dict.json"):
+    markers = {_name(u) for u in folder or {}}
+    if "dataset_dict.json" in markers:
         with fs.open(f"{path}/dataset_dict.json", "rb") as f:
             parts = [(s, f"{path}/{s}") for s in json.load(f)["splits"]]
-    elif fs.exists(f"{path}/state.json"):
+    elif "state.json" in markers:
         parts = [(None, path)]
     else:
         raise DatasetError(f"{path!r} is not a dataset saved by save_to_disk: no dataset_dict.json or state.json")
     units, unit, member, labels, splits = [], [], [], [], []
     column = image_column
-    for split, folder in parts:
-        with fs.open(f"{folder}/state.json", "rb") as f:
+    for split, sub in parts:
+        with fs.open(f"{sub}/state.json", "rb") as f:
             state = json.load(f)
-        with fs.open(f"{folder}/dataset_info.json", "rb") as f:
+        with fs.open(f"{sub}/dataset_info.json", "rb") as f:
             info = json.load(f)
         features = info.get("features") or {}
         images = [k for k, v in features.items() if isinstance(v, dict) and v.get("_type") == "Image"]
         if column is None:
             if len(images) != 1:
-                raise DatasetError(f"{folder}: {len(images)} Image features ({', '.join(images) or 'none'}) among "
+                raise DatasetError(f"{sub}: {len(images)} Image features ({', '.join(images) or 'none'}) among "
                                    f"{', '.join(features)}: pass --image-column NAME")
             column = images[0]
         if column not in features:
-            raise DatasetError(f"{folder}: no feature {column!r} (image_column); features: {', '.join(features)}")
+            raise DatasetError(f"{sub}: no feature {column!r} (image_column); features: {', '.join(features)}")
         names = _class_names(info, label_column)
         name = _canonical_split(split if split is not None else (state.get("_split") or ""))
+        files = folder if split is None else _entries(fs, sub) or {}  # the Arrow files' infos: one listing
         for entry in state["_data_files"]:
-            url = f"{folder}/{entry['filename']}"
+            url = f"{sub}/{entry['filename']}"
             rel = _rel(url, path)
-            fp = _fingerprint(fs, url)
+            fp = _fingerprint(fs, url, files.get(url))
             listing = cached_listing(fs, url, fp, {"kind": "arrow", "label_column": label_column},
                                      partial(_list_arrow, fs, url, label_column), _arrow_listing_ok)
             count, lab = listing["count"], listing["labels"]
@@ -536,55 +579,38 @@ def cached_listing(fs: Any, url: str, fp: str, params: dict[str, str], build: Ca
 
 # ------------------------------------------------------------------------------ folders and manifests at URLs
 def _remote_files(fs: Any, path: str, layout: str) -> Dataset:
-    """A folder (ImageFolder, split root or flat, as ``probe.data.discover`` tells them apart) or a CSV manifest
-    at a URL: each file its own unit, read whole by a worker."""
+    """A folder (ImageFolder, split root or flat, told apart as ``probe.data.discover`` tells a folder on disk) or
+    a CSV manifest (any of its forms) at a URL: each file its own unit, read whole by a worker."""
     if layout == "csv" or path.lower().endswith(".csv"):
-        rels, labels, splits, base = _remote_csv(fs, path)
-        layout = "csv"
-    else:
+        base, infos = path.rsplit("/", 1)[0], {}
+        with fs.open(path, "rt", encoding="utf-8", newline="") as f:
+            ds = _from_csv(Path(path), f)
+    else:  # one listing gives every file's size and ETag
         base = path
-        found = sorted(_rel(u, base) for u in fs.find(base))
-        rels = [r for r in found if _is_image_name(r.rsplit("/", 1)[-1])]
-        if not rels:
-            raise DatasetError(f"no image files ({', '.join(IMG_EXTENSIONS)}) found under {path!r}")
-        parts = [r.split("/") for r in rels]
-        tops = {p[0] for p in parts if len(p) > 1}
-        if layout == "folder":
-            if tops and all(t.lower() in SPLIT_NAMES for t in tops) and all(len(p) > 2 for p in parts):
-                layout = "splits"
-            else:
-                layout = "imagefolder" if all(len(p) > 1 for p in parts) else "flat"
-        if layout == "splits":
-            keep = [p for p in parts if len(p) > 2]
-            labels, splits = [p[1] for p in keep], [_canonical_split(p[0]) for p in keep]
-        elif layout == "imagefolder":
-            keep = [p for p in parts if len(p) > 1]
-            labels, splits = [p[0] for p in keep], [""] * len(keep)
-        else:
-            keep = parts
-            labels, splits = [None] * len(keep), [""] * len(keep)
-        rels = ["/".join(p) for p in keep]
-    units = [Unit(r, f"{base}/{r}", "file", _fingerprint(fs, f"{base}/{r}")) for r in rels]
-    ds = _build(Path(base), layout, rels, labels, splits, [])
-    ds.root, ds.reader = base, Source(fs, units, np.arange(len(units), dtype=np.int64), [""] * len(units))
-    return ds
-
-
-def _remote_csv(fs: Any, path: str) -> tuple[list[str], list[str | None], list[str], str]:
-    """A ``path,label[,split]`` manifest at a URL; paths relative to its folder."""
-    with fs.open(path, "rt", encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "path" not in reader.fieldnames:
-            raise DatasetError(f"{path}: expected a header row with a 'path' column (and 'label'; optional 'split')")
-        rows = list(reader)
-    if not rows:
-        raise DatasetError(f"{path}: manifest has no rows")
-    base = path.rsplit("/", 1)[0]
-    return ([r["path"].strip() for r in rows], [(r.get("label") or "").strip() or None for r in rows],
-            [_canonical_split(r.get("split") or "") for r in rows], base)
+        infos = {_rel(u, base): info for u, info in fs.find(base, detail=True).items()}
+        files = [r for r in infos if not any(d.startswith(".") for d in r.split("/")[:-1])]
+        subdirs = sorted({r.split("/", 1)[0] for r in files if "/" in r})
+        layout, *rows = _folder_rows(path, "auto" if layout == "folder" else layout, files, subdirs)
+        ds = _build(Path(base), layout, *rows)
+    units = [Unit(r, f"{base}/{r}", "file", _fingerprint(fs, f"{base}/{r}", infos.get(r))) for r in ds.paths]
+    return _read_through(ds, base, Source(fs, units, np.arange(len(units), dtype=np.int64), [""] * len(units)))
 
 
 # ------------------------------------------------------------------------------------------- reading
+def _tar_members(f: Any, names: Iterable[str]) -> Iterator[tuple[str, bytes | str]]:
+    """(name, bytes) of the members ``names`` of the tar in file object ``f``, streamed once from the start (any
+    compression, no seek) and left as soon as all are found; (name, reason) for one that is no regular file.
+    A damaged tar raises tarfile.TarError or EOFError."""
+    left = set(names)
+    with tarfile.open(fileobj=f, mode="r|*") as tar:
+        for m in tar:
+            if m.name in left:
+                left.remove(m.name)
+                yield m.name, tar.extractfile(m).read() if m.isfile() else "not a regular file in the tar"
+                if not left:
+                    return
+
+
 class UnitReader(torch.utils.data.IterableDataset):
     """Planned batches of a container dataset -> collated batches, each worker reading whole units in turn.
 
@@ -592,9 +618,11 @@ class UnitReader(torch.utils.data.IterableDataset):
     a damaged tar fails its remaining members with the reason; any other read error (a network failure) stops the
     run, whose finished batches stay in the journal."""
 
-    def __init__(self, source: Source, batches: list[list[int]], prepare: Callable, collate: Callable,
+    def __init__(self, source: Source, batches: list[list[int]], item: Callable, collate: Callable,
                  max_pixels: int, draft: int | None, footprint: Any):
-        self.source, self.fs, self.prepare, self.collate = source, source.fs, prepare, collate
+        """``item(i, load)``: row i's batch item from ``load()`` (its decoded image), or (None, i, reason) for an
+        ImageDecodeError or a failed preprocessing (``probe.extract._Files.item``)."""
+        self.source, self.fs, self.item, self.collate = source, source.fs, item, collate
         self.max_pixels, self.draft, self.footprint = max_pixels, draft, footprint
         by_unit: dict[int, list[list[int]]] = {}
         for b in batches:
@@ -611,23 +639,14 @@ class UnitReader(torch.utils.data.IterableDataset):
             done: dict[int, tuple[Any, int, str]] = {}
             pending = list(batches)
             for i, data in self._read(self.source.units[u], rows):
-                done[i] = self._item(i, data)
+                # a str is the reason the unit could not give the member
+                done[i] = (None, i, data) if isinstance(data, str) else self.item(i, partial(
+                    decode_bytes, data, self.max_pixels, self.draft, self.footprint))
                 while pending and all(j in done for j in pending[0]):
                     yield self.collate([done.pop(j) for j in pending.pop(0)])
             for b in pending:  # members the unit no longer holds
                 yield self.collate([done.pop(j, None) or (None, j, "member not found in its container (changed "
                                                           "since the run was planned?)") for j in b])
-
-    def _item(self, i: int, data: bytes | str) -> tuple[Any, int, str]:
-        if isinstance(data, str):  # the reason the unit could not give the member
-            return None, i, data
-        try:
-            img = decode_bytes(data, self.max_pixels, self.draft, self.footprint)
-            return self.prepare(img, i)
-        except ImageDecodeError as e:
-            return None, i, str(e)
-        except Exception as e:  # noqa: BLE001 - a transform failing on an odd image must not stop the run
-            return None, i, f"preprocessing failed: {type(e).__name__}: {e}"
 
     def _read(self, unit: Unit, rows: list[int]) -> Iterator[tuple[int, bytes | str]]:
         """(row, bytes) of ``rows`` in the order the unit holds them; (row, reason) for one it cannot give."""
@@ -642,13 +661,9 @@ class UnitReader(torch.utils.data.IterableDataset):
         elif unit.kind == "tar":
             want = {src.member[i]: i for i in rows}
             try:
-                with self.fs.open(unit.url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                    for m in tar:
-                        i = want.pop(m.name, None)
-                        if i is not None:
-                            yield i, tar.extractfile(m).read() if m.isfile() else "not a regular file in the tar"
-                        if not want:
-                            break
+                with self.fs.open(unit.url, "rb") as f:
+                    for name, data in _tar_members(f, want):
+                        yield want.pop(name), data
             except (tarfile.TarError, EOFError) as e:
                 for i in want.values():
                     yield i, f"damaged tar shard: {type(e).__name__}: {e}"
@@ -835,10 +850,11 @@ class Pictures:
 
     def _tar_member(self, url: str, name: str) -> bytes:
         if not url.lower().endswith(".tar"):  # compressed: no offsets to seek to, one streamed pass
-            with self._open(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                for m in tar:
-                    if m.name == name and m.isfile():
-                        return tar.extractfile(m).read()
+            with self._open(url) as f:
+                for _, data in _tar_members(f, {name}):
+                    if isinstance(data, str):
+                        raise ImageDecodeError(f"member {name!r} of {url}: {data}")
+                    return data
             raise ImageDecodeError(f"member {name!r} not found in {url} (changed since extraction?)")
         offsets = _cached(_OFFSETS, (url, _fingerprint(self.fs, url)), lambda: self._tar_offsets(url), TAR_CACHE)
         if name not in offsets:
