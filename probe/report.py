@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -123,14 +122,11 @@ def _sheet_pictures(result: dict[str, Any]) -> Callable[[str], tuple[str, Pictur
 
 
 def _index_pictures(index: str) -> tuple[Pictures, str]:
-    """The Pictures of a saved index's rows and the root its absolute paths start with."""
-    from .search.index import sidecar
+    """The Pictures of a saved index's rows and the root its absolute paths start with, from its sidecar, checked
+    as ``SearchIndex.load`` checks it (a damaged or foreign one is the same one-line ProbeError)."""
+    from .search.index import read_sidecar
 
-    try:
-        meta = json.loads(sidecar(index).read_bytes())
-    except (OSError, ValueError) as e:
-        log.warning("thumbnails of files only: cannot read the metadata of index %s: %s", index, e)
-        meta = {}
+    meta = read_sidecar(index)
     return Pictures.of_index(meta), str(meta.get("root") or "")
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from ._callable import make_module_callable
 from .clip import import_open_clip, is_clip, text_tower_for
 from .errors import MissingFileError, ProbeError
-from .heads.evaluate import metrics
+from .heads.evaluate import head_columns_for, metrics
 from .heads.features import stratified_holdout
 from .heads.fit import _training_rows
 from .heads.io import save_head
@@ -162,15 +162,16 @@ def _store_columns(store: FeatureStore, names: list[str]) -> tuple[np.ndarray | 
     if store.multilabel:
         return None, "the store is multi-label (several classes per image): no single-label accuracy"
     y = store.labels()
-    if not (y >= 0).any():
+    labelled = y >= 0
+    if not labelled.any():
         return None, "the store has no labelled images"
-    col = {n: i for i, n in enumerate(names)}
-    missing = sorted({store.classes[i] for i in np.unique(y[y >= 0]) if store.classes[i] not in col})
-    if missing:
+    missing = sorted({store.classes[i] for i in np.unique(y[labelled])} - set(names))
+    if missing:  # a note, not head_columns_for's error: the head is still made, only its accuracy is left out
         return None, (f"the store's classes {', '.join(map(repr, missing[:5]))} are not among the head's classes "
                       "(accuracy needs every labelled class named as in the store)")
-    lut = np.array([col.get(c, -1) for c in store.classes] + [-1], np.int64)  # index -1 -> the trailing -1
-    return lut[y], None
+    cols = np.full(len(y), -1, np.int64)
+    cols[labelled] = head_columns_for(store.classes, y[labelled], names, f"store {store.path}")
+    return cols, None
 
 
 # ---------------------------------------------------------------------------------------- zero-shot

@@ -80,3 +80,31 @@ def test_search_image_with_html(app, demo_store, tmp_path):
     assert lines[0].startswith(f"query {first}") and f"val/Sandal/{first.name}" in lines[2]
     assert lines[-1] == f"contact sheet: {tmp_path / 's.html'}"
     assert (tmp_path / "s.html").read_text().count("<img ") == 6
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda meta: b"{not json", "is not valid JSON"),
+    (lambda meta: json.dumps({**meta, "format": "other"}).encode(), "is not the metadata of a probe search index"),
+    (lambda meta: json.dumps({**meta, "root": "/elsewhere"}).encode(), "is damaged: its contents no longer match"),
+], ids=["not-json", "foreign", "edited"])
+def test_contact_sheet_reads_the_sidecar_as_loading_the_index_does(tmp_path, damage, says):
+    """`probe search --html` of rows that are no files here (an arrays store) reads the index's sidecar for where
+    its images are: a sidecar damaged after the search is the one-line error of SearchIndex.load, naming it."""
+    from probe.errors import ProbeError
+    from probe.report import contact_sheet
+    from probe.search import SearchIndex, search_index, sidecar
+
+    store = tmp_path / "s.h5"
+    store_from_arrays(store, clustered(20, dim=8))
+    SearchIndex.build(store).save(tmp_path / "s.faiss")
+    result = search_index(tmp_path / "s.faiss", ["3"], k=2)
+    page = contact_sheet(result, tmp_path / "ok.html").read_text(encoding="utf-8")
+    assert page.count("image not found") == 3  # the query and its 2 hits: rows of arrays have no image
+    side = sidecar(tmp_path / "s.faiss")
+    side.write_bytes(damage(json.loads(side.read_bytes())))
+    with pytest.raises(ProbeError, match=says) as e:
+        contact_sheet(result, tmp_path / "bad.html")
+    assert str(e.value).startswith(f"{str(side)!r}") and "\n" not in str(e.value)
+    with pytest.raises(ProbeError, match=says):  # the same words as loading the index
+        SearchIndex.load(tmp_path / "s.faiss")
+    assert not (tmp_path / "bad.html").exists()

@@ -18,7 +18,7 @@ from PIL import Image
 from probe.extract import embedder_for, extract
 from probe.heads.fit import fit_head
 from probe.predict import predict
-from probe.search import SearchIndex
+from probe.search import SearchIndex, search_index
 from probe.serve.process import ServerProcess
 from probe.store import FeatureStore
 
@@ -131,11 +131,14 @@ def test_search_by_upload_finds_the_image_itself(client, files, index):
     assert len(hits) == 5 and hits[0]["path"] == f"Coat/{img.name}" and hits[0]["label"] == "Coat"
     assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert all(set(h) == {"rank", "id", "score", "path", "label"} for h in hits)  # no abspath: the server's folders
 
 
-def test_search_by_id_and_thumbnails(client):
+def test_search_by_id_and_thumbnails(client, files):
     r = client.get("/indexes/gallery/search", params={"id": 7, "k": 4}).json()
     assert r["hits"][0]["id"] == 7 and len(r["hits"]) == 4
+    expected = search_index(files["index"], ["7"], k=4)["results"][0]["hits"]  # `probe search`'s, less abspath
+    assert r["hits"] == [{k: v for k, v in h.items() if k != "abspath"} for h in expected]
     t = client.get("/indexes/gallery/items/7/image?size=64")
     assert t.status_code == 200 and t.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(t.content)).size[0] <= 64

@@ -77,8 +77,15 @@ def _rebuild(path: Path, store: str = "") -> str:
     return f"rebuild the index: probe index {store or 'STORE'} --out {path}"
 
 
-def _read_sidecar(side: Path, path: Path) -> dict[str, Any]:
-    """The sidecar's metadata, checked: JSON of a probe index of this version whose checksum matches."""
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of the index at ``path`` (its sidecar), checked: JSON of a probe index of this version whose
+    checksum matches. Raises MissingFileError without a sidecar, ProbeError (IntegrityError) for a damaged or
+    foreign one, each one line naming the file."""
+    path = Path(path)
+    side = sidecar(path)
+    if not side.is_file():
+        raise MissingFileError(f"{str(path)!r} has no metadata file {str(side)!r}: it was not saved by probe "
+                               "(rebuild with `probe index`)")
     try:
         meta = json.loads(side.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -448,10 +455,7 @@ class SearchIndex:
         if not path.is_file():
             raise MissingFileError(f"no search index at {str(path)!r} (build one with `probe index STORE --out "
                                     f"{path}`)")
-        if not side.is_file():
-            raise MissingFileError(f"{str(path)!r} has no metadata file {str(side)!r}: it was not saved by probe "
-                                   "(rebuild with `probe index`)")
-        meta = _read_sidecar(side, path)
+        meta = read_sidecar(path)
         files = [path.with_name(name) for name in meta.get("shard_files") or []]
         for f in files:
             if not f.is_file():

@@ -134,7 +134,7 @@ def search_index(index: str | os.PathLike | SearchIndex, inputs: Sequence[str | 
             s, i = _self_first(idx, x[row], s, i, q.gallery_id, k)
         results.append({"query": q.text, "kind": q.kind, "gallery_id": q.gallery_id,
                         "query_path": q.text if q.kind == "image" else idx.abspath(q.gallery_id),
-                        "hits": _hits(idx, s, i)})
+                        "hits": hits(idx, s, i)})
     return _answer(idx, k, results, bad)
 
 
@@ -152,12 +152,12 @@ def search_text(index: str | os.PathLike | SearchIndex, texts: Sequence[str], k:
     idx = index if isinstance(index, SearchIndex) else SearchIndex.load(index)
     texts = [texts] if isinstance(texts, str) else list(texts)
     scores, ids = idx.search_text(texts, k, device)  # (n, k)
-    results = [{"query": t, "kind": "text", "gallery_id": None, "query_path": None, "hits": _hits(idx, s, i)}
+    results = [{"query": t, "kind": "text", "gallery_id": None, "query_path": None, "hits": hits(idx, s, i)}
                for t, s, i in zip(texts, scores, ids)]
     return _answer(idx, k, results, [])
 
 
-def _hits(idx: SearchIndex, scores: np.ndarray, ids: np.ndarray) -> list[dict[str, Any]]:
+def hits(idx: SearchIndex, scores: np.ndarray, ids: np.ndarray) -> list[dict[str, Any]]:
     """(k,) scores and ids -> the hit records, best first; ids of -1 (fewer than k found) dropped."""
     return [{"rank": r + 1, "id": int(g), "score": round(float(sc), 6), "path": idx.paths[g],
              "abspath": idx.abspath(int(g)), "label": idx.label_name(int(g))}

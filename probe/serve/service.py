@@ -33,7 +33,7 @@ from ..heads.base import Head
 from ..heads.io import load_head
 from ..identity import FeatureIdentity, Side
 from ..search.index import IndexConfig, SearchIndex, check_k
-from ..search.query import search_index
+from ..search.query import hits, search_index
 from ..sources import Pictures
 from ..store import FeatureStore
 from .batching import MicroBatcher
@@ -114,6 +114,11 @@ def class_names(head: Head, meta: dict[str, Any]) -> list[str]:
 def _top(proba: np.ndarray, names: list[str], k: int) -> list[dict[str, Any]]:
     order = np.argsort(-proba, kind="stable")[:k]  # (k,)
     return [{"class": names[c], "probability": round(float(proba[c]), 6)} for c in order]
+
+
+def _served(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``probe.search.query.hits`` as the API answers them: without ``abspath`` (the server's own folders)."""
+    return [{key: h[key] for key in ("rank", "id", "score", "path", "label")} for h in found]
 
 
 class Service:
@@ -198,16 +203,12 @@ class Service:
                 "top": _top(proba[0], names, top_k)}
 
     # ---- search
-    def _hits(self, idx: SearchIndex, scores: np.ndarray, ids: np.ndarray) -> list[dict[str, Any]]:
-        return [{"rank": r + 1, "id": int(i), "score": round(float(s), 6), "path": idx.paths[i],
-                 "label": idx.label_name(int(i))} for r, (s, i) in enumerate(zip(scores, ids)) if i >= 0]
-
     async def search(self, index_name: str, data: bytes, k: int = 10) -> dict[str, Any]:
         idx = self._index(index_name)
         self._check_k(k, idx.count)
         v = await self.embed_vector(data)
         scores, ids = await asyncio.to_thread(idx.search, v[None], k)  # (1, k)
-        return {"index": index_name, "metric": idx.metric, "k": k, "hits": self._hits(idx, scores[0], ids[0])}
+        return {"index": index_name, "metric": idx.metric, "k": k, "hits": _served(hits(idx, scores[0], ids[0]))}
 
     def search_id(self, index_name: str, gallery_id: int, k: int = 10) -> dict[str, Any]:
         """Neighbours of an image already in the gallery (its stored vector; no forward pass)."""
@@ -216,8 +217,7 @@ class Service:
         if not 0 <= gallery_id < idx.count:
             raise NotFound(f"id {gallery_id} is not in index {index_name!r}: ids run from 0 to {idx.count - 1}")
         r = search_index(idx, [str(gallery_id)], k=k)["results"][0]
-        hits = [{key: h[key] for key in ("rank", "id", "score", "path", "label")} for h in r["hits"]]
-        return {"index": index_name, "metric": idx.metric, "k": k, "query_id": gallery_id, "hits": hits}
+        return {"index": index_name, "metric": idx.metric, "k": k, "query_id": gallery_id, "hits": _served(r["hits"])}
 
     async def search_text(self, index_name: str, text: str, k: int = 10) -> dict[str, Any]:
         """Nearest gallery images to a text, for an index of a clip/ store: the text encoded by its CLIP text
@@ -229,7 +229,7 @@ class Service:
                            "(CLIP reads the first 77 tokens)")
         scores, ids = await asyncio.to_thread(idx.search_text, [text], k, self.config.device)  # (1, k)
         return {"index": index_name, "metric": idx.metric, "k": k, "text": text,
-                "hits": self._hits(idx, scores[0], ids[0])}
+                "hits": _served(hits(idx, scores[0], ids[0]))}
 
     def thumbnail(self, index_name: str, gallery_id: int, size: int = 256) -> bytes:
         """A PNG of gallery image ``gallery_id`` at most ``size`` px on a side. Only files of a loaded index's

@@ -49,6 +49,13 @@ function setStatus(text, error = false) {
   $("status").className = error ? "error" : "muted";
 }
 
+function busy(text) {  // a new query: the last one's panels go until its own answers come
+  $("predictions").hidden = true;
+  $("results").hidden = true;
+  document.body.dataset.state = "busy";
+  setStatus(text);
+}
+
 function form(file) {
   const f = new FormData();
   f.append("file", file, file.name);
@@ -102,10 +109,7 @@ async function query(file) {
   if (!file) return;
   $("query").src = URL.createObjectURL(file);
   $("query").hidden = false;
-  $("predictions").hidden = true;
-  $("results").hidden = true;
-  document.body.dataset.state = "busy";
-  setStatus(`searching with ${file.name}…`);
+  busy(`searching with ${file.name}…`);
   const index = $("index").value;
   const jobs = [];
   if (index) {
@@ -131,10 +135,7 @@ async function textQuery(text) {
   if (!text) return;
   const index = $("index").value;
   $("query").hidden = true;
-  $("predictions").hidden = true;
-  $("results").hidden = true;
-  document.body.dataset.state = "busy";
-  setStatus(`searching for "${text}"…`);
+  busy(`searching for "${text}"…`);
   try {
     const q = new URLSearchParams({ text, k: hitsWanted() });
     showHits(index, await api(`/indexes/${encodeURIComponent(index)}/search/text?${q}`));
