@@ -208,7 +208,8 @@ def eval_(
     store: Path = typer.Argument(..., help="Feature store (.h5) with labels."),
     head: Path = typer.Option(..., "--head", help="Head file from `probe fit-head`."),
     split: str = typer.Option("test", "--split", help="train, val, test, or all."),
-    png: Path | None = typer.Option(None, "--png", help="Confusion-matrix PNG (default: beside the head)."),
+    png: Path | None = typer.Option(None, "--png", help="Confusion-matrix PNG, or per-class AP chart for a "
+                                                        "multi-label head (default: beside the head)."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Resamples of the rows for 95% intervals of accuracy "
                                                             "and balanced accuracy, or of mAP for a multi-label "
                                                             "head (0: none)."),
@@ -217,14 +218,17 @@ def eval_(
 ) -> None:
     """Accuracy (with a bootstrap 95% interval), top-5, balanced accuracy, per-class precision/recall/F1 and a
     confusion-matrix PNG; for a multi-label head mAP (area under PR, with its interval) and VOC07 11-point mAP,
-    per-class AP and micro/macro F1 at the head's thresholds, mean per-class ECE/NLL/Brier before and after its
-    Platt scaling and a reliability PNG pooling every (image, class) probability (no confusion matrix)."""
+    per-class AP (and its bar chart) and micro/macro F1 at the head's thresholds, mean per-class ECE/NLL/Brier before
+    and after its Platt scaling and a reliability PNG pooling every (image, class) probability (no confusion
+    matrix)."""
     from probe.heads.evaluate import evaluate_store
 
-    png = png or Path(f"{head.with_suffix('')}.{split}.confusion.png")
-    reliability = png.with_name(png.name.removesuffix(".png").removesuffix(".confusion") + ".reliability.png")
-    r = evaluate_store(store, head, None if split == "all" else split, png, bootstrap=bootstrap, seed=seed,
-                       reliability_png=reliability).to_dict()
+    stem = f"{head.with_suffix('')}.{split}"  # defaults beside the head; --png: the one chart a head has goes there
+    confusion, ap = png or Path(f"{stem}.confusion.png"), png or Path(f"{stem}.ap.png")
+    reliability = confusion.with_name(confusion.name.removesuffix(".png").removesuffix(".confusion")
+                                      + ".reliability.png")
+    r = evaluate_store(store, head, None if split == "all" else split, confusion, bootstrap=bootstrap, seed=seed,
+                       reliability_png=reliability, ap_png=ap).to_dict()
 
     def multilabel_text(r):
         lines = [f"{r['head_type']} head {r['head']} on {r['store']} [{r['split']}] (multi-label)",
@@ -238,6 +242,7 @@ def eval_(
         lines.append(f"calibration (mean per class, {c['ece_bins']} bins): uncalibrated {m[0]}"
                      + (f"; Platt-scaled: {m[1]}" if c["calibrated"] else ""))
         lines.append(f"{c['note']}; {r['confusion_note']}")
+        lines.append(f"per-class AP chart: {r['ap_png']}")
         if c.get("reliability_png"):
             lines.append(f"reliability diagram (all classes pooled): {c['reliability_png']}")
         return "\n".join(lines)

@@ -105,6 +105,18 @@ def _check(store: FeatureStore, y: np.ndarray, folds: int) -> None:
                          f"of it, lower folds, or drop the class")
 
 
+def labelled_classes(y_all: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n,) indices of the labelled rows of y_all (N,) (-1: no label), (C',) the classes present among them, and
+    (n,) each labelled row's class as an index 0..C'-1 into those: the y ``out_of_fold_proba`` takes.
+
+    Example:
+        >>> labelled_classes(np.array([3, -1, 5, 3]))      # (array([0, 2, 3]), array([3, 5]), array([0, 1, 0]))
+    """
+    lab = np.flatnonzero(y_all >= 0)
+    present, y = np.unique(y_all[lab], return_inverse=True)
+    return lab, present, y
+
+
 def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int, seed: int,
                       sweep: str = "once") -> tuple[np.ndarray, float | None]:
     """(N, C) out-of-fold class probabilities of the linear head, and the C they used. y holds class indices
@@ -235,10 +247,8 @@ def doctor(store: FeatureStore | str | os.PathLike, *, folds: int = 5, seed: int
     _check(store, y_all, folds)
     X_all = store.features()  # (N, D)
     paths, splits, prints = store.paths(), store.splits(), store.fingerprints()
-    lab = np.flatnonzero(y_all >= 0)
-    X, y_store = X_all[lab], y_all[lab]
-    present = np.unique(y_store)
-    y = np.searchsorted(present, y_store)  # (n,) indices 0..C'-1 over the classes present
+    lab, present, y = labelled_classes(y_all)  # y: (n,) indices 0..C'-1 over the classes present
+    X = X_all[lab]
     names = [store.classes[c] for c in present]
 
     proba, C = out_of_fold_proba(X, y, folds, seed, sweep)

@@ -189,11 +189,10 @@ def _labelled(store: FeatureStore, color: str) -> np.ndarray:
 
 def _predictions(store: FeatureStore, X: np.ndarray, seed: int) -> tuple[np.ndarray, float, int]:
     """(N,) out-of-fold predicted class index per row (-1 unlabelled), the accuracy and the folds used."""
-    from .doctor import out_of_fold_proba
+    from .doctor import labelled_classes, out_of_fold_proba
 
     y_all = _labelled(store, "prediction")
-    lab = np.flatnonzero(y_all >= 0)
-    present, y = np.unique(y_all[lab], return_inverse=True)  # y: (n,) 0..C'-1 over the classes present
+    lab, present, y = labelled_classes(y_all)  # y: (n,) 0..C'-1 over the classes present
     smallest = int(np.bincount(y).min())
     folds = min(FOLDS, smallest)
     if folds < 2:

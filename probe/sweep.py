@@ -6,11 +6,14 @@ seed, and LogME (``heads/logme.py``) scores the training features without a head
 table, measured on the user's data: accuracy with its 95% bootstrap interval, extraction img/s, dim, parameters,
 LogME, and the Spearman rank correlation between LogME and the best probe accuracy across the rows.
 
-Protocol (the one `probe fit-head` runs): the data's train split fits the heads; val chooses the linear head's C
-(the head is then refit on train + val; its val accuracy is scored by a copy fit on train alone at that C, so val
-rows are never scored by a head that trained on them); test is reported. Without a val split, a seeded stratified
-20% of train is held out as val; without a train split (an ImageFolder), the labelled rows are train; without a
-test split, val only. ``max_images`` keeps that many images per class in each split (seeded), in stores of its own.
+Protocol: `probe fit-head`'s, through its functions (``heads/fit.py``: ``_training_rows``, ``_fit_rows``,
+``_held_out_scorer``): the data's train split fits the heads; val chooses the linear head's C (the head is then
+refit on train + val; its val accuracy is scored by a copy fit on train alone at that C, so val rows are never scored
+by a head that trained on them); test is reported. Without a train split (an ImageFolder), a seeded stratified 20%
+of the labelled rows is val, the rest train; without a test split, val only. One difference, on purpose
+(``hold_out_val``): where the data has a train split but no val split, a seeded stratified 20% of train is held out
+as val, so that every row of the table has a val accuracy (fit-head keeps all of train and chooses C by k-fold
+cross-validation). ``max_images`` keeps that many images per class in each split (seeded), in stores of its own.
 
 Example:
     >>> result = probe.sweep("photos/", ["efficientnet_lite0", "efficientnet_lite1"], out_dir="sweep/")
@@ -41,7 +44,6 @@ from .errors import DatasetError, ProbeError
 
 log = logging.getLogger(__name__)
 
-HOLDOUT = 0.2  # share of each class of train held out as val when the data has no val split (as fit-head does)
 MIN_RANK_ROWS = 3  # a rank correlation of two rows is always +-1: reported from three on
 
 
@@ -283,29 +285,19 @@ def _throughput(store: Path, summary: Any) -> tuple[float | None, str | None, st
 
 
 # ----------------------------------------------------------------------------------------------- rows
-def split_rows(splits: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Row indices {"train", "val", "test"} of the labelled rows, and how each was made (see the module docstring).
-    Val and test keep only the classes train has (a class the heads never saw cannot be scored)."""
-    from .heads import stratified_holdout
+def _rows(store: Any, y: np.ndarray, seed: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Row indices {"train", "val", "test"}: fit-head's (``fit._training_rows``), val held out of train where the
+    data has no val split; and how each was made, in words, read off where its rows came from."""
+    from .heads.fit import HOLDOUT, _training_rows
 
-    lab = y >= 0
-    rows = {s: np.flatnonzero(lab & (splits == s)) for s in ("train", "val", "test")}
-    how = {"train": "the train split", "val": "the val split", "test": "the test split"}
-    if not len(rows["train"]):
-        rows["train"] = np.flatnonzero(lab & ~np.isin(splits, ["val", "test"]))
-        how["train"] = "every labelled row (the data has no train split)"
-    if not len(rows["val"]):
-        tr, ho = stratified_holdout(y[rows["train"]], HOLDOUT, seed)
-        rows["train"], rows["val"] = rows["train"][tr], rows["train"][ho]
-        how["val"] = f"a stratified {HOLDOUT:.0%} of train held out (seed {seed}): the data has no val split"
-    if not len(rows["test"]):
-        how["test"] = "none: the data has no test split (val only)"
-    known = np.unique(y[rows["train"]])
-    for s in ("val", "test"):
-        rows[s] = rows[s][np.isin(y[rows[s]], known)]
-    if len(known) < 2:
-        raise ProbeError(f"the training rows have {len(known)} class: a sweep needs at least 2 labelled classes")
-    return rows, how
+    train, val, test, _ = _training_rows(store, y, None, seed, hold_out_val=True)
+    rows, sp = {"train": train, "val": val, "test": test}, store.splits()
+    came = {s: len(rows[s]) > 0 and bool((sp[rows[s]] == s).all()) for s in rows}
+    lacks = {s: "" if (sp == s).any() else f": the data has no {s} split" for s in rows}
+    return rows, {"train": "the train split" if came["train"] else "every labelled row (the data has no train split)",
+                  "val": "the val split" if came["val"] else
+                  f"a stratified {HOLDOUT:.0%} of train held out (seed {seed}){lacks['val']}",
+                  "test": "the test split" if came["test"] else f"none{lacks['test']} (val only)"}
 
 
 def _score_heads(heads: list[Any], X: np.ndarray, y: np.ndarray, rows: dict[str, np.ndarray], seed: int,
@@ -315,7 +307,7 @@ def _score_heads(heads: list[Any], X: np.ndarray, y: np.ndarray, rows: dict[str,
 
     from .heads import make_head
     from .heads.evaluate import evaluate
-    from .heads.fit import _held_out_scorer
+    from .heads.fit import _fit_rows, _held_out_scorer
 
     tr, va, te = rows["train"], rows["val"], rows["test"]
     out = {}
@@ -324,8 +316,7 @@ def _score_heads(heads: list[Any], X: np.ndarray, y: np.ndarray, rows: dict[str,
         if isinstance(spec, str) and "seed" in head.get_params():
             head.set_params(seed=seed)  # a head object keeps the seed it was given
         t0 = time.perf_counter()
-        kw = {"eval_set": (X[va], y[va])} if head.kind in ("linear", "mlp") and len(va) else {}
-        head.fit(X[tr], y[tr], **kw)
+        _fit_rows(head, X, y, tr, va)
         fit_s = time.perf_counter() - t0
         scorer = _held_out_scorer(head, X, y, tr)[0] if len(va) else head  # never scores val with a head fit on it
 
@@ -435,8 +426,8 @@ def sweep(data: str | os.PathLike, backbones: str | Sequence[str], *, layers: st
             summary = extract(source, out, cfg, progress=progress, backbone=bb)  # bb taken at the layer there
             rate, throughput, where = _throughput(out, summary)
             store = FeatureStore(out)
-            X, y, sp = store.features(), store.labels(), store.splits()
-            r, how = split_rows(sp, y, seed)
+            X, y = store.features(), store.labels()
+            r, how = _rows(store, y, seed)
             t0 = time.perf_counter()
             score = logme(X[r["train"]], y[r["train"]])
             logme_s = time.perf_counter() - t0

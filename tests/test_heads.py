@@ -173,6 +173,29 @@ def test_load_head_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ sampling
+def test_training_rows_hold_out_val_only_where_the_data_has_train_but_no_val(tmp_path):
+    """fit-head's rows (``_training_rows``) and probe sweep's (``hold_out_val``): the one difference is a train split
+    without val, where the sweep holds out a seeded stratified 20% of train and fit-head keeps it all."""
+    from probe.heads.fit import _training_rows
+    from probe.store import store_from_arrays
+
+    X, y = blobs(n_per=10)
+    splits = ["train"] * 5 + ["test"] * 5
+    no_val = store_from_arrays(tmp_path / "a.h5", X, y, splits=splits * 3)
+    tr, va, te, dropped = _training_rows(no_val, y, None, 0)
+    assert len(va) == 0 and len(tr) == 15 and len(te) == 15 and dropped == 0
+    tr2, va2, te2, _ = _training_rows(no_val, y, None, 3, hold_out_val=True)
+    kept, held = stratified_holdout(y[tr], 0.2, seed=3)
+    np.testing.assert_array_equal(tr2, tr[kept])
+    np.testing.assert_array_equal(va2, tr[held])
+    assert len(va2) == 3 and np.array_equal(te2, te)  # 1 of 5 per class
+
+    for s in (["train"] * 4 + ["val"] * 3 + ["test"] * 3, [""] * 10):  # a val split, or no split at all: the same
+        store = store_from_arrays(tmp_path / f"{len(set(s))}.h5", X, y, splits=s * 3)
+        rows, held_out = _training_rows(store, y, None, 0), _training_rows(store, y, None, 0, hold_out_val=True)
+        assert all(np.array_equal(a, b) for a, b in zip(rows, held_out)) and len(rows[1])
+
+
 def test_k_per_class_is_seeded():
     y = np.repeat(np.arange(4), [10, 3, 7, 5])
     a = k_per_class(y, 5, seed=1)

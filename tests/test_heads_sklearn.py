@@ -1,5 +1,6 @@
 """The scikit-learn estimator contract, checked by scikit-learn: every head through ``parametrize_with_checks``,
-plus what those checks cannot hold a float32 solver to (sample weights as repeated rows, at solver precision)."""
+the multi-label heads through scikit-learn's multi-label checks, plus what those checks cannot hold a float32 solver
+to (sample weights as repeated rows, at solver precision)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import numpy as np
 import pytest
 from sklearn.utils import shuffle
 from sklearn.utils._param_validation import InvalidParameterError
-from sklearn.utils.estimator_checks import parametrize_with_checks
+from sklearn.utils.estimator_checks import (
+    check_classifier_multioutput,
+    check_classifiers_multilabel_output_format_decision_function,
+    check_classifiers_multilabel_output_format_predict,
+    check_classifiers_multilabel_output_format_predict_proba,
+    check_classifiers_multilabel_representation_invariance,
+    parametrize_with_checks,
+)
 from sklearn.utils.validation import has_fit_parameter
 
 from probe.errors import ProbeError
@@ -47,6 +55,38 @@ def expected_failed_checks(head) -> dict[str, str]:
 @parametrize_with_checks(HEADS, expected_failed_checks=expected_failed_checks, xfail_strict=True)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
+
+
+# ------------------------------------------------------------------------------------------ multi-label
+# parametrize_with_checks yields scikit-learn's multi-label checks only for an estimator tagged
+# classifier_tags.multi_label (target_tags.multi_output for check_classifier_multioutput); the heads carry no such
+# tag (one is multi-label by what it is fit on), and every other check feeds one label per row. So the checks that
+# fit an (N, C) indicator matrix run here on the heads that take one (``multilabel_ok``): predict (N, C) in y's
+# dtype, predict_proba (N, C) in (0, 1), decision_function (N, C) floats (the MLP head has none: skipped), y as an
+# array, list of lists or list of arrays predicting alike, and predict == (decision > 0) == round(predict_proba).
+MULTILABEL_HEADS = [
+    LinearHead(**SWEEP),  # C chosen by k-fold cross-validation on the label matrix, by mAP
+    LinearHead(C=1.0, device="cpu"),
+    LinearHead(**SWEEP, select="macro-f1"),
+    MLPHead(**MLP),
+    MLPHead(**MLP, select="map"),  # early stop on the holdout's mAP
+]
+MULTILABEL_CHECKS = [
+    check_classifiers_multilabel_representation_invariance,
+    check_classifiers_multilabel_output_format_predict,
+    check_classifiers_multilabel_output_format_predict_proba,
+    check_classifiers_multilabel_output_format_decision_function,
+    check_classifier_multioutput,
+]
+
+
+@pytest.mark.parametrize("head, check", [
+    (h, c) for h in MULTILABEL_HEADS for c in MULTILABEL_CHECKS
+    if hasattr(h, "decision_function") or c is not check_classifiers_multilabel_output_format_decision_function
+], ids=lambda v: getattr(v, "__name__", str(v)))  # a check by its name, a head by its repr
+def test_sklearn_multilabel_checks(head, check):
+    assert head.multilabel_ok
+    check(type(head).__name__, head)
 
 
 # ------------------------------------------------------------------------------------------ sample_weight

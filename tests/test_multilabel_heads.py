@@ -1,5 +1,6 @@
 """Multi-label heads (issue 14 part 2): one-vs-rest linear and MLP heads on a multi-label store, end to end through
-the CLI (extract -> fit-head -> eval -> predict), against scikit-learn, and the refusals."""
+the CLI (extract -> fit-head -> eval -> predict), against scikit-learn, and the refusals; the per-class AP chart and
+the iteratively stratified cross-validation folds."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from typer.testing import CliRunner
 from cli.main import app
 from probe.errors import ProbeError
 from probe.heads import LinearHead, MLPHead, PrototypeHead, load_head, save_head
+from probe.heads.evaluate import evaluate
 from probe.heads.fit import fit_head
-from probe.heads.multilabel import mean_ap
+from probe.heads.multilabel import mean_ap, multilabel_folds
 from probe.store import FeatureStore, store_from_arrays
 
 from .conftest import TINY
@@ -58,11 +60,11 @@ def colour_image(path: Path, red: bool, blue: bool, seed: int) -> None:
     Image.fromarray(arr).save(path)
 
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ml")
+def colour_manifest(root: Path, splits: tuple[tuple[str, int], ...]) -> Path:
+    """``root/imgs/{k}.png``: ``per`` images of each label set (none, blue, red, both) per (split, per), listed in
+    ``root/m.csv`` (path,labels,split) in that order; the csv's path."""
     lines, k = ["path,labels,split"], 0
-    for split, per in (("train", 6), ("val", 4), ("test", 4)):
+    for split, per in splits:
         for red in (False, True):
             for blue in (False, True):
                 for _ in range(per):
@@ -71,6 +73,13 @@ def manifest(tmp_path_factory) -> Path:
                     lines.append(f"imgs/{k}.png,{labels},{split}")
                     k += 1
     (root / "m.csv").write_text("\n".join(lines) + "\n")
+    return root / "m.csv"
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ml")
+    colour_manifest(root, (("train", 6), ("val", 4), ("test", 4)))
     return root
 
 
@@ -114,6 +123,10 @@ def test_csv_manifest_extract_fit_eval_predict_round_trip(manifest, fitted):
     text = run("eval", store, "--head", head).output
     assert "(multi-label)" in text and "Platt-scaled: ECE" in text and "reliability diagram (all classes pooled)" \
         in text, text
+    ap_png = Path(f"{head.with_suffix('')}.test.ap.png")  # the per-class AP chart, beside the head by default
+    assert ev["ap_png"] == str(ap_png) and f"per-class AP chart: {ap_png}" in text, text
+    with Image.open(ap_png) as im:
+        assert im.format == "PNG" and im.size == (715, 275)  # 6.5 x 2.5 inches at 110 dpi: two bars
 
     test_files = [str(manifest / "imgs" / f"{k}.png") for k in range(40, 56)]
     out = ok_json("predict", *test_files, "--head", head, "--top-k", "2")
@@ -351,3 +364,70 @@ def test_fit_head_fits_platt_before_the_thresholds(tmp_path):
     s = FeatureStore(store)
     want = h.fit_thresholds(s.features("val"), s.label_matrix("val")).thresholds_  # on calibrated val proba
     np.testing.assert_allclose(fit["thresholds"]["values"]["b"], want[1], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ per-class AP chart
+def test_ap_chart_is_a_png_listed_in_the_report_and_grows_with_the_classes(tmp_path, fitted):
+    X, Y = synthetic(200)
+    Y = np.c_[Y, np.zeros((200, 1), np.uint8)]  # a fourth class without positives: no AP, left out of the chart
+    head = LinearHead(C=1.0, device="cpu").fit(X[:100], Y[:100])
+    report = evaluate(head, X[100:], Y[100:], bootstrap=0, ap_png=tmp_path / "ap.png",
+                      reliability_png=tmp_path / "rel.png")  # arrays in: both charts reach the multi-label report
+    assert report["ap_png"] == str(tmp_path / "ap.png") and report["per_class"]["3"]["ap"] is None
+    assert report.calibration["reliability_png"] == str(tmp_path / "rel.png")
+    with Image.open(tmp_path / "ap.png") as im:
+        assert im.format == "PNG" and im.size == (715, 275)
+    many = np.random.default_rng(0).integers(0, 2, size=(60, 40))
+    wide = LinearHead(C=1.0, device="cpu").fit(np.random.default_rng(1).normal(size=(60, 5)), many)
+    path = evaluate(wide, np.zeros((60, 5)), many, bootstrap=0).ap_png(tmp_path / "many.png", "40 classes")
+    assert path == tmp_path / "many.png"  # the report's method returns the path, as confusion_png does
+    with Image.open(path) as im:
+        assert im.size == (715, round(110 * (0.22 * 40 + 1.3)))  # a 0.22-inch row per class
+
+    store, head_file, _ = fitted  # `probe eval --png PATH`: the chart there, the reliability diagram beside it
+    ev = ok_json("eval", store, "--head", head_file, "--png", tmp_path / "mine.png", "--bootstrap", "0")
+    assert ev["ap_png"] == str(tmp_path / "mine.png") and Path(ev["ap_png"]).read_bytes()[:4] == b"\x89PNG"
+    assert ev["calibration"]["reliability_png"] == str(tmp_path / "mine.reliability.png")
+
+
+# ------------------------------------------------------------------------------ stratified cross-validation folds
+def test_multilabel_folds_keep_label_shares_closer_than_kfold():
+    from sklearn.model_selection import KFold
+
+    rng = np.random.default_rng(0)
+    Y = (rng.random((600, 6)) < [0.5, 0.2, 0.08, 0.03, 0.015, 0.01]).astype(np.uint8)
+    assert Y.sum(0).tolist() == [308, 114, 49, 29, 11, 5]
+
+    def deviation(folds) -> float:  # mean over folds and labels of |share in the fold - share overall|
+        return float(np.mean([np.abs(Y[test].mean(0) - Y.mean(0)).mean() for _, test in folds]))
+
+    folds = multilabel_folds(Y, 5, seed=0)
+    ours = deviation(folds)
+    kfold = min(deviation(KFold(5, shuffle=True, random_state=s).split(Y)) for s in range(5))
+    assert ours == pytest.approx(0.00244, abs=1e-5) and ours < 0.25 * kfold, (ours, kfold)  # kfold: 0.0124
+    counts = np.array([Y[test].sum(0) for _, test in folds])  # (5 folds, 6 labels) positives per fold
+    p = Y.sum(0).astype(np.int64)  # (6,) positives per label
+    assert ((counts == p // 5) | (counts == -(-p // 5))).all()  # floor or ceil of p / 5, for every label
+    assert counts[:, 5].tolist() == [1] * 5  # the rarest label's 5 positives: one in each fold
+    assert [len(test) for _, test in folds] == [120] * 5
+    for train, test in folds:  # sklearn's (train, test) pairs: complements, sorted
+        assert np.array_equal(np.sort(np.r_[train, test]), np.arange(600)) and np.all(np.diff(test) > 0)
+    assert np.array_equal(np.sort(np.concatenate([t for _, t in folds])), np.arange(600))
+
+
+def test_multilabel_folds_spread_a_rare_label_and_are_seeded():
+    Y = np.zeros((40, 3), np.uint8)
+    Y[:, 0] = 1  # every row: no information
+    Y[[3, 9, 14, 22, 31], 1] = 1  # 5 positives, 5 folds: one each
+    Y[[0, 5, 6, 7, 8, 20, 33], 2] = 1  # 7 positives: 1 or 2 per fold
+    folds = multilabel_folds(Y, 5, seed=0)
+    assert sorted(int(Y[test, 1].sum()) for _, test in folds) == [1, 1, 1, 1, 1]
+    assert sorted(int(Y[test, 2].sum()) for _, test in folds) == [1, 1, 1, 2, 2]
+    again = multilabel_folds(Y, 5, seed=0)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
+    assert not all(np.array_equal(a[1], b[1]) for a, b in zip(folds, multilabel_folds(Y, 5, seed=1)))
+    assert all(len(test) for _, test in multilabel_folds(np.zeros((3, 2)), 3))  # no labels at all: one row each
+    with pytest.raises(ProbeError, match=r"n_splits must be an integer in \[2, 40\] \(the number of rows\), got 41"):
+        multilabel_folds(Y, 41)
+    with pytest.raises(ProbeError, match=r"Y must be an \(N, C\) 0/1 label matrix, got shape \(40,\)"):
+        multilabel_folds(Y[:, 0] * 2, 5)

@@ -1,6 +1,7 @@
 """The search page in a real headless browser (Debian's chromium via chromedriver), on a server with a token: open
 /?token=…, upload a gallery image through the file input, wait for the result cards (thumbnails carry the token's
-cookie), and read them; then a form on another origin posts to the server and is refused.
+cookie), and read them; then a form on another origin posts to the server and is refused. A multi-label head's
+labels are shown as `probe predict` gives them.
 
 Not skipped when chromium is missing: CI installs it (.ci/run); locally `apt-get install chromium chromium-driver`.
 """
@@ -12,9 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from probe.extract import extract
+from probe.heads import LinearHead
+from probe.heads.fit import fit_head
+from probe.predict import predict
+from probe.search import SearchIndex
 from probe.serve.process import running_server
 
-from .conftest import chromium
+from .conftest import chromium, tiny_config
+from .test_multilabel_heads import colour_manifest
 from .test_serve_api import make_served_files
 from .test_serve_security import TOKEN
 
@@ -27,26 +34,43 @@ def browser(tmp_path):
         yield driver
 
 
+def open_page(browser, url: str):
+    """Open the page with the token (as printed on start; the server keeps it in a cookie and takes it out of the
+    address bar) and wait for its catalogue; the 60 s waiter."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(f"{url}/?token={TOKEN}")
+    assert browser.current_url == f"{url}/"
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "index")).options) > 0)
+    return wait
+
+
+def upload(browser, wait, image: Path) -> None:
+    """Upload ``image`` through the file input and wait until the page shows its answers."""
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.ID, "file").send_keys(str(image))
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+    status = browser.find_element(By.ID, "status").text
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", status
+
+
 def test_page_upload_shows_nearest_images_and_predicted_class(tmp_path, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import Select
 
     files = make_served_files(tmp_path)
     query = sorted((files["gallery"] / "Ankle_boot").glob("*.png"))[1]
     args = ["--index", f"gallery={files['index']}", "--head", f"proto={files['head']}",
             "--state-dir", str(files["state"]), "--log-level", "warning"]
     with running_server(args, env={"PROBE_TOKEN": TOKEN}) as url:
-        browser.get(f"{url}/?token={TOKEN}")  # as printed on start; the server keeps it in a cookie
-        assert browser.current_url == f"{url}/"  # and takes it out of the address bar
-        wait = WebDriverWait(browser, 60)
-        wait.until(lambda d: len(Select(d.find_element(By.ID, "index")).options) > 0)
+        wait = open_page(browser, url)
         assert Select(browser.find_element(By.ID, "classifier")).first_selected_option.get_attribute("value") == \
             "head:proto"
-        browser.find_element(By.ID, "file").send_keys(str(query))
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
-        status = browser.find_element(By.ID, "status").text
-        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", status
+        upload(browser, wait, query)
 
         cards = browser.find_elements(By.CSS_SELECTOR, "#grid .card")
         assert len(cards) == 12
@@ -79,3 +103,30 @@ def test_page_upload_shows_nearest_images_and_predicted_class(tmp_path, browser)
         wait.until(lambda d: d.current_url == f"{url}/fewshot/csrf")
         assert "cross-origin POST refused" in browser.find_element(By.TAG_NAME, "body").text
         assert browser.execute_script("return fetch('/fewshot').then(r => r.json())") == []
+
+
+def test_page_shows_the_labels_of_a_multilabel_head(tmp_path, browser):
+    """A multi-label store (red / blue colour images from a CSV manifest, as in tests/test_multilabel_heads.py) and
+    its one-vs-rest linear head: the page asks for reject none and shows every label at or above its threshold, as
+    `probe predict` gives them."""
+    from selenium.webdriver.common.by import By
+
+    csv = colour_manifest(tmp_path, (("train", 4), ("val", 2)))
+    k = sum(1 for _ in csv.open()) - 1  # rows
+    store, head, index = tmp_path / "s.h5", tmp_path / "ml.safetensors", tmp_path / "s.faiss"
+    extract(csv, store, tiny_config())
+    fit_head(store, LinearHead(n_Cs=8), head)
+    SearchIndex.build(store).save(index)
+    query = tmp_path / "imgs" / f"{k - 1}.png"  # red and blue, a val row
+    want = [lab["class"] for lab in predict([query], head, top_k=2)["predictions"][0]["labels"]]
+    assert sorted(want) == ["blue", "red"]  # both: the page must list more than one
+
+    args = ["--index", f"colours={index}", "--head", f"ml={head}", "--state-dir", str(tmp_path / "state"),
+            "--log-level", "warning"]
+    with running_server(args, env={"PROBE_TOKEN": TOKEN}) as url:
+        upload(browser, open_page(browser, url), query)  # a 422 (reject auto on a multi-label head) ends in "error"
+        assert browser.find_element(By.ID, "pred-source").text == f"(head ml) — labels: {', '.join(want)}"
+        preds = browser.find_elements(By.CSS_SELECTOR, "#pred-list .prediction")
+        assert sorted(p.get_attribute("data-class") for p in preds) == ["blue", "red"]
+        cards = browser.find_elements(By.CSS_SELECTOR, "#grid .card")
+        assert len(cards) == 12 and cards[0].get_attribute("data-path") == f"imgs/{query.name}"  # the image itself

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from probe.errors import BackboneError, ProbeError
+from probe.heads.fit import fit_head
 from probe.sweep import sweep
 
 from .conftest import DEMO, TINY, make_imagefolder
@@ -88,6 +89,8 @@ def test_split_rules(tmp_path):
     row = r.rows[0]
     assert (row.n_train, row.n_val, row.n_test) == (15, 3, 18)  # 1 of 6 per class held out (20%, at least one)
     assert "held out" in r.splits["val"] and r.splits["test"] == "the test split"
+    fit = fit_head(row.store, "knn")
+    assert (fit.n_train, fit.n_val, fit.n_test) == (18, 0, 18)  # the one difference: fit-head holds out no val here
     for h in row.heads.values():
         check_interval(h.val, h.val_ci95)
         check_interval(h.test, h.test_ci95)
@@ -98,6 +101,17 @@ def test_split_rules(tmp_path):
     row = r.rows[0]
     assert (row.n_train, row.n_val, row.n_test) == (12, 3, 0) and list(row.heads) == ["knn"]
     assert "no train split" in r.splits["train"] and row.heads["knn"].test is None
+
+
+def test_rows_are_fit_heads_without_a_train_split(tmp_path):
+    """val/ and test/ without train/: fit-head's rule (the sweep takes its rows from fit-head's function) pools every
+    labelled row into train and a seeded 20% val; the sweep's own copy refused it (no training rows)."""
+    data = make_imagefolder(tmp_path / "data", per_class=5, splits=("val", "test"))
+    r = sweep(data, [TINY], weights="random", cache_dir=tmp_path / "cache", heads=["knn"], workers=0)
+    row, fit = r.rows[0], fit_head(r.rows[0].store, "knn")
+    assert (row.n_train, row.n_val, row.n_test) == (fit.n_train, fit.n_val, fit.n_test) == (24, 6, 0)
+    assert r.splits["train"] == "every labelled row (the data has no train split)"
+    assert r.splits["val"].startswith("a stratified 20% of train held out") and r.splits["test"] == "none (val only)"
 
 
 def test_max_images_subsamples_per_class_into_stores_of_its_own(tmp_path):

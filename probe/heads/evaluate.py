@@ -1,10 +1,11 @@
-"""Classification metrics for a head on labelled features, and the confusion-matrix PNG.
+"""Classification metrics for a head on labelled features, and the confusion-matrix (or per-class AP) PNG.
 
 A multi-label head (on a multi-label store) gets a ``MultiLabelReport`` instead: mAP (area under PR) and VOC07
-11-point mAP, per-class AP, micro/macro F1 at the head's thresholds, a bootstrap interval of mAP; no confusion
-matrix (several labels per image have no single true/predicted cell); its calibration block has the mean per-class
-ECE, NLL and Brier before and after the head's per-class Platt scaling (``calibration.multilabel_calibration_
-metrics``), and its reliability diagram pools every (image, class) probability.
+11-point mAP, per-class AP (and its bar chart, ``ap_png``), micro/macro F1 at the head's thresholds, a bootstrap
+interval of mAP; no confusion matrix (several labels per image have no single true/predicted cell); its calibration
+block has the mean per-class ECE, NLL and Brier before and after the head's per-class Platt scaling
+(``calibration.multilabel_calibration_metrics``), and its reliability diagram pools every (image, class)
+probability.
 
 Example:
     >>> report = evaluate(head, X_test, y_test)                     # arrays in, an EvalReport out
@@ -203,6 +204,34 @@ def confusion_png(confusion: list[list[int]], class_names: list[str], path: str 
     return save_figure(fig, path, Path(path).suffix.lstrip(".").lower() or "png")
 
 
+def ap_png(ap: list[float | None], class_names: list[str], path: str | os.PathLike, title: str = "") -> Path:
+    """Write each class's average precision ``ap`` (C,) (None: no positives, left out) as horizontal bars, highest
+    on top, with their mean (the mAP) as a dashed line and in the title, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = sorted((a, n) for a, n in zip(ap, class_names) if a is not None)  # ascending: barh draws bottom-up
+    values = np.array([a for a, _ in shown])
+    n, mAP = len(shown), float(values.mean()) if shown else float("nan")
+    fig, ax = plt.subplots(figsize=(6.5, max(2.5, 0.22 * n + 1.3)), dpi=110)
+    ax.barh(range(n), values, color="tab:blue")
+    ax.set_yticks(range(n), [name for _, name in shown], fontsize=8)
+    if n <= 60:  # values stay legible up to ~60 bars
+        for i, a in enumerate(values):
+            ax.text(a + 0.01, i, f"{a:.3f}", va="center", fontsize=7)
+    if n:
+        ax.axvline(mAP, ls="--", color="grey", lw=1, zorder=0)  # behind the bars
+    ax.set(xlim=(0, 1.08), ylim=(-0.6, n - 0.4))
+    left_out = len(ap) - n
+    ax.set_xlabel("average precision (area under PR)"
+                  + (f"; {left_out} class{'es' * (left_out > 1)} without positives not shown" if left_out else ""))
+    ax.set_title((f"{title}: " if title else "") + f"mAP {mAP:.3f} over {n} classes", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, Path(path).suffix.lstrip(".").lower() or "png")
+
+
 def head_columns_for(store_classes: list[str], store_labels: np.ndarray, head_classes: list[str],
                      where: str) -> np.ndarray:
     """Map a store's label indices (N,) to the head's probability columns (N,), refusing classes the head lacks."""
@@ -261,11 +290,11 @@ class EvalReport:
 class MultiLabelReport:
     """Metrics of a multi-label head: ``metrics`` is ``multilabel.multilabel_metrics`` (mAP, mAP_voc07, micro/macro
     F1, per class AP / VOC07 AP / precision / recall / F1 / support / threshold). ``to_dict()`` (and
-    ``report["mAP"]``) give the JSON of `probe eval --json`."""
+    ``report["mAP"]``) give the JSON of `probe eval --json`; ``ap_png(path)`` draws the per-class AP bars."""
 
     metrics: dict[str, Any]
     class_names: list[str]
-    context: dict[str, Any] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)  # store, head, head_type, split, ap_png when written
     ci95: dict[str, list[float]] = field(default_factory=dict)  # bootstrap [low, high]: map
     bootstrap: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)  # mean per-class ECE/NLL/Brier before/after Platt
@@ -285,14 +314,19 @@ class MultiLabelReport:
     def mAP(self) -> float | None:
         return self.metrics["mAP"]
 
+    def ap_png(self, path: str | os.PathLike, title: str = "") -> Path:
+        return ap_png([c["ap"] for c in self.metrics["per_class"].values()], self.class_names, path, title)
+
 
 def evaluate_multilabel(head: Any, X: np.ndarray, Y: np.ndarray, *, class_names: list[str] | None = None,
                         bootstrap: int = BOOTSTRAP, seed: int = 0, context: dict[str, Any] | None = None,
-                        reliability_png: str | os.PathLike | None = None, title: str = "") -> MultiLabelReport:
+                        reliability_png: str | os.PathLike | None = None, title: str = "",
+                        ap_png: str | os.PathLike | None = None) -> MultiLabelReport:
     """``MultiLabelReport`` of a multi-label ``head`` on X (N, D) and its (N, C) 0/1 label matrix Y (columns in the
     head's order), with a bootstrap 95% interval of mAP (``bootstrap`` resamples; 0: none) and the calibration
-    block (mean per-class ECE/NLL/Brier without and with ``platt_``); the pooled reliability diagram only when
-    ``reliability_png``."""
+    block (mean per-class ECE/NLL/Brier without and with ``platt_``); the per-class AP chart only when ``ap_png``
+    (its path in ``report["ap_png"]``), the pooled reliability diagram only when ``reliability_png``. ``title``
+    heads both charts."""
     from . import calibration as cal
     from .multilabel import multilabel_metrics
 
@@ -308,6 +342,9 @@ def evaluate_multilabel(head: Any, X: np.ndarray, Y: np.ndarray, *, class_names:
     names = class_names if class_names is not None else [str(c) for c in head.classes_.tolist()]
     P = head.predict_proba(X)
     report = MultiLabelReport(multilabel_metrics(Y, P, head.thresholds_, names), names, dict(context or {}))
+    if ap_png is not None:
+        report.context["ap_png"] = str(report.ap_png(ap_png, title))
+        log.info("per-class AP chart written to %s", ap_png)
     platt = hasattr(head, "platt_")
     before = head.uncalibrated_proba(X) if platt else P
     report.calibration = {"calibrated": platt, "method": "platt" if platt else None,
@@ -316,8 +353,9 @@ def evaluate_multilabel(head: Any, X: np.ndarray, Y: np.ndarray, *, class_names:
                           "before": cal.multilabel_calibration_metrics(before, Y),
                           "after": cal.multilabel_calibration_metrics(P, Y) if platt else None}
     if reliability_png is not None:
+        pooled = title and f"{title}: reliability, {Y.size} (image, class) pairs pooled"
         report.calibration["reliability_png"] = str(cal.reliability_png(
-            before, Y, reliability_png, P if platt else None, title, multilabel=True))
+            before, Y, reliability_png, P if platt else None, pooled, multilabel=True))
         report.calibration["reliability_pooled"] = "every (image, class) probability in one diagram"
     if bootstrap:
         t0 = time.perf_counter()
@@ -330,11 +368,13 @@ def evaluate_multilabel(head: Any, X: np.ndarray, Y: np.ndarray, *, class_names:
 
 def evaluate(head: Any, X: np.ndarray, y: np.ndarray, *, class_names: list[str] | None = None,
              png: str | os.PathLike | None = None, bootstrap: int = BOOTSTRAP, seed: int = 0,
-             reliability_png: str | os.PathLike | None = None) -> EvalReport:
+             reliability_png: str | os.PathLike | None = None,
+             ap_png: str | os.PathLike | None = None) -> EvalReport | MultiLabelReport:
     """Metrics of a fitted ``head`` on features X (N, D) with labels y (N,) in the head's label space (the values
     of ``head.classes_``). A confusion-matrix PNG is written only when ``png`` is given. ``bootstrap``: resamples
     of the rows (seeded by ``seed``) for the 95% intervals in ``ci95``; 0 for none. ``calibration`` has ECE, NLL
     and Brier before and after the head's temperature; the reliability diagram only when ``reliability_png``.
+    A multi-label head with y (N, C) 0/1 gives ``evaluate_multilabel``'s report (its chart: ``ap_png``).
 
     Example:
         >>> report = evaluate(head, store.features("test"), store.labels("test"))
@@ -342,7 +382,8 @@ def evaluate(head: Any, X: np.ndarray, y: np.ndarray, *, class_names: list[str] 
     """
     y = np.asarray(y)
     if getattr(head, "multilabel_", False) or y.ndim == 2:
-        return evaluate_multilabel(head, X, y, class_names=class_names, bootstrap=bootstrap, seed=seed)
+        return evaluate_multilabel(head, X, y, class_names=class_names, bootstrap=bootstrap, seed=seed,
+                                   reliability_png=reliability_png, ap_png=ap_png)
     known = np.isin(y, head.classes_)
     if not known.all():
         raise ProbeError(f"y has labels the head was not trained on: {sorted(set(y[~known].tolist()))[:10]} "
@@ -359,9 +400,11 @@ def evaluate(head: Any, X: np.ndarray, y: np.ndarray, *, class_names: list[str] 
 
 def evaluate_store(store: Any, head: str | os.PathLike, split: str | None = "test",
                    png: str | os.PathLike | None = None, bootstrap: int = BOOTSTRAP, seed: int = 0,
-                   reliability_png: str | os.PathLike | None = None) -> EvalReport:
+                   reliability_png: str | os.PathLike | None = None,
+                   ap_png: str | os.PathLike | None = None) -> EvalReport | MultiLabelReport:
     """Metrics of the head file ``head`` on the labelled rows of ``split`` (None: all rows) of a store (a path or
-    FeatureStore), after checking the head was fit on features made the same way. PNG only when ``png`` is given;
+    FeatureStore), after checking the head was fit on features made the same way. The confusion-matrix PNG only
+    when ``png`` is given (a multi-label head has none: its per-class AP chart goes to ``ap_png`` when given);
     ``bootstrap`` resamples (seeded by ``seed``; 0: none) give the 95% intervals in ``ci95``. ``calibration``:
     ECE/NLL/Brier before and after the head's temperature (fit on the store's val split by fit-head, so its
     ``after`` on val is optimistic), and the reliability diagram when ``reliability_png`` is given.
@@ -382,7 +425,7 @@ def evaluate_store(store: Any, head: str | os.PathLike, split: str | None = "tes
             raise ProbeError(f"store {store.path} has no {split!r} split (it has: {', '.join(have) or 'none'}; "
                              "pass split=None (--split all) to evaluate every labelled row)")
     if getattr(fitted, "multilabel_", False) or getattr(store, "multilabel", False):
-        return _evaluate_store_multilabel(store, fitted, meta, head, split, bootstrap, seed, reliability_png)
+        return _evaluate_store_multilabel(store, fitted, meta, head, split, bootstrap, seed, reliability_png, ap_png)
     X, y = store.features(split), store.labels(split)
     keep = y >= 0
     if not keep.any():
@@ -408,7 +451,8 @@ def evaluate_store(store: Any, head: str | os.PathLike, split: str | None = "tes
 
 def _evaluate_store_multilabel(store: Any, fitted: Any, meta: dict[str, Any], head: str | os.PathLike,
                                split: str | None, bootstrap: int, seed: int,
-                               reliability_png: str | os.PathLike | None = None) -> MultiLabelReport:
+                               reliability_png: str | os.PathLike | None = None,
+                               ap_png: str | os.PathLike | None = None) -> MultiLabelReport:
     """``evaluate_store`` for a multi-label head on a multi-label store: every row of ``split`` (an image without
     labels is a negative for every class), store columns matched to the head's classes by name."""
     if not getattr(store, "multilabel", False):
@@ -434,8 +478,8 @@ def _evaluate_store_multilabel(store: Any, fitted: Any, meta: dict[str, Any], he
     report = evaluate_multilabel(
         fitted, store.features(split), Y, class_names=names, bootstrap=bootstrap, seed=seed,
         context={"store": str(store.path), "head": str(head), "head_type": meta["head"], "split": split or "all"},
-        reliability_png=reliability_png, title=f"{Path(head).name} on {store.path.name} [{split or 'all'}]: "
-                                               f"reliability, {Y.size} (image, class) pairs pooled")
+        reliability_png=reliability_png, ap_png=ap_png, title=f"{Path(head).name} on {store.path.name} "
+                                                              f"[{split or 'all'}]")
     fit_on = ((meta.get("fit") or {}).get("calibration") or {}).get("fit_on") or ""
     if report.calibration["calibrated"] and split in (None, "val") and fit_on.startswith("val"):
         report.calibration["note"] += " ('after' on val rows is optimistic)"

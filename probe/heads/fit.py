@@ -41,6 +41,7 @@ from .io import make_head, save_head
 from .scoring import refuse_map
 
 NOT_CALIBRATED = cal.MULTILABEL_NOT_CALIBRATED
+HOLDOUT = 0.2  # share of the rows (of each class, single-label) held out as val where the data has no split for it
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def labelled_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
     rows = {s: np.flatnonzero(lab & (sp == s)) for s in ("train", "val", "test")}
     if len(rows["train"]) == 0:  # no splits: seeded stratified holdout of every labelled row
         idx = np.flatnonzero(lab)
-        tr, ho = stratified_holdout(y[idx], 0.2, seed)
+        tr, ho = stratified_holdout(y[idx], HOLDOUT, seed)
         rows = {"train": idx[tr], "val": idx[ho], "test": np.zeros(0, np.int64)}
         log.info("store has no train split: holding out %d of %d labelled rows (seed %d) for validation",
                  len(ho), len(idx), seed)
@@ -75,14 +76,15 @@ def labelled_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
 
 def multilabel_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
     """``labelled_splits`` of a multi-label store: every row counts (no label = negative for every class); a store
-    without a train split gets a seeded random 20% of its rows as val. Refuses a train split without any label."""
+    without a train split gets a seeded 20% of its rows, stratified by label (``multilabel_holdout``), as val.
+    Refuses a train split without any label."""
     Y, sp = store.label_matrix(), store.splits()
     rows = {s: np.flatnonzero(sp == s) for s in ("train", "val", "test")}
     if len(rows["train"]) == 0:
-        order = np.random.default_rng(seed).permutation(len(Y))
-        n_val = max(1, round(0.2 * len(Y))) if len(Y) > 1 else 0
-        rows = {"train": np.sort(order[n_val:]), "val": np.sort(order[:n_val]), "test": np.zeros(0, np.int64)}
-        log.info("store has no train split: holding out %d of %d rows (seed %d) for validation", n_val, len(Y), seed)
+        train, val = ml.multilabel_holdout(Y, HOLDOUT, seed) if len(Y) > 1 else (np.arange(len(Y)), np.zeros(0, int))
+        rows = {"train": train, "val": val, "test": np.zeros(0, np.int64)}
+        log.info("store has no train split: holding out %d of %d rows (seed %d, stratified by label) for validation",
+                 len(val), len(Y), seed)
     if not Y[rows["train"]].any():
         raise ProbeError(f"store {store.path} is multi-label but its {len(rows['train'])} training rows have no "
                          "label: a head needs labelled images")
@@ -123,17 +125,23 @@ class HeadFit:
         return self.to_dict().get(key, default)
 
 
-def _training_rows(store: FeatureStore, y: np.ndarray, shots: int | None, seed: int
+def _training_rows(store: FeatureStore, y: np.ndarray, shots: int | None, seed: int, hold_out_val: bool = False
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(train, val, test, test rows dropped) indices: the store's splits, ``shots`` per class kept in train, and
-    val/test limited to the classes train has (a row of a class the head never saw cannot be scored)."""
+    val/test limited to the classes train has (a row of a class the head never saw cannot be scored).
+
+    ``hold_out_val``: a store with a train split but no val split also gets a seeded stratified 20% of train as val
+    (probe sweep: every row of its table has a val accuracy). Without it (fit-head) val stays empty there: the
+    linear head chooses C by k-fold cross-validation of train, and the head is not calibrated."""
     rows = labelled_splits(store, seed)
-    train = rows["train"]
+    train, val, test = rows["train"], rows["val"], rows["test"]
+    if hold_out_val and not len(val):
+        tr, ho = stratified_holdout(y[train], HOLDOUT, seed)
+        train, val = train[tr], train[ho]
     if shots:
         _check_shots(store, y[train], shots)
         train = train[k_per_class(y[train], shots, seed)]
     known = np.unique(y[train])
-    val, test = rows["val"], rows["test"]
     val = val[np.isin(y[val], known)]
     dropped = int((~np.isin(y[test], known)).sum())
     return train, val, test[np.isin(y[test], known)], dropped
@@ -177,6 +185,15 @@ def _views_kw(store: FeatureStore, head: Head, train: np.ndarray, views: bool | 
                  head.kind, store.n_views)
         return {}
     return {"views": store.views(rows=train)}
+
+
+def _fit_rows(head: Head, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, **kw: Any) -> Head:
+    """``head.fit`` on the train rows of X (N, D), y (N,) -- or the (N, C) label matrix --, with the val rows (when
+    there are any) as the linear head's ``eval_set`` (it chooses C on them) or the MLP's (its early stop); the other
+    heads do not look at val."""
+    if head.kind in ("linear", "mlp") and len(val):
+        kw["eval_set"] = (X[val], y[val])
+    return head.fit(X[train], y[train], **kw)
 
 
 def _held_out_scorer(head: Head, X: np.ndarray, y: np.ndarray, train: np.ndarray) -> tuple[Head, str]:
@@ -251,11 +268,7 @@ def fit_head(store: FeatureStore | str | os.PathLike, head: Head | str = "linear
     refuse_map(getattr(head, "select", ""), f"store {store.path} has one label per image")
     X, y = store.features(), store.labels()  # (N, D), (N,)
     train, val, test, test_dropped = _training_rows(store, y, shots, seed)
-    fit_kw: dict[str, Any] = {}
-    if head.kind in ("linear", "mlp") and len(val):
-        fit_kw["eval_set"] = (X[val], y[val])
-    fit_kw.update(_views_kw(store, head, train, views))
-    head.fit(X[train], y[train], **fit_kw)
+    _fit_rows(head, X, y, train, val, **_views_kw(store, head, train, views))
     fit_s = time.perf_counter() - t0
     class_names = [store.classes[i] for i in head.classes_]
     calibrated = _calibrate(head, X, y, {"train": train, "val": val, "test": test}, reject_target)
@@ -307,9 +320,7 @@ def _fit_multilabel(store: FeatureStore, head: Head, out: str | os.PathLike | No
     X, Y = store.features(), store.label_matrix()  # (N, D), (N, C)
     rows = labelled_splits(store, seed)
     train, val, test = rows["train"], rows["val"], rows["test"]
-    fit_kw: dict[str, Any] = {"eval_set": (X[val], Y[val])} if len(val) else {}
-    fit_kw.update(_views_kw(store, head, train, views))
-    head.fit(X[train], Y[train], **fit_kw)
+    _fit_rows(head, X, Y, train, val, **_views_kw(store, head, train, views))
     fit_s = time.perf_counter() - t0
     class_names = list(store.classes)
     thresholds: dict[str, Any] = {"fit_on": None, "rule": "F1-optimal per class on val, on the Platt-scaled "

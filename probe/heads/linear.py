@@ -36,7 +36,7 @@ from probe.device import resolve_device
 from ..errors import ProbeError
 from .base import Head
 from .features import balanced_weights
-from .multilabel import f1_scores, fit_thresholds, mean_ap
+from .multilabel import f1_scores, fit_thresholds, mean_ap, multilabel_folds
 from .scoring import SELECT, key, refuse_map, refuse_single, score
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,16 @@ def _log_loss(logits: torch.Tensor, target: torch.Tensor, ovr: bool) -> tuple[to
     return lse[..., 0] - (logits * target).sum(-1), torch.exp(logits - lse) - target
 
 
+def _objective(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float | np.ndarray, K: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The terms of sklearn's objective scaled by 1/(C * sum w): the 0/1 target (N, K) -- y itself for one-vs-rest,
+    else y's one-hot --, each row's share w / sum w (N,) of the loss, and the penalty's weight 1/(2 C sum w), one
+    per strength (C a float: (), C (S,): (S,))."""
+    wsum = w.sum()
+    target = y.to(Z.dtype) if y.dim() == 2 else torch.nn.functional.one_hot(y, K).to(Z.dtype)  # (N, K)
+    return target, w / wsum, 1.0 / (2.0 * torch.as_tensor(C, dtype=Z.dtype, device=Z.device) * wsum)
+
+
 def _solve(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float, W: torch.Tensor, b: torch.Tensor,
            max_iter: int, tol: float, anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Minimise sklearn's objective, scaled by 1/(C * sum w) so that float32 stays well-conditioned.
@@ -88,13 +98,10 @@ def _solve(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float, W: torch
     W0 = torch.zeros_like(W) if anchor is None else anchor
     W = W.clone().requires_grad_(True)
     b = b.clone().requires_grad_(True)
-    wsum = w.sum()
-    lam = 1.0 / (2.0 * C * wsum)
+    onehot, ww, lam = _objective(Z, y, w, C, W.shape[1])
+    ww = ww[:, None]  # (N, 1)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=tol,
                             tolerance_change=1e-10, line_search_fn="strong_wolfe")
-
-    onehot = y.to(Z.dtype) if y.dim() == 2 else torch.nn.functional.one_hot(y, W.shape[1]).to(Z.dtype)  # (N, K)
-    ww = (w / wsum)[:, None]  # (N, 1)
 
     @torch.no_grad()
     def closure():  # the gradient by hand: autograd's Z.T @ dlogits is the slow narrow product (_ztg)
@@ -126,11 +133,9 @@ def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarra
     Returns W (S, D, K), b (S, K), iterations (S,)."""
     N, D = Z.shape
     S, P = len(Cs), D * K + K
-    wsum = w.sum()
-    lam_all = 1.0 / (2.0 * torch.as_tensor(Cs, dtype=Z.dtype, device=Z.device) * wsum)  # (S,)
+    onehot, ww, lam_all = _objective(Z, y, w, Cs, K)  # (N, K), (N,), (S,)
     ovr = y.dim() == 2  # one-vs-rest: y is the (N, K) 0/1 target itself
-    onehot = y.to(Z.dtype) if ovr else torch.nn.functional.one_hot(y, K).to(Z.dtype)  # (N, K)
-    ww = (w / wsum)[:, None, None]  # (N, 1, 1)
+    ww = ww[:, None, None]  # (N, 1, 1)
     A = torch.zeros(D, K, dtype=Z.dtype, device=Z.device) if anchor is None else anchor  # (D, K)
 
     def f_and_g(theta: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,12 +389,12 @@ class LinearHead(Head):
         (W (D, K), b (K,)) at ``C_``, the final fit's warm start. (Not the folds' warm starts: a fold's solution has
         seen the next fold's validation rows, and a few L-BFGS iterations from it keep what it memorised -- measured,
         it moved the chosen C from 1e-4 to 10 on synthetic 40k x 1280.)"""
-        from sklearn.model_selection import KFold, StratifiedKFold
+        from sklearn.model_selection import StratifiedKFold, check_cv
 
-        if self.multilabel_:  # no stratification of label sets: plain shuffled folds
+        if self.multilabel_:  # iteratively stratified folds of the label matrix (multilabel_folds)
             if len(yi) < 2:
                 raise ProbeError("choosing C by cross-validation needs >= 2 training rows; pass eval_set or a fixed C")
-            folds = KFold(min(int(self.folds), len(yi)), shuffle=True, random_state=self.seed)
+            folds = check_cv(multilabel_folds(yi, min(int(self.folds), len(yi)), self.seed))
         else:
             smallest = int(np.bincount(yi).min())
             if smallest < 2:

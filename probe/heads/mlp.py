@@ -33,6 +33,7 @@ from ..errors import ProbeError
 from .base import Head
 from .features import apply_norm, stratified_holdout
 from .linear import multilabel_score, threads_for
+from .multilabel import multilabel_holdout
 from .scoring import SELECT, key, refuse_map, refuse_single, score
 
 log = logging.getLogger(__name__)
@@ -149,12 +150,8 @@ class MLPHead(Head):
         V = None if views is None else self._check_views(views, X)  # (N, K, D) or None
         sw_val = None
         if eval_set is None:
-            if multilabel:  # a seeded random holdout: label sets are not stratified
-                order = np.random.default_rng(self.seed).permutation(len(y))
-                n_ho = min(max(1, round(self.holdout * len(y))), len(y) - 1)
-                tr, ho = np.sort(order[n_ho:]), np.sort(order[:n_ho])
-            else:
-                tr, ho = stratified_holdout(y, self.holdout, self.seed)
+            holdout = multilabel_holdout if multilabel else stratified_holdout
+            tr, ho = holdout(y, self.holdout, self.seed)
             eval_set, sw_val = (X[ho], y[ho]), (None if sw is None else sw[ho])
             X, y, sw = X[tr], y[tr], (None if sw is None else sw[tr])
             V = V[tr] if V is not None else None

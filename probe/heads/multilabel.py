@@ -12,10 +12,13 @@ Conventions, stated once:
     * Precision-recall points are taken at each distinct score (tied scores enter together), so every number is
       independent of the order of tied rows.
 
+``multilabel_folds`` splits the rows of such a Y into cross-validation folds that keep each label's share.
+
 Example:
     >>> thr = fit_thresholds(Y_val, P_val)                       # (C,) maximising each class's F1 on val
     >>> m = multilabel_metrics(Y_test, P_test, thr, store.classes)
     >>> m["mAP"], m["mAP_voc07"], m["micro_f1"], m["per_class"]["cat"]["ap"]
+    >>> for train, test in multilabel_folds(Y, 5, seed=0): ...  # iterative stratification, sklearn-style pairs
 """
 
 from __future__ import annotations
@@ -180,3 +183,64 @@ def multilabel_metrics(Y: np.ndarray, P: np.ndarray, thresholds: np.ndarray | fl
                           "recall": float(f["recall"][c]), "f1": float(f["f1"][c]), "support": int(support[c]),
                           "threshold": float(thr[c])} for c, n in enumerate(names)},
     }
+
+
+def multilabel_folds(Y: np.ndarray, n_splits: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Iterative stratification of the rows of a 0/1 label matrix Y (N, C) into ``n_splits`` folds (Sechidis et
+    al. 2011, "On the stratification of multi-label data", as scikit-multilearn's ``IterativeStratification``
+    with order 1): ``[(train, test), ...]`` row indices, as scikit-learn's ``KFold(...).split`` gives them.
+
+    Each fold wants N / k rows and D_c / k positives of each label c (D_c: its positives). Until every row is
+    placed: take the label with the fewest positives still unplaced and place those rows one by one (in seeded
+    random order), each in the fold that most wants that label, then the fold that wants most rows, then a seeded
+    coin; a placed row lowers its fold's wants for all its labels. Rows without labels go last, by rows wanted.
+    Rare labels thus spread first: a label with p >= k positives puts floor(p / k) or ceil(p / k) in every fold
+    when it is the rarest. Seeded and deterministic; every fold is non-empty.
+
+    Example:
+        >>> [len(test) for _, test in multilabel_folds(np.eye(6, 3, dtype=int), 3, seed=0)]
+        [2, 2, 2]
+    """
+    Y = np.asarray(Y)
+    if Y.ndim != 2 or not np.isin(Y, (0, 1)).all():
+        raise ProbeError(f"multilabel_folds: Y must be an (N, C) 0/1 label matrix, got shape {Y.shape}")
+    if isinstance(n_splits, bool) or not isinstance(n_splits, (int, np.integer)) or not 2 <= n_splits <= len(Y):
+        raise ProbeError(f"n_splits must be an integer in [2, {len(Y)}] (the number of rows), got {n_splits!r}")
+    k = int(n_splits)
+    fold = _stratify(Y.astype(bool), np.full(k, 1 / k), np.random.default_rng(seed))
+    return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]
+
+
+def multilabel_holdout(Y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held out) row indices of a 0/1 label matrix Y (N >= 2, C), about ``fraction`` of the rows held out,
+    iteratively stratified as ``multilabel_folds`` does (two parts of shares 1 - fraction and fraction); neither is
+    empty. The multi-label twin of ``features.stratified_holdout``."""
+    Y = np.asarray(Y).astype(bool)
+    rng = np.random.default_rng(seed)
+    part = _stratify(Y, np.array([1 - fraction, fraction]), rng)
+    for empty in (0, 1):  # a tiny matrix can leave a part empty: give it one row of the other
+        if not (part == empty).any():
+            part[rng.choice(len(part))] = empty
+    return np.flatnonzero(part == 0), np.flatnonzero(part == 1)
+
+
+def _stratify(Y: np.ndarray, shares: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Sechidis et al.'s iterative stratification of the rows of a bool Y (N, C) into len(shares) parts of those
+    shares of the rows and of each label's positives -> (N,) the part of each row."""
+    k = len(shares)
+    rows_wanted = len(Y) * shares  # (k,)
+    wanted = np.outer(shares, Y.sum(0))  # (k, C) positives of each label each part still wants
+    fold = np.full(len(Y), -1)  # (N,) the part each row is placed in; -1 while unplaced
+    while (unplaced := fold < 0).any():
+        left = Y[unplaced].sum(0)  # (C,) unplaced positives per label
+        if left.any():
+            label = rng.choice(np.flatnonzero(left == left[left > 0].min()))  # the rarest; ties by the seed
+            rows, want = np.flatnonzero(unplaced & Y[:, label]), wanted[:, label]  # a view: follows the updates
+        else:
+            rows, want = np.flatnonzero(unplaced), np.zeros(k)
+        for i in rng.permutation(rows):
+            f = np.lexsort((rng.random(k), rows_wanted, want))[-1]  # the last key sorts first: the most wanting
+            fold[i] = f
+            wanted[f] -= Y[i]
+            rows_wanted[f] -= 1
+    return fold
