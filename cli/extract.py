@@ -29,7 +29,7 @@ def backbones(
             [f"{'index':>5} {'name':34} {'channels':>8}"]
             + [f"{r['index']:>5} {r['name']:34} {r['channels']:>8}" for r in rows]
             + [f"extract one with `probe extract DATA --backbone {layers} --layer NAME|INDEX` (-1 = deepest; "
-               "A+B concatenates); without --layer: the pre-logits embedding"]))
+               "A+B concatenates); without --layer: the backbone's embedding"]))
         return
     rows = [r for r in list_backbones(timm) if r["offline"] or not offline]
 
@@ -104,7 +104,7 @@ def extract(
     layer: str | None = typer.Option(None, "--layer", help="Intermediate layer(s) instead of the pre-logits "
                                                            "embedding, average-pooled: a name or index from `probe "
                                                            "backbones --layers NAME` (-1 = deepest), or several "
-                                                           "joined by '+' (concatenated)."),
+                                                           "joined by '+' (concatenated). Not for clip/ backbones."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Embed every image of DATA once and cache the features in an HDF5 store (resumable, incremental)."""

@@ -12,7 +12,7 @@ Names:
     * ``clip/<model>:<pretrained>``: an ``open_clip`` CLIP's image tower, its text tower beside it (probe.clip).
 
 ``layer=`` picks intermediate layers instead of the pre-logits embedding (``list_layers`` names them; see
-``at_layer``): each averaged over its positions, several concatenated.
+``at_layer``): each averaged over its positions, several concatenated. Not for clip/ backbones.
 
 Example:
     >>> bb = create_backbone("efficientnet_lite0")
@@ -548,25 +548,34 @@ def list_backbones(timm_pattern: str | None = None, clip_pattern: str | None = N
 #   torchvision: the children of the model's trunk (``features.0``..``features.N`` for efficientnet, mobilenet,
 #   convnext, swin, densenet, vgg; ``encoder.layers.encoder_layer_i`` for ViTs; ``trunk_output.blockI`` for
 #   regnets; ``layers.i`` for mnasnet; ``blocks.i`` for maxvit), else its ``layerN``/``stageN`` children (resnets,
-#   shufflenet), else every top-level child with parameters but the classifier (googlenet, inception).
+#   shufflenet), else every top-level child with parameters but the classifier (googlenet, inception);
+#   hf/: transformers' ``hidden_states`` of the image model (a dual encoder's vision tower), "hidden_states.0" (the
+#   embeddings' output) .. "hidden_states.L" (the last block's or stage's, before any final norm; probe.hf).
+# Each is averaged over its positions: a conv map's grid, a ViT's patch tokens (class, distillation and register
+# tokens left out), whatever the model's own pooling of its embedding.
 LAYER_SEP = "+"  # "blocks.5+blocks.6": both, concatenated in that order
-NO_LAYERS = ("hf", "clip")  # families that offer no intermediate layers yet: their final embedding only
+NO_LAYERS = ("clip",)  # families that offer no intermediate layers: their final embedding only
 _TV_TRUNKS = ("features", "layers", "trunk_output", "encoder.layers", "blocks")
 _TV_HEADS = ("fc", "classifier", "head", "heads", "aux1", "aux2", "AuxLogits")
 _LAST = re.compile(r"last(\d+)")  # "last4": the 4 deepest layers
 
 
 def _no_layers(name: str) -> BackboneError:
-    return BackboneError(f"intermediate layers are not offered for hf/ and clip/ backbones yet ({name}): use their "
-                         "final embedding (no --layer)")
+    return BackboneError(f"--layer is not offered for clip/ backbones ({name}): open_clip's image towers (ViT, "
+                         "ModifiedResNet, timm trunks) expose their layers only as unnamed indices "
+                         "(forward_intermediates), which probe does not map to layer names it can record and "
+                         "rebuild; extract without --layer, or take the same CLIP's layers as an hf/ backbone "
+                         "(e.g. hf/openai/clip-vit-base-patch32 --layer -1)")
 
 
 def _is_timm(model: nn.Module) -> bool:
     return isinstance(getattr(model, "pretrained_cfg", None), dict) and hasattr(model, "feature_info")
 
 
-def _layer_names(model: nn.Module) -> list[str]:
-    """The layers ``model`` offers, shallowest first (the table above)."""
+def _layer_names(model: nn.Module, hw: tuple[int, int]) -> list[str]:
+    """The layers ``model`` offers, shallowest first (the table above); ``hw``: its input size."""
+    if hasattr(model, "hidden_states"):  # hf/: probe.hf.HFFeatures
+        return model.layer_names(hw)
     if _is_timm(model):
         return [str(f["module"]) for f in model.feature_info]
     for path in _TV_TRUNKS:
@@ -596,14 +605,20 @@ class LayerFeatures(nn.Module):
     and ONNX engines run it as they run a whole backbone.
 
     timm models run ``forward_intermediates(stop_early=True)``: the blocks after the deepest layer asked for are
-    skipped. torchvision models run a ``create_feature_extractor`` graph, which ends at that layer too.
+    skipped. torchvision models run a ``create_feature_extractor`` graph, which ends at that layer too. hf/ models
+    run whole, with ``output_hidden_states`` (``probe.hf.HFFeatures.hidden_states``).
     """
 
     def __init__(self, model: nn.Module, names: list[str], offered: list[str]):
         super().__init__()
         self.names, self.offered = list(names), list(offered)  # the layers taken; all the model offers
         self.timm = _is_timm(model) and hasattr(model, "forward_intermediates")
-        if self.timm:  # forward_intermediates returns its outputs shallowest first
+        self.hf = hasattr(model, "hidden_states")
+        if self.hf:  # its hidden_states are offered in order, prefix tokens already left out
+            self.indices = [offered.index(n) for n in names]
+            self.body = model
+            self.layout = "nchw"
+        elif self.timm:  # forward_intermediates returns its outputs shallowest first
             idx = [offered.index(n) for n in names]
             self.indices = sorted(idx)
             self.order = [self.indices.index(i) for i in idx]
@@ -621,7 +636,10 @@ class LayerFeatures(nn.Module):
 
     def pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> [(B, C_i)] per layer, in the order of ``names``."""
-        if self.timm:
+        if self.hf:
+            got = self.body.hidden_states(x)
+            outs = [got[i] for i in self.indices]
+        elif self.timm:
             outs = self.body.forward_intermediates(x, indices=self.indices, intermediates_only=True,
                                                    stop_early=True)
             outs = [outs[p] for p in self.order]
@@ -678,16 +696,16 @@ def at_layer(bb: Backbone, layer: str) -> Backbone:
     """
     if bb.layer is not None:
         raise BackboneError(f"{bb.name} already gives layer {bb.layer!r}: create the backbone again for another")
-    if bb.name.startswith(("hf/", "clip/")):
+    if bb.name.startswith("clip/"):
         raise _no_layers(bb.name)
-    offered = _layer_names(bb.model)
+    from .engine import input_hw
+
+    offered = _layer_names(bb.model, input_hw(bb.preprocess))
     names = resolve_layers(layer, offered, bb.name)
     try:
         model = LayerFeatures(bb.model, names, offered).eval().requires_grad_(False)
     except Exception as e:  # noqa: BLE001 - a model the feature extractor cannot trace: say which
         raise BackboneError(f"cannot take layers {names} of {bb.name}: {type(e).__name__}: {e}") from e
-    from .engine import input_hw
-
     with torch.inference_mode():  # one tiny forward: the widths, and a failure now rather than mid-extraction
         dims = [int(t.shape[1]) for t in model.pooled(torch.zeros(1, 3, *input_hw(bb.preprocess)))]
     return replace(bb, model=model, dim=sum(dims), layer=LAYER_SEP.join(names),
@@ -706,6 +724,12 @@ def _skeleton(name: str | None, weights: str | None) -> tuple[str, nn.Module, tu
     def build() -> tuple[nn.Module, tuple[int, int]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's init-scheme warnings
+            if family == "hf":  # its architecture from config.json, its input size from its image processor
+                from .engine import input_hw
+                from .hf import hf_backbone
+
+                bb = hf_backbone(name, "random")
+                return bb.model, input_hw(bb.preprocess)
             if family == "torchvision":
                 from torchvision.models import get_model, get_model_weights
 
@@ -733,13 +757,14 @@ def list_layers(name: str | None, weights: str | None = None) -> list[str]:
         >>> list_layers("resnet18")
         ['layer1', 'layer2', 'layer3', 'layer4']
     """
-    return _layer_names(_skeleton(name, weights)[1])
+    _, model, hw = _skeleton(name, weights)
+    return _layer_names(model, hw)
 
 
 def describe_layers(name: str | None, weights: str | None = None) -> list[dict[str, Any]]:
     """One row per layer for `probe backbones --layers`: index, name, channels (its width in the features)."""
     name, model, hw = _skeleton(name, weights)
-    offered = _layer_names(model)
+    offered = _layer_names(model, hw)
     feats = LayerFeatures(model, offered, offered).eval()
     device = next(model.parameters()).device  # meta: the shapes without the arithmetic
     with torch.inference_mode():

@@ -72,6 +72,10 @@ class Embedder:
         ident = self.backbone.identity()
         if self.pixels is not None:  # recorded only when used: stores made by the PIL path keep their key
             ident["preprocess"] = {**ident["preprocess"], "pixels": "uint8"}
+            if any(kw.get("offset", "round") != "round" for _, kw in self.pixels.steps):
+                # transformers' crop rule: the uint8 path once rounded here (one pixel off); the key differs from
+                # such stores', so their rows are never mixed with these
+                ident["preprocess"]["crop_offset"] = "floor"
         return FeatureIdentity(**ident, pooling=self.backbone.pooling, tta=self.tta, dtype=self.dtype)
 
     @property

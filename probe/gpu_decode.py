@@ -47,6 +47,7 @@ from PIL import Image
 
 from .data import FootprintFn, check_size
 from .errors import BackboneError, ProbeError
+from .transforms import apply_steps
 
 log = logging.getLogger(__name__)
 
@@ -228,16 +229,6 @@ def orient(x: torch.Tensor, orientation: int) -> torch.Tensor:
         return x.transpose(-2, -1).flip(hw)  # transverse
     if orientation == 8:
         return torch.rot90(x, 1, hw)  # 90 counter-clockwise
-    return x
-
-
-def apply_steps(x: torch.Tensor, steps: Sequence[tuple[str, dict[str, Any]]]) -> torch.Tensor:
-    """``PixelTransform.steps`` (resize with its size rule, interpolation and antialias; centre crop) on a (B, 3, H,
-    W) uint8 tensor of same-sized images, on its device: the call ``PixelTransform`` makes per image."""
-    from torchvision.transforms.v2 import functional as F
-
-    for kind, kw in steps:
-        x = F.resize(x, **kw) if kind == "resize" else F.center_crop(x, kw["size"])
     return x
 
 

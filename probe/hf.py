@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision import transforms as T
-from torchvision.transforms import functional as F
 
 from .errors import BackboneError
+from .transforms import centre_crop
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +142,13 @@ class _PilCompose:
 class HFCenterCrop(T.CenterCrop):
     """transformers' centre crop: its offset is floor((size - crop) / 2), where torchvision's CenterCrop rounds -- one
     pixel further right/down whenever half the difference ends in .5 and rounds up (43 wide cropped to 32: 5, not
-    6). A CenterCrop, so the uint8 pixel path still reads it, with torchvision's rounding: within one pixel there."""
+    6). A CenterCrop whose ``offset`` the uint8 pixel path reads (``probe.transforms.read_steps``), so both paths
+    crop where the processor does."""
+
+    offset = "floor"
 
     def forward(self, img):
-        w, h = F.get_image_size(img)
-        ch, cw = self.size
-        if ch > h or cw > w:  # smaller than the crop: padded, centred, by torchvision's rule
-            return super().forward(img)
-        return F.crop(img, int((h - ch) / 2.0), int((w - cw) / 2.0), ch, cw)
+        return centre_crop(img, self.size, self.offset)
 
 
 def processor_transform(proc: Any) -> tuple[Any, dict[str, Any]]:
@@ -244,6 +243,31 @@ class HFFeatures(nn.Module):
             return out.pooler_output.flatten(1)  # conv models' is (B, C, 1, 1)
         h = out.last_hidden_state
         return h.mean((2, 3)) if h.ndim == 4 else h.mean(1)  # (B, C, H, W) or (B, N, C) -> (B, C)
+
+    def hidden_states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> transformers' ``hidden_states`` (``output_hidden_states=True``; a dual encoder's vision
+        tower's): the embeddings' output, then each block's or stage's, as (B, C, h, w) maps or (B, N, C) patch
+        tokens -- the class, distillation and register tokens (those beyond the patch grid, in front) left out."""
+        tower = getattr(self.model, "vision_model", None) if self.output == "image_features" else self.model
+        try:
+            out = tower(pixel_values=x, output_hidden_states=True) if tower is not None else None
+        except TypeError:  # a forward without output_hidden_states
+            out = None
+        if getattr(out, "hidden_states", None) is None:
+            raise BackboneError(f"{type(self.model).__name__} exposes no hidden_states of its image tower, so it "
+                                "offers no intermediate layers: use its embedding (no --layer)")
+        patch = getattr(getattr(self.model.config, "vision_config", self.model.config), "patch_size", None)
+        ph, pw = (patch, patch) if isinstance(patch, int) else patch or (0, 0)
+        grid = (x.shape[-2] // ph) * (x.shape[-1] // pw) if ph and pw else 0  # Swin's later stages hold fewer
+        return [t[:, max(t.shape[1] - grid, 0):] if t.ndim == 3 and grid else t for t in out.hidden_states]
+
+    def layer_names(self, hw: tuple[int, int]) -> list[str]:
+        """``hidden_states.0`` (the embeddings' output) .. ``hidden_states.L`` (the last block's, before any final
+        norm): the layers ``probe.backbones.at_layer`` offers, from one forward at input size ``hw``."""
+        device = next(self.model.parameters()).device  # meta for `probe backbones --layers`: shapes only
+        with torch.inference_mode():
+            count = len(self.hidden_states(torch.zeros(1, 3, *hw, device=device)))
+        return [f"hidden_states.{i}" for i in range(count)]
 
 
 def _load(transformers: Any, src: str, random: bool, local_only: bool) -> tuple[nn.Module, Any, str]:

@@ -14,13 +14,15 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import BackboneError, ProbeError
+
+Step = tuple[str, dict[str, Any]]  # ("resize" | "keep_ratio" | "crop", its arguments)
 
 
 def resized_size(width: int, height: int, size: Any, max_size: int | None = None) -> tuple[int, int]:
@@ -61,7 +63,7 @@ class Footprint:
         (3072000, 256)
     """
 
-    def __init__(self, steps: list[tuple[str, dict[str, Any]]]):
+    def __init__(self, steps: list[Step]):
         self.steps = steps
 
     @classmethod
@@ -69,13 +71,7 @@ class Footprint:
         """The resize and crop steps of any preprocessing probe runs: a ``PixelTransform``, a torchvision preset or a
         Compose (timm's ResizeKeepRatio and CenterCropOrPad included). No steps for a transform it cannot read: then
         only the source's own pixel count is bounded."""
-        if isinstance(transform, PixelTransform):
-            return cls(transform.steps)
-        pt = PixelTransform.from_transform(transform)
-        if pt is not None:
-            return cls(pt.steps)
-        tf = getattr(transform, "tf", transform)  # _PilToTensor
-        return cls([s for t in getattr(tf, "transforms", []) if (s := _geometric_step(t)) is not None])
+        return cls(transform.steps if isinstance(transform, PixelTransform) else read_steps(transform)[0])
 
     def __call__(self, width: int, height: int) -> tuple[int, int]:
         """(W, H) of the largest image the steps hold for a width x height source ((width, height) without steps)."""
@@ -102,19 +98,82 @@ class Footprint:
         return f"Footprint({self.steps})"
 
 
-def _geometric_step(t: Any) -> tuple[str, dict[str, Any]] | None:
-    """A Compose member as a Footprint step; None for members that keep the size (ToTensor, Normalize, …)."""
+_TO_TENSOR = ("ToTensor", "MaybeToTensor", "PILToTensor")
+
+
+def read_steps(tf: Callable) -> tuple[list[Step], tuple[list[float], list[float]] | None]:
+    """The resize and crop steps of a torchvision ``ImageClassification`` preset or a Compose (timm's eval transform
+    included), and its Normalize's (mean, std) when ``PixelTransform`` runs the whole of it: Resize and CenterCrop,
+    then ToTensor, then one Normalize. (steps, None) where it does not (timm's ResizeKeepRatio and CenterCropOrPad, a
+    Lambda, anything not a Compose, …): the steps still bound the pixels the transform allocates (``Footprint``).
+    """
+    from torchvision import transforms as T
+    from torchvision.transforms._presets import ImageClassification
+
+    tf = getattr(tf, "tf", tf)  # _PilToTensor
+    if isinstance(tf, ImageClassification):
+        return [("resize", {"size": list(tf.resize_size), "interpolation": tf.interpolation,
+                            "antialias": tf.antialias}),
+                ("crop", {"size": list(tf.crop_size)})], (list(tf.mean), list(tf.std))
+    steps: list[Step] = []
+    norm = None
+    runs, tensor = isinstance(tf, T.Compose), False  # after ToTensor only Normalize may follow
+    for t in getattr(tf, "transforms", []):
+        step = _step(t)
+        if step is not None:
+            steps.append(step)
+            runs = runs and not tensor and isinstance(t, (T.Resize, T.CenterCrop))  # torch's uint8 kernels
+        elif type(t).__name__ in _TO_TENSOR and not tensor:
+            tensor = True
+        elif isinstance(t, T.Normalize) and tensor and norm is None:
+            norm = [float(v) for v in t.mean], [float(v) for v in t.std]
+        else:  # a member of another kind, or out of order
+            runs = False
+    return steps, (norm if runs else None)
+
+
+def _step(t: Any) -> Step | None:
+    """A Compose member as a step; None for members that keep the size (ToTensor, Normalize, …). A crop's
+    ``offset`` is its rule for an odd margin (``centre_crop``): recorded where it is not torchvision's "round"
+    (``probe.hf.HFCenterCrop``'s "floor")."""
     from torchvision import transforms as T
 
     name = type(t).__name__
     if isinstance(t, T.Resize):
-        return "resize", {"size": t.size, "max_size": t.max_size}
-    if name == "ResizeKeepRatio":
+        return "resize", {"size": t.size, "interpolation": t.interpolation, "max_size": t.max_size,
+                          "antialias": t.antialias}
+    if name == "ResizeKeepRatio":  # timm
         size = t.size if isinstance(t.size, (list, tuple)) else (t.size, t.size)
         return "keep_ratio", {"size": tuple(size), "longest": float(t.longest)}
-    if isinstance(t, T.CenterCrop) or name == "CenterCropOrPad":
-        return "crop", {"size": list(t.size)}
+    if isinstance(t, T.CenterCrop) or name == "CenterCropOrPad":  # timm's pads with its own fill
+        offset = getattr(t, "offset", "round")
+        return "crop", {"size": list(t.size), **({"offset": offset} if offset != "round" else {})}
     return None
+
+
+def centre_crop(img: Any, size: Sequence[int], offset: str = "round") -> Any:
+    """A centred (h, w) crop of a PIL image or a (..., H, W) tensor, starting at (H - h) / 2 (and likewise across)
+    rounded half to even with "round" (torchvision's rule: 43 cropped to 32 starts at 6) or rounded down with
+    "floor" (transformers': at 5). Smaller than the crop: padded by torchvision's rule, whatever the offset rule."""
+    from torchvision.transforms.v2 import functional as F
+
+    h, w = F.get_size(img)
+    if offset == "round" or size[0] > h or size[-1] > w:
+        return F.center_crop(img, list(size))
+    return F.crop(img, (h - size[0]) // 2, (w - size[-1]) // 2, size[0], size[-1])
+
+
+def apply_steps(x: torch.Tensor, steps: list[Step]) -> torch.Tensor:
+    """``PixelTransform.steps`` on a (..., 3, H, W) uint8 tensor (one image, or a batch of one size): each resize
+    with its size rule, interpolation and antialias, each centre crop with its offset rule."""
+    from torchvision.transforms.v2 import functional as F  # v2: native uint8 kernels (v1 casts to float)
+
+    for kind, kw in steps:
+        if kind == "resize":
+            x = F.resize(x, **kw)
+        else:
+            x = centre_crop(x, kw["size"], kw.get("offset", "round"))
+    return x
 
 
 class PixelTransform:
@@ -132,41 +191,15 @@ class PixelTransform:
         torch.Size([224, 224, 3])
     """
 
-    def __init__(self, steps: list[tuple[str, dict[str, Any]]], mean: list[float], std: list[float]):
+    def __init__(self, steps: list[Step], mean: list[float], std: list[float]):
         self.steps, self.mean, self.std = steps, [float(v) for v in mean], [float(v) for v in std]
 
     @classmethod
     def from_transform(cls, tf: Callable) -> PixelTransform | None:
         """Read a torchvision ``ImageClassification`` preset or a Compose of Resize / CenterCrop / ToTensor /
         Normalize (what timm's eval transform is); None for anything else (the caller keeps the PIL path)."""
-        from torchvision import transforms as T
-        from torchvision.transforms._presets import ImageClassification
-
-        tf = getattr(tf, "tf", tf)  # _PilToTensor
-        if isinstance(tf, ImageClassification):
-            return cls([("resize", {"size": list(tf.resize_size), "interpolation": tf.interpolation,
-                                    "antialias": tf.antialias}),
-                        ("crop", {"size": list(tf.crop_size)})], tf.mean, tf.std)
-        if not isinstance(tf, T.Compose):
-            return None
-        steps: list[tuple[str, dict[str, Any]]] = []
-        mean = std = None
-        tensor = False  # after ToTensor only Normalize may follow
-        for t in tf.transforms:
-            if isinstance(t, T.Resize) and not tensor:
-                steps.append(("resize", {"size": t.size, "interpolation": t.interpolation, "max_size": t.max_size,
-                                         "antialias": t.antialias}))
-            elif isinstance(t, T.CenterCrop) and not tensor:
-                steps.append(("crop", {"size": list(t.size)}))
-            elif type(t).__name__ in ("ToTensor", "MaybeToTensor", "PILToTensor") and not tensor:
-                tensor = True
-            elif isinstance(t, T.Normalize) and tensor and mean is None:
-                mean, std = [float(v) for v in t.mean], [float(v) for v in t.std]
-            else:
-                return None
-        if mean is None:
-            return None
-        return cls(steps, mean, std)
+        steps, norm = read_steps(tf)
+        return cls(steps, *norm) if norm is not None else None
 
     @property
     def draft(self) -> int | None:
@@ -184,12 +217,7 @@ class PixelTransform:
         return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
     def __call__(self, img) -> torch.Tensor:  # PIL RGB -> (H, W, 3) uint8
-        from torchvision.transforms.v2 import functional as F  # v2: native uint8 kernels (v1 casts to float)
-
-        x = self.chw(img)
-        for kind, kw in self.steps:
-            x = F.resize(x, **kw) if kind == "resize" else F.center_crop(x, kw["size"])
-        return x.permute(1, 2, 0).contiguous()
+        return apply_steps(self.chw(img), self.steps).permute(1, 2, 0).contiguous()
 
     def normalise(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 channels-last, ``(x / 255 - mean) / std``; into ``out``

@@ -24,13 +24,16 @@ from probe.backbones import (  # noqa: E402
     WeightsUnavailableError,
     create_backbone,
     describe,
+    describe_layers,
     list_layers,
     weights_available,
 )
 from probe.clip import is_clip, text_tower, text_tower_for  # noqa: E402
 from probe.embedder import Embedder, embedder_for  # noqa: E402
 from probe.errors import ProbeError  # noqa: E402
+from probe.hf import processor_transform  # noqa: E402
 from probe.store import FeatureStore  # noqa: E402
+from probe.transforms import PixelTransform  # noqa: E402
 
 from .conftest import make_imagefolder  # noqa: E402
 
@@ -144,6 +147,38 @@ def test_hf_preprocessing_is_the_saved_processors(models, family):
         f_ours, f_theirs = bb.model(ours[None]).numpy(), bb.model(theirs[None]).numpy()
     assert _cos(f_ours, f_theirs)[0] > 0.99
     assert bb.pixels is not None  # and the uint8 fast path reads it
+
+
+def test_uint8_pixel_path_crops_where_the_processor_does(models, tmp_path):
+    """transformers puts an odd crop margin's extra pixel after the crop (offset floor(11 / 2) = 5), torchvision's
+    CenterCrop before it (round(5.5) = 6): the uint8 path crops as the processor it read, not as torchvision."""
+    from torchvision.transforms import CenterCrop
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (40, 43, 3), dtype=np.uint8))  # 43 wide -> 32: margin 11
+    transformers.CLIPImageProcessor(do_resize=False, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    pil = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {"use_fast": False}
+    theirs = transformers.AutoImageProcessor.from_pretrained(tmp_path, **pil)(images=img, return_tensors="pt")
+    bb = create_backbone(f"hf/{models['clip']}")
+    tf, _ = processor_transform(transformers.AutoImageProcessor.from_pretrained(tmp_path))
+    pixels = PixelTransform.from_transform(tf)  # crop only: no resize kernel between the two paths
+    u8 = pixels(img)  # (32, 32, 3)
+    assert torch.equal(u8, torch.from_numpy(np.array(img))[4:36, 5:37])  # rows (40-32)/2 = 4, columns floor(5.5)
+    assert (pixels.normalise(u8[None])[0] - theirs["pixel_values"][0]).abs().max() < 1e-5
+    assert (pixels.normalise(u8[None])[0] - tf(img)).abs().max() < 1e-5  # = the PIL path
+    assert not torch.equal(u8.permute(2, 0, 1), CenterCrop(32)(PixelTransform.chw(img)))  # torchvision's is 6
+    # the saved CLIP: shortest edge 45 -> 32 makes 61x45 43x32, then the same crop; Pillow's and torch's resize
+    # kernels differ by a grey level or so, a column's shift by far more on noise
+    img = Image.fromarray(rng.integers(0, 256, (45, 61, 3), dtype=np.uint8))
+    ref, got = bb.transform(img), bb.pixels.normalise(bb.pixels(img)[None])[0]
+    std = torch.tensor(bb.pixels.std).view(3, 1, 1) * 255
+    assert ((got - ref).abs() * std).mean() < 2
+    assert ((got[..., 1:] - ref[..., :-1]).abs() * std).mean() > 20  # what one column off looks like
+    # the uint8 path rounded that offset before: its stores' key differs from these, so rows never mix
+    assert Embedder(bb, engine="torch").identity.preprocess["crop_offset"] == "floor"
+    assert "crop_offset" not in Embedder(bb, engine="torch", pixels="pil").identity.preprocess
+    vit = create_backbone(f"hf/{models['vit']}")  # resize only: nothing to record
+    assert "crop_offset" not in Embedder(vit, engine="torch").identity.preprocess
 
 
 def test_pooling_per_family(models):
@@ -283,8 +318,64 @@ def test_clip_names_and_offline_errors(tiny_clip):
     assert not weights_available("clip/ViT-B-32:openai")
 
 
-def test_layers_are_not_offered_for_hf_and_clip_yet(models, tiny_clip):
-    with pytest.raises(BackboneError, match="not offered for hf/ and clip/"):
-        create_backbone(f"hf/{models['vit']}", layer="-1")
-    with pytest.raises(BackboneError, match="not offered for hf/ and clip/"):
+# --------------------------------------------------------------------------------------------- layers
+def test_hf_layers_are_its_hidden_states_averaged_over_positions(models):
+    """hidden_states[i] of the model (a dual encoder's vision tower), averaged over its grid or its patch tokens
+    (the class token left out), several concatenated; named and counted without weights (the meta device)."""
+    assert list_layers(f"hf/{models['vit']}") == ["hidden_states.0", "hidden_states.1", "hidden_states.2"]
+    assert [r["channels"] for r in describe_layers(f"hf/{models['convnext']}")] == [8, 8, 16]  # stem, 2 stages
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    T = transformers
+    with torch.inference_mode():
+        vit = create_backbone(f"hf/{models['vit']}", layer="-1")
+        assert (vit.dim, vit.layer, vit.pooling) == (32, "hidden_states.2", "avg")
+        hs = T.ViTModel.from_pretrained(models["vit"], add_pooling_layer=False).eval()(
+            pixel_values=x, output_hidden_states=True).hidden_states  # (B, 1 + 16, 32): the class token first
+        assert torch.allclose(vit.model(x), hs[2][:, 1:].mean(1), atol=1e-5)
+        cnx = create_backbone(f"hf/{models['convnext']}", layer="2+hidden_states.1")  # in the order given
+        hs = T.ConvNextModel.from_pretrained(models["convnext"]).eval()(pixel_values=x, output_hidden_states=True
+                                                                         ).hidden_states  # (B, C, h, w)
+        assert cnx.extra["layer_dims"] == {"hidden_states.2": 16, "hidden_states.1": 8}
+        assert torch.allclose(cnx.model(x), torch.cat([hs[2].mean((2, 3)), hs[1].mean((2, 3))], 1), atol=1e-5)
+        clip = create_backbone(f"hf/{models['clip']}", layer="hidden_states.1")
+        hs = T.CLIPModel.from_pretrained(models["clip"]).eval().vision_model(
+            pixel_values=x, output_hidden_states=True).hidden_states
+        assert clip.dim == 16 and torch.allclose(clip.model(x), hs[1][:, 1:].mean(1), atol=1e-5)
+    with pytest.raises(BackboneError, match="unknown layer 'hidden_states.3'.*2:hidden_states.2"):
+        create_backbone(f"hf/{models['vit']}", layer="hidden_states.3")
+
+
+def test_hf_layer_store_keeps_its_layer_and_is_rebuilt_from_it(models, folder, tmp_path):
+    out, name = tmp_path / "s.h5", f"hf/{models['vit']}"
+    got = _extract(folder, out, name, "--layer", "1")  # ONNX Runtime: the layered graph exports too
+    assert (got["dim"], got["layer"], got["count"]) == (32, "hidden_states.1", 12)
+    fs = FeatureStore(out)
+    assert fs.attrs["layer"] == "hidden_states.1" and fs.attrs["pooling"] == "avg"
+    assert fs.attrs["engine"]["engine"] == "onnxruntime"
+    keys = {layer: Embedder(create_backbone(name, layer=layer), engine="torch").identity.key
+            for layer in (None, "hidden_states.1", "hidden_states.2", "-1")}
+    assert keys["-1"] == keys["hidden_states.2"] and len({keys[k] for k in (None, "hidden_states.1", "-1")}) == 3
+    r = runner.invoke(app, ["extract", str(folder), "--backbone", name, "--out", str(out), "--workers", "0",
+                            "--layer", "-1", "--engine", "torch"])
+    assert r.exit_code == 1 and "layer: store has 'hidden_states.1', this run 'hidden_states.2'" in r.output
+    emb = embedder_for(fs.attrs, device="cpu", engine="torch")
+    assert emb.backbone.layer == "hidden_states.1" and emb.identity.key == fs.attrs["config_key"]
+    assert _cos(emb.embed_images(_images(fs)), fs.features()).min() > 0.999
+
+
+def test_cli_backbones_layers_lists_hf_hidden_states(models):
+    r = runner.invoke(app, ["backbones", "--layers", f"hf/{models['convnext']}", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == [{"index": i, "name": f"hidden_states.{i}", "channels": c}
+                                    for i, c in enumerate((8, 8, 16))]
+
+
+def test_layers_are_refused_for_clip_in_one_line(tiny_clip, folder, tmp_path):
+    with pytest.raises(BackboneError, match="not offered for clip/ backbones .*unnamed indices.*as an hf/ backbone"):
+        create_backbone(f"clip/{tiny_clip}", "random", layer="-1")
+    with pytest.raises(BackboneError, match="--layer is not offered for clip/ backbones"):
         list_layers(f"clip/{tiny_clip}")
+    r = runner.invoke(app, ["extract", str(folder), "--backbone", f"clip/{tiny_clip}", "--weights", "random",
+                            "--out", str(tmp_path / "s.h5"), "--workers", "0", "--layer", "-1"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: --layer is not offered for clip/")
