@@ -700,7 +700,12 @@ def at_layer(bb: Backbone, layer: str) -> Backbone:
         raise _no_layers(bb.name)
     from .engine import input_hw
 
-    offered = _layer_names(bb.model, input_hw(bb.preprocess))
+    try:
+        offered = _layer_names(bb.model, input_hw(bb.preprocess))
+    except BackboneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a model whose layers cannot be listed (an hf forward failed): say which
+        raise BackboneError(f"cannot list the layers of {bb.name}: {type(e).__name__}: {e}") from e
     names = resolve_layers(layer, offered, bb.name)
     try:
         model = LayerFeatures(bb.model, names, offered).eval().requires_grad_(False)
@@ -744,6 +749,8 @@ def _skeleton(name: str | None, weights: str | None) -> tuple[str, nn.Module, tu
     try:
         with torch.device("meta"):  # no weights allocated, no arithmetic
             model, hw = build()
+    except BackboneError:  # the name or its files, not the meta device: building again would say the same
+        raise
     except Exception:  # noqa: BLE001 - a builder that computes on tensors (regnet): build it for real
         model, hw = build()
     return name, model.eval(), hw

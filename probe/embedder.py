@@ -28,7 +28,7 @@ from .device import query_dtype, resolve_device, resolve_dtype
 from .engine import create_engine, input_hw
 from .errors import ProbeError
 from .identity import FeatureIdentity, Side
-from .transforms import Footprint
+from .transforms import Footprint, PixelTransform
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +203,10 @@ def embedder_for(attrs: dict[str, Any], device: str = "auto", engine: str = "aut
     bb = create_backbone(attrs["backbone"], weights_arg(attrs["weights"]), layer=recorded.layer)
     emb = Embedder(bb, device=device, dtype=dtype, tta=recorded.tta, engine=engine,
                    pixels=recorded.preprocess.get("pixels", "pil"))
+    if emb.pixels is not None and "crop_offset" not in recorded.preprocess:  # a store of a probe whose uint8 path
+        # rounded every crop's offset (torchvision's rule, one pixel off transformers' floor): its queries crop alike
+        steps = [(k, {n: v for n, v in kw.items() if n != "offset"}) for k, kw in emb.pixels.steps]
+        emb.pixels = PixelTransform(steps, emb.pixels.mean, emb.pixels.std)
     replace(recorded, dtype=dtype).check(
         emb.identity, mine=Side("recorded", verb=""), theirs=f"the backbone {attrs['backbone']} available now",
         features_only=True, ignore_versions=True, fix="The backbone available now differs from the one recorded: "

@@ -249,13 +249,14 @@ class HFFeatures(nn.Module):
         tower's): the embeddings' output, then each block's or stage's, as (B, C, h, w) maps or (B, N, C) patch
         tokens -- the class, distillation and register tokens (those beyond the patch grid, in front) left out."""
         tower = getattr(self.model, "vision_model", None) if self.output == "image_features" else self.model
+        why = ""
         try:
             out = tower(pixel_values=x, output_hidden_states=True) if tower is not None else None
-        except TypeError:  # a forward without output_hidden_states
-            out = None
+        except TypeError as e:  # a forward without output_hidden_states (or another argument error: said)
+            out, why = None, f" ({e})"
         if getattr(out, "hidden_states", None) is None:
-            raise BackboneError(f"{type(self.model).__name__} exposes no hidden_states of its image tower, so it "
-                                "offers no intermediate layers: use its embedding (no --layer)")
+            raise BackboneError(f"{type(self.model).__name__} exposes no hidden_states of its image tower{why}, so "
+                                "it offers no intermediate layers: use its embedding (no --layer)")
         patch = getattr(getattr(self.model.config, "vision_config", self.model.config), "patch_size", None)
         ph, pw = (patch, patch) if isinstance(patch, int) else patch or (0, 0)
         grid = (x.shape[-2] // ph) * (x.shape[-1] // pw) if ph and pw else 0  # Swin's later stages hold fewer

@@ -196,6 +196,28 @@ def test_training_rows_hold_out_val_only_where_the_data_has_train_but_no_val(tmp
         assert all(np.array_equal(a, b) for a, b in zip(rows, held_out)) and len(rows[1])
 
 
+def test_data_without_a_train_split_keeps_its_test_split(tmp_path):
+    """Unsplit rows beside a test split (a manifest marking only its test set): the unsplit rows train (20% held
+    out as val, stratified) and the test split is kept for testing, never trained on; a val split is used as given.
+    Only val and test splits and nothing else: every labelled row is train or val, none left to test."""
+    from probe.heads.fit import labelled_splits
+    from probe.store import store_from_arrays
+
+    X, y = blobs(n_per=10)  # 3 classes x 10
+    for s, want in (([""] * 8 + ["test"] * 2, (18, 6, 6)), ([""] * 6 + ["val"] * 2 + ["test"] * 2, (18, 6, 6)),
+                    (["val"] * 5 + ["test"] * 5, (24, 6, 0))):
+        sp = np.array(s * 3)
+        rows = labelled_splits(store_from_arrays(tmp_path / f"{len(list(tmp_path.iterdir()))}.h5", X, y,
+                                                 splits=list(sp)), seed=0)
+        assert tuple(len(rows[k]) for k in ("train", "val", "test")) == want, s
+        if want[2]:
+            assert np.array_equal(rows["test"], np.flatnonzero(sp == "test"))  # untouched, and in no other part
+            assert not np.isin(np.r_[rows["train"], rows["val"]], rows["test"]).any()
+        if "val" in s and "" in s:  # beside unsplit rows, the val split is val
+            assert np.array_equal(rows["val"], np.flatnonzero(sp == "val"))
+        assert np.bincount(y[rows["val"]]).tolist() == [want[1] // 3] * 3  # stratified
+
+
 def test_k_per_class_is_seeded():
     y = np.repeat(np.arange(4), [10, 3, 7, 5])
     a = k_per_class(y, 5, seed=1)

@@ -32,6 +32,7 @@ from probe.clip import is_clip, text_tower, text_tower_for  # noqa: E402
 from probe.embedder import Embedder, embedder_for  # noqa: E402
 from probe.errors import ProbeError  # noqa: E402
 from probe.hf import processor_transform  # noqa: E402
+from probe.identity import FeatureIdentity  # noqa: E402
 from probe.store import FeatureStore  # noqa: E402
 from probe.transforms import PixelTransform  # noqa: E402
 
@@ -177,6 +178,14 @@ def test_uint8_pixel_path_crops_where_the_processor_does(models, tmp_path):
     # the uint8 path rounded that offset before: its stores' key differs from these, so rows never mix
     assert Embedder(bb, engine="torch").identity.preprocess["crop_offset"] == "floor"
     assert "crop_offset" not in Embedder(bb, engine="torch", pixels="pil").identity.preprocess
+    # a store made before (no crop_offset recorded) is still queried as it was made: its crops rounded
+    now = Embedder(bb, engine="torch").config
+    before = {**now, "preprocess": {k: v for k, v in now["preprocess"].items() if k != "crop_offset"}}
+    again, old = embedder_for(now, device="cpu", engine="torch"), embedder_for(before, device="cpu", engine="torch")
+    assert again.identity.key == FeatureIdentity.from_config(now).key
+    assert old.identity.key == FeatureIdentity.from_config(before).key != again.identity.key
+    assert [kw.get("offset") for k, kw in old.pixels.steps if k == "crop"] == [None]  # torchvision's rounding
+    assert not torch.equal(old.pixels(img), again.pixels(img))  # 43 wide -> 32: one column apart
     vit = create_backbone(f"hf/{models['vit']}")  # resize only: nothing to record
     assert "crop_offset" not in Embedder(vit, engine="torch").identity.preprocess
 

@@ -19,7 +19,7 @@ from probe.errors import ProbeError
 from probe.heads import LinearHead, MLPHead, PrototypeHead, load_head, save_head
 from probe.heads.evaluate import evaluate
 from probe.heads.fit import fit_head
-from probe.heads.multilabel import mean_ap, multilabel_folds
+from probe.heads.multilabel import mean_ap, multilabel_folds, multilabel_holdout
 from probe.store import FeatureStore, store_from_arrays
 
 from .conftest import TINY
@@ -383,6 +383,11 @@ def test_ap_chart_is_a_png_listed_in_the_report_and_grows_with_the_classes(tmp_p
     assert path == tmp_path / "many.png"  # the report's method returns the path, as confusion_png does
     with Image.open(path) as im:
         assert im.size == (715, round(110 * (0.22 * 40 + 1.3)))  # a 0.22-inch row per class
+    from probe.heads.evaluate import AP_BARS, ap_png
+
+    ap = list(np.linspace(0, 1, 500)) + [None]  # 500 classes: the worst and best 30 drawn, the mAP over all 500
+    with Image.open(ap_png(ap, [f"c{i}" for i in range(501)], tmp_path / "500.png")) as im:
+        assert im.size == (715, round(110 * (0.22 * AP_BARS + 1.3)))
 
     store, head_file, _ = fitted  # `probe eval --png PATH`: the chart there, the reliability diagram beside it
     ev = ok_json("eval", store, "--head", head_file, "--png", tmp_path / "mine.png", "--bootstrap", "0")
@@ -413,6 +418,22 @@ def test_multilabel_folds_keep_label_shares_closer_than_kfold():
     for train, test in folds:  # sklearn's (train, test) pairs: complements, sorted
         assert np.array_equal(np.sort(np.r_[train, test]), np.arange(600)) and np.all(np.diff(test) > 0)
     assert np.array_equal(np.sort(np.concatenate([t for _, t in folds])), np.arange(600))
+
+
+def test_multilabel_holdout_keeps_each_label_share_and_refuses_tiny_input():
+    rng = np.random.default_rng(0)
+    Y = (rng.random((600, 6)) < [0.5, 0.2, 0.08, 0.03, 0.015, 0.01]).astype(np.uint8)
+    train, held = multilabel_holdout(Y, 0.2, seed=0)
+    assert len(held) == 120 and np.array_equal(np.sort(np.r_[train, held]), np.arange(600))
+    p = Y.sum(0)
+    assert (np.abs(Y[held].sum(0) - 0.2 * p) <= 1).all(), (Y[held].sum(0), p)  # each label's 20%, within one row
+    a, b = multilabel_holdout(np.array([[1, 0], [1, 0]]), 0.2, seed=0)  # two rows: one each, never an empty part
+    assert len(a) == len(b) == 1
+    for bad, fraction in ((np.ones((1, 2)), 0.2), (np.ones((4, 2)), 1.0), (np.ones(4), 0.2)):
+        with pytest.raises(ProbeError):
+            multilabel_holdout(bad, fraction)
+    with pytest.raises(ProbeError):  # a multi-label MLP on one row: no holdout to early-stop on (it trained on none)
+        MLPHead(epochs=2).fit(np.ones((1, 4), np.float32), np.array([[1, 0]]))
 
 
 def test_multilabel_folds_spread_a_rare_label_and_are_seeded():

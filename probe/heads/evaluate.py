@@ -204,30 +204,39 @@ def confusion_png(confusion: list[list[int]], class_names: list[str], path: str 
     return save_figure(fig, path, Path(path).suffix.lstrip(".").lower() or "png")
 
 
+AP_BARS = 60  # the most bars ap_png draws: the best and worst half of that many above it
+
+
 def ap_png(ap: list[float | None], class_names: list[str], path: str | os.PathLike, title: str = "") -> Path:
     """Write each class's average precision ``ap`` (C,) (None: no positives, left out) as horizontal bars, highest
-    on top, with their mean (the mAP) as a dashed line and in the title, as a PNG."""
+    on top, with their mean (the mAP) as a dashed line and in the title, as a PNG. Above ``AP_BARS`` classes, the
+    best and the worst AP_BARS / 2 are drawn (the mAP is over all), so the picture stays readable and quick."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = sorted((a, n) for a, n in zip(ap, class_names) if a is not None)  # ascending: barh draws bottom-up
+    scored = sorted((a, n) for a, n in zip(ap, class_names) if a is not None)  # ascending: barh draws bottom-up
+    mAP = float(np.mean([a for a, _ in scored])) if scored else float("nan")
+    between = max(0, len(scored) - AP_BARS)
+    shown = scored[:AP_BARS // 2] + scored[-(AP_BARS // 2):] if between else scored
     values = np.array([a for a, _ in shown])
-    n, mAP = len(shown), float(values.mean()) if shown else float("nan")
+    n = len(shown)
     fig, ax = plt.subplots(figsize=(6.5, max(2.5, 0.22 * n + 1.3)), dpi=110)
     ax.barh(range(n), values, color="tab:blue")
     ax.set_yticks(range(n), [name for _, name in shown], fontsize=8)
-    if n <= 60:  # values stay legible up to ~60 bars
-        for i, a in enumerate(values):
-            ax.text(a + 0.01, i, f"{a:.3f}", va="center", fontsize=7)
+    for i, a in enumerate(values):
+        ax.text(a + 0.01, i, f"{a:.3f}", va="center", fontsize=7)
     if n:
         ax.axvline(mAP, ls="--", color="grey", lw=1, zorder=0)  # behind the bars
     ax.set(xlim=(0, 1.08), ylim=(-0.6, n - 0.4))
-    left_out = len(ap) - n
+    left_out = len(ap) - len(scored)
+    if between:
+        ax.axhline(AP_BARS // 2 - 0.5, color="black", lw=0.8)
     ax.set_xlabel("average precision (area under PR)"
+                  + (f"; {between} classes between the worst and best {AP_BARS // 2} not drawn" if between else "")
                   + (f"; {left_out} class{'es' * (left_out > 1)} without positives not shown" if left_out else ""))
-    ax.set_title((f"{title}: " if title else "") + f"mAP {mAP:.3f} over {n} classes", fontsize=10)
+    ax.set_title((f"{title}: " if title else "") + f"mAP {mAP:.3f} over {len(scored)} classes", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, Path(path).suffix.lstrip(".").lower() or "png")
 

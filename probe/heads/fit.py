@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,9 @@ def labelled_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
         raise ProbeError(f"store {store.path} has no labelled images (all {len(y)} rows have no class): a head "
                          "needs a labelled store (class folders, a split root or a CSV with labels)")
     rows = {s: np.flatnonzero(lab & (sp == s)) for s in ("train", "val", "test")}
-    if len(rows["train"]) == 0:  # no splits: seeded stratified holdout of every labelled row
-        idx = np.flatnonzero(lab)
-        tr, ho = stratified_holdout(y[idx], HOLDOUT, seed)
-        rows = {"train": idx[tr], "val": idx[ho], "test": np.zeros(0, np.int64)}
-        log.info("store has no train split: holding out %d of %d labelled rows (seed %d) for validation",
-                 len(ho), len(idx), seed)
+    if len(rows["train"]) == 0:
+        rows = _without_train(rows, np.flatnonzero(lab), sp, seed, lambda idx: stratified_holdout(y[idx], HOLDOUT,
+                                                                                                    seed))
     present = np.unique(y[rows["train"]])
     if len(present) < 2:
         where = "the train split" if (sp == "train").any() else "its labelled rows"
@@ -81,14 +79,30 @@ def multilabel_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
     Y, sp = store.label_matrix(), store.splits()
     rows = {s: np.flatnonzero(sp == s) for s in ("train", "val", "test")}
     if len(rows["train"]) == 0:
-        train, val = ml.multilabel_holdout(Y, HOLDOUT, seed) if len(Y) > 1 else (np.arange(len(Y)), np.zeros(0, int))
-        rows = {"train": train, "val": val, "test": np.zeros(0, np.int64)}
-        log.info("store has no train split: holding out %d of %d rows (seed %d, stratified by label) for validation",
-                 len(val), len(Y), seed)
+        rows = _without_train(rows, np.arange(len(Y)), sp, seed, lambda idx: ml.multilabel_holdout(
+            Y[idx], HOLDOUT, seed) if len(idx) > 1 else (np.arange(len(idx)), np.zeros(0, np.int64)))
     if not Y[rows["train"]].any():
         raise ProbeError(f"store {store.path} is multi-label but its {len(rows['train'])} training rows have no "
                          "label: a head needs labelled images")
     return rows
+
+
+def _without_train(rows: dict[str, np.ndarray], labelled: np.ndarray, sp: np.ndarray, seed: int,
+                   holdout: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The rows of data without a train split: the ``labelled`` rows outside its val and test splits train, val
+    is its val split or else ``holdout`` of them (seeded 20%, stratified), test stays. Data of only val and test
+    splits: every labelled row is train or held-out val, and none is left to test (logged)."""
+    pool = labelled[~np.isin(sp[labelled], ["val", "test"])]
+    if not len(pool):
+        pool, rows = labelled, {"val": rows["val"][:0], "test": rows["test"][:0]}
+        log.warning("the data has only val/test splits: its %d labelled rows are split into train and a held-out val "
+                    "(seed %d); nothing is left to test", len(pool), seed)
+    if len(rows["val"]):
+        return {"train": pool, "val": rows["val"], "test": rows["test"]}
+    tr, ho = holdout(pool)
+    log.info("the data has no train split: holding out %d of %d labelled rows (seed %d) for validation", len(ho),
+             len(pool), seed)
+    return {"train": pool[tr], "val": pool[ho], "test": rows["test"]}
 
 
 @dataclass

@@ -215,9 +215,13 @@ def multilabel_holdout(Y: np.ndarray, fraction: float, seed: int = 0) -> tuple[n
     """(train, held out) row indices of a 0/1 label matrix Y (N >= 2, C), about ``fraction`` of the rows held out,
     iteratively stratified as ``multilabel_folds`` does (two parts of shares 1 - fraction and fraction); neither is
     empty. The multi-label twin of ``features.stratified_holdout``."""
-    Y = np.asarray(Y).astype(bool)
+    Y = np.asarray(Y)
+    if Y.ndim != 2 or len(Y) < 2 or not np.isin(Y, (0, 1)).all():
+        raise ProbeError(f"a holdout needs an (N >= 2, C) 0/1 label matrix, got shape {Y.shape}")
+    if not 0 < fraction < 1:
+        raise ProbeError(f"holdout fraction must be in (0, 1), got {fraction!r}")
     rng = np.random.default_rng(seed)
-    part = _stratify(Y, np.array([1 - fraction, fraction]), rng)
+    part = _stratify(Y.astype(bool), np.array([1 - fraction, fraction]), rng)
     for empty in (0, 1):  # a tiny matrix can leave a part empty: give it one row of the other
         if not (part == empty).any():
             part[rng.choice(len(part))] = empty
