@@ -26,6 +26,20 @@ app = typer.Typer(
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        for h in logging.getLogger().handlers:
+            if not any(isinstance(f, _NoLibraryTracebacks) for f in h.filters):
+                h.addFilter(_NoLibraryTracebacks())
+
+
+class _NoLibraryTracebacks(logging.Filter):
+    """Libraries' log lines without their tracebacks (gcsfs logs one per failed request when offline): the
+    one-line error probe prints after says what failed; --verbose keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("probe", "cli")):
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def emit(obj: Any, as_json: bool, text: Callable[[Any], str]) -> None:

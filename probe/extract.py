@@ -405,19 +405,32 @@ def run_plan(job: Job, plan: Plan, progress: bool = False) -> RunStats:
     embedded, t0 = 0, time.perf_counter()
     with tqdm(total=plan.count, unit="img", disable=not progress, desc=f"extract {job.emb.backbone.name}",
               mininterval=0.5, dynamic_ncols=True) as bar:
-        for batch in loader:
-            for i, reason in batch.failed:
-                log.warning("skipped %s: %s", job.ds.abspath(i), reason)
-            try:
-                plan.journal.append(_embed(job, batch), job.ds.paths, plan.fingerprints)
-            except DiskFullError as e:  # the batches before this one stay in the journal: a re-run resumes
-                left = [i for b in plan.batches for i in b if not plan.journal.finished(job.ds.paths[i],
-                                                                                          plan.fingerprints[i])]
-                raise disk_full_error(e.filename, _space(job, plan.old, plan.todo, left), _kept(job, plan)) \
-                    from None
-            embedded += len(batch.indices)
-            bar.update(len(batch.indices) + len(batch.failed))
+        try:
+            for batch in loader:
+                for i, reason in batch.failed:
+                    log.warning("skipped %s: %s", job.ds.abspath(i), reason)
+                try:
+                    plan.journal.append(_embed(job, batch), job.ds.paths, plan.fingerprints)
+                except DiskFullError as e:  # the batches before this one stay in the journal: a re-run resumes
+                    left = [i for b in plan.batches for i in b if not plan.journal.finished(job.ds.paths[i],
+                                                                                              plan.fingerprints[i])]
+                    raise disk_full_error(e.filename, _space(job, plan.old, plan.todo, left), _kept(job, plan)) \
+                        from None
+                embedded += len(batch.indices)
+                bar.update(len(batch.indices) + len(batch.failed))
+        except DatasetError as e:  # the storage failed mid-run (sources.UnitReader): what was embedded is kept
+            raise DatasetError(f"{_worker_message(e)}; {_kept(job, plan)}") from None
     return RunStats(embedded, time.perf_counter() - t0)
+
+
+def _worker_message(e: Exception) -> str:
+    """An error's one line, also when a DataLoader worker raised it: torch re-raises it with the worker's traceback
+    in the message, whose last line is ``module.Type: the message``."""
+    text = str(e).strip()
+    if not text.startswith("Caught "):
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def _embed(job: Job, batch: Decoded) -> Embedded:

@@ -156,8 +156,34 @@ def is_source(data: str | os.PathLike, layout: str) -> bool:
 
 def discover_source(data: str, layout: str = "auto", image_column: str | None = None,
                     label_column: str | None = None) -> Dataset:
-    """A Dataset of DATA read through fsspec: shards, Parquet, a saved HF dataset, or a folder / manifest at a URL."""
+    """A Dataset of DATA read through fsspec: shards, Parquet, a saved HF dataset, or a folder / manifest at a URL.
+    The storage's own failures (no credentials, no network, access denied) are one DatasetError naming DATA."""
     fsspec = need("fsspec", "data")
+    try:
+        return _discover(fsspec, data, layout, image_column, label_column)
+    except ProbeError:
+        raise
+    except Exception as e:
+        raise storage_error(data, e) from e
+
+
+STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "fsspec", "requests", "urllib3",
+                   "adlfs", "azure", "huggingface_hub")  # whose exceptions are the storage's, not probe's
+
+
+def storage_error(data: str, e: Exception) -> Exception:
+    """A DatasetError for what the storage behind DATA raised (OSError or an exception of ``STORAGE_MODULES``), with
+    a hint where one helps; any other exception is returned as it is (a bug: its traceback is wanted)."""
+    if not (isinstance(e, OSError) or type(e).__module__.split(".")[0] in STORAGE_MODULES):
+        return e
+    name = type(e).__name__
+    hint = ("; set the storage's credentials (as boto3, google-auth or the filesystem's docs say)" if "Credential" in
+            name else "; is the network up and the endpoint right?" if "Connect" in name or "DNS" in name else "")
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return DatasetError(f"cannot read {data!r}: {name}{': ' + text if text else ''}{hint}")
+
+
+def _discover(fsspec: Any, data: str, layout: str, image_column: str | None, label_column: str | None) -> Dataset:
     fs, path = fsspec.core.url_to_fs(data)
     path = path.rstrip("/") or "/"
     base = _base(path)
@@ -583,8 +609,11 @@ def _remote_files(fs: Any, path: str, layout: str) -> Dataset:
     a CSV manifest (any of its forms) at a URL: each file its own unit, read whole by a worker."""
     if layout == "csv" or path.lower().endswith(".csv"):
         base, infos = path.rsplit("/", 1)[0], {}
-        with fs.open(path, "rt", encoding="utf-8", newline="") as f:
-            ds = _from_csv(Path(path), f)
+        try:
+            with fs.open(path, "rt", encoding="utf-8", newline="") as f:
+                ds = _from_csv(Path(path), f)
+        except FileNotFoundError:
+            raise DatasetError(f"{path!r} does not exist: expected a CSV manifest") from None
     else:  # one listing gives every file's size and ETag
         base = path
         infos = {_rel(u, base): info for u, info in fs.find(base, detail=True).items()}
@@ -649,7 +678,20 @@ class UnitReader(torch.utils.data.IterableDataset):
                                                           "since the run was planned?)") for j in b])
 
     def _read(self, unit: Unit, rows: list[int]) -> Iterator[tuple[int, bytes | str]]:
-        """(row, bytes) of ``rows`` in the order the unit holds them; (row, reason) for one it cannot give."""
+        """(row, bytes) of ``rows`` in the order the unit holds them; (row, reason) for one it cannot give. The
+        storage failing (no network, credentials expired) is a DatasetError naming the unit: the run stops there,
+        and a re-run resumes, rather than recording its images as skipped for good."""
+        try:
+            yield from self._read_unit(unit, rows)
+        except ProbeError:
+            raise
+        except Exception as e:
+            err = storage_error(unit.url, e)
+            if err is e:
+                raise
+            raise err from None
+
+    def _read_unit(self, unit: Unit, rows: list[int]) -> Iterator[tuple[int, bytes | str]]:
         src = self.source
         if unit.kind == "file":
             try:
@@ -657,6 +699,8 @@ class UnitReader(torch.utils.data.IterableDataset):
                     data = f.read()
             except FileNotFoundError:
                 data = "file not found (deleted or moved during the run)"
+            except PermissionError as e:  # access denied to this object, as an unreadable file on a disk
+                data = f"unreadable: {e.strerror or e}"
             yield rows[0], data
         elif unit.kind == "tar":
             want = {src.member[i]: i for i in rows}

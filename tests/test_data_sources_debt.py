@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,8 @@ def test_bad_manifest_at_a_url_names_its_line(tmp_path, mem):
     fs.pipe(f"{bucket}/m.csv", b"path,labels\nimgs/0.png,cat||dog\n")
     with pytest.raises(DatasetError, match=r"m\.csv:2: labels 'cat\|\|dog' has an empty name"):
         discover(f"memory:/{bucket}/m.csv")
+    with pytest.raises(DatasetError, match=r"gone\.csv' does not exist: expected a CSV manifest"):
+        discover(f"memory:/{bucket}/gone.csv")  # a FileNotFoundError traceback before
 
 
 # ----------------------------------------------------------------------------------------------- folders
@@ -224,3 +227,72 @@ def test_compressed_shard_members_read_back(tmp_path):
     (tmp_path / "bad.tar.gz").write_bytes(cut[: len(cut) // 2])
     with pytest.raises(ImageDecodeError, match="cannot read .*bad.tar.gz: ReadError"):
         pics.read("bad.tar.gz#b.png")
+
+
+# ------------------------------------------------------------------------------------------ storage faults
+def test_storage_failing_while_planning_is_one_line_naming_the_data(mem, monkeypatch):
+    """The storage's own exceptions (here the network) while listing are a DatasetError naming DATA, not a
+    traceback; an exception of probe's own code is left alone (a bug: its traceback is wanted)."""
+    fs, bucket = mem
+    fs.pipe(f"{bucket}/shards/000000.tar", wds_shards(per_class=1)[0])
+
+    def down(self, path, *args, **kwargs):
+        raise ConnectionError("Cannot connect to host")
+
+    monkeypatch.setattr(MemoryFileSystem, "ls", down)
+    with pytest.raises(DatasetError, match=r"^cannot read 'memory:/.*/shards': ConnectionError: Cannot connect to "
+                                           r"host; is the network up and the endpoint right\?$"):
+        discover(f"memory:/{bucket}/shards")
+    monkeypatch.setattr(MemoryFileSystem, "ls", lambda self, path, *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        discover(f"memory:/{bucket}/shards")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_storage_failing_mid_run_stops_in_one_line_and_a_rerun_resumes(tmp_path, mem, monkeypatch, workers):
+    """A shard the storage cannot give mid-run (the network drops) stops the run with one line naming it -- also
+    from a DataLoader worker, whose traceback torch puts in the message -- and keeps what was embedded; the re-run
+    resumes and ends with the uninterrupted features. Its images are not recorded as skipped."""
+    fs, bucket = mem
+    for k, data in enumerate(wds_shards(per_class=2)):
+        fs.pipe(f"{bucket}/shards/{k:06d}.tar", data)
+    url = f"memory:/{bucket}/shards"
+    cfg = replace(tiny_config(), workers=workers)
+    want = FeatureStore(extract(url, tmp_path / "want.h5", cfg)["store"])  # lists the shards (cached)
+    bad, orig = f"{bucket}/shards/000001.tar", MemoryFileSystem._open
+
+    def dropping(self, path, *args, **kwargs):
+        if self._strip_protocol(path) == bad:
+            raise ConnectionError("Connection reset by peer")
+        return orig(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", dropping)
+    out = tmp_path / "s.h5"
+    with pytest.raises(DatasetError) as e:
+        extract(url, out, cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"cannot read '{bad}': ConnectionError: Connection reset by peer")
+    assert "the 4 images embedded so far are kept" in msg and "re-run the same command to resume" in msg
+    assert not out.exists()
+    monkeypatch.setattr(MemoryFileSystem, "_open", orig)
+    s = FeatureStore(extract(url, out, cfg)["store"])
+    assert list(s.paths()) == list(want.paths()) and not s.skipped()
+    np.testing.assert_allclose(s.features(), want.features(), atol=1e-6)
+
+
+def test_an_object_denied_is_skipped_as_an_unreadable_file(tmp_path, mem, monkeypatch):
+    fs, bucket = mem
+    _shape(tmp_path / "data", "imagefolder")
+    url = mirror(fs, tmp_path / "data", bucket)
+    ds = discover(url)
+    denied, orig = f"{bucket}/{ds.paths[1]}", MemoryFileSystem._open
+
+    def guarded(self, path, *args, **kwargs):
+        if self._strip_protocol(path) == denied:
+            raise PermissionError(13, "Access Denied")
+        return orig(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", guarded)
+    s = FeatureStore(extract(url, tmp_path / "s.h5", tiny_config())["store"])
+    assert s.skipped() == [{"path": ds.paths[1], "reason": "unreadable: Access Denied"}]
+    assert len(s.features()) == len(ds.paths) - 1
