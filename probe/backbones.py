@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -502,28 +503,30 @@ def describe(name: str) -> dict[str, Any]:
         from .clip import describe as describe_clip
 
         return describe_clip(name)
-    row: dict[str, Any] = {"name": name, "family": family}
+    dim, input_size = _shape(name, family)
+    return {"name": name, "family": family, "dim": dim, "input_size": input_size, "offline": weights_available(name)}
+
+
+@functools.cache
+def _shape(name: str, family: str) -> tuple[int | None, int | None]:
+    """(embedding width, input size) of a backbone's architecture, built on the meta device once per process (the
+    listing builds ~80; whether its weights are here is asked each time)."""
     if family == "hf":  # the hub cannot be asked offline; the width and input size are known once it is built
-        row.update(dim=None, input_size=None)
-    elif family == "torchvision":
+        return None, None
+    if family == "torchvision":
         from torchvision.models import get_model, get_model_weights
 
         tf = get_model_weights(name).DEFAULT.transforms()
-        row["dim"] = _meta_dim(lambda: get_model(name, weights=None))
-        row["input_size"] = int(tf.crop_size[0])
-    else:
-        import timm
+        return _meta_dim(lambda: get_model(name, weights=None)), int(tf.crop_size[0])
+    import timm
 
-        arch = PACKAGED[name][3] if family == "packaged" else name[5:]
-        try:
-            with torch.device("meta"):  # no weights allocated
-                m = timm.create_model(arch, pretrained=False, num_classes=0)
-            row["dim"] = _timm_dim(m)
-            row["input_size"] = int(m.pretrained_cfg["input_size"][-1])
-        except Exception:  # noqa: BLE001 - listing must not die on one odd model
-            row["dim"], row["input_size"] = None, None
-    row["offline"] = weights_available(name)
-    return row
+    arch = PACKAGED[name][3] if family == "packaged" else name[5:]
+    try:
+        with torch.device("meta"):  # no weights allocated
+            m = timm.create_model(arch, pretrained=False, num_classes=0)
+        return _timm_dim(m), int(m.pretrained_cfg["input_size"][-1])
+    except Exception:  # noqa: BLE001 - listing must not die on one odd model
+        return None, None
 
 
 def list_backbones(timm_pattern: str | None = None, clip_pattern: str | None = None) -> list[dict[str, Any]]:

@@ -262,13 +262,15 @@ def test_cli_extract_info_and_fit_head_report_views(tmp_path):
 # ------------------------------------------------------------------------------------------ real accuracy
 @pytest.mark.slow
 def test_demo_mlp_with_views(tmp_path):
-    """Packaged demo set, pretrained lite0: the MLP trained on 4 views per image against centre crops only."""
+    """Packaged demo set, pretrained lite0: the MLP trained on K views per image against centre crops only. K = 2:
+    each view is a full pass of the backbone over the 400 images, the bulk of this test's time."""
     out = tmp_path / "demo.h5"
-    extract(DEMO, out, ExtractConfig(batch_size=64, workers=1, views=4))
+    extract(DEMO, out, ExtractConfig(batch_size=64, workers=1, views=K))
     with_views = fit_head(out, make_head("mlp", seed=0), tmp_path / "v.safetensors")
     without = fit_head(out, make_head("mlp", seed=0), tmp_path / "n.safetensors", views=False)
-    logging.getLogger(__name__).warning("demo mlp val accuracy: %.3f with 4 views, %.3f without",
-                                        with_views["val_accuracy"], without["val_accuracy"])
-    assert with_views["views"] == 4 and without["views"] == 0
-    # measured (seeds 0-4, bf16): 76.4% with views, 78.4% without; within noise of each other on 100 val images
+    logging.getLogger(__name__).warning("demo mlp val accuracy: %.3f with %d views, %.3f without",
+                                        with_views["val_accuracy"], K, without["val_accuracy"])
+    assert with_views["views"] == K and without["views"] == 0
+    # measured (seeds 0-4, float32 on the CPU): 74-77% with 2 views (74-77% with 4), 77-80% without; within noise
+    # of each other on 100 val images
     assert with_views["val_accuracy"] > 0.6 and without["val_accuracy"] > 0.6
