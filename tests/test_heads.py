@@ -277,3 +277,18 @@ def test_episode_errors_name_the_value():
     sup, qry = sample_episodes(y, 3, 1, 1, 2)
     with pytest.raises(ValueError, match=r"--C must be a positive number .* got 0.0"):
         linear_episode_accuracy(np.eye(len(y), 4, dtype=np.float32), sup, qry, C=0.0)
+
+
+def test_confusion_png_names_few_classes_and_stays_bounded_for_many(tmp_path):
+    """A cell per class pair: named rows and columns up to NAMED_CLASSES, then a fixed size (1000 classes made a
+    60,000-pixel-square picture before)."""
+    from PIL import Image
+
+    from probe.heads.evaluate import NAMED_CLASSES, confusion_png
+
+    sizes = {}
+    for n in (10, NAMED_CLASSES, 1000):
+        cm = np.eye(n, dtype=int) * 5
+        with Image.open(confusion_png(cm.tolist(), [f"c{i}" for i in range(n)], tmp_path / f"{n}.png")) as im:
+            sizes[n] = im.size
+    assert sizes[10][0] < sizes[NAMED_CLASSES][0] and sizes[1000] == sizes[NAMED_CLASSES]

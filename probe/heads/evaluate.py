@@ -174,9 +174,14 @@ def _add_calibration(report: EvalReport, head: Any, X: np.ndarray, y_true: np.nd
         report.calibration["reliability_png"] = str(reliability_png(before, y_true, png, after, title))
 
 
+NAMED_CLASSES = 40  # the most classes confusion_png names (and sizes the picture for)
+
+
 def confusion_png(confusion: list[list[int]], class_names: list[str], path: str | os.PathLike,
                   title: str = "") -> Path:
-    """Write a row-normalised confusion matrix with counts in each cell as a PNG."""
+    """Write a row-normalised confusion matrix with counts in each cell as a PNG. Up to ``NAMED_CLASSES`` classes
+    each row and column is named; above, the picture keeps a fixed size (a cell per class, an ImageNet-sized matrix
+    would otherwise be a gigapixel image) and every k-th class index is marked, in the head's class order."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,11 +190,17 @@ def confusion_png(confusion: list[list[int]], class_names: list[str], path: str 
     cm = np.asarray(confusion, np.float64)
     rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)  # recall per true class
     n = len(class_names)
-    size = max(4.0, 0.55 * n + 2.5)
+    size = min(max(4.0, 0.55 * n + 2.5), 0.55 * NAMED_CLASSES + 2.5)
     fig, ax = plt.subplots(figsize=(size + 1.0, size), dpi=110)
-    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    if n <= NAMED_CLASSES:
+        ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(n), class_names)
+    else:
+        step = int(np.ceil(n / 20))
+        ax.set_xticks(range(0, n, step))
+        ax.set_yticks(range(0, n, step))
+        title = (f"{title}: " if title else "") + f"{n} classes, by index in the head's order"
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if n <= 30:  # counts stay legible up to ~30 classes
