@@ -164,7 +164,10 @@ def discover_source(data: str, layout: str = "auto", image_column: str | None = 
     except ProbeError:
         raise
     except Exception as e:
-        raise storage_error(data, e) from e
+        err = storage_error(data, e)
+        if err is e:  # not the storage's: a bug, its traceback as it is
+            raise
+        raise err from e
 
 
 STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "fsspec", "requests", "urllib3",
