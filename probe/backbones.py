@@ -699,7 +699,7 @@ def at_layer(bb: Backbone, layer: str) -> Backbone:
     """
     if bb.layer is not None:
         raise BackboneError(f"{bb.name} already gives layer {bb.layer!r}: create the backbone again for another")
-    if bb.name.startswith("clip/"):
+    if bb.name.split("/", 1)[0] in NO_LAYERS:  # its family's prefix (clip/)
         raise _no_layers(bb.name)
     from .engine import input_hw
 

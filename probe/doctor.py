@@ -133,7 +133,7 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int, seed: int,
         raise ProbeError(f"sweep must be one of {', '.join(SWEEPS)}, got {sweep!r}")
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y))
     if sweep == "per-fold":
-        return _nested(X, y, [te for _, te in splits], seed), None
+        return _nested(X, y, splits, seed), None
     C = LinearHead(seed=seed).fit(X, y).C_
     K = int(y.max()) + 1
     proba = np.zeros((len(y), K), np.float64)
@@ -143,7 +143,7 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int, seed: int,
     return proba, float(C)
 
 
-def _nested(X: np.ndarray, y: np.ndarray, parts: list[np.ndarray], seed: int) -> np.ndarray:
+def _nested(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]], seed: int) -> np.ndarray:
     """Out-of-fold probabilities (N, C) with a full sweep in each fold: fold i's C is the best mean accuracy over
     the linear head's grid in an inner cross-validation whose folds are the other outer folds, then fold i is
     predicted by a refit on all rows but its own at that C. No label of fold i touches its C or weights.
@@ -158,6 +158,7 @@ def _nested(X: np.ndarray, y: np.ndarray, parts: list[np.ndarray], seed: int) ->
     from .heads.features import apply_norm, fit_norm
     from .heads.linear import LinearHead, _solve, sweep_path, threads_for
 
+    parts = [te for _, te in splits]  # each fold's rows
     k = len(parts)
     if k < 3:
         raise ProbeError(f"a sweep in each fold needs folds >= 3 (inner folds are the other outer folds), got {k}")
@@ -185,7 +186,7 @@ def _nested(X: np.ndarray, y: np.ndarray, parts: list[np.ndarray], seed: int) ->
             inner = acc[i, others].mean(0)  # (S,) the inner cross-validation accuracy per strength
             best = int(np.argmax(inner))  # the first maximum: ties keep the stronger penalty
             W0, b0 = (torch.stack([path[i, j][best][n] for j in others]).mean(0) for n in (0, 1))
-            tr = torch.from_numpy(np.setdiff1d(every, parts[i])).to(dev)
+            tr = torch.from_numpy(splits[i][0]).to(dev)  # every row but fold i's
             W, b, _ = _solve(Z[tr], yt[tr], torch.ones(len(tr), device=dev), float(Cs[best]), W0, b0,
                              head.max_iter_final, head.tol)
             proba[parts[i]] = torch.softmax(Zf[i] @ W + b, 1).double().cpu().numpy()

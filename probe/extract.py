@@ -599,7 +599,9 @@ def _attrs(job: Job, classes: list[str], created: str | None) -> dict[str, Any]:
         "versions": _versions(),
         "extract_config": {k: v for k, v in asdict(job.cfg).items() if k not in ("prune",)},
     }
-    if isinstance(job.ds.source, str) and "://" in job.ds.source:  # a URL: root is fsspec's path, without scheme
+    from .sources import is_url
+
+    if is_url(job.ds.source):  # a URL: root is fsspec's path, without scheme
         attrs["source"] = job.ds.source
     if job.shard:  # the completion marker: the store file only ever appears whole (atomic rename)
         attrs.update(shard=f"{job.shard[0]}/{job.shard[1]}", complete=True)

@@ -41,7 +41,7 @@ from .clip import import_open_clip, is_clip, text_tower_for
 from .errors import MissingFileError, ProbeError
 from .heads.evaluate import head_columns_for, metrics
 from .heads.features import stratified_holdout
-from .heads.fit import _training_rows
+from .heads.fit import HOLDOUT, _training_rows
 from .heads.io import save_head
 from .heads.linear import LinearHead
 from .heads.prototype import PrototypeHead
@@ -259,10 +259,9 @@ def _linear_comparison(store: FeatureStore, X: np.ndarray, cols: np.ndarray, zs:
     elif len(val):  # C by cross-validation of train, scored on val
         scored, on = val, "val"
     else:
-        tr, ho = stratified_holdout(cols[train], 0.2, seed)
-        train, scored, on = train[tr], train[ho], f"a seeded 20% holdout of train (seed {seed})"
-    known = np.unique(cols[train])
-    scored = scored[np.isin(cols[scored], known)]  # a class train lacks cannot be learned by the probes
+        tr, ho = stratified_holdout(cols[train], HOLDOUT, seed)
+        train, scored, on = train[tr], train[ho], f"a seeded {HOLDOUT:.0%} holdout of train (seed {seed})"
+    known = np.unique(cols[train])  # every class of scored: _training_rows and the holdout keep them in train
     if not len(scored):
         raise ProbeError(f"store {store.path}: no labelled rows of the training classes to score the probes on")
     plain = LinearHead(norm="l2", seed=seed, device=device).fit(X[train], cols[train], eval_set=eval_set)

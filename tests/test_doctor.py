@@ -273,12 +273,13 @@ def test_sweep_per_fold_is_nested_and_agrees_with_once():
     centres = rng.normal(0, 0.7, (4, 12))
     y = np.repeat(np.arange(4), 50)
     X = (centres[y] + rng.normal(size=(200, 12))).astype(np.float32)
-    parts = [te for _, te in StratifiedKFold(5, shuffle=True, random_state=0).split(X, y)]
-    P = _nested(X, y, parts, seed=0)
+    splits = list(StratifiedKFold(5, shuffle=True, random_state=0).split(X, y))
+    parts = [te for _, te in splits]
+    P = _nested(X, y, splits, seed=0)
     assert P.shape == (200, 4) and np.allclose(P.sum(1), 1, atol=1e-5)
     y2 = y.copy()
     y2[parts[0]] = (y2[parts[0]] + 1) % 4  # every label of fold 0 wrong
-    P2 = _nested(X, y2, parts, seed=0)
+    P2 = _nested(X, y2, splits, seed=0)
     np.testing.assert_array_equal(P2[parts[0]], P[parts[0]])
     assert np.abs(P2[parts[1]] - P[parts[1]]).max() > 1e-3
     nested, C = out_of_fold_proba(X, y, 5, 0, "per-fold")

@@ -256,12 +256,13 @@ def head_columns_for(store_classes: list[str], store_labels: np.ndarray, head_cl
                      where: str) -> np.ndarray:
     """Map a store's label indices (N,) to the head's probability columns (N,), refusing classes the head lacks."""
     col = {c: i for i, c in enumerate(head_classes)}
-    names = np.asarray(store_classes, dtype=object)[store_labels]
-    unknown = sorted({n for n in names.tolist() if n not in col})
+    present = np.asarray(store_classes, dtype=object)[np.unique(store_labels)].tolist()
+    unknown = sorted({n for n in present if n not in col})
     if unknown:
         raise ProbeError(f"{where} has classes the head was not trained on: {', '.join(map(repr, unknown[:10]))} "
                          f"(the head knows {', '.join(head_classes)})")
-    return np.array([col[n] for n in names.tolist()], np.int64)
+    lut = np.array([col.get(c, -1) for c in store_classes], np.int64)  # store class -> head column
+    return lut[store_labels]
 
 
 def check_head_matches_store(meta: dict[str, Any], store: Any) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,8 +60,7 @@ def labelled_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
                          "needs a labelled store (class folders, a split root or a CSV with labels)")
     rows = {s: np.flatnonzero(lab & (sp == s)) for s in ("train", "val", "test")}
     if len(rows["train"]) == 0:
-        rows = _without_train(rows, np.flatnonzero(lab), sp, seed, lambda idx: stratified_holdout(y[idx], HOLDOUT,
-                                                                                                    seed))
+        rows = _without_train(rows, np.flatnonzero(lab), sp, y, seed)
     present = np.unique(y[rows["train"]])
     if len(present) < 2:
         where = "the train split" if (sp == "train").any() else "its labelled rows"
@@ -79,18 +77,18 @@ def multilabel_splits(store: Any, seed: int = 0) -> dict[str, np.ndarray]:
     Y, sp = store.label_matrix(), store.splits()
     rows = {s: np.flatnonzero(sp == s) for s in ("train", "val", "test")}
     if len(rows["train"]) == 0:
-        rows = _without_train(rows, np.arange(len(Y)), sp, seed, lambda idx: ml.multilabel_holdout(
-            Y[idx], HOLDOUT, seed) if len(idx) > 1 else (np.arange(len(idx)), np.zeros(0, np.int64)))
+        rows = _without_train(rows, np.arange(len(Y)), sp, Y, seed)
     if not Y[rows["train"]].any():
         raise ProbeError(f"store {store.path} is multi-label but its {len(rows['train'])} training rows have no "
                          "label: a head needs labelled images")
     return rows
 
 
-def _without_train(rows: dict[str, np.ndarray], labelled: np.ndarray, sp: np.ndarray, seed: int,
-                   holdout: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+def _without_train(rows: dict[str, np.ndarray], labelled: np.ndarray, sp: np.ndarray, labels: np.ndarray,
+                   seed: int) -> dict[str, np.ndarray]:
     """The rows of data without a train split: the ``labelled`` rows outside its val and test splits train, val
-    is its val split or else ``holdout`` of them (seeded 20%, stratified), test stays. Data of only val and test
+    is its val split or else a seeded 20% of them stratified by ``labels`` (N,), or by the (N, C) label matrix of a
+    multi-label store, test stays. Data of only val and test
     splits: every labelled row is train or held-out val, and none is left to test (logged)."""
     pool = labelled[~np.isin(sp[labelled], ["val", "test"])]
     if not len(pool):
@@ -99,7 +97,12 @@ def _without_train(rows: dict[str, np.ndarray], labelled: np.ndarray, sp: np.nda
                     "(seed %d); nothing is left to test", len(pool), seed)
     if len(rows["val"]):
         return {"train": pool, "val": rows["val"], "test": rows["test"]}
-    tr, ho = holdout(pool)
+    if labels.ndim == 1:
+        tr, ho = stratified_holdout(labels[pool], HOLDOUT, seed)
+    elif len(pool) > 1:
+        tr, ho = ml.multilabel_holdout(labels[pool], HOLDOUT, seed)
+    else:  # one row: nothing to hold out
+        tr, ho = np.arange(len(pool)), np.zeros(0, np.int64)
     log.info("the data has no train split: holding out %d of %d labelled rows (seed %d) for validation", len(ho),
              len(pool), seed)
     return {"train": pool[tr], "val": pool[ho], "test": rows["test"]}

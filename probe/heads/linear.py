@@ -389,20 +389,20 @@ class LinearHead(Head):
         (W (D, K), b (K,)) at ``C_``, the final fit's warm start. (Not the folds' warm starts: a fold's solution has
         seen the next fold's validation rows, and a few L-BFGS iterations from it keep what it memorised -- measured,
         it moved the chosen C from 1e-4 to 10 on synthetic 40k x 1280.)"""
-        from sklearn.model_selection import StratifiedKFold, check_cv
+        from sklearn.model_selection import StratifiedKFold
 
         if self.multilabel_:  # iteratively stratified folds of the label matrix (multilabel_folds)
             if len(yi) < 2:
                 raise ProbeError("choosing C by cross-validation needs >= 2 training rows; pass eval_set or a fixed C")
-            folds = check_cv(multilabel_folds(yi, min(int(self.folds), len(yi)), self.seed))
+            folds = multilabel_folds(yi, min(int(self.folds), len(yi)), self.seed)
         else:
             smallest = int(np.bincount(yi).min())
             if smallest < 2:
                 raise ProbeError(f"class {self.classes_[np.bincount(yi).argmin()]!r} has {smallest} training row: "
                                  "choosing C by cross-validation needs >= 2 per class; pass eval_set or a fixed C")
-            folds = StratifiedKFold(min(int(self.folds), smallest), shuffle=True, random_state=self.seed)
+            folds = StratifiedKFold(min(int(self.folds), smallest), shuffle=True, random_state=self.seed).split(Z, yi)
         per_fold, fold_sols = [], []  # each fold's sweep_ ({"C", "val_accuracy", ...} per strength), solutions
-        for tr, va in folds.split(Z, yi):
+        for tr, va in folds:  # (train, validation) row indices
             w_tr, w_va = (None, None) if sw is None else (sw[tr], sw[va])
             _, sols = self._sweep(t(Z[tr]), t(yi[tr]), weights(yi[tr], w_tr), t(Z[va]), yi[va], w_va, anchor)
             per_fold.append(self.sweep_)

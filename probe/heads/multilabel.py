@@ -235,8 +235,8 @@ def _stratify(Y: np.ndarray, shares: np.ndarray, rng: np.random.Generator) -> np
     rows_wanted = len(Y) * shares  # (k,)
     wanted = np.outer(shares, Y.sum(0))  # (k, C) positives of each label each part still wants
     fold = np.full(len(Y), -1)  # (N,) the part each row is placed in; -1 while unplaced
+    left = Y.sum(0)  # (C,) unplaced positives per label
     while (unplaced := fold < 0).any():
-        left = Y[unplaced].sum(0)  # (C,) unplaced positives per label
         if left.any():
             label = rng.choice(np.flatnonzero(left == left[left > 0].min()))  # the rarest; ties by the seed
             rows, want = np.flatnonzero(unplaced & Y[:, label]), wanted[:, label]  # a view: follows the updates
@@ -246,5 +246,6 @@ def _stratify(Y: np.ndarray, shares: np.ndarray, rng: np.random.Generator) -> np
             f = np.lexsort((rng.random(k), rows_wanted, want))[-1]  # the last key sorts first: the most wanting
             fold[i] = f
             wanted[f] -= Y[i]
+            left -= Y[i]
             rows_wanted[f] -= 1
     return fold
