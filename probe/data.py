@@ -24,7 +24,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TextIO
@@ -100,8 +100,12 @@ class Dataset:
                        None if self.reader is None else self.reader.subset(keep))
 
 
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
 def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+    return name.lower().endswith(IMG_EXTENSIONS) and not _is_hidden(name)
 
 
 def images_in(folder: str | os.PathLike) -> list[str]:
@@ -113,18 +117,29 @@ def images_in(folder: str | os.PathLike) -> list[str]:
 
 
 def _files(root: Path) -> list[str]:
-    """Every file under ``root`` (following links to folders, hidden folders left out), relative to it and
+    """Every file under ``root`` (following links to folders; hidden folders are not walked), relative to it and
     '/'-separated. A dangling link keeps its name: the decoder reports it instead of it vanishing silently."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         rel = Path(dirpath).relative_to(root).as_posix()
         out += [f if rel == "." else f"{rel}/{f}" for f in filenames]
     return out
 
 
-def _subdirs(p: Path) -> list[Path]:
-    return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _visible_files(files: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The files of a folder that probe reads and its subfolders, from ``files`` (every file under it, relative and
+    '/'-separated, as a walk of a disk or a listing at a URL gives them): a file inside a hidden folder
+    (``.git/``, ``Coat/.thumbs/``) is left out, a hidden file is kept (``_folder_rows`` ignores it: no image is named
+    ``.x``), and the subfolders are the top folders of the files kept -- so an empty folder, which an object store
+    cannot hold, is none on disk either. The one rule for a folder on disk and one at a URL.
+
+    Example:
+        >>> _visible_files(["Bag/a.png", "Bag/.thumbs/t.png", ".git/HEAD", "Coat/.DS_Store", "x.png"])
+        (['Bag/a.png', 'Coat/.DS_Store', 'x.png'], ['Bag', 'Coat'])
+    """
+    kept = [f for f in files if not any(_is_hidden(d) for d in f.split("/")[:-1])]
+    return kept, sorted({f.split("/", 1)[0] for f in kept if "/" in f})
 
 
 def discover(data: str | os.PathLike, layout: str = "auto", image_column: str | None = None,
@@ -145,15 +160,15 @@ def discover(data: str | os.PathLike, layout: str = "auto", image_column: str | 
         if layout not in ("auto", "csv") or root.suffix.lower() != ".csv":
             raise DatasetError(f"{str(root)!r} is a file: expected a folder of images or a .csv manifest")
         return _from_csv(root)
-    layout, *rows = _folder_rows(str(root), layout, _files(root), [d.name for d in _subdirs(root)])
+    layout, *rows = _folder_rows(str(root), layout, *_visible_files(_files(root)))
     return _build(root, layout, *rows)
 
 
 def _folder_rows(where: str, layout: str, files: list[str], subdirs: list[str]) -> tuple[
         str, list[str], list[str | None], list[str], list[str]]:
     """A folder's rows by its layout -- ``imagefolder``, ``splits`` or ``flat``; ``auto`` picks by shape -- from
-    ``files`` (every file under it, relative, '/'-separated, hidden folders left out) and ``subdirs`` (its visible
-    folders): (layout, paths, labels, splits, ignored). The one rule for a folder on disk and one at a URL.
+    ``files`` and ``subdirs`` (``_visible_files``): (layout, paths, labels, splits, ignored). The one rule for a folder
+    on disk and one at a URL.
 
     ImageFolder rows are labelled by their top folder (images beside the folders are ignored), split-root rows by
     the folder under their split's; a file without an image extension inside a class folder is ignored."""

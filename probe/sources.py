@@ -42,6 +42,7 @@ import pickle
 import re
 import tarfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ from .data import (
     _canonical_split,
     _folder_rows,
     _from_csv,
+    _visible_files,
     decode_bytes,
     fingerprint,
     load_image,
@@ -620,9 +622,7 @@ def _remote_files(fs: Any, path: str, layout: str) -> Dataset:
     else:  # one listing gives every file's size and ETag
         base = path
         infos = {_rel(u, base): info for u, info in fs.find(base, detail=True).items()}
-        files = [r for r in infos if not any(d.startswith(".") for d in r.split("/")[:-1])]
-        subdirs = sorted({r.split("/", 1)[0] for r in files if "/" in r})
-        layout, *rows = _folder_rows(path, "auto" if layout == "folder" else layout, files, subdirs)
+        layout, *rows = _folder_rows(path, "auto" if layout == "folder" else layout, *_visible_files(infos))
         ds = _build(Path(base), layout, *rows)
     units = [Unit(r, f"{base}/{r}", "file", _fingerprint(fs, f"{base}/{r}", infos.get(r))) for r in ds.paths]
     return _read_through(ds, base, Source(fs, units, np.arange(len(units), dtype=np.int64), [""] * len(units)))
@@ -758,6 +758,8 @@ class UnitReader(torch.utils.data.IterableDataset):
 MEMBER_SUFFIXES = (*TAR_SUFFIXES, ".parquet", ".arrow")  # what a container row names before its SEP
 TAR_CACHE = 256  # shards whose member offsets a process keeps (~100 bytes a member)
 GROUP_CACHE = 4  # Parquet row groups / Arrow record batches whose image column a process keeps
+FINGERPRINT_TTL = 5.0  # seconds a Pictures trusts a container's fingerprint at a URL: a page costs one request a
+# container, and a service keeping its Pictures reads a replaced shard afresh within seconds
 _LOCK = threading.Lock()  # the caches are shared by the threads that make a page's thumbnails
 _OFFSETS: OrderedDict[tuple[str, str], dict[str, tuple[int, int]]] = OrderedDict()  # tar -> {member: (at, size)}
 _STARTS: OrderedDict[tuple[str, str], tuple[list[int], str]] = OrderedDict()  # Parquet -> (group starts, column)
@@ -791,7 +793,11 @@ class Pictures:
 
     A process keeps each tar shard's member offsets (``TAR_CACHE`` shards), each Parquet file's row-group bounds
     and the image column of the last ``GROUP_CACHE`` row groups or Arrow batches read: 2,000 thumbnails from a few
-    shards read each header once.
+    shards read each header once. Those caches are keyed by the container's fingerprint: a stat of a local file at
+    every read; at a URL one request, whose answer this object trusts for ``FINGERPRINT_TTL`` seconds. A contact
+    sheet so costs one request a container, not one a thumbnail; the next page or command (a new Pictures) asks
+    again, so it never reads a replaced shard with the old one's offsets, and a service that keeps its Pictures
+    may for at most those seconds after the replacement.
 
     Example:
         >>> pics = Pictures.of_store(FeatureStore("cache/shards.h5").attrs)
@@ -805,6 +811,8 @@ class Pictures:
         if is_url(self.root):
             fs, base = need("fsspec", "data").core.url_to_fs(self.root)
             self.fs, self.base = (None, base) if _is_local(fs) else (fs, base.rstrip("/"))
+        self._fingerprints: dict[str, tuple[str, float]] = {}  # container URL -> (fingerprint, monotonic time asked)
+        self._asking = threading.Lock()  # one request a container, also from a page's thumbnail threads
 
     @classmethod
     def of_store(cls, attrs: Any) -> Pictures:
@@ -888,6 +896,17 @@ class Pictures:
         except Exception as e:  # noqa: BLE001 - a damaged container or a failed request: no picture, not a crash
             raise ImageDecodeError(f"cannot read {url}: {type(e).__name__}: {e}") from None
 
+    def _container_key(self, url: str) -> str:
+        """The fingerprint the caches key container ``url`` by: a local file's stat; at a URL the answer of a
+        request made at most once in ``FINGERPRINT_TTL`` seconds."""
+        if self.fs is None:
+            return fingerprint(url)
+        with self._asking:
+            now, kept = time.monotonic(), self._fingerprints.get(url)
+            if kept is None or now - kept[1] >= FINGERPRINT_TTL:
+                kept = self._fingerprints[url] = (_fingerprint(self.fs, url), now)
+        return kept[0]
+
     def _open(self, url: str) -> Any:
         return open(url, "rb") if self.fs is None else self.fs.open(url, "rb")
 
@@ -903,7 +922,7 @@ class Pictures:
                         raise ImageDecodeError(f"member {name!r} of {url}: {data}")
                     return data
             raise ImageDecodeError(f"member {name!r} not found in {url} (changed since extraction?)")
-        offsets = _cached(_OFFSETS, (url, _fingerprint(self.fs, url)), lambda: self._tar_offsets(url), TAR_CACHE)
+        offsets = _cached(_OFFSETS, (url, self._container_key(url)), lambda: self._tar_offsets(url), TAR_CACHE)
         if name not in offsets:
             raise ImageDecodeError(f"member {name!r} not found in {url} (changed since extraction?)")
         at, size = offsets[name]
@@ -928,7 +947,7 @@ class Pictures:
 
     def _parquet_row(self, url: str, row: int) -> bytes:
         """Row ``row`` of a Parquet file: the image column of its row group alone is read (and kept)."""
-        fp = _fingerprint(self.fs, url)
+        fp = self._container_key(url)
         starts, column = _cached(_STARTS, (url, fp), lambda: self._parquet_groups(url), TAR_CACHE)
         g = bisect.bisect_right(starts, row) - 1
         if not 0 <= row < starts[-1]:
@@ -954,7 +973,7 @@ class Pictures:
         """Row ``row`` of an Arrow stream file (a saved Hugging Face dataset's): its record batches streamed (memory
         mapped locally, so the batches before it cost no copy) up to the one holding the row, whose image column is
         kept."""
-        fp = _fingerprint(self.fs, url)
+        fp = self._container_key(url)
         with _LOCK:
             kept = [(k[2], v) for k, v in _CELLS.items() if k[:2] == (url, fp) and k[2] <= row < k[2] + v[0]]
         if kept:

@@ -7,13 +7,16 @@ memory:// (fsspec's in-memory filesystem) stands for a bucket; its requests are 
 from __future__ import annotations
 
 import gzip
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from probe import sources
 from probe.data import ImageDecodeError, discover
 from probe.errors import DatasetError
 from probe.extract import extract
@@ -177,6 +180,27 @@ def test_folder_at_a_url_with_loose_images_and_classes_asks_for_a_layout(tmp_pat
             discover(data)
 
 
+def test_hidden_folders_and_files_and_empty_folders_read_the_same_on_disk_and_at_a_url(tmp_path, mem):
+    """One rule (``data._visible_files``) for both: a hidden folder's files are left out (at the top, in a class),
+    a hidden file is kept and ignored as no image, and a folder holding no file -- which an object store cannot
+    hold -- is no subfolder on disk either (an empty ``notes/`` made a split root an ImageFolder of the classes
+    test/train/valid on disk, a split root at a URL)."""
+    fs, bucket = mem
+    _shape(tmp_path / "d", "splits")
+    for rel in (".cache/x.png", "train/Bag/.thumbs/t.png", "train/Coat/.b.png"):
+        make_image(tmp_path / "d" / rel, seed=9)
+    (tmp_path / "d" / "train" / ".git").mkdir()
+    (tmp_path / "d" / "train" / ".git" / "HEAD").write_text("ref")
+    (tmp_path / "d" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "d" / "notes").mkdir()
+    url = mirror(fs, tmp_path / "d", bucket)
+    fs.mkdir(f"{bucket}/notes")  # memory:// keeps an empty folder as a pseudo-folder: still no file, no subfolder
+    local, remote = discover(tmp_path / "d"), discover(url)
+    assert seen(remote) == seen(local)
+    assert local.layout == "splits" and len(local) == 4 and local.classes == ["Bag", "Coat"]
+    assert sorted(local.ignored) == ["train/Bag/.DS_Store", "train/Coat/.b.png"]
+
+
 # ----------------------------------------------------------------------------------------------- requests
 def test_folder_at_a_url_is_listed_not_asked_file_by_file(tmp_path, mem, calls):
     fs, bucket = mem
@@ -227,6 +251,29 @@ def test_compressed_shard_members_read_back(tmp_path):
     (tmp_path / "bad.tar.gz").write_bytes(cut[: len(cut) // 2])
     with pytest.raises(ImageDecodeError, match="cannot read .*bad.tar.gz: ReadError"):
         pics.read("bad.tar.gz#b.png")
+
+
+def test_pictures_at_a_url_ask_each_container_once_and_a_replaced_one_afresh(mem, calls, monkeypatch):
+    """Thumbnails of shards at a URL cost one fingerprint request a shard per Pictures, not one a thumbnail (it
+    was 8 a shard here); the next Pictures (the next page) reads a replaced shard's new members, never the old
+    offsets, and so does a kept one (a service's) once FINGERPRINT_TTL has passed."""
+    fs, bucket = mem
+    for k, data in enumerate(wds_shards()):
+        fs.pipe(f"{bucket}/shards/{k:06d}.tar", data)
+    rows = {f"{k // 4:06d}.tar#{c}/{Path(n).stem}.png": data for k, (c, n, data) in enumerate(demo_images())}
+    pics = Pictures(f"memory:/{bucket}/shards", "webdataset")
+    calls.clear()
+    with ThreadPoolExecutor(4) as pool:  # as a page's thumbnails are made
+        assert dict(zip(rows, pool.map(pics.read, rows), strict=True)) == rows
+    assert {p: pics.read(p) for p in rows} == rows
+    assert Counter(p for m, p in calls if m == "info") == {f"{bucket}/shards/{k:06d}.tar": 1 for k in range(3)}
+    shard0 = [p for p in rows if p.startswith("000000.tar#")]
+    swapped = {p: rows[q] for p, q in zip(shard0, shard0[::-1], strict=True)}  # each other's images, reversed
+    fs.pipe(f"{bucket}/shards/000000.tar", tar_bytes([(p.split("#", 1)[1], d) for p, d in swapped.items()], mtime=1))
+    assert {p: Pictures(f"memory:/{bucket}/shards", "webdataset").read(p) for p in shard0} == swapped
+    monkeypatch.setattr(sources, "FINGERPRINT_TTL", 0.05)
+    time.sleep(0.1)
+    assert {p: pics.read(p) for p in shard0} == swapped
 
 
 # ------------------------------------------------------------------------------------------ storage faults
