@@ -216,7 +216,9 @@ def eval_(
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Accuracy (with a bootstrap 95% interval), top-5, balanced accuracy, per-class precision/recall/F1 and a
+    """Score a head on a store: accuracy with a 95% interval, per-class metrics and a confusion-matrix PNG.
+
+    Accuracy (with a bootstrap 95% interval), top-5, balanced accuracy, per-class precision/recall/F1 and a
     confusion-matrix PNG; for a multi-label head mAP (area under PR, with its interval) and VOC07 11-point mAP,
     per-class AP (and its bar chart) and micro/macro F1 at the head's thresholds, mean per-class ECE/NLL/Brier before
     and after its Platt scaling and a reliability PNG pooling every (image, class) probability (no confusion

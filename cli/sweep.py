@@ -36,7 +36,9 @@ def sweep(
     workers: int = typer.Option(-1, "--workers", help="Decode processes (-1: one per core, at most 8)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Extract DATA with each backbone once (stores reused), fit the same heads on each, score LogME, and print
+    """Which backbone (or layer) for this data: extract each once, fit the same heads on each, rank them.
+
+    Extract DATA with each backbone once (stores reused), fit the same heads on each, score LogME, and print
     the table: accuracy with 95% intervals, img/s, dim, parameters, LogME and its rank correlation with accuracy."""
     from probe.sweep import describe
     from probe.sweep import sweep as run

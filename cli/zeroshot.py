@@ -52,7 +52,9 @@ def zeroshot(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Text prototypes of the class names through CLIP's prompt templates, saved as a prototype head that predict,
+    """A zero-shot head from a CLIP store's text tower: class-name prompts, saved like any fitted head.
+
+    Text prototypes of the class names through CLIP's prompt templates, saved as a prototype head that predict,
     eval and serve use like any other; with --linear, zero-shot vs linear probe vs zero-shot-anchored probe."""
     from probe.errors import ProbeError
     from probe.zeroshot import zeroshot as run

@@ -132,3 +132,15 @@ def test_cli_bad_engine_is_one_line(tmp_path):
 
     r = CliRunner().invoke(app, ["extract", str(tmp_path), "--engine", "tensorrt"])
     assert r.exit_code == 1 and r.output.startswith("error: unknown engine 'tensorrt'") and r.output.count("\n") == 1
+
+
+def test_help_lists_each_command_by_its_summary_and_joins_wrapped_lines():
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    for command in app.registered_commands:  # the first paragraph is the summary `probe --help` lists
+        summary, *_ = command.help.split("\n\n")
+        assert "\n" not in command.help.replace("\n\n", "") and len(summary) <= 110, command.callback.__name__
+    out = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "300", "TERMINAL_WIDTH": "300"}).output
+    assert "per-class precision/recall/F1 and a confusion-matrix PNG; for a multi-label head" in out
