@@ -577,7 +577,7 @@ def _is_timm(model: nn.Module) -> bool:
 
 def _layer_names(model: nn.Module, hw: tuple[int, int]) -> list[str]:
     """The layers ``model`` offers, shallowest first (the table above); ``hw``: its input size."""
-    if hasattr(model, "hidden_states"):  # hf/: probe.hf.HFFeatures
+    if hasattr(model, "layer_outputs"):  # hf/: probe.hf.HFFeatures (its one survey forward, kept for the widths)
         return model.layer_names(hw)
     if _is_timm(model):
         return [str(f["module"]) for f in model.feature_info]
@@ -609,15 +609,15 @@ class LayerFeatures(nn.Module):
 
     timm models run ``forward_intermediates(stop_early=True)``: the blocks after the deepest layer asked for are
     skipped. torchvision models run a ``create_feature_extractor`` graph, which ends at that layer too. hf/ models
-    run whole, with ``output_hidden_states`` (``probe.hf.HFFeatures.hidden_states``).
+    run whole, each asked hidden state pooled by a hook where the model makes it (``HFFeatures.layer_outputs``).
     """
 
     def __init__(self, model: nn.Module, names: list[str], offered: list[str]):
         super().__init__()
         self.names, self.offered = list(names), list(offered)  # the layers taken; all the model offers
         self.timm = _is_timm(model) and hasattr(model, "forward_intermediates")
-        self.hf = hasattr(model, "hidden_states")
-        if self.hf:  # its hidden_states are offered in order, prefix tokens already left out
+        self.hf = hasattr(model, "layer_outputs")
+        if self.hf:  # its hidden_states are offered in order, prefix tokens left out by layer_outputs
             self.indices = [offered.index(n) for n in names]
             self.body = model
             self.layout = "nchw"
@@ -639,10 +639,9 @@ class LayerFeatures(nn.Module):
 
     def pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> [(B, C_i)] per layer, in the order of ``names``."""
-        if self.hf:
-            got = self.body.hidden_states(x)
-            outs = [got[i] for i in self.indices]
-        elif self.timm:
+        if self.hf:  # pooled as they are made: the others are dropped as the model goes
+            return self.body.layer_outputs(x, self.indices, lambda t: _pool(t, self.layout))
+        if self.timm:
             outs = self.body.forward_intermediates(x, indices=self.indices, intermediates_only=True,
                                                    stop_early=True)
             outs = [outs[p] for p in self.order]
@@ -653,6 +652,16 @@ class LayerFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat(self.pooled(x), 1)  # (B, sum C_i)
+
+    def widths(self, hw: tuple[int, int], device: torch.device | str = "cpu") -> list[int]:
+        """Each layer's width in the features: an hf/ model's from the shapes its layer listing surveyed (no
+        forward), others' from one tiny forward at input size ``hw`` (meta device: shapes only) -- which also
+        fails now rather than mid-extraction."""
+        if self.hf:
+            return [int(_pool(torch.empty(self.body.shapes[i], device="meta"), self.layout).shape[1])
+                    for i in self.indices]
+        with torch.inference_mode():
+            return [int(t.shape[1]) for t in self.pooled(torch.zeros(1, 3, *hw, device=device))]
 
 
 def resolve_layers(spec: str, offered: list[str], backbone: str = "") -> list[str]:
@@ -714,8 +723,7 @@ def at_layer(bb: Backbone, layer: str) -> Backbone:
         model = LayerFeatures(bb.model, names, offered).eval().requires_grad_(False)
     except Exception as e:  # noqa: BLE001 - a model the feature extractor cannot trace: say which
         raise BackboneError(f"cannot take layers {names} of {bb.name}: {type(e).__name__}: {e}") from e
-    with torch.inference_mode():  # one tiny forward: the widths, and a failure now rather than mid-extraction
-        dims = [int(t.shape[1]) for t in model.pooled(torch.zeros(1, 3, *input_hw(bb.preprocess)))]
+    dims = model.widths(input_hw(bb.preprocess))
     return replace(bb, model=model, dim=sum(dims), layer=LAYER_SEP.join(names),
                    extra={**bb.extra, "layer_dims": dict(zip(names, dims))})
 
@@ -776,7 +784,5 @@ def describe_layers(name: str | None, weights: str | None = None) -> list[dict[s
     name, model, hw = _skeleton(name, weights)
     offered = _layer_names(model, hw)
     feats = LayerFeatures(model, offered, offered).eval()
-    device = next(model.parameters()).device  # meta: the shapes without the arithmetic
-    with torch.inference_mode():
-        dims = [int(t.shape[1]) for t in feats.pooled(torch.zeros(1, 3, *hw, device=device))]
+    dims = feats.widths(hw, next(model.parameters()).device)  # meta: the shapes without the arithmetic
     return [{"index": i, "name": n, "channels": d} for i, (n, d) in enumerate(zip(offered, dims))]

@@ -28,6 +28,10 @@ Example:
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -225,18 +229,45 @@ def choose_output(model: nn.Module, out: Any) -> str:
     return "mean"
 
 
+Tap = tuple[str, str, int | None]  # (module path, "in" or "out", position in its args/output tuple; None: itself)
+
+
+def _tensors(value: Any) -> list[tuple[int | None, torch.Tensor]]:
+    """A module's positional args or output -> its tensors with their positions (None: the output itself)."""
+    if torch.is_tensor(value):
+        return [(None, value)]
+    if isinstance(value, (tuple, list)):
+        return [(k, t) for k, t in enumerate(value) if torch.is_tensor(t)]
+    return []  # a ModelOutput (a dict): the model's own result, not a layer
+
+
+def _version(t: torch.Tensor) -> int:
+    """How often ``t`` was modified in place: 0 for an inference tensor (a parameter loaded under inference_mode),
+    which cannot be modified outside inference_mode, where the survey runs."""
+    return 0 if t.is_inference() else t._version
+
+
 class HFFeatures(nn.Module):
-    """(B, 3, H, W) normalised pixels -> (B, D): one output of a transformers image model (``choose_output``)."""
+    """(B, 3, H, W) normalised pixels -> (B, D): one output of a transformers image model (``choose_output``).
+
+    Its layers (``hidden_states``) are surveyed once (``survey``): their shapes, and where the model makes each one,
+    so ``layer_outputs`` can take the asked ones there with hooks instead of ``output_hidden_states``.
+    """
 
     def __init__(self, model: nn.Module, output: str):
         super().__init__()
         self.model, self.output = model, output
+        self.shapes: list[torch.Size] = []  # per hidden state, prefix tokens left out: set by survey()
+        self.taps: list[Tap | None] = []  # per hidden state: the module making it (None: none found)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        run = self.model.get_image_features if self.output == "image_features" else self.model
+        return self.embedding(run(pixel_values=x))
+
+    def embedding(self, out: Any) -> torch.Tensor:
+        """One forward's output (a dual encoder's ``get_image_features``) -> (B, D): the output ``output`` names."""
         if self.output == "image_features":  # a tensor in transformers 4, an output with pooler_output in 5
-            f = self.model.get_image_features(pixel_values=x)
-            return (f if torch.is_tensor(f) else f.pooler_output).flatten(1)
-        out = self.model(pixel_values=x)
+            return (out if torch.is_tensor(out) else out.pooler_output).flatten(1)
         if self.output == "cls":
             return out.last_hidden_state[:, 0]  # (B, N, C) -> (B, C)
         if self.output == "pooler":
@@ -244,31 +275,101 @@ class HFFeatures(nn.Module):
         h = out.last_hidden_state
         return h.mean((2, 3)) if h.ndim == 4 else h.mean(1)  # (B, C, H, W) or (B, N, C) -> (B, C)
 
-    def hidden_states(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) -> transformers' ``hidden_states`` (``output_hidden_states=True``; a dual encoder's vision
-        tower's): the embeddings' output, then each block's or stage's, as (B, C, h, w) maps or (B, N, C) patch
-        tokens -- the class, distillation and register tokens (those beyond the patch grid, in front) left out."""
-        tower = getattr(self.model, "vision_model", None) if self.output == "image_features" else self.model
+    @property
+    def tower(self) -> nn.Module | None:
+        """The image model: a dual encoder's vision tower, else the model itself."""
+        return getattr(self.model, "vision_model", None) if self.output == "image_features" else self.model
+
+    def _hidden_states(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, 3, H, W) -> transformers' ``hidden_states`` of the tower (``output_hidden_states=True``), as made."""
         why = ""
         try:
-            out = tower(pixel_values=x, output_hidden_states=True) if tower is not None else None
+            out = self.tower(pixel_values=x, output_hidden_states=True) if self.tower is not None else None
         except TypeError as e:  # a forward without output_hidden_states (or another argument error: said)
             out, why = None, f" ({e})"
         if getattr(out, "hidden_states", None) is None:
             raise BackboneError(f"{type(self.model).__name__} exposes no hidden_states of its image tower{why}, so "
                                 "it offers no intermediate layers: use its embedding (no --layer)")
+        return out.hidden_states
+
+    def _patches(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """For input ``x``: a hidden state -> itself as (B, C, h, w) maps or (B, N, C) patch tokens -- the class,
+        distillation and register tokens (those beyond the patch grid, in front) left out."""
         patch = getattr(getattr(self.model.config, "vision_config", self.model.config), "patch_size", None)
         ph, pw = (patch, patch) if isinstance(patch, int) else patch or (0, 0)
         grid = (x.shape[-2] // ph) * (x.shape[-1] // pw) if ph and pw else 0  # Swin's later stages hold fewer
-        return [t[:, max(t.shape[1] - grid, 0):] if t.ndim == 3 and grid else t for t in out.hidden_states]
+        return lambda t: t[:, max(t.shape[1] - grid, 0):] if t.ndim == 3 and grid else t
+
+    def survey(self, hw: tuple[int, int]) -> None:
+        """One forward at input size ``hw`` (on the model's device; meta for `probe backbones --layers`: shapes
+        only): ``shapes`` of the hidden states and their ``taps``, the module whose output (or input) *is* each
+        one -- called once per forward and the tensor not modified in place after (its version counter), so a hook
+        there sees exactly what ``output_hidden_states`` returns."""
+        made: list[tuple[Tap, weakref.ref, int]] = []  # weak: the survey keeps no activation alive
+        calls: Counter[str] = Counter()
+
+        def seen(name: str, side: str, value: Any) -> None:
+            if side == "out":
+                calls[name] += 1
+            made.extend(((name, side, k), weakref.ref(t), _version(t)) for k, t in _tensors(value))
+
+        hooks = []
+        for name, m in (self.tower.named_modules() if self.tower is not None else ()):
+            hooks += [m.register_forward_pre_hook(lambda m, a, n=name: seen(n, "in", a)),
+                      m.register_forward_hook(lambda m, a, o, n=name: seen(n, "out", o))]
+        try:  # normal tensors even under an outer inference_mode: inference tensors count no versions
+            with torch.inference_mode(False), torch.no_grad():
+                x = torch.zeros(1, 3, *hw, device=next(self.model.parameters()).device)
+                hidden = self._hidden_states(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        patches = self._patches(x)
+        self.shapes = [patches(t).shape for t in hidden]
+        self.taps = [next((tap for tap, ref, v in made if ref() is t and v == _version(t) and calls[tap[0]] == 1),
+                          None) for t in hidden]
+        if None in self.taps:
+            log.info("%s: no module makes hidden_states %s as returned, so a --layer among them is taken from "
+                     "output_hidden_states (every hidden state of a batch held until pooled)",
+                     type(self.model).__name__, ", ".join(str(i) for i, tap in enumerate(self.taps) if tap is None))
 
     def layer_names(self, hw: tuple[int, int]) -> list[str]:
         """``hidden_states.0`` (the embeddings' output) .. ``hidden_states.L`` (the last block's, before any final
-        norm): the layers ``probe.backbones.at_layer`` offers, from one forward at input size ``hw``."""
-        device = next(self.model.parameters()).device  # meta for `probe backbones --layers`: shapes only
-        with torch.inference_mode():
-            count = len(self.hidden_states(torch.zeros(1, 3, *hw, device=device)))
-        return [f"hidden_states.{i}" for i in range(count)]
+        norm): the layers ``probe.backbones.at_layer`` offers, from one forward at input size ``hw`` (``survey``,
+        done once: later calls reuse it)."""
+        if not self.shapes:
+            self.survey(hw)
+        return [f"hidden_states.{i}" for i in range(len(self.shapes))]
+
+    def layer_outputs(self, x: torch.Tensor, indices: list[int],
+                      pool: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> ``pool(hidden_states[i])`` for each i of ``indices``, prefix tokens left out. Each is
+        pooled by a hook where the model makes it (``taps``), so a batch holds no hidden state the model itself
+        has dropped; when one has no tap, all come from ``output_hidden_states`` as made (every one held till the
+        end)."""
+        patches = self._patches(x)
+        if any(self.taps[i] is None for i in indices):
+            hidden = self._hidden_states(x)
+            return [pool(patches(hidden[i])) for i in indices]
+        got: dict[int, torch.Tensor] = {}
+        caller = threading.get_ident()  # the hooks sit on shared modules: another thread's forward is not this one
+
+        def take(i: int, k: int | None, value: Any) -> None:
+            if threading.get_ident() == caller:
+                got[i] = pool(patches(value if k is None else value[k]))
+
+        hooks = []
+        for i in indices:
+            name, side, k = self.taps[i]
+            m = self.tower.get_submodule(name)
+            hooks.append(m.register_forward_pre_hook(lambda m, a, i=i, k=k: take(i, k, a)) if side == "in" else
+                         m.register_forward_hook(lambda m, a, o, i=i, k=k: take(i, k, o)))
+        try:
+            self.tower(pixel_values=x, output_hidden_states=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [got[i] for i in indices]
 
 
 def _load(transformers: Any, src: str, random: bool, local_only: bool) -> tuple[nn.Module, Any, str]:
@@ -329,7 +430,7 @@ def hf_backbone(name: str, weights: str | None, state: dict[str, torch.Tensor] |
                                 f"{type(e).__name__}: {str(e)[:200]}") from e
         output = choose_output(model, out)
         features = HFFeatures(model, output)
-        dim = int(features(x).shape[1])
+        dim = int(features.embedding(out).shape[1])
     pre.update(output=output, transformers=transformers.__version__)
     return Backbone(PREFIX + src if local else name, features, dim, tf, pre, ident,
                     extra={"transformers": transformers.__version__, "architecture": type(model).__name__})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from cli.main import app  # noqa: E402
 from probe.backbones import (  # noqa: E402
     BackboneError,
     WeightsUnavailableError,
+    at_layer,
     create_backbone,
     describe,
     describe_layers,
@@ -377,6 +379,109 @@ def test_cli_backbones_layers_lists_hf_hidden_states(models):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == [{"index": i, "name": f"hidden_states.{i}", "channels": c}
                                     for i, c in enumerate((8, 8, 16))]
+
+
+def _save(model, folder: Path) -> str:
+    """A tiny transformers model and a 32 x 32 processor saved as save_pretrained writes them -> its hf/ name."""
+    model.save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return f"hf/{folder}"
+
+
+def _tower(bb) -> torch.nn.Module:
+    """The transformers image model under a layered hf/ backbone (a dual encoder's vision tower)."""
+    return bb.model.body.tower
+
+
+def test_hf_layers_start_up_runs_the_model_once(models):
+    """Creating an hf/ backbone runs its model once (which output, its width; was twice), and taking its layers
+    once more: names and widths from one forward (was two: one to count them, one to measure them)."""
+    runs = []
+    embeddings = ("ViTEmbeddings", "ConvNextEmbeddings", "CLIPVisionEmbeddings")  # once per image forward
+
+    def count(module, args) -> None:
+        if type(module).__name__ in embeddings:
+            runs.append(1)
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        for kind, layer in (("vit", "1+-1"), ("convnext", "0"), ("clip", "last2")):
+            runs.clear()
+            bb = create_backbone(f"hf/{models[kind]}")
+            assert len(runs) == 1, kind
+            layered = at_layer(bb, layer)
+            assert len(runs) == 2, kind
+            with torch.inference_mode():
+                layered.model(torch.zeros(2, 3, 32, 32))
+            assert len(runs) == 3, kind  # and one per batch
+    finally:
+        hook.remove()
+
+
+def test_hf_layer_features_equal_the_pooled_hidden_states_bit_for_bit(models, tmp_path):
+    """Pooled where the model makes them (hooks), the features are exactly output_hidden_states' pooled by hand:
+    class and register tokens left out, Swin's stage tokens and ConvNeXt's maps whole."""
+    T = transformers
+    small = {"num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+    names = {k: f"hf/{models[k]}" for k in ("vit", "convnext", "clip")}
+    names["dinov2_registers"] = _save(T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(
+        hidden_size=16, num_register_tokens=4, **small)), tmp_path / "dinov2")
+    names["swin"] = _save(T.SwinModel(T.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1],
+                                                   num_heads=[1, 2], window_size=4)), tmp_path / "swin")
+    prefix = {"vit": 1, "clip": 1, "dinov2_registers": 5}  # class (+ register) tokens in front
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for kind, name in names.items():
+        bb = create_backbone(name, layer="-1+0")  # in the order given
+        with torch.inference_mode():
+            got = bb.model(x)
+            hs = _tower(bb)(pixel_values=x, output_hidden_states=True).hidden_states
+        by_hand = [h.mean((2, 3)) if h.ndim == 4 else h[:, prefix.get(kind, 0):].mean(1) for h in hs]
+        assert torch.equal(got, torch.cat([by_hand[-1], by_hand[0]], 1)), kind
+        assert None not in bb.model.body.taps, kind  # served by hooks, not output_hidden_states
+
+
+def _alive_during_last_block(tower: torch.nn.Module, run) -> list[bool]:
+    """Whether each block's output but the last two is still held when the last block ends, during ``run()``."""
+    blocks = [m for m in tower.modules() if type(m).__name__ == "ViTLayer"]
+    outs, alive = [], []
+    hooks = [b.register_forward_hook(lambda m, a, o: outs.append(weakref.ref(o if torch.is_tensor(o) else o[0])))
+             for b in blocks]  # weak: the probe holds nothing itself
+    hooks.append(blocks[-1].register_forward_hook(lambda m, a, o: alive.extend(r() is not None for r in outs[:-2])))
+    with torch.inference_mode():
+        run()
+    for h in hooks:
+        h.remove()
+    return alive
+
+
+def test_hf_layers_hold_only_the_asked_hidden_states(tmp_path):
+    """A batch does not keep every hidden state until the end: those asked are pooled when made, and the raw blocks'
+    outputs are dropped as the model goes (output_hidden_states held them all: ~3.4 GB for ViT-L fp16 at 256)."""
+    T = transformers
+    name = _save(T.ViTModel(T.ViTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                                        intermediate_size=32, image_size=32, patch_size=8), add_pooling_layer=False),
+                 tmp_path / "vit4")
+    bb = create_backbone(name, layer="1+2")  # blocks 0 and 1's outputs
+    x = torch.randn(2, 3, 32, 32)
+    assert _alive_during_last_block(_tower(bb), lambda: bb.model(x)) == [False, False]
+    held = _alive_during_last_block(_tower(bb), lambda: _tower(bb)(pixel_values=x, output_hidden_states=True))
+    assert held == [True, True]  # the probe sees what output_hidden_states keeps
+
+
+def test_hf_hidden_state_edited_after_it_is_made_comes_from_output_hidden_states(models):
+    """A hidden state the model edits in place after making it has no tap (its version counter moved): that layer
+    is taken from output_hidden_states as before, so the features stay the model's own."""
+    def double_input(module, args, output) -> None:  # the last block's output, doubled once the norm has read it
+        args[0].mul_(2)
+
+    bb = create_backbone(f"hf/{models['vit']}")
+    bb.model.model.layernorm.register_forward_hook(double_input)
+    layered = at_layer(bb, "-1")
+    assert layered.model.body.taps[-1] is None and None not in layered.model.body.taps[:-1]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        hs = bb.model.model(pixel_values=x, output_hidden_states=True).hidden_states
+        assert torch.equal(layered.model(x), hs[-1][:, 1:].mean(1))
 
 
 def test_layers_are_refused_for_clip_in_one_line(tiny_clip, folder, tmp_path):
