@@ -46,15 +46,19 @@ def emit(obj: Any, as_json: bool, text: Callable[[Any], str]) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str) if as_json else text(obj))
 
 
-FLAGS = {"shots": "--shots", "n_Cs": "--n-cs", "batch_size": "--batch-size", "max_pixels": "--max-pixels",
+FLAGS = {"shots": "--shots", "n_Cs": "--n-Cs", "batch_size": "--batch-size", "max_pixels": "--max-pixels",
          "allow_missing": "--allow-missing", "select": "--select", "grid": "--grid", "bootstrap": "--bootstrap"}
 """Library parameter names that appear in messages, and the flag a CLI user types instead."""
+QUOTED_FLAGS = {"balanced": "--balanced", "reject": "--reject"}
+"""Names that are also plain words ("balanced accuracy"): a flag only where a message quotes them (`reject`)."""
 
 
 def as_flags(message: str) -> str:
     """The library names its parameters (``shots``); the CLI user typed flags (``--shots``)."""
     for name, flag in FLAGS.items():
         message = re.sub(rf"(?<![\w-])`?{name}`?(?=\b)", flag, message)
+    for name, flag in QUOTED_FLAGS.items():
+        message = message.replace(f"`{name}`", flag)
     return message
 
 

@@ -71,8 +71,8 @@ def extract(
         help="Backbone name (probe backbones); default efficientnet_lite0, or the one a probe checkpoint names."),
     weights: str | None = typer.Option(None, "--weights", "-w", help="Weights tag (IMAGENET1K_V1), 'random', "
                                                                          "or a local checkpoint path."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Store file (default: cache/<data>.<backbone>."
-                                                                  "<config>.h5)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Store file (default: cache/<data>-<hash>."
+                                                                  "<backbone>.<config>.h5)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     workers: int = typer.Option(
         -1, "--workers", help="Decode processes (-1: one per core, at most 8)."),
@@ -105,6 +105,9 @@ def extract(
                                                            "embedding, average-pooled: a name or index from `probe "
                                                            "backbones --layers NAME` (-1 = deepest), or several "
                                                            "joined by '+' (concatenated). Not for clip/ backbones."),
+    max_pixels: int = typer.Option(89_478_485, "--max-pixels", min=1, help="Skip an image whose file, or its "
+                                                                            "resize, would hold more pixels "
+                                                                            "(default: Pillow's bomb limit)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Embed every image of DATA once and cache the features in an HDF5 store (resumable, incremental)."""
@@ -114,7 +117,8 @@ def extract(
     cfg = ExtractConfig(backbone=backbone, weights=weights, batch_size=batch_size, workers=workers, device=device,
                         dtype=dtype, tta=tta, pixels=pixels, layout=layout, image_column=image_column,
                         label_column=label_column, prune=prune, shard=shard,
-                        views=views, engine=engine, decode=decode, layer=layer)
+                        views=views, engine=engine, decode=decode, layer=layer,
+                        max_pixels=max_pixels)
     summary = run(data, out, cfg, progress=sys.stderr.isatty() and not as_json)
     emit(summary.to_dict(), as_json, _extract_text)
 

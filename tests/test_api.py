@@ -55,14 +55,14 @@ def test_notebook_example_runs_as_written(tmp_path, monkeypatch):
     X, y = store.features("train"), store.labels("train")
     head = probe.LinearHead().fit(X, y, eval_set=(store.features("val"), store.labels("val")))
     idx = probe.SearchIndex.from_arrays(X, paths=store.paths("train"), labels=y)
-    hits = idx.search(emb.embed_files([str(query)])[0], k=5)
+    scores, ids = idx.search(emb.embed_files([str(query)])[0], k=5)
     report = probe.evaluate(head, store.features("test"), store.labels("test"))
+    report.accuracy, report.per_class  # noqa: B018 - the README's last line, but its PNG (below: after the head)
     # ----
 
     assert _files(tmp_path) == before  # nothing written that was not asked for
     assert X.shape == (36, 1280) and X.dtype == np.float32
     assert report.accuracy >= 0.8 and report.n == 12 and report["accuracy"] == report.accuracy
-    scores, ids = hits
     assert ids.shape == (1, 5)
     assert store.classes[y[ids[0, 0]]] == "Bag"  # a real bag's nearest training image is a bag
     # the query embedded in the notebook equals the one stored by extract (same backbone, same preprocessing)
@@ -76,6 +76,8 @@ def test_notebook_example_runs_as_written(tmp_path, monkeypatch):
     assert meta["config_key"] == store.feature_key and meta["class_names"] == ["0", "1", "2"]
     probe.save_head(head, "h.safetensors", identity=store.identity, classes=store.classes)  # named columns
     assert probe.load_head("h.safetensors")[1]["class_names"] == ["Bag", "Sandal", "Trouser"]
+    report.confusion_png("cm.png")
+    assert _files(tmp_path) == before | {"h.safetensors", "cm.png"}
     assert probe.evaluate_store(store, "h.safetensors", split="test").accuracy == report.accuracy
     np.testing.assert_allclose(loaded.predict_proba(X), head.predict_proba(X), rtol=1e-5, atol=1e-6)
 
@@ -144,3 +146,17 @@ def test_help_lists_each_command_by_its_summary_and_joins_wrapped_lines():
         assert "\n" not in command.help.replace("\n\n", "") and len(summary) <= 110, command.callback.__name__
     out = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "300", "TERMINAL_WIDTH": "300"}).output
     assert "per-class precision/recall/F1 and a confusion-matrix PNG; for a multi-label head" in out
+
+
+def test_each_flag_a_message_is_mapped_to_is_an_option_a_user_can_type():
+    import typer.main
+
+    from cli.app import FLAGS, QUOTED_FLAGS, as_flags
+    from cli.main import app
+
+    group = typer.main.get_command(app)
+    options = {o for c in group.commands.values() for p in c.params for o in p.opts}
+    assert set(FLAGS.values()) | set(QUOTED_FLAGS.values()) <= options  # "--n-cs" was refused by fit-head
+    assert as_flags("n_Cs must be >= 2") == "--n-Cs must be >= 2"
+    assert as_flags("balanced accuracy; leave `balanced` off; pass `reject` none") == (
+        "balanced accuracy; leave --balanced off; pass --reject none")

@@ -133,6 +133,18 @@ def test_extract_skips_them_with_a_reason_and_completes(tmp_path):
     assert sorted(Path(p).name for p in store.paths()) == ["img_0.png", "img_1.png", "img_2.png", "narrow.png"]
 
 
+def test_extract_max_pixels_flag_lowers_the_limit(tmp_path):
+    data = tmp_path / "data"
+    make_image(data / "ok" / "small.png", seed=0)  # 32x32 at most
+    strip(data / "ok" / "wide.png", (200, 10))
+    out = tmp_path / "s.h5"
+    r = runner.invoke(app, ["extract", str(data), "--out", str(out), "--backbone", TINY, "--weights", "random",
+                            "--workers", "0", "--max-pixels", "100000", "--json"])
+    assert r.exit_code == 0, r.output
+    skipped = {Path(s["path"]).name: s["reason"] for s in FeatureStore(out).skipped()}
+    assert list(skipped) == ["wide.png"], skipped  # resized to 3360x168 for the backbone
+
+
 # ------------------------------------------------------------------------------------- predict, search
 @pytest.fixture(scope="module")
 def head_and_index(tiny_store, tmp_path_factory) -> tuple[Path, Path]:

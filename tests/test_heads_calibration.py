@@ -55,7 +55,7 @@ def test_reject_values_are_checked():
     assert cal.parse_reject("auto") == "auto" and cal.parse_reject(" NONE ") == "none"
     assert cal.parse_reject("0.4") == 0.4 and cal.parse_reject(2) == 2.0
     for bad in ("maybe", "-0.1", "2.5", "nan", "", True, None):
-        with pytest.raises(ProbeError, match=r"reject must be auto .*, none, or a distance threshold in \[0, 2\]"):
+        with pytest.raises(ProbeError, match=r"`reject` must be auto .*, none, or a distance threshold in \[0, 2\]"):
             cal.parse_reject(bad)
     for bad in (0, 1, -0.5, "0.1"):
         with pytest.raises(ProbeError, match=r"must be in \(0, 1\)"):
@@ -176,7 +176,7 @@ def test_predict_json_says_calibrated_and_rejects(demo_head, tmp_path):
 def test_predict_bad_reject_is_one_line(demo_head, bad):
     r = run("predict", DEMO / "val" / "Bag" / "08987.png", "--head", demo_head[0], "--reject", bad)
     assert r.exit_code == 1
-    assert r.output.strip().count("\n") == 0 and "reject must be auto" in r.output and repr(bad) in r.output
+    assert r.output.strip().count("\n") == 0 and "--reject must be auto" in r.output and repr(bad) in r.output
 
 
 def test_fit_head_bad_reject_target(demo_store, tmp_path):
@@ -218,5 +218,5 @@ def test_service_classify_rejects(demo_store, demo_head):
     assert auto["class"] == "Bag" and auto["calibrated"] and auto["distance"] <= auto["reject"]["threshold"]
     assert zero["class"] == "unknown" and zero["rejected"] and zero["top"][0]["class"] == "Bag"
     assert none["reject"]["mode"] == "none" and not none["rejected"]
-    with pytest.raises(ProbeError, match="reject must be auto"):
+    with pytest.raises(ProbeError, match="`reject` must be auto"):
         asyncio.run(svc.classify("p", data, 2, "sometimes"))

@@ -203,7 +203,7 @@ def test_refusals_are_one_line(tmp_path):
     from probe.heads import calibration as cal
 
     for reject in ("auto", "0.5"):
-        with pytest.raises(ProbeError, match="is multi-label .* pass reject none"):
+        with pytest.raises(ProbeError, match="is multi-label .* pass `reject` none"):
             cal.resolve_threshold(head, reject)
     assert cal.resolve_threshold(head, "none") is None
 
@@ -250,7 +250,7 @@ def test_service_classify_lists_labels_above_thresholds(manifest, fitted, tmp_pa
     out, catalog = asyncio.run(go())
     assert out["multilabel"] and {lab["class"] for lab in out["labels"]} == {"red", "blue"} and len(out["top"]) == 2
     assert catalog["heads"][0]["multilabel"] is True
-    with pytest.raises(ProbeError, match="pass reject none"):
+    with pytest.raises(ProbeError, match="pass `reject` none"):
         asyncio.run(svc.classify("ml", data, reject="auto"))
 
 

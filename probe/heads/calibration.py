@@ -309,7 +309,7 @@ def parse_reject(value: Any) -> str | float:
         except ValueError:
             value = None
     if isinstance(value, bool) or not isinstance(value, int | float) or not (0 <= value <= 2):
-        raise ProbeError(f"reject must be {REJECT_HELP}; got {given!r}")
+        raise ProbeError(f"`reject` must be {REJECT_HELP}; got {given!r}")
     return float(value)
 
 
@@ -323,12 +323,12 @@ def resolve_threshold(head: Any, reject: Any, where: str = "head") -> float | No
         return None
     if getattr(head, "multilabel_", False):
         raise ProbeError(f"reject {reject!r}: {where} is multi-label (independent sigmoid per class, labels above "
-                         "per-class thresholds) and has no unknown rejection; pass reject none")
+                         "per-class thresholds) and has no unknown rejection; pass `reject` none")
     if not hasattr(head, "reject_means_"):
         if mode == "auto":
             return None
         raise ProbeError(f"{where} has no class means to reject unknowns with (it was fit before probe stored "
-                         "them): fit it again with probe fit-head, or pass reject none")
+                         "them): fit it again with probe fit-head, or pass `reject` none")
     return float(head.reject_threshold_) if mode == "auto" else float(mode)
 
 

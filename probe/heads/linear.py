@@ -316,7 +316,7 @@ class LinearHead(Head):
             refuse_single(self.select_, "this linear head was given a multi-label target")
             if self.balanced:
                 raise ProbeError("balanced class weights are for one class per row; a multi-label linear head "
-                                 "(one-vs-rest) does not take them: leave balanced off")
+                                 "(one-vs-rest) does not take them: leave `balanced` off")
         else:
             refuse_map(self.select_, "this linear head takes one class per row")
         dev = resolve_device(self.device)

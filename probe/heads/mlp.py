@@ -146,7 +146,7 @@ class MLPHead(Head):
             refuse_single(self.select, "this mlp head was given a multi-label target")
         if multilabel and self.balanced:
             raise ProbeError("balanced class weights are for one class per row; a multi-label mlp head does not take "
-                             "them: leave balanced off")
+                             "them: leave `balanced` off")
         V = None if views is None else self._check_views(views, X)  # (N, K, D) or None
         sw_val = None
         if eval_set is None:
