@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .extract import ExtractConfig, cache_dir, extract
+from .fs import make_dirs
 from .store import FeatureStore, StoreMismatchError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def run_demo(backbone: str = "efficientnet_lite0", out_dir: str | os.PathLike | 
     from .search import IndexConfig, SearchIndex, index_store
 
     out_dir = Path(out_dir) if out_dir else cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     path = out_dir / f"demo.{backbone.replace('/', '_')}.h5"
     try:
         ex = extract(DEMO_DATA, path, ExtractConfig(backbone=backbone), progress=progress)

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .errors import ProbeError
+from .fs import make_dirs, write_error
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +169,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_hw: tuple[int, 
     except ImportError as e:
         raise EngineUnavailable(f"exporting to ONNX needs the onnx package ({e}): pip install onnx") from e
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # no cache folder (a file named like it, a read-only or full disk): run this model in torch
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=make_dirs(path.parent, path)))
+    except OSError as e:
+        raise EngineUnavailable(f"the ONNX export cannot be saved: {write_error(path, e)}") from None
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dummy = torch.randn(2, 3, *input_hw, device=device)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
     start = time.perf_counter()
     try:
         with torch.no_grad(), warnings.catch_warnings(), _export_context():

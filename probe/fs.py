@@ -1,6 +1,7 @@
-"""Writing files so that a fault never costs earlier work: atomic replace, temp files removed on any failure, and
-a full disk (``ENOSPC``, or the many ways h5py, safetensors, FAISS and torch report it) turned into one
-``DiskFullError`` naming the file, the space it needed and the space free.
+"""Writing files so that a fault never costs earlier work: atomic replace, temp files removed on any failure, a
+full disk (``ENOSPC``, or the many ways h5py, safetensors, FAISS and torch report it) turned into one
+``DiskFullError`` naming the file, the space it needed and the space free, and a path that cannot be written (a
+folder in the way, a file where a folder should be, a read-only filesystem) into one ``UnwritableError``.
 
 Example:
     >>> with atomic_path("heads/demo.safetensors", need=2_000_000) as tmp:
@@ -17,12 +18,20 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import DiskFullError
+from .errors import DiskFullError, ProbeError
 
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 FULL_MESSAGES = ("no space left", "disk quota exceeded", "file too large", "unexpected pos",  # torch's zip writer
                  "not enough space")
 LOW_SPACE = 1 << 20  # after a failed write, less than this free on its filesystem means the disk filled up
+
+
+class UnwritableError(ProbeError, OSError):
+    """A file or folder that cannot be written for another reason than space: a folder where the file goes, a file
+    where a folder goes, a read-only filesystem, no permission. Also an OSError with ``errno`` and ``filename``."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def free_bytes(path: str | os.PathLike) -> int:
@@ -44,8 +53,8 @@ def human(n: float) -> str:
 
 def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
     """Whether ``exc`` (or an exception it was raised from) is a full disk: an OSError with ENOSPC / EDQUOT / EFBIG,
-    a library message saying so, or — for libraries that only say "write failed" — a filesystem under ``path``
-    with less than 1 MiB left (call this before removing the failed write's temp file)."""
+    a library message saying so, or — for libraries that only say "write failed" (no errno) — a filesystem under
+    ``path`` with less than 1 MiB left (call this before removing the failed write's temp file)."""
     seen = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -55,8 +64,8 @@ def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> b
         if any(m in str(e).lower() for m in FULL_MESSAGES):
             return True
         e = e.__cause__ or e.__context__
-    if path is not None and isinstance(exc, (OSError, RuntimeError)):
-        try:
+    if path is not None and isinstance(exc, (OSError, RuntimeError)) and getattr(exc, "errno", None) is None:
+        try:  # an errno other than the full ones says what went wrong: only errno-less library errors are guessed
             return free_bytes(path) < LOW_SPACE
         except OSError:
             return False
@@ -83,33 +92,69 @@ def check_space(path: str | os.PathLike, need: int, what: str = "") -> None:
         raise disk_full_error(path, need, what, free=free)
 
 
+def write_error(path: str | os.PathLike, e: OSError, need: int | None = None, what: str = "",
+                folder: str | os.PathLike | None = None) -> ProbeError:
+    """The one-line error for ``e`` while writing ``path``: DiskFullError for a full disk, else UnwritableError
+    naming ``path`` and why (a file in the way of ``folder``, default ``path``'s folder, is named as such)."""
+    if isinstance(e, ProbeError):
+        return e
+    if is_disk_full(e):
+        return disk_full_error(path, need, what)
+    folder = Path(path).parent if folder is None else Path(folder)
+    on = next((p for p in (folder, *folder.parents) if p.exists()), None)  # exists() is False under a file
+    if on is not None and not on.is_dir():
+        why = "it is a file, not a folder" if on == Path(path) else f"{str(on)!r} is a file, not a folder"
+    else:
+        why = e.strerror or str(e)
+        if e.filename is not None and str(e.filename) != str(path):
+            why += f" ({str(e.filename)!r})"
+    err = UnwritableError(f"cannot write {str(path)!r}: {why}")
+    err.errno, err.filename = e.errno, str(path)
+    return err
+
+
+def make_dirs(folder: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:
+    """``mkdir -p folder``; a folder that cannot be made (a file in the way, a read-only filesystem) is one
+    UnwritableError (or DiskFullError) naming ``path`` (default: ``folder``), the file it is made for."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(folder if path is None else path, e, folder=folder) from None
+    return folder
+
+
 def temp_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     return path.with_name(path.name + ".tmp")
+
+
+def _can_write(path: Path) -> None:
+    """Refuse before writing when ``path`` cannot be a file: a folder there, its folder not makeable, or nothing
+    creatable in it (read-only, no permission); the probe file ``path.tmp`` is removed again."""
+    if path.is_dir():
+        err = UnwritableError(f"cannot write {str(path)!r}: it is a folder, expected a file")
+        err.errno, err.filename = errno.EISDIR, str(path)
+        raise err
+    make_dirs(path.parent, path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb"):
+            pass
+        tmp.unlink()
+    except OSError as e:
+        raise write_error(path, e) from None
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, need: int | None = None, what: str = "") -> Iterator[Path]:
     """Yield ``path.tmp`` to write; on success fsync it and rename it over ``path`` (atomic: ``path`` is either the
     old file or the new one, never half). On any failure the temp file is removed and ``path`` is untouched; a full
-    disk becomes ``DiskFullError`` (naming ``path``, ``need`` and the space free). ``need``: bytes the write is
-    expected to take, checked before writing when given."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if need:
-        check_space(path, need, what)
-    tmp = temp_path(path)
-    try:
+    disk becomes ``DiskFullError`` (naming ``path``, ``need`` and the space free), a path that cannot be written
+    ``UnwritableError`` (checked before the body runs). ``need``: bytes the write is expected to take, checked
+    before writing when given."""
+    with atomic_paths([path], need, what) as (tmp,):
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        full = is_disk_full(e, tmp)
-        tmp.unlink(missing_ok=True)
-        if full:
-            raise disk_full_error(path, need, what) from None
-        raise
 
 
 @contextmanager
@@ -118,7 +163,8 @@ def atomic_paths(paths: Sequence[str | os.PathLike], need: int | None = None, wh
     success each is fsynced, then all are renamed in that order -- put the file that vouches for the others last
     (a sidecar with their checksums), so an interruption between renames is caught by it. On any failure every temp
     file is removed and no path is touched; a full disk becomes ``DiskFullError`` naming the file being written
-    (the last whose temp file exists). ``need``: bytes of all of them, checked before writing when given.
+    (the last whose temp file exists), a path that cannot be written ``UnwritableError`` naming it (each is
+    checked before the body runs). ``need``: bytes of all of them, checked before writing when given.
 
     Example:
         >>> with atomic_paths(["x.faiss.shard-0", "x.faiss", "x.faiss.json"]) as (t0, t1, t2):
@@ -126,7 +172,7 @@ def atomic_paths(paths: Sequence[str | os.PathLike], need: int | None = None, wh
     """
     paths = [Path(p) for p in paths]
     for p in paths:
-        p.parent.mkdir(parents=True, exist_ok=True)
+        _can_write(p)
     if need and paths:
         check_space(paths[-1], need, what)
     tmps = [temp_path(p) for p in paths]
@@ -145,6 +191,9 @@ def atomic_paths(paths: Sequence[str | os.PathLike], need: int | None = None, wh
             tmp.unlink(missing_ok=True)
         if full:
             raise disk_full_error(at, need, what) from None
+        owner = {str(x): p for p, t in zip(paths, tmps) for x in (p, t)}
+        if isinstance(e, OSError) and str(e.filename) in owner:  # our own file failed after the check (a race)
+            raise write_error(owner[str(e.filename)], e) from None
         raise
 
 

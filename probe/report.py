@@ -131,13 +131,8 @@ def _index_pictures(index: str) -> tuple[Pictures, str]:
 
 
 def _write(out: str | os.PathLike, parts: list[str]) -> Path:
-    """The page, atomically; a full disk is DiskFullError, an unwritable path one ProbeError naming the file."""
-    try:
-        return write_bytes_atomic(out, "\n".join(parts).encode("utf-8"), what="any previous page there is unchanged")
-    except ProbeError:
-        raise
-    except OSError as e:
-        raise ProbeError(f"cannot write the HTML page {str(out)!r}: {e.strerror or e}") from None
+    """The page, atomically; a full disk is DiskFullError, an unwritable path UnwritableError naming the file."""
+    return write_bytes_atomic(out, "\n".join(parts).encode("utf-8"), what="any previous page there is unchanged")
 
 
 def _resolver(store: str) -> Pictures:

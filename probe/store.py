@@ -54,7 +54,7 @@ import h5py
 import numpy as np
 
 from .errors import IntegrityError, ProbeError, StoreError
-from .fs import atomic_path, disk_full_error, is_disk_full
+from .fs import atomic_path, disk_full_error, is_disk_full, write_error
 from .identity import ARRAYS_IDENTITY, FeatureIdentity, IdentityMismatchError
 
 StoreMismatchError = IdentityMismatchError  # the name this error had when only stores were compared
@@ -118,6 +118,9 @@ class FeatureStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise StoreError(f"feature store {str(self.path)!r} is a folder, expected a file (an .h5 from "
+                             "`probe extract`)")
         if not self.path.is_file():
             raise StoreError(f"feature store {str(self.path)!r} does not exist (make one with `probe extract`)")
         try:
@@ -149,7 +152,7 @@ class FeatureStore:
         version = self.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema version {version}, this probe reads {SCHEMA_VERSION}")
-        for k in ("preprocess", "versions", "views", "engine"):
+        for k in ("preprocess", "versions", "views", "engine", "extract_config"):
             if isinstance(self.attrs.get(k), str):
                 try:
                     self.attrs[k] = json.loads(self.attrs[k])
@@ -323,6 +326,8 @@ class FeatureStore:
             # negative for every class, not unlabelled
             "splits": {s or "(none)": int((sp == s).sum()) for s in sorted(set(sp.tolist()))},
             "skipped": self.skipped(),
+            "device": self.attrs.get("device"),
+            "extract_config": self.attrs.get("extract_config"),  # the settings of the last extract into it
             "versions": self.attrs.get("versions"),
             "engine": self.attrs.get("engine"),  # what ran the backbone (absent in stores from before engines)
             "created": self.attrs.get("created"),
@@ -343,9 +348,7 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
     try:
         fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
     except OSError as e:
-        if is_disk_full(e):
-            raise disk_full_error(lock_path) from None
-        raise
+        raise write_error(lock_path, e) from None
     try:
         try:  # a POSIX record lock: owned by this process only, so forked decode workers never hold it
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

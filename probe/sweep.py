@@ -231,7 +231,6 @@ def _manifest(ds: Any, keep: np.ndarray, path: Path) -> Path:
         w.writerow([ds.abspath(i), ds.classes[ds.labels[i]], ds.splits[i]])
     data = buf.getvalue().encode()
     if not path.exists() or path.read_bytes() != data:
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, data)
     return path
 
@@ -378,6 +377,7 @@ def sweep(data: str | os.PathLike, backbones: str | Sequence[str], *, layers: st
     from .data import discover
     from .device import resolve_device, resolve_dtype
     from .extract import ExtractConfig, extract
+    from .fs import make_dirs
     from .heads.evaluate import BOOTSTRAP
     from .heads.logme import logme
     from .store import FeatureStore
@@ -394,6 +394,8 @@ def sweep(data: str | os.PathLike, backbones: str | Sequence[str], *, layers: st
     if resamples and resamples < 100:  # as evaluate's intervals require, but before hours of extraction
         raise ProbeError(f"bootstrap must be a number of resamples >= 100 (or 0 for no intervals), got {resamples}")
     plan = _resolve_layers(names, layers, weights)
+    if out_dir is not None:  # a folder that cannot be made fails now, not after hours of extraction
+        make_dirs(out_dir)
 
     ds = discover(data)
     ds.require_files("probe sweep")
@@ -582,7 +584,6 @@ def write(result: SweepResult, out_dir: str | os.PathLike) -> dict[str, str]:
     from .fs import write_bytes_atomic
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     files = {"json": str(out / "sweep.json"), "md": str(out / "sweep.md"), "png": str(out / "sweep.png")}
     plot(result, files["png"])
     write_bytes_atomic(files["md"], describe(result).encode())

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..data import discover
 from ..errors import ProbeError
-from ..fs import atomic_paths, write_bytes_atomic
+from ..fs import atomic_paths, make_dirs, write_bytes_atomic
 from .config import STRATEGIES, FinetuneConfig
 from .data import train_val_indices
 from .plots import plot_compare
@@ -96,7 +96,7 @@ def compare(data: str | os.PathLike, run_dir: str | os.PathLike, strategies: str
     cfg = config or FinetuneConfig()
     names = ([LINEAR_PROBE] if with_linear_probe else []) + parse_strategies(strategies)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(run_dir)
     rows = []
     for name in names:
         log.info("compare: %s", name)

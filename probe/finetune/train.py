@@ -38,13 +38,14 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm.auto import tqdm
 
 from ..backbones import Backbone, create_backbone
 from ..data import Dataset, DatasetError, discover
 from ..digest import check_digest, tree_sha256
 from ..errors import IntegrityError, ProbeError
 from ..extract import default_workers
-from ..fs import atomic_paths
+from ..fs import atomic_paths, make_dirs
 from .config import RESUME_FREE, FinetuneConfig
 from .data import Images, collate, eval_transform, train_transform, train_val_indices
 from .dist import DistContext, distributed
@@ -189,11 +190,12 @@ def finetune(data: str | os.PathLike, run_dir: str | os.PathLike, config: Finetu
              progress: bool = False, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Fine-tune ``config.backbone`` on DATA with ``config.strategy``; returns a summary dict.
 
-    ``on_epoch(record)`` is called after each epoch's checkpoints are written (tests interrupt from it).
-    Under torchrun every rank calls this and gets the same summary; only rank 0 writes RUN_DIR."""
+    ``progress``: a bar of each epoch's training batches on stderr (rank 0). ``on_epoch(record)`` is called after
+    each epoch's checkpoints are written (tests interrupt from it). Under torchrun every rank calls this and gets
+    the same summary; only rank 0 writes RUN_DIR."""
     cfg = config or FinetuneConfig()
     with distributed(cfg.device) as ctx:
-        return _finetune(data, Path(run_dir), cfg, ctx, on_epoch)
+        return _finetune(data, Path(run_dir), cfg, ctx, on_epoch, progress)
 
 
 def _load_last(run_dir: Path, cfg: FinetuneConfig) -> dict[str, Any] | None:
@@ -311,6 +313,7 @@ class _Run:
     skipped: set[str] = field(default_factory=set)  # train images that failed to decode, each warned about once
     ddp: nn.Module | None = None  # DDP: the wrapper of the current trainable set
     wrapped_for: int | None = None  # the thawed count ``ddp`` was made for
+    bar: bool = False  # a progress bar of each epoch's training batches on stderr (rank 0 only)
 
     @property
     def last_path(self) -> Path:
@@ -340,7 +343,7 @@ class _Run:
 
 # ------------------------------------------------------------------------------------ the run, top-down
 def _finetune(data: str | os.PathLike, run_dir: Path, cfg: FinetuneConfig, ctx: DistContext,
-              on_epoch: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+              on_epoch: Callable[[dict[str, Any]], None] | None, bar: bool = False) -> dict[str, Any]:
     saved = _open_run_dir(run_dir, cfg, ctx)
     ds = discover(data, cfg.layout)
     ds.require_files("probe finetune")
@@ -349,7 +352,8 @@ def _finetune(data: str | os.PathLike, run_dir: Path, cfg: FinetuneConfig, ctx: 
     loaders = _build_data(ds, split, net.bb, cfg, ctx)
     progress = _Progress.from_checkpoint(saved) if saved is not None else _Progress(
         thawed=thawed_count(cfg.strategy, len(net.groups), 0, cfg.unfreeze_every))
-    run = _Run(cfg, ctx, run_dir, net, loaders, _build_optim(net, progress.thawed, cfg, loaders.steps_per_epoch))
+    run = _Run(cfg, ctx, run_dir, net, loaders, _build_optim(net, progress.thawed, cfg, loaders.steps_per_epoch),
+               bar=bar)
     if saved is not None:
         _resume(run, saved, progress)
     log.info("%s on %s: %d train / %d val images (%s), %d layer groups %s, %d steps/epoch, device %s%s",
@@ -374,7 +378,7 @@ def _open_run_dir(run_dir: Path, cfg: FinetuneConfig, ctx: DistContext) -> dict[
     if error:
         raise ProbeError(error)
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(run_dir)
     return saved
 
 
@@ -496,7 +500,8 @@ def _train_one_epoch(run: _Run, net: nn.Module, loader: DataLoader, progress: _P
     opt, total, warmup = run.optim.opt, run.optim.total, run.optim.warmup
     params = [p for g in opt.param_groups for p in g["params"]]
     loss_sum, correct, seen = 0.0, 0, 0
-    for x, y, bad in loader:
+    for x, y, bad in tqdm(loader, unit="batch", desc=f"epoch {progress.epoch + 1}/{run.cfg.epochs}",
+                          disable=not (run.bar and ctx.is_main), mininterval=0.5, dynamic_ncols=True):
         run.note_skipped(bad)
         if x is None:
             if ctx.enabled:  # skipping would leave the other ranks waiting in this step's all-reduce

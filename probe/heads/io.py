@@ -110,6 +110,8 @@ def _read_header(path: str | os.PathLike) -> tuple[dict[str, Any], str, str | No
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise HeadError(f"head file {str(path)!r} is a folder, expected a file (a .safetensors from `probe fit-head`)")
     if not path.is_file():
         raise HeadError(f"head file {str(path)!r} does not exist (make one with `probe fit-head STORE --out {path}`)")
     try:
