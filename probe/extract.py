@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -49,8 +49,8 @@ from .data import MAX_PIXELS, Dataset, ImageDecodeError, discover, load_image
 from .device import DTYPES, cpu_has_native_bf16, resolve_device, resolve_dtype
 from .embedder import PIXEL_PATHS, TTA_MODES, Embedder, embed_views, embedder_for, weights_arg
 from .engine import ENGINES, engine_info
-from .errors import DatasetError, DiskFullError, ProbeError
-from .fs import check_space, disk_full_error
+from .errors import DatasetError, DiskFullError, ProbeError, StoreError
+from .fs import check_space, disk_full_error, make_dirs
 from .identity import FeatureIdentity, Side
 from .shard import parse_shard, shard_path, take_shard
 from .store import ClassMerge, FeatureStore, Journal, Row, Skip, StoreRows, locked, store_bytes, write_store
@@ -169,23 +169,27 @@ class Job:
 @dataclass
 class Journaled:
     """The journal beside the store and what it holds: every path embedded (-> its fingerprint then) and every
-    path that failed (-> Skip). ``append`` writes a batch (fsync'd) and records it; the vectors stay on disk."""
+    path that failed (-> Skip). ``append`` writes a batch (fsync'd) and records it; the vectors stay on disk. A new
+    journal is written with its first batch: a run refused before (no space, a bad option) leaves no file behind."""
 
     journal: Journal
+    header: dict[str, Any]  # what a new journal starts with: the run's identity, key and store
+    started: bool  # the file holds ``header`` (an interrupted run's, or this run's first batch is in)
     done: dict[str, str] = field(default_factory=dict)
     bad: dict[str, Skip] = field(default_factory=dict)
 
     @classmethod
-    def recover(cls, out: Path, key: str) -> Journaled:
-        """The journal of ``out``: an interrupted run's, if it was made under ``key``; else a new one."""
+    def recover(cls, out: Path, identity: FeatureIdentity) -> Journaled:
+        """The journal of ``out``: an interrupted run's, if it was made under ``identity``; else a new one (not yet
+        on disk). An interrupted run of another configuration is refused, its journal kept: IdentityMismatchError
+        (StoreError where its journal predates recording the identity). A journal without an intact header is not
+        a run's: it is ignored (``Journal.read`` warns) and replaced."""
         journal = Journal(f"{out}.journal")
         header, records = journal.read()
-        if header is not None and header.get("config_key") != key:
-            log.warning("%s belongs to another configuration: discarding it", journal.path)
-            header, records = None, []
-        if header is None:
-            journal.start({"config_key": key, "store": str(out)})
-        state = cls(journal)
+        if header is not None and header.get("config_key") != identity.key:
+            _refuse_journal(journal, header, identity)
+        state = cls(journal, {"config_key": identity.key, "identity": identity.to_dict(), "store": str(out)},
+                    started=header is not None)
         for r in records:
             state._record(r["paths"].tolist(), r["fingerprints"].tolist(), zip(
                 r["bad_paths"].tolist(), r["bad_fingerprints"].tolist(), r["bad_reasons"].tolist()))
@@ -207,6 +211,13 @@ class Journaled:
         ok_paths, ok_fps = [paths[i] for i in batch.indices], [fps[i] for i in batch.indices]
         bad = [(paths[i], fps[i], why) for i, why in batch.failed]
         bad_paths, bad_fps, reasons = (list(c) for c in zip(*bad)) if bad else ([], [], [])
+        if not self.started:
+            try:
+                self.journal.start(self.header)
+            except BaseException:
+                self.journal.remove()  # a header cut short by a full disk is nobody's journal
+                raise
+            self.started = True
         self.journal.append(
             features=batch.features, paths=np.array(ok_paths, dtype=str), fingerprints=np.array(ok_fps, dtype=str),
             bad_paths=np.array(bad_paths, dtype=str), bad_fingerprints=np.array(bad_fps, dtype=str),
@@ -219,6 +230,18 @@ class Journaled:
 
     def remove(self) -> None:
         self.journal.remove()
+
+
+def _refuse_journal(journal: Journal, header: dict[str, Any], identity: FeatureIdentity) -> NoReturn:
+    """Raise for the journal of an interrupted run made another way: resuming would mix features, discarding it
+    would lose that run's work; the journal stays untouched."""
+    fix = (f"Re-run the interrupted command to finish it, use another out path, or delete {journal.path} (its "
+           "embeddings are then lost).")
+    if "identity" in header:  # journals written since they record it: every differing field, as for a store
+        FeatureIdentity.from_config(header["identity"]).check(identity, mine=Side("journal", str(journal.path)),
+                                                              theirs="this run", fix=fix)
+    raise StoreError(f"{journal.path} holds an interrupted run of another configuration (key "
+                     f"{str(header.get('config_key'))[:12]}, this run {identity.key[:12]}): {fix}")
 
 
 @dataclass
@@ -285,7 +308,7 @@ def extract(data: str | os.PathLike, out: str | os.PathLike | None = None, confi
     decodes (nothing is written), DiskFullError when the disk fills (the finished batches stay in the journal: the
     same call resumes once there is space); bad images never raise."""
     job = _job(data, out, config or ExtractConfig(), backbone)
-    job.out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(job.out.parent, job.out)  # a file in the way: one line naming the store, not a traceback
     with locked(job.out):
         return _extract_locked(job, progress)
 
@@ -354,11 +377,7 @@ def make_plan(job: Job) -> Plan:
     paths = job.ds.paths
     fps = job.ds.fingerprints()
     todo = [i for i, p in enumerate(paths) if not old.has(p, fps[i])]
-    try:
-        journal = Journaled.recover(job.out, job.identity.key)
-    except DiskFullError as e:
-        raise disk_full_error(e.filename, _space(job, old, todo, todo), f"nothing was embedded; {job.out} is "
-                              "unchanged") from None
+    journal = Journaled.recover(job.out, job.identity)
     finished = {i for i in todo if journal.finished(paths[i], fps[i])}
     # Batches are cut from the to-do list before the journal is consulted: a resumed run sees the same batch
     # boundaries as an uninterrupted one, so every image goes through the same forward pass. A container dataset's

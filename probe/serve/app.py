@@ -130,9 +130,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ProbeError)  # from the library: bad input the caller can fix
     async def user_error(request: Request, exc: ProbeError) -> JSONResponse:
-        from ..errors import DiskFullError  # the server's disk, not the request: 507 Insufficient Storage
+        from ..errors import DiskFullError  # the server's disk (full, or a file in the way of its state dir), not
+        from ..fs import UnwritableError  # the request: 507 Insufficient Storage
 
-        return JSONResponse({"detail": str(exc)}, status_code=507 if isinstance(exc, DiskFullError) else 422)
+        stored = isinstance(exc, (DiskFullError, UnwritableError))
+        return JSONResponse({"detail": str(exc)}, status_code=507 if stored else 422)
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:

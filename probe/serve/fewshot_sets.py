@@ -30,7 +30,7 @@ import numpy as np
 
 from ..digest import arrays_sha256, check_digest
 from ..errors import IntegrityError, ProbeError
-from ..fs import atomic_path
+from ..fs import UnwritableError, atomic_path
 from ..heads.prototype import PrototypeHead
 from ..identity import FeatureIdentity, IdentityMismatchError, Side
 from .errors import Conflict, NotFound, ServiceError, available
@@ -88,8 +88,11 @@ class FewShotSets:
 
     def __init__(self, state_dir: str | os.PathLike, config_key: str, backbone: str, dim: int,
                  identity: FeatureIdentity | None = None):
-        self.root = Path(state_dir) / "fewshot"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(state_dir) / "fewshot"  # made when the first set is saved: no empty folders before
+        blocked = next((p for p in (self.root, *self.root.parents) if p.exists() and not p.is_dir()), None)
+        if blocked is not None:  # no set could ever be saved: refused at start-up, not at the first save
+            raise UnwritableError(f"cannot write few-shot sets to {str(self.root)!r}: {str(blocked)!r} is a file, "
+                                  "not a folder; give the server another state dir")
         self.config_key, self.backbone, self.dim = config_key, backbone, dim
         self.identity = identity  # the server's; recorded in new sets so a refusal can name the differing fields
         self._lock = threading.Lock()
@@ -127,7 +130,8 @@ class FewShotSets:
                                  f"{str(e).splitlines()[0][:160] if str(e) else ''}): it is damaged; {fix}") from None
 
     def _write(self, s: FewShotSet) -> None:
-        """Persist ``s`` (with the checksum of its arrays) atomically: a full disk leaves the old file."""
+        """Persist ``s`` (with the checksum of its arrays) atomically, making ``root`` if needed: a full disk
+        (DiskFullError) or a folder that cannot be written (UnwritableError) leaves the old file."""
         arrays = {"features": np.asarray(s.features, np.float32), "labels": np.array(s.labels, dtype=str),
                   "sources": np.array(s.sources, dtype=str), "meta": np.array(json.dumps(s.meta))}
         need = sum(a.nbytes for a in arrays.values()) + 4096

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +56,7 @@ class ServeConfig:
     dtype: str = "auto"  # with --backbone; otherwise the dtype the store/head/index recorded
     device: str = "auto"  # cuda when present
     engine: str = "auto"  # auto: ONNX Runtime for float32 on the CPU, else torch
-    state_dir: str = "cache/serve"  # few-shot sets live in STATE_DIR/fewshot/*.npz
+    state_dir: str = "cache/serve"  # few-shot sets live in STATE_DIR/fewshot/*.npz (made with the first)
     max_batch: int = 32  # images per forward pass; 1 disables micro-batching
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company: the latency price
     max_upload_mb: float = 20.0  # larger uploads get 413 before they are read
@@ -348,5 +347,4 @@ def load_service(config: ServeConfig) -> Service:
                              f"{emb.backbone.dim}")
     log.info("serving %s (%s, %s on %s): %d heads, %d indexes", emb.backbone.name, emb.config["weights"], emb.dtype,
              emb.device, len(heads), len(indexes))
-    os.makedirs(config.state_dir, exist_ok=True)
     return Service(config, emb, key, heads, indexes, sources)
