@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -151,6 +152,10 @@ def info(
             *([f"labels     multi-label, {len(s['classes'])} classes, mean {s['labels_per_image']} labels/image"]
               if s.get("multilabel") else []),
             f"classes    {len(s['classes'])}: " + ", ".join(f"{c} ({n})" for c, n in s["class_counts"].items()),
+            *([f"device     {s['device']}"] if s.get("device") else []),
+            *([f"made with  {_settings(s['extract_config'])}"] if s.get("extract_config") else []),
+            *([f"versions   {_settings(s['versions'])}"] if s.get("versions") else []),
+            f"created    {s['created']}  updated {s['updated']}  schema {s['schema_version']}",
             f"skipped    {len(s['skipped'])}",
             "checksums  " + ("verified on every read (Fletcher-32 per chunk, crc32 of strings and attributes)"
                              if s["checksummed"] else "none: written before probe checksummed stores (the next "
@@ -160,6 +165,11 @@ def info(
         return "\n".join(lines)
 
     emit(s, as_json, text)
+
+
+def _settings(d: dict[str, Any]) -> str:
+    """A recorded dict -> ``k=v k=v`` on one line, unset (None) values left out."""
+    return " ".join(f"{k}={v}" for k, v in d.items() if v is not None)
 
 
 @app.command()

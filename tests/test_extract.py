@@ -308,8 +308,12 @@ def test_cli_extract_and_info_json(tiny_folder, tmp_path):
     info = json.loads(r.stdout)
     assert r.exit_code == 0 and info["count"] == 12 and info["dim"] == 64 and info["backbone"] == TINY
     assert info["classes"] == ["cat", "dog", "fox"] and info["skipped"] == []
+    assert info["device"] == "cpu" and info["extract_config"]["workers"] == 0  # the provenance is all there
+    assert info["versions"]["torch"] and info["schema_version"] == 1
     r = runner.invoke(app, ["info", str(out)])
     assert "12 x 64" in r.stdout and "cat (4)" in r.stdout
+    assert "device     cpu" in r.stdout and "batch_size=64" in r.stdout and "workers=0" in r.stdout
+    assert "torch=" in r.stdout and "schema 1" in r.stdout
 
 
 def test_cli_errors_exit_1_with_a_message(tmp_path):

@@ -118,7 +118,7 @@ def test_classify_rejects_unknowns(client, files):
     none = client.post("/heads/proto/classify?k=2&reject=none", files=img).json()
     assert not none["rejected"] and none["class"] == none["top"][0]["class"]
     bad = client.post("/heads/proto/classify?reject=often", files=img)
-    assert bad.status_code == 422 and "reject must be auto" in bad.json()["detail"]
+    assert bad.status_code == 422 and "`reject` must be auto" in bad.json()["detail"]
     assert "got 'often'" in bad.json()["detail"]
 
 
