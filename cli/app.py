@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -60,6 +62,26 @@ def as_flags(message: str) -> str:
     for name, flag in QUOTED_FLAGS.items():
         message = message.replace(f"`{name}`", flag)
     return message
+
+
+def refuse_overwriting_inputs(outputs: Iterable[str | os.PathLike | None],
+                              inputs: Iterable[str | os.PathLike | None]) -> None:
+    """A ProbeError naming the output when writing it would replace one of the command's inputs: the same file
+    (``os.path.samefile``: links and other spellings of a path count), or an image inside an input folder (a
+    folder's images are read as inputs). An output that does not exist yet replaces nothing; None is skipped."""
+    from probe.data import IMG_EXTENSIONS
+    from probe.errors import ProbeError
+
+    given = [Path(p) for p in inputs if p is not None and os.path.exists(p)]
+    for out in (Path(p) for p in outputs if p is not None):
+        if not out.is_file():
+            continue
+        for src in given:
+            inside = src.is_dir() and out.name.lower().endswith(IMG_EXTENSIONS) and \
+                out.resolve().is_relative_to(src.resolve())
+            if inside or os.path.samefile(out, src):
+                raise ProbeError(f"{out} is one of this command's inputs" + (f" (an image in {src})" if inside else "")
+                                 + ": writing there would destroy it; choose another output path")
 
 
 def handles_errors(fn: Callable) -> Callable:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, emit, handles_errors
+from .app import app, emit, handles_errors, refuse_overwriting_inputs
 
 
 def _text(r: dict, top: int) -> str:
@@ -48,6 +48,10 @@ def doctor(
 ) -> None:
     """Likely label errors, train/val/test leakage, outliers and class balance of a labelled store."""
     from probe.doctor import doctor as run
+    from probe.store import FeatureStore
 
+    if out:
+        images = FeatureStore(store).attrs.get("root") or None  # the report embeds the store's images
+        refuse_overwriting_inputs([out], [store, images])
     report = run(store, folds=folds, seed=seed, sweep=sweep, out=out).to_dict()
     emit(report, as_json, lambda r: _text(r, top) + (f"\nreport: {r['html']}" if out else ""))

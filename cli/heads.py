@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, emit, handles_errors
+from .app import app, emit, handles_errors, refuse_overwriting_inputs
 
 
 def _pct(x: float | None) -> str:
@@ -151,6 +151,7 @@ def fit_head(
               "knn": dict(k=k), "prototype": dict(metric=metric)}.get(head, {})
     given = {k: v for k, v in {"norm": norm, "n_Cs": n_Cs, "grid": grid, "select": select}.items() if v is not None}
     built = make_head(head, **params, **given)  # --grid/--select on a head without them: an error naming the head
+    refuse_overwriting_inputs([out], [store])
     emit(run(store, built, out, shots=shots, seed=seed, views=views, reject_target=reject_target).to_dict(), as_json,
          _fit_text)
 
@@ -174,6 +175,7 @@ def predict(
     from probe.fs import write_bytes_atomic
     from probe.predict import predict as run
 
+    refuse_overwriting_inputs([csv_out], [*inputs, head])
     res = run(inputs, head, top_k=top_k, device=device, engine=engine, reject=reject)
     if csv_out:
         rows = io.StringIO(newline="")
@@ -229,6 +231,7 @@ def eval_(
     confusion, ap = png or Path(f"{stem}.confusion.png"), png or Path(f"{stem}.ap.png")
     reliability = confusion.with_name(confusion.name.removesuffix(".png").removesuffix(".confusion")
                                       + ".reliability.png")
+    refuse_overwriting_inputs([confusion, ap, reliability], [store, head])
     r = evaluate_store(store, head, None if split == "all" else split, confusion, bootstrap=bootstrap, seed=seed,
                        reliability_png=reliability, ap_png=ap).to_dict()
 
@@ -290,12 +293,13 @@ def fewshot(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Episodic few-shot accuracy of the prototype and/or linear head, mean and 95% confidence interval."""
+    from probe.errors import ProbeError
     from probe.heads.fewshot import fewshot as run
 
     try:
         shots = tuple(int(s) for s in shot.split(",") if s.strip())
     except ValueError:
-        raise ValueError(f"--shot must be comma-separated integers like 1,5, got {shot!r}") from None
+        raise ProbeError(f"--shot must be comma-separated integers like 1,5, got {shot!r}") from None
     r = run(store, way=way, shots=shots, query=query, episodes=episodes, seed=seed, norm=norm, metric=metric,
             split=split, head=head, C=C, compare=compare)
 

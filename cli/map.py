@@ -8,7 +8,7 @@ import typer
 
 from probe.fs import human
 
-from .app import app, emit, handles_errors
+from .app import app, emit, handles_errors, refuse_overwriting_inputs
 
 
 def _text(r: dict) -> str:
@@ -40,6 +40,9 @@ def map_(
 ) -> None:
     """Write an interactive 2-D map of a store: zoom, pan, hover for the image, click the legend to filter."""
     from probe.embedding_map import embedding_map
+    from probe.store import FeatureStore
 
+    images = FeatureStore(store).attrs.get("root") or None  # the page embeds the store's images
+    refuse_overwriting_inputs([out], [store, images])
     result = embedding_map(store, color=color, method=method, seed=seed, out=out, thumbs=thumbs).to_dict()
     emit(result, as_json, _text)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, emit, handles_errors
+from .app import app, emit, handles_errors, refuse_overwriting_inputs
 
 
 # -------------------------------------------------------------------------------------------------- index
@@ -45,8 +45,10 @@ def index(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Build a FAISS index of a store (or --update it) for `probe search`."""
-    from probe.search import IndexConfig, index_store
+    from probe.search import IndexConfig, default_index_path, index_store, sidecar
 
+    target = out or default_index_path(store)
+    refuse_overwriting_inputs([target, sidecar(target)], [store])
     cfg = IndexConfig(type=type_, metric=metric or "cosine", target_recall=target_recall, exact_below=exact_below,
                       chunk_rows=chunk_rows, shards=shards, nlist=nlist)
     emit(index_store(store, out, cfg, update=update, metric=metric), as_json, _index_text)
@@ -88,7 +90,12 @@ def search(
               search_index(index_path, queries, k=k, device=device, engine=engine))
     if html:
         from probe.report import contact_sheet
+        from probe.search import sidecar
+        from probe.search.index import read_sidecar
 
+        gallery = read_sidecar(index_path).get("root") or None  # the sheet shows the hits' images
+        refuse_overwriting_inputs([html], [*(queries or []), index_path, sidecar(index_path), gallery,
+                                           *index_path.parent.glob(f"{index_path.name}.shard-*")])
         result["html"] = str(contact_sheet(result, html))
     emit(result, as_json, lambda r: _search_text(r) + (f"\ncontact sheet: {r['html']}" if html else ""))
 

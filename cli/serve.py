@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from pathlib import Path
 from urllib.parse import quote
 
 import typer
 
 from .app import app, handles_errors
+
+
+def _check_port(host: str, port: int) -> None:
+    """A ProbeError when ``port`` on ``host`` cannot be bound (another server holds it), before probe says it serves
+    there: bound the way uvicorn binds (SO_REUSEADDR) and closed at once, so uvicorn can take it."""
+    from probe.errors import ProbeError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ProbeError(f"port {port} on {host} is already in use: choose another --port") from None
+            raise ProbeError(f"cannot listen on {host} port {port}: {e.strerror or e}") from None
 
 
 @app.command()
@@ -59,7 +76,8 @@ def serve(
                       max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb, max_pixels=max_pixels,
                       body_timeout=body_timeout, host=host, token=token, insecure=insecure,
                       allow_hosts=tuple(allow_host))
-    application = create_app(cfg)
+    application = create_app(cfg)  # a bad file fails first, with its own message
+    _check_port(host, port)
     if cfg.token is None and not is_loopback(host):
         typer.echo(f"warning: --insecure: anyone who can reach {host} can use the service (it has no token)",
                    err=True)

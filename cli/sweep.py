@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, emit, handles_errors
+from .app import app, emit, handles_errors, refuse_overwriting_inputs
 
 
 def _split(value: str | None) -> list[str]:
@@ -43,6 +43,8 @@ def sweep(
     from probe.sweep import describe
     from probe.sweep import sweep as run
 
+    if out:
+        refuse_overwriting_inputs([out / f"sweep.{ext}" for ext in ("json", "md", "png")], [data])
     result = run(data, _split(backbones), layers=_split(layers) or None, heads=_split(heads), out_dir=out,
                  cache_dir=cache_dir, max_images=max_images, seed=seed, rank_only=rank_only, weights=weights,
                  device=device, batch_size=batch_size, workers=workers,

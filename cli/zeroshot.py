@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, emit, handles_errors
+from .app import app, emit, handles_errors, refuse_overwriting_inputs
 from .heads import _pct
 
 
@@ -64,6 +64,7 @@ def zeroshot(
     if len(given) != 1:
         raise ProbeError("give the class names one way: --classes-from-store, --classes a,b,c or --classes-file F"
                          + (f" (got {' and '.join(given)})" if given else ""))
+    refuse_overwriting_inputs([out, linear_out], [store, classes_file, templates])
     names = None if classes_from_store else classes_file if classes_file else classes.split(",")
     emit(run(store, names, templates, out, device=device, linear=linear, linear_out=linear_out,
              seed=seed).to_dict(), as_json, _text)

@@ -179,7 +179,7 @@ def test_fit_head_cli_errors(store, tmp_path):
     fails("fit-head", store, "--out", out, "--select", "top1", match=("'top1'", "accuracy, macro-f1, map, mean-per"))
     fails("fit-head", store, "--out", out, "--grid", "dense", match=("'dense'", "default, kornblith"))
     fails("fit-head", store, "--out", out, "--grid", "kornblith", "--n-Cs", "8", match=("--grid 'kornblith'",
-                                                                                       "--n-cs=8"))
+                                                                                       "--n-Cs=8"))
     fails("fit-head", store, "--head", "knn", "--out", out, "--select", "accuracy",
           match=("head 'knn' has no parameter '--select'",))
     assert not out.exists()
