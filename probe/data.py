@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -109,8 +109,10 @@ def _is_image_name(name: str) -> bool:
 
 
 def images_in(folder: str | os.PathLike) -> list[str]:
-    """Image files under ``folder`` (recursively, by extension, sorted); ValueError naming the folder if none."""
-    found = sorted(str(f) for f in Path(folder).rglob("*") if f.is_file() and _is_image_name(f.name))
+    """Image files under ``folder`` (recursively, by extension, sorted); ValueError naming the folder if none.
+    A dangling link keeps its name, as ``_files`` keeps it: the decoder reports it instead of it vanishing."""
+    found = sorted(str(f) for f in Path(folder).rglob("*")
+                   if (f.is_file() or (f.is_symlink() and not f.exists())) and _is_image_name(f.name))
     if not found:
         raise ProbeError(f"folder {str(folder)!r} contains no image files ({', '.join(IMG_EXTENSIONS)})")
     return found
@@ -160,6 +162,8 @@ def discover(data: str | os.PathLike, layout: str = "auto", image_column: str | 
         if layout not in ("auto", "csv") or root.suffix.lower() != ".csv":
             raise DatasetError(f"{str(root)!r} is a file: expected a folder of images or a .csv manifest")
         return _from_csv(root)
+    if layout == "csv":  # before the folder is walked
+        raise DatasetError(f"{str(root)!r} is a folder: --layout csv expects a .csv manifest")
     layout, *rows = _folder_rows(str(root), layout, *_visible_files(_files(root)))
     return _build(root, layout, *rows)
 
@@ -218,23 +222,29 @@ def _canonical_split(name: str) -> str:
     return "val" if name in ("valid", "validation") else name
 
 
+MANIFEST_SPLITS = ("", *dict.fromkeys(map(_canonical_split, SPLIT_NAMES)))  # a manifest's split cell, canonical
+
+
 LABEL_SEP = "|"  # between the names of a multi-label manifest's ``labels`` cell: ``cat|dog``
 
 
-def _from_csv(path: Path, f: TextIO | None = None) -> Dataset:
-    """A CSV manifest in one of its three forms (see the module docstring), every bad cell a DatasetError naming
-    the file, the line and the value; rows' paths relative to ``path``'s folder. ``f``: the manifest's text, opened
-    by the caller (a manifest at a URL: ``path`` is then its path there, and the caller sets the root); else the
-    file at ``path`` is read."""
+def _from_csv(path: Path, f: BinaryIO | None = None) -> Dataset:
+    """A CSV manifest in one of its three forms (see the module docstring), UTF-8 with or without a BOM, every
+    bad cell a DatasetError naming the file, the line and the value; rows' paths relative to ``path``'s folder.
+    ``f``: the manifest's bytes, opened by the caller (a manifest at a URL: ``path`` is then its path there, and the
+    caller sets the root); else the file at ``path`` is read."""
     if f is None:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, "rb") as f:
             return _from_csv(path, f)
-    reader = csv.DictReader(f)
-    header = reader.fieldnames
-    if header is None or "path" not in header:
-        raise DatasetError(f"{path}: expected a header row with a 'path' column (and 'label' or 'labels', or one "
-                           f"0/1 column per class; optional 'split'), got {header}")
-    rows = [(reader.line_num, r) for r in reader]  # line_num: the file's line (blank lines are skipped)
+    reader = csv.DictReader(io.StringIO(_manifest_text(path, f.read()), newline=""))
+    try:
+        header = reader.fieldnames
+        if header is None or "path" not in header:
+            raise DatasetError(f"{path}: expected a header row with a 'path' column (and 'label' or 'labels', or one "
+                               f"0/1 column per class; optional 'split'), got {header}")
+        rows = [(reader.line_num, r) for r in reader]  # line_num: the file's line (blank lines are skipped)
+    except csv.Error as e:  # a cell past csv's size limit (131072 characters)
+        raise DatasetError(f"{path}:{reader.reader.line_num}: not a CSV manifest ({e})") from None
     header = [h.strip() for h in header]
     form = _manifest_form(path, header)
     if not rows:
@@ -249,6 +259,9 @@ def _from_csv(path: Path, f: TextIO | None = None) -> Dataset:
             raise DatasetError(f"{path}:{n}: empty 'path'")
         paths.append(r["path"].strip())
         splits.append(_canonical_split(r.get("split") or ""))
+        if splits[-1] not in MANIFEST_SPLITS:
+            raise DatasetError(f"{path}:{n}: split {r['split'].strip()!r}: expected train, val (valid/validation), "
+                               "test or empty")
         if form == "label":
             lab = (r.get("label") or "").strip() or None
             if lab is not None and LABEL_SEP in lab:
@@ -273,6 +286,17 @@ def _from_csv(path: Path, f: TextIO | None = None) -> Dataset:
         ds = _build(path.parent, "csv", paths, [None] * len(paths), splits, [], multilabel=(classes, sets))
     ds.source = path.resolve()  # two manifests in one folder are two datasets
     return ds
+
+
+def _manifest_text(path: Path, raw: bytes) -> str:
+    """A manifest's bytes as text: UTF-8, without the BOM Excel's "CSV UTF-8" writes first; else a DatasetError
+    naming the first byte that is not UTF-8, its line and its offset."""
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DatasetError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}, offset {e.start}): "
+                           "save the manifest as UTF-8 (Excel: CSV UTF-8)") from None
 
 
 def _manifest_form(path: Path, header: list[str]) -> str:

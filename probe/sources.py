@@ -615,9 +615,11 @@ def _remote_files(fs: Any, path: str, layout: str) -> Dataset:
     if layout == "csv" or path.lower().endswith(".csv"):
         base, infos = path.rsplit("/", 1)[0], {}
         try:
-            with fs.open(path, "rt", encoding="utf-8", newline="") as f:
+            with fs.open(path, "rb") as f:
                 ds = _from_csv(Path(path), f)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):  # an object store's "folder" is no object either
+            if fs.isdir(path):
+                raise DatasetError(f"{path!r} is a folder: --layout csv expects a .csv manifest") from None
             raise DatasetError(f"{path!r} does not exist: expected a CSV manifest") from None
     else:  # one listing gives every file's size and ETag
         base = path

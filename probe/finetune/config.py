@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..errors import ProbeError
@@ -49,6 +50,10 @@ class FinetuneConfig:
         one_of("strategy", self.strategy, STRATEGIES)
         one_of("augment", self.augment, AUGMENTS)
         one_of("optimizer", self.optimizer, OPTIMIZERS)
+        for f in fields(self):  # NaN fails every comparison below, so it would pass them all: refused first
+            value = getattr(self, f.name)
+            if f.type == "float" and not math.isfinite(value):
+                raise ProbeError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         for name, low in (("epochs", 1), ("batch_size", 1), ("unfreeze_every", 1), ("in_chans", 1)):
             if getattr(self, name) < low:
                 raise ProbeError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
@@ -60,8 +65,9 @@ class FinetuneConfig:
             raise ProbeError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.label_smoothing < 1:
             raise ProbeError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_epochs < 0 or self.patience < 0:
-            raise ProbeError("--weight-decay, --grad-clip, --warmup-epochs and --patience must be >= 0")
+        for name in ("weight_decay", "grad_clip", "warmup_epochs", "patience"):
+            if not getattr(self, name) >= 0:
+                raise ProbeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -45,6 +45,7 @@ HEADS = ("prototype", "linear", "both")
 C_LINEAR = 1.0  # Tian et al. 2020's few-shot logistic regression; on unit-norm rows it stays close to prototypes
 GRAM_MAX_ROWS = 8192  # (n, n) float32 Gram <= 256 MiB
 CHUNK = 2_000_000  # elements of the biggest per-chunk array: bounds memory whatever the episode count
+MAX_EPISODE_ROWS = 100_000_000  # row indices of all episodes of a shot count: 800 MB of int64
 
 
 def _check(head: str = HEADS[0], C: float = C_LINEAR, metric: str = METRICS[0]) -> None:
@@ -57,6 +58,21 @@ def _check(head: str = HEADS[0], C: float = C_LINEAR, metric: str = METRICS[0]) 
         raise ProbeError(f"unknown metric {metric!r}: expected one of {', '.join(METRICS)}")
 
 
+def _check_episodes(way: int, shot: int, query: int, episodes: int) -> None:
+    """ProbeError naming a bad --way, --shot, --query or --episodes, or episodes whose row indices (E, way,
+    shot + query) would be more than MAX_EPISODE_ROWS."""
+    if way < 2:
+        raise ProbeError(f"--way must be >= 2 classes per episode, got {way}")
+    if shot < 1 or query < 1:
+        raise ProbeError(f"--shot and --query must be >= 1, got shot={shot}, query={query}")
+    if episodes < 1:
+        raise ProbeError(f"--episodes must be >= 1, got {episodes}")
+    per = way * (shot + query)  # row indices of one episode
+    if episodes * per > MAX_EPISODE_ROWS:
+        raise ProbeError(f"--episodes {episodes} is too many for --way {way}, --shot {shot}, --query {query}: at "
+                         f"most {MAX_EPISODE_ROWS // per:,} (their images' row indices are held in memory)")
+
+
 def sample_episodes(y: np.ndarray, way: int, shot: int, query: int, episodes: int, seed: int = 0,
                     class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Seeded episodes as row indices into y: support (E, way, shot) and query (E, way, query).
@@ -65,12 +81,7 @@ def sample_episodes(y: np.ndarray, way: int, shot: int, query: int, episodes: in
     ``shot + query`` rows and there must be at least ``way`` classes, else ValueError names the class
     (``class_names[label]`` when given)."""
     y = np.asarray(y)
-    if way < 2:
-        raise ProbeError(f"--way must be >= 2 classes per episode, got {way}")
-    if shot < 1 or query < 1:
-        raise ProbeError(f"--shot and --query must be >= 1, got shot={shot}, query={query}")
-    if episodes < 1:
-        raise ProbeError(f"--episodes must be >= 1, got {episodes}")
+    _check_episodes(way, shot, query, episodes)
     classes, counts = np.unique(y, return_counts=True)
     if way > len(classes):
         raise ProbeError(f"--way {way} needs at least {way} classes, the data has {len(classes)}")
@@ -308,6 +319,8 @@ def fewshot(store_path: str | os.PathLike, way: int = 5, shots: tuple[int, ...] 
     from probe.store import FeatureStore
 
     _check(head=head, C=C, metric=metric)
+    for shot in shots:  # before the store is read
+        _check_episodes(way, shot, query, episodes)
     check_norm(norm)
     store = FeatureStore(store_path)
     y_all = store.labels()

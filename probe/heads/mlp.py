@@ -37,6 +37,7 @@ from .multilabel import multilabel_holdout
 from .scoring import SELECT, key, refuse_map, refuse_single, score
 
 log = logging.getLogger(__name__)
+MAX_LAYER_WEIGHTS = 1 << 28  # 1 GiB of float32 per layer, 4 GiB with its gradient and AdamW's two moments
 
 
 def pick_rows(Z: torch.Tensor, V: torch.Tensor, idx: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
@@ -48,12 +49,33 @@ def pick_rows(Z: torch.Tensor, V: torch.Tensor, idx: torch.Tensor, choice: torch
     return x
 
 
-def build_mlp(dim: int, hidden: tuple[int, ...], n_classes: int, dropout: float) -> nn.Sequential:
-    layers: list[nn.Module] = []
+def check_widths(dim: int, hidden: tuple[int, ...]) -> None:
+    """Refuse a hidden width below 1, or one whose layer on ``dim``-d input (or on the layer before) would hold
+    more than MAX_LAYER_WEIGHTS weights -- before anything is allocated."""
+    if any(h < 1 for h in hidden):
+        raise ProbeError(f"hidden layer widths must be >= 1, got {list(hidden)}")
     for h in hidden:
-        layers += [nn.Linear(dim, h), nn.ReLU(), nn.Dropout(dropout)]
+        if dim * h > MAX_LAYER_WEIGHTS:
+            raise ProbeError(f"hidden layer width {h} on {dim}-d input is a {dim} x {h} weight matrix, more than "
+                             f"the limit of {MAX_LAYER_WEIGHTS:,} weights per layer (1 GiB of float32): use narrower "
+                             "layers")
         dim = h
-    layers.append(nn.Linear(dim, n_classes))
+
+
+def build_mlp(dim: int, hidden: tuple[int, ...], n_classes: int, dropout: float) -> nn.Sequential:
+    """Linear -> ReLU -> Dropout per hidden width, then Linear to ``n_classes``: (B, dim) -> (B, n_classes).
+    A ProbeError when the memory for its weights cannot be had."""
+    layers: list[nn.Module] = []
+    d = dim
+    try:
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU(), nn.Dropout(dropout)]
+            d = h
+        layers.append(nn.Linear(d, n_classes))
+    except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises a RuntimeError
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise ProbeError(f"cannot allocate an MLP with hidden widths {list(hidden)} on {dim}-d input: {reason}"
+                         ) from None
     return nn.Sequential(*layers)
 
 
@@ -137,8 +159,7 @@ class MLPHead(Head):
         balanced class weights and, for holdout rows, of the validation loss)."""
         t0 = time.perf_counter()
         X, y, sw = self._validate_fit(X, y, sample_weight)
-        if any(int(h) < 1 for h in self.hidden):
-            raise ProbeError(f"hidden layer widths must be >= 1, got {list(self.hidden)}")
+        check_widths(X.shape[1], tuple(int(h) for h in self.hidden))
         multilabel = y.ndim == 2
         if not multilabel:
             refuse_map(self.select, "this mlp head takes one class per row")
