@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 
 import typer
@@ -176,7 +177,8 @@ def predict(
     from probe.predict import predict as run
 
     refuse_overwriting_inputs([csv_out], [*inputs, head])
-    res = run(inputs, head, top_k=top_k, device=device, engine=engine, reject=reject)
+    res = run(inputs, head, top_k=top_k, device=device, engine=engine, reject=reject,
+              progress=sys.stderr.isatty() and not as_json)
     if csv_out:
         rows = io.StringIO(newline="")
         w = csv.writer(rows)

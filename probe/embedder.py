@@ -137,20 +137,26 @@ class Embedder:
                for s in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
-    def embed_files(self, paths: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, list[int], list[dict]]:
+    def embed_files(self, paths: Sequence[str], batch_size: int = 64, progress: bool = False
+                    ) -> tuple[np.ndarray, list[int], list[dict]]:
         """Decode and embed files a batch at a time: (features of the decodable ones, their indices, [{path,
-        reason}] skipped). Memory holds one batch of images, however many files."""
+        reason}] skipped). Memory holds one batch of images, however many files. ``progress``: a bar on stderr."""
+        from tqdm.auto import tqdm
+
         feats, ok, bad = [], [], []
-        for s in range(0, len(paths), batch_size):
-            images = []
-            for i in range(s, min(s + batch_size, len(paths))):
-                try:
-                    images.append(load_image(str(paths[i]), draft=self.draft, footprint=self.footprint))
-                    ok.append(i)
-                except ImageDecodeError as e:
-                    bad.append({"path": str(paths[i]), "reason": str(e)})
-            if images:
-                feats.append(self.embed_images(images, batch_size))
+        with tqdm(total=len(paths), unit="img", disable=not progress, desc=f"embed {self.backbone.name}",
+                  dynamic_ncols=True) as bar:
+            for s in range(0, len(paths), batch_size):
+                images = []
+                for i in range(s, min(s + batch_size, len(paths))):
+                    try:
+                        images.append(load_image(str(paths[i]), draft=self.draft, footprint=self.footprint))
+                        ok.append(i)
+                    except ImageDecodeError as e:
+                        bad.append({"path": str(paths[i]), "reason": str(e)})
+                if images:
+                    feats.append(self.embed_images(images, batch_size))
+                bar.update(min(batch_size, len(paths) - s))
         return (np.concatenate(feats) if feats else np.zeros((0, self.dim), np.float32)), ok, bad
 
     def embed_folder(self, folder: str | os.PathLike, batch_size: int = 64) -> tuple[np.ndarray, list[str]]:

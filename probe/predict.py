@@ -44,14 +44,14 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def predict(inputs: Sequence[str | os.PathLike], head_path: str | os.PathLike, top_k: int = 5,
-            device: str = "auto", batch_size: int = 64, engine: str = "auto", reject: str | float = "none"
-            ) -> dict[str, Any]:
+            device: str = "auto", batch_size: int = 64, engine: str = "auto", reject: str | float = "none",
+            progress: bool = False) -> dict[str, Any]:
     """Top-k classes with probabilities for every decodable image; undecodable files are listed in ``skipped``.
 
     ``reject``: "none" (default: every image gets its top class), "auto" (the threshold fit-head set on val), or
     a distance threshold in [0, 2]; an image whose cosine distance to the nearest training class mean is above
     it gets ``class`` "unknown" (its ``top`` classes are still listed). Every prediction has ``class``,
-    ``rejected`` and ``distance``.
+    ``rejected`` and ``distance``. ``progress``: a bar of images embedded on stderr.
 
     Raises ProbeError when no image could be embedded (naming each file and why), BackboneError when the backbone
     available now differs from the one recorded in the head."""
@@ -65,7 +65,7 @@ def predict(inputs: Sequence[str | os.PathLike], head_path: str | os.PathLike, t
     threshold = cal.resolve_threshold(head, reject, f"head {head_path}")
     names = meta["class_names"]
     emb = embedder_for(meta["config"], device=device, engine=engine)
-    feats, ok, bad = emb.embed_files(files, batch_size)  # (n_ok, D)
+    feats, ok, bad = emb.embed_files(files, batch_size, progress)  # (n_ok, D)
     if feats.shape[1] != head.n_features_in_:
         raise ProbeError(f"the backbone gives {feats.shape[1]}-d features, the head expects {head.n_features_in_}")
     if not ok:  # nothing to predict is an error (one line naming each file), never an empty success

@@ -160,3 +160,21 @@ def test_each_flag_a_message_is_mapped_to_is_an_option_a_user_can_type():
     assert as_flags("n_Cs must be >= 2") == "--n-Cs must be >= 2"
     assert as_flags("balanced accuracy; leave `balanced` off; pass `reject` none") == (
         "balanced accuracy; leave --balanced off; pass --reject none")
+
+
+def test_predict_draws_a_progress_bar_only_when_asked(tmp_path, capsys):
+    from probe.extract import extract
+    from probe.heads.fit import fit_head
+    from probe.predict import predict
+
+    from .conftest import make_imagefolder, tiny_config
+
+    data = make_imagefolder(tmp_path / "data", per_class=3)
+    extract(data, tmp_path / "s.h5", tiny_config())
+    fit_head(tmp_path / "s.h5", "prototype", tmp_path / "h.safetensors")
+    capsys.readouterr()
+    quiet = predict([data], tmp_path / "h.safetensors")
+    assert capsys.readouterr().err == ""  # a notebook's default: no bar
+    loud = predict([data], tmp_path / "h.safetensors", progress=True)
+    err = capsys.readouterr().err
+    assert "9/9" in err and "img" in err and loud["predictions"] == quiet["predictions"]
