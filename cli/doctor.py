@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -53,5 +54,6 @@ def doctor(
     if out:
         images = FeatureStore(store).attrs.get("root") or None  # the report embeds the store's images
         refuse_overwriting_inputs([out], [store, images])
-    report = run(store, folds=folds, seed=seed, sweep=sweep, out=out).to_dict()
+    report = run(store, folds=folds, seed=seed, sweep=sweep, out=out,
+                 progress=sys.stderr.isatty() and not as_json).to_dict()
     emit(report, as_json, lambda r: _text(r, top) + (f"\nreport: {r['html']}" if out else ""))

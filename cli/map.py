@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -44,5 +45,6 @@ def map_(
 
     images = FeatureStore(store).attrs.get("root") or None  # the page embeds the store's images
     refuse_overwriting_inputs([out], [store, images])
-    result = embedding_map(store, color=color, method=method, seed=seed, out=out, thumbs=thumbs).to_dict()
+    result = embedding_map(store, color=color, method=method, seed=seed, out=out, thumbs=thumbs,
+                           progress=sys.stderr.isatty() and not as_json).to_dict()
     emit(result, as_json, _text)

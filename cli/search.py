@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -51,7 +52,8 @@ def index(
     refuse_overwriting_inputs([target, sidecar(target)], [store])
     cfg = IndexConfig(type=type_, metric=metric or "cosine", target_recall=target_recall, exact_below=exact_below,
                       chunk_rows=chunk_rows, shards=shards, nlist=nlist)
-    emit(index_store(store, out, cfg, update=update, metric=metric), as_json, _index_text)
+    progress = sys.stderr.isatty() and not as_json
+    emit(index_store(store, out, cfg, update=update, metric=metric, progress=progress), as_json, _index_text)
 
 
 # ------------------------------------------------------------------------------------------------- search
@@ -87,7 +89,8 @@ def search(
         raise ProbeError("give query images (files, folders, gallery ids or stored paths) or --text 'a photo of "
                          "...', " + ("not both" if queries else "got neither"))
     result = (search_text(index_path, text, k=k, device=device) if text else
-              search_index(index_path, queries, k=k, device=device, engine=engine))
+              search_index(index_path, queries, k=k, device=device, engine=engine,
+                           progress=sys.stderr.isatty() and not as_json))
     if html:
         from probe.report import contact_sheet
         from probe.search import sidecar
@@ -120,4 +123,4 @@ def dedup(
     """Groups of near-duplicate images in a store (exact search over all pairs)."""
     from probe.search import find_duplicates
 
-    emit(find_duplicates(store, threshold), as_json, _dedup_text)
+    emit(find_duplicates(store, threshold, progress=sys.stderr.isatty() and not as_json), as_json, _dedup_text)

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ._callable import make_module_callable
 from .errors import ProbeError
@@ -194,9 +195,11 @@ def _nested(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndar
     return proba
 
 
-def _pairs(x: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def _pairs(x: np.ndarray, threshold: float, k: int,
+           progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(pairs (m, 2), similarities (m,), (N,) mean cosine distance to k nearest neighbours, index kind) over the
-    L2-normalised rows x. Exact below the flat-index size, else the search module's tuned approximate index."""
+    L2-normalised rows x. Exact below the flat-index size, else the search module's tuned approximate index.
+    ``progress``: a bar on stderr over the rows whose neighbours are searched (the long part on a large store)."""
     from .search import IndexConfig
     from .search.dedup import duplicate_pairs
     from .search.faiss_index import build_faiss
@@ -205,8 +208,16 @@ def _pairs(x: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, np.ndar
     cfg = IndexConfig(metric="cosine")
     xn = prepare(x, "cosine")
     index, kind, _, _ = build_faiss(xn, cfg)
-    kk = min(k + 1, len(xn))
-    sims, ids = index.search(xn, kk)  # (N, k+1), the row itself usually first
+    n, kk, step = len(xn), min(k + 1, len(xn)), cfg.chunk_rows
+    sims, ids = np.zeros((n, kk), np.float32), np.zeros((n, kk), np.int64)  # (N, k+1), the row itself usually first
+    starts = list(range(0, n, step))
+    if len(starts) > 1 and n - starts[-1] < step // 2:
+        starts.pop()  # no short last block: every block takes faiss's BLAS path, as one search of all rows did
+    with tqdm(total=n, unit="row", disable=not progress, desc="doctor neighbours", mininterval=0.5,
+              dynamic_ncols=True) as bar:
+        for s, e in zip(starts, starts[1:] + [n]):
+            sims[s:e], ids[s:e] = index.search(xn[s:e], kk)
+            bar.update(e - s)
     own = ids == np.arange(len(xn))[:, None]
     nn = np.where(own | (ids < 0), np.nan, sims)  # (N, k+1): neighbours only
     knn = 1.0 - np.nanmean(nn, axis=1) if kk > 1 else np.zeros(len(xn))
@@ -229,13 +240,15 @@ def _pairs(x: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, np.ndar
 
 def doctor(store: FeatureStore | str | os.PathLike, *, folds: int = 5, seed: int = 0,
            dup_threshold: float = DUP_THRESHOLD, k: int = 10, sweep: str = "once",
-           out: str | os.PathLike | None = None) -> DoctorReport:
+           out: str | os.PathLike | None = None, progress: bool = False) -> DoctorReport:
     """Likely label errors, near-duplicates across splits, outliers and class balance of a labelled store.
 
     Example:
         >>> r = doctor("cache/photos.h5", folds=5, seed=0)
         >>> [(i["path"], i["given"], i["suggested"]) for i in r.label_issues[:5]]
         >>> doctor("cache/photos.h5", out="doctor.html").html   # also the HTML report with thumbnails
+
+    ``progress``: a bar on stderr over the nearest-neighbour search of every row, the long part on a large store.
     """
     t0 = time.perf_counter()
     num_label_issues, label_quality = _cleanlab()
@@ -263,7 +276,7 @@ def doctor(store: FeatureStore | str | os.PathLike, *, folds: int = 5, seed: int
                "suggested": names[int(proba[i].argmax())], "self_confidence": round(float(proba[i, y[i]]), 6)}
               for i in ranked]
 
-    pairs, psims, knn, kind = _pairs(X_all, dup_threshold, k)
+    pairs, psims, knn, kind = _pairs(X_all, dup_threshold, k, progress)
     same_print = [prints[a] != "" and prints[a] == prints[b] for a, b in pairs]
     found = []
     for (a, b), s, fp in zip(pairs, psims, same_print):

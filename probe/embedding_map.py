@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ._callable import make_module_callable
 from .errors import ProbeError
@@ -205,13 +206,13 @@ def _predictions(store: FeatureStore, X: np.ndarray, seed: int) -> tuple[np.ndar
     return pred, float((pred[lab] == y_all[lab]).mean()), folds
 
 
-def _issues(store: FeatureStore, seed: int) -> tuple[list[str], dict[int, str], str]:
-    """Per row: "label issue", "near-duplicate", "outlier", "ok" (first that applies) from probe.doctor; what it
-    found about each flagged row (for the tooltip); a note."""
+def _issues(store: FeatureStore, seed: int, progress: bool = False) -> tuple[list[str], dict[int, str], str]:
+    """Per row: "label issue", "near-duplicate", "outlier", "ok" (first that applies) from probe.doctor (with its
+    ``progress`` bar); what it found about each flagged row (for the tooltip); a note."""
     from .doctor import doctor
 
     y = _labelled(store, "issue")
-    report = doctor(store, seed=seed)
+    report = doctor(store, seed=seed, progress=progress)
     outliers = report.outliers[:max(1, math.ceil(OUTLIER_SHARE * len(report.outliers)))]
     detail: dict[int, list[str]] = {}
     for i in report.label_issues:
@@ -250,16 +251,18 @@ def _palette(legend: list[str], color: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- the page
-def _thumbnails(store: FeatureStore, paths: list[str], rows: np.ndarray, size: int) -> dict[int, str]:
+def _thumbnails(store: FeatureStore, paths: list[str], rows: np.ndarray, size: int,
+                progress: bool = False) -> dict[int, str]:
     """{row: data URI} for the rows whose image can be read: files, or members of the store's containers (decoded
-    in threads: PIL releases the GIL)."""
+    in threads: PIL releases the GIL). ``progress``: a bar on stderr over the thumbnails made."""
     from .report import thumbnail_uri
     from .sources import Pictures
 
     pictures = Pictures.of_store(store.attrs)
     there = [int(i) for i in rows if pictures.exists(paths[i])]  # missing files: one note, not a warning each
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        uris = pool.map(lambda i: thumbnail_uri(paths[i], size, pictures), there)
+        uris = list(tqdm(pool.map(lambda i: thumbnail_uri(paths[i], size, pictures), there), total=len(there),
+                         unit="img", disable=not progress, desc="thumbnails", mininterval=0.5, dynamic_ncols=True))
         return {i: u for i, u in zip(there, uris) if u}
 
 
@@ -305,12 +308,13 @@ def _page(m: EmbeddingMap, store: FeatureStore, label_text: list[str], split: li
 
 def embedding_map(store: FeatureStore | str | os.PathLike, *, color: str = "label", method: str = "auto",
                   seed: int = 0, out: str | os.PathLike | None = None, thumbs: int = THUMBS,
-                  thumb_size: int = THUMB_PX, title: str | None = None) -> EmbeddingMap:
+                  thumb_size: int = THUMB_PX, title: str | None = None, progress: bool = False) -> EmbeddingMap:
     """A 2-D map of every row of ``store``, coloured by ``color``; with ``out``, also the interactive HTML page.
 
     ``method``: "umap" (umap-learn, cosine, after a 50-d PCA when D > 50), "pca", or "auto" (UMAP when installed).
     ``thumbs``: rows with an embedded ``thumb_size`` px thumbnail (a seeded sample when there are more rows); the
-    others' tooltips point at ``file://`` paths. Deterministic for a seed.
+    others' tooltips point at ``file://`` paths. Deterministic for a seed. ``progress``: a bar on stderr over the
+    thumbnails (and ``color="issue"``: over probe.doctor's neighbour search).
 
     Example:
         >>> m = embedding_map("cache/demo.h5", color="issue", method="pca", out="map.html")
@@ -350,7 +354,7 @@ def embedding_map(store: FeatureStore | str | os.PathLike, *, color: str = "labe
         notes.append(f"prediction: the linear head's out-of-fold prediction ({folds} folds, seed {seed}) of "
                      f"{int((y >= 0).sum())} labelled rows")
     else:
-        values, details, note = _issues(store, seed)
+        values, details, note = _issues(store, seed, progress)
         legend, codes = _codes(values, list(ISSUES) + [UNLABELLED])
         notes.append(note)
 
@@ -364,7 +368,7 @@ def embedding_map(store: FeatureStore | str | os.PathLike, *, color: str = "labe
     if out is not None:
         n = store.count
         rows = np.arange(n) if n <= thumbs else np.sort(np.random.default_rng(seed).choice(n, thumbs, replace=False))
-        uris = _thumbnails(store, paths, rows, thumb_size)
+        uris = _thumbnails(store, paths, rows, thumb_size, progress)
         if len(uris) < len(rows):
             notes.append(f"{len(rows) - len(uris)} of {len(rows)} sampled images could not be read: no thumbnail")
         from .sources import CONTAINER_LAYOUTS

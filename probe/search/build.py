@@ -36,20 +36,21 @@ def _check_update(idx: SearchIndex, out: Path, cfg: IndexConfig, metric: str | N
 
 
 def index_store(store: str | os.PathLike, out: str | os.PathLike | None = None, config: IndexConfig | None = None,
-                update: bool = False, metric: str | None = None) -> dict[str, Any]:
+                update: bool = False, metric: str | None = None, progress: bool = False) -> dict[str, Any]:
     """`probe index`: build an index of ``store`` and save it (default: beside the store), or with ``update``
     add the rows the store gained since. ``metric``: what the user asked for (None: not asked; an update keeps
-    the index's). Returns the index summary plus ``index``, ``added`` and ``action``."""
+    the index's); ``progress``: a bar on stderr over the rows added. Returns the index summary plus ``index``,
+    ``added`` and ``action``."""
     cfg = config or IndexConfig(metric=metric or "cosine")
     out = Path(out) if out else default_index_path(store)
     if update and out.is_file():
         idx = SearchIndex.load(out)
         _check_update(idx, out, cfg, metric)
-        added, action = idx.add(store), "updated"
+        added, action = idx.add(store, progress=progress), "updated"
     else:
         if update:
             log.info("no index at %s yet: building it", out)
-        idx = SearchIndex.build(store, cfg)
+        idx = SearchIndex.build(store, cfg, progress)
         added, action = idx.count, "built"
     idx.save(out)
     return {"index": str(out), "action": action, "added": added, **idx.summary()}

@@ -16,6 +16,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import ProbeError
 from ..store import FeatureStore, StoreError
@@ -34,31 +35,38 @@ def _find(parent: np.ndarray, i: int) -> int:
     return i
 
 
-def duplicate_pairs(x: np.ndarray, threshold: float, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(pairs (m, 2) with i < j, their cosine similarities (m,)) among rows of x (N, D) with cosine >= threshold."""
+def duplicate_pairs(x: np.ndarray, threshold: float, block: int = 4096,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(pairs (m, 2) with i < j, their cosine similarities (m,)) among rows of x (N, D) with cosine >= threshold.
+    ``progress``: a bar on stderr over the rows searched."""
     x = prepare(x, "cosine")
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     pairs, sims = [], []
-    for s in range(0, len(x), block):
-        lims, d, j = index.range_search(x[s: s + block], float(np.nextafter(np.float32(threshold), -1)))
-        i = np.repeat(np.arange(s, s + len(lims) - 1), np.diff(lims).astype(np.int64))  # query row per result
-        keep = (i < j) & (d >= threshold)  # each pair once, never a row with itself
-        pairs.append(np.stack([i[keep], j[keep]], 1))
-        sims.append(d[keep])
+    with tqdm(total=len(x), unit="row", disable=not progress, desc="near-duplicates", mininterval=0.5,
+              dynamic_ncols=True) as bar:
+        for s in range(0, len(x), block):
+            lims, d, j = index.range_search(x[s: s + block], float(np.nextafter(np.float32(threshold), -1)))
+            i = np.repeat(np.arange(s, s + len(lims) - 1), np.diff(lims).astype(np.int64))  # query row per result
+            keep = (i < j) & (d >= threshold)  # each pair once, never a row with itself
+            pairs.append(np.stack([i[keep], j[keep]], 1))
+            sims.append(d[keep])
+            bar.update(len(lims) - 1)
     return np.concatenate(pairs), np.concatenate(sims)
 
 
-def find_duplicates(store: FeatureStore | str | os.PathLike, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+def find_duplicates(store: FeatureStore | str | os.PathLike, threshold: float = DEFAULT_THRESHOLD,
+                    progress: bool = False) -> dict[str, Any]:
     """Groups (size >= 2) of rows whose vectors are within ``threshold`` cosine similarity, linked transitively;
-    largest group first. Each group lists ids, paths, labels and its lowest linking similarity."""
+    largest group first. Each group lists ids, paths, labels and its lowest linking similarity. ``progress``: a
+    bar on stderr over the rows searched."""
     if not -1 <= threshold <= 1:
         raise ProbeError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     if store.count == 0:
         raise StoreError(f"store {str(store.path)!r} has no rows: nothing to deduplicate")
     set_threads()
-    pairs, sims = duplicate_pairs(store.features(), threshold)
+    pairs, sims = duplicate_pairs(store.features(), threshold, progress=progress)
     parent = np.arange(store.count)
     for a, b in pairs:
         ra, rb = _find(parent, a), _find(parent, b)

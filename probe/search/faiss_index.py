@@ -19,6 +19,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from tqdm.auto import tqdm
 
 from .config import IndexConfig
 from .factory import factory_string, faiss_metric, set_params, set_threads
@@ -29,12 +30,14 @@ from .tuning import held_out_rows, knn_ground_truth, tune
 log = logging.getLogger(__name__)
 
 
-def build_faiss(x: np.ndarray | Rows, cfg: IndexConfig) -> tuple[faiss.Index, str, dict[str, Any], int]:
+def build_faiss(x: np.ndarray | Rows, cfg: IndexConfig,
+                progress: bool = False) -> tuple[faiss.Index, str, dict[str, Any], int]:
     """Build, train and tune a FAISS index over x: an (N, D) array already ``prepare``d for cfg.metric (not
     copied), or Rows reading a store chunk by chunk. Returns (index with tuned parameters set, type, tuning result
     incl. "factory", "bounds" (the shards' row ranges) and, when sharded, "template" (the trained empty index every
     shard was cloned from), rows trained on). With cfg.shards > 1 the index is a faiss.IndexShards of IndexIDMap2
-    sub-indexes, one per contiguous row range. Ids are row numbers of x."""
+    sub-indexes, one per contiguous row range. Ids are row numbers of x. ``progress``: a bar on stderr over the
+    rows added (it waits at 0 while the index trains)."""
     set_threads()
     t0 = time.perf_counter()
     rows = x if isinstance(x, Rows) else Rows(x, None, cfg.chunk_rows)
@@ -44,19 +47,22 @@ def build_faiss(x: np.ndarray | Rows, cfg: IndexConfig) -> tuple[faiss.Index, st
     query_ids, rest = held_out_rows(n, nq, cfg.seed)
     factory, ntrain = factory_string(kind, n, dim, cfg, trainable=len(rest))
     empty = faiss.IndexIDMap2(faiss.index_factory(dim, factory, faiss_metric(cfg.metric)))  # ids = store rows
-    if ntrain:
-        log.info("training %s on %d of %d rows", factory, ntrain, n)
-        empty.train(rows.take(np.sort(rest[:ntrain])))  # (ntrain, D): a sample, read by row index
-        faiss.extract_index_ivf(empty).make_direct_map()  # reconstruct(id): query by id/path without the store
-    bounds = shard_bounds(n, cfg.shards)
-    subs = [empty] if cfg.shards == 1 else [faiss.clone_index(empty) for _ in range(cfg.shards)]
-    del rest
-    add_rows(subs, bounds, rows, np.setdiff1d(np.arange(n), query_ids) if nq else None)
-    index = combine(subs)
-    log.info("added %d x %d to %s (%d shards) in %.1fs", n - nq, dim, factory, len(subs), time.perf_counter() - t0)
-    q = rows.take(query_ids)  # (nq, D)
-    tuned = tune(kind, index, q, knn_ground_truth(q, rows, cfg.metric, exclude=query_ids), cfg.target_recall)
-    add_rows(subs, bounds, rows, query_ids)
+    with tqdm(total=n, unit="row", disable=not progress, desc=f"index {factory}", mininterval=0.5,
+              dynamic_ncols=True) as bar:
+        if ntrain:
+            log.info("training %s on %d of %d rows", factory, ntrain, n)
+            empty.train(rows.take(np.sort(rest[:ntrain])))  # (ntrain, D): a sample, read by row index
+            faiss.extract_index_ivf(empty).make_direct_map()  # reconstruct(id): query by id/path without the store
+        bounds = shard_bounds(n, cfg.shards)
+        subs = [empty] if cfg.shards == 1 else [faiss.clone_index(empty) for _ in range(cfg.shards)]
+        del rest
+        add_rows(subs, bounds, rows, np.setdiff1d(np.arange(n), query_ids) if nq else None, bar)
+        index = combine(subs)
+        log.info("added %d x %d to %s (%d shards) in %.1fs", n - nq, dim, factory, len(subs),
+                 time.perf_counter() - t0)
+        q = rows.take(query_ids)  # (nq, D)
+        tuned = tune(kind, index, q, knn_ground_truth(q, rows, cfg.metric, exclude=query_ids), cfg.target_recall)
+        add_rows(subs, bounds, rows, query_ids, bar)
     if len(subs) > 1:
         index.syncWithSubIndexes()  # rows were added to the shards directly: refresh the total
     set_params(index, tuned["params"])

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..digest import check_digest, json_sha256
 from ..errors import DiskFullError, IndexMismatchError, IntegrityError, MissingFileError, ProbeError
@@ -278,10 +279,12 @@ class SearchIndex:
 
     # ---- build / add
     @classmethod
-    def build(cls, store: FeatureStore | str | os.PathLike, config: IndexConfig | None = None) -> SearchIndex:
+    def build(cls, store: FeatureStore | str | os.PathLike, config: IndexConfig | None = None,
+              progress: bool = False) -> SearchIndex:
         """Index every row of ``store``. ``auto`` picks exact search for small stores, else a tuned approximate
         index whose recall@10 on held-out queries is recorded in ``meta["recall"]``. The store is read
-        ``config.chunk_rows`` rows at a time (a sample for training): it need not fit in memory."""
+        ``config.chunk_rows`` rows at a time (a sample for training): it need not fit in memory. ``progress``:
+        a bar on stderr over the rows added."""
         cfg = config or IndexConfig()
         store = store if isinstance(store, FeatureStore) else FeatureStore(store)
         if store.count == 0:
@@ -291,7 +294,7 @@ class SearchIndex:
             raise ProbeError(f"shards={cfg.shards} is more than the store's {store.count} rows")
         t0 = time.perf_counter()
         with store.open() as f:
-            built = build_faiss(Rows(f["features"], cfg.metric, cfg.chunk_rows), cfg)
+            built = build_faiss(Rows(f["features"], cfg.metric, cfg.chunk_rows), cfg, progress)
         return cls._made(built, cfg, time.perf_counter() - t0, identity=store.identity,
                          store=str(Path(store.path).resolve()), root=str(store.attrs.get("root", "")),
                          classes=list(store.classes), paths=store.paths().tolist(), labels=store.labels().tolist())
@@ -353,10 +356,11 @@ class SearchIndex:
         self.identity.check(store.identity, mine="index", theirs=Side("store", str(store.path)), features_only=True,
                             fix="Build a new index for it: probe index STORE --out OTHER.faiss")
 
-    def add(self, store: FeatureStore | str | os.PathLike, retune: bool = True) -> int:
+    def add(self, store: FeatureStore | str | os.PathLike, retune: bool = True, progress: bool = False) -> int:
         """Add the rows ``store`` has beyond those indexed (a grown store); returns how many. No retraining: IVF
         lists keep their centroids. Approximate types first re-tune their search parameters with (up to
-        ``tune_queries``) new rows as held-out queries against the indexed gallery, then add them."""
+        ``tune_queries``) new rows as held-out queries against the indexed gallery, then add them. ``progress``:
+        a bar on stderr over the rows added."""
         store = store if isinstance(store, FeatureStore) else FeatureStore(store)
         self.check_store(store)
         old, paths = self.count, store.paths()
@@ -376,7 +380,8 @@ class SearchIndex:
         nq = min(cfg.tune_queries, len(new))
         subs = sub_indexes(self.index)
         bounds = np.asarray(self.bounds[:-1] + [n])  # the last shard takes the new rows
-        with store.open() as f:
+        with store.open() as f, tqdm(total=len(new), unit="row", disable=not progress, desc=f"index add {self.kind}",
+                                     mininterval=0.5, dynamic_ncols=True) as bar:
             rows = Rows(f["features"], self.metric, cfg.chunk_rows)
             if retune and self.kind != "flat" and nq >= 20:  # new rows, before they are added, are held-out queries
                 q = rows.take(np.sort(np.random.default_rng(cfg.seed).choice(new, nq, replace=False)))  # (nq, D)
@@ -385,7 +390,7 @@ class SearchIndex:
                 set_params(self.index, tuned["params"])
                 self.meta.update(params=tuned["params"], recall=tuned["recall"], recall_queries=tuned["queries"],
                                  tuning=tuned["tried"])
-            add_rows(subs, bounds, rows, new)
+            add_rows(subs, bounds, rows, new, bar)
         if len(subs) > 1:
             self.index.syncWithSubIndexes()
         log.info("added rows %d..%d to the %s index", old, n - 1, self.kind)

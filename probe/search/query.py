@@ -75,9 +75,10 @@ def resolve(idx: SearchIndex, inputs: Sequence[str | os.PathLike]) -> list[Query
 
 
 def embed_queries(idx: SearchIndex, queries: list[Query], device: str = "auto", engine: str = "auto",
-                  batch_size: int = 64) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
+                  batch_size: int = 64, progress: bool = False) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
     """Vectors for the queries: (n_ok, D), the indices into ``queries`` they belong to, and [{path, reason}] for
-    images that could not be decoded. Image queries load the index's backbone (refused if it differs)."""
+    images that could not be decoded. Image queries load the index's backbone (refused if it differs).
+    ``progress``: a bar on stderr over the query images embedded, when they are more than one batch."""
     vecs: dict[int, np.ndarray] = {}
     stored = [j for j, q in enumerate(queries) if q.kind != "image"]
     if stored:
@@ -87,7 +88,8 @@ def embed_queries(idx: SearchIndex, queries: list[Query], device: str = "auto", 
     bad: list[dict[str, str]] = []
     if images:
         emb = idx.embedder(device, engine)  # ProbeError: no backbone made the vectors; BackboneError: it differs now
-        feats, ok, bad = emb.embed_files([queries[j].text for j in images], batch_size)  # (n_ok, D)
+        feats, ok, bad = emb.embed_files([queries[j].text for j in images], batch_size,  # (n_ok, D)
+                                         progress and len(images) > batch_size)
         for row, i in enumerate(ok):
             vecs[images[i]] = feats[row]
     order = sorted(vecs)
@@ -112,15 +114,17 @@ def _exact_score(idx: SearchIndex, q: np.ndarray, v: np.ndarray) -> float:
 
 
 def search_index(index: str | os.PathLike | SearchIndex, inputs: Sequence[str | os.PathLike], k: int = 10,
-                 device: str = "auto", batch_size: int = 64, engine: str = "auto") -> dict[str, Any]:
-    """Top-k gallery hits for every query; undecodable query images are listed in ``skipped``.
+                 device: str = "auto", batch_size: int = 64, engine: str = "auto",
+                 progress: bool = False) -> dict[str, Any]:
+    """Top-k gallery hits for every query; undecodable query images are listed in ``skipped``. ``progress``: a
+    bar on stderr over the query images embedded, when they are more than one batch.
 
     Raises ValueError when k does not fit the gallery or no query could be used, BackboneError when the backbone
     available now differs from the index's."""
     idx = index if isinstance(index, SearchIndex) else SearchIndex.load(index)
     check_k(k, idx.count)  # before any backbone loads
     queries = resolve(idx, inputs)
-    x, ok, bad = embed_queries(idx, queries, device, engine, batch_size)
+    x, ok, bad = embed_queries(idx, queries, device, engine, batch_size, progress)
     if not ok:  # the error names each file: no warning before it
         raise ProbeError("no query could be used: " + "; ".join(f"{b['path']}: {b['reason']}" for b in bad))
     for b in bad:

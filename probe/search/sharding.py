@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
+from tqdm.auto import tqdm
 
 from .rows import Rows
 
@@ -43,11 +44,14 @@ def shard_of(bounds: np.ndarray, ids: np.ndarray, shards: int) -> np.ndarray:
     return np.minimum(np.searchsorted(bounds, ids, side="right") - 1, shards - 1)
 
 
-def add_rows(subs: list[faiss.Index], bounds: np.ndarray, rows: Rows, which: np.ndarray | None = None) -> None:
+def add_rows(subs: list[faiss.Index], bounds: np.ndarray, rows: Rows, which: np.ndarray | None = None,
+             bar: tqdm | None = None) -> None:
     """Add the sorted rows ``which`` (default all) of ``rows``, a block at a time, each to the sub-index whose
-    range in ``bounds`` holds it, with ids = store rows."""
+    range in ``bounds`` holds it, with ids = store rows; ``bar`` counts the rows added."""
     for ids, x in rows.blocks(which):
         shard = shard_of(bounds, ids, len(subs))  # (b,) blocks are sorted: shards are runs
         for k in np.unique(shard):
             m = shard == k
             subs[k].add_with_ids(x[m], ids[m])
+        if bar is not None:
+            bar.update(len(ids))
