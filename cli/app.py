@@ -68,8 +68,9 @@ def refuse_overwriting_inputs(outputs: Iterable[str | os.PathLike | None],
                               inputs: Iterable[str | os.PathLike | None]) -> None:
     """A ProbeError naming the output when writing it would replace one of the command's inputs: the same file
     (``os.path.samefile``: links and other spellings of a path count), or an image inside an input folder (a
-    folder's images are read as inputs). An output that does not exist yet replaces nothing; None is skipped."""
-    from probe.data import IMG_EXTENSIONS
+    folder's images are read as inputs; not those in its hidden folders, which no command reads). An output that
+    does not exist yet replaces nothing; None is skipped."""
+    from probe.data import IMG_EXTENSIONS, _visible_files
     from probe.errors import ProbeError
 
     given = [Path(p) for p in inputs if p is not None and os.path.exists(p)]
@@ -78,7 +79,8 @@ def refuse_overwriting_inputs(outputs: Iterable[str | os.PathLike | None],
             continue
         for src in given:
             inside = src.is_dir() and out.name.lower().endswith(IMG_EXTENSIONS) and \
-                out.resolve().is_relative_to(src.resolve())
+                out.resolve().is_relative_to(src.resolve()) and \
+                bool(_visible_files([out.resolve().relative_to(src.resolve()).as_posix()])[0])
             if inside or os.path.samefile(out, src):
                 raise ProbeError(f"{out} is one of this command's inputs" + (f" (an image in {src})" if inside else "")
                                  + ": writing there would destroy it; choose another output path")

@@ -23,6 +23,7 @@ import errno
 import io
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -109,10 +110,10 @@ def _is_image_name(name: str) -> bool:
 
 
 def images_in(folder: str | os.PathLike) -> list[str]:
-    """Image files under ``folder`` (recursively, by extension, sorted); ValueError naming the folder if none.
-    A dangling link keeps its name, as ``_files`` keeps it: the decoder reports it instead of it vanishing."""
-    found = sorted(str(f) for f in Path(folder).rglob("*")
-                   if (f.is_file() or (f.is_symlink() and not f.exists())) and _is_image_name(f.name))
+    """Image files under ``folder`` (recursively, by extension, sorted), read as a dataset folder is (``_files``:
+    links to folders followed, hidden folders left out, a dangling link kept for the decoder to report);
+    ProbeError naming the folder if none."""
+    found = sorted(os.path.join(folder, f) for f in _files(Path(folder)) if _is_image_name(f.rsplit("/", 1)[-1]))
     if not found:
         raise ProbeError(f"folder {str(folder)!r} contains no image files ({', '.join(IMG_EXTENSIONS)})")
     return found
@@ -415,6 +416,13 @@ class ResizeTooLarge(ImageDecodeError):
         super().__init__(f"{width}x{height} pixels would be resized to {rw}x{rh} = {rw * rh} pixels on the way to "
                          f"the backbone's input, more than the limit of {limit}: an aspect ratio of "
                          f"{self.ratio:.0f}:1 is too extreme to embed")
+
+
+def pixel_limit(reason: str) -> int | None:
+    """The pixel limit a skip reason was given under (``TooManyPixels``, ``ResizeTooLarge``); None for any other
+    reason. A later run with a higher limit retries such files."""
+    m = re.search(r"(?:> limit|more than the limit of) (\d+)", reason)
+    return int(m[1]) if m else None
 
 
 FootprintFn = Callable[[int, int], tuple[int, int]]  # (w, h) -> (W, H): a probe.transforms.Footprint

@@ -376,7 +376,7 @@ def make_plan(job: Job) -> Plan:
     old, created = _old_rows(job)
     paths = job.ds.paths
     fps = job.ds.fingerprints()
-    todo = [i for i, p in enumerate(paths) if not old.has(p, fps[i])]
+    todo = [i for i, p in enumerate(paths) if not old.has(p, fps[i], job.cfg.max_pixels)]
     journal = Journaled.recover(job.out, job.identity)
     finished = {i for i in todo if journal.finished(paths[i], fps[i])}
     # Batches are cut from the to-do list before the journal is consulted: a resumed run sees the same batch
@@ -575,7 +575,7 @@ def reconcile(ds: Dataset, plan: Plan, prune: bool = False) -> Reconciled:
 def write_result(job: Job, plan: Plan, result: Reconciled) -> None:
     """Write the store when anything changed (vectors streamed from the journal), then drop the journal."""
     old = plan.old
-    changed = bool(result.new) or not job.out.exists() or result.skipped.keys() != old.skipped.keys() or \
+    changed = bool(result.new) or not job.out.exists() or _reasons(result.skipped) != _reasons(old.skipped) or \
         result.classes != old.classes or dict(old.relabelled(ClassMerge(result.classes))) != result.rows
     # (the last: rows added or dropped, or labels changed in the manifest)
     if changed:
@@ -595,6 +595,10 @@ def _kept(job: Job, plan: Plan) -> str:
         return f"{job.out} is unchanged"
     return (f"the {n} images embedded so far are kept in {plan.journal.journal.path} and {job.out} is unchanged: "
             "re-run the same command to resume")
+
+
+def _reasons(skipped: dict[str, Skip]) -> dict[str, str]:
+    return {p: s.reason for p, s in skipped.items()}
 
 
 def _no_images(ds: Dataset, skipped: dict[str, Skip]) -> str:

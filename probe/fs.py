@@ -92,14 +92,13 @@ def check_space(path: str | os.PathLike, need: int, what: str = "") -> None:
         raise disk_full_error(path, need, what, free=free)
 
 
-def write_error(path: str | os.PathLike, e: OSError, need: int | None = None, what: str = "",
-                folder: str | os.PathLike | None = None) -> ProbeError:
+def write_error(path: str | os.PathLike, e: OSError, folder: str | os.PathLike | None = None) -> ProbeError:
     """The one-line error for ``e`` while writing ``path``: DiskFullError for a full disk, else UnwritableError
     naming ``path`` and why (a file in the way of ``folder``, default ``path``'s folder, is named as such)."""
     if isinstance(e, ProbeError):
         return e
     if is_disk_full(e):
-        return disk_full_error(path, need, what)
+        return disk_full_error(path)
     folder = Path(path).parent if folder is None else Path(folder)
     on = next((p for p in (folder, *folder.parents) if p.exists()), None)  # exists() is False under a file
     if on is not None and not on.is_dir():
@@ -204,15 +203,37 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, what: str = "") -> 
     return Path(path)
 
 
-def save_figure(fig, path: str | os.PathLike, fmt: str = "png") -> Path:
-    """Write a matplotlib figure atomically as ``fmt`` (any previous file stays until the new one is complete), then
-    close it -- also when the write fails."""
+NO_FIGURE_FORMATS = ("pgf",)  # matplotlib lists it, but writing it needs a LaTeX installation
+
+
+def figure_format(path: str | os.PathLike) -> str:
+    """The format matplotlib writes ``path`` in, from its suffix (none: png); ProbeError naming the path when
+    matplotlib has no writer for that suffix. Call it before drawing, so a bad path costs nothing."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    known = sorted(set(FigureCanvasBase.get_supported_filetypes()) - set(NO_FIGURE_FORMATS))
+    if fmt not in known:
+        raise ProbeError(f"{path}: matplotlib cannot write .{fmt} figures: give a path ending in "
+                         f"{', '.join('.' + k for k in known)} (or no suffix for PNG)")
+    return fmt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure atomically in the format of ``path``'s suffix (``figure_format``; any previous
+    file stays until the new one is complete), then close it -- also when the write fails."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     try:
+        fmt = figure_format(path)
         with atomic_path(path, what="any previous one is unchanged") as tmp:
-            fig.savefig(tmp, format=fmt)
+            try:
+                fig.savefig(tmp, format=fmt)
+            except (ProbeError, OSError):
+                raise
+            except Exception as e:  # noqa: BLE001 - a writer's own failure (a missing tool): one line naming the file
+                raise ProbeError(f"cannot write {path} as {fmt}: {type(e).__name__}: {e}") from None
     finally:
         plt.close(fig)
     return path

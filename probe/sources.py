@@ -903,6 +903,9 @@ class Pictures:
         request made at most once in ``FINGERPRINT_TTL`` seconds."""
         if self.fs is None:
             return fingerprint(url)
+        kept = self._fingerprints.get(url)
+        if kept is not None and time.monotonic() - kept[1] < FINGERPRINT_TTL:  # fresh: no wait on another's request
+            return kept[0]
         with self._asking:
             now, kept = time.monotonic(), self._fingerprints.get(url)
             if kept is None or now - kept[1] >= FINGERPRINT_TTL:

@@ -53,6 +53,7 @@ from typing import Any, NamedTuple
 import h5py
 import numpy as np
 
+from .data import pixel_limit
 from .errors import IntegrityError, ProbeError, StoreError
 from .fs import atomic_path, disk_full_error, is_disk_full, write_error
 from .identity import ARRAYS_IDENTITY, FeatureIdentity, IdentityMismatchError
@@ -327,7 +328,7 @@ class FeatureStore:
             "splits": {s or "(none)": int((sp == s).sum()) for s in sorted(set(sp.tolist()))},
             "skipped": self.skipped(),
             "device": self.attrs.get("device"),
-            "extract_config": self.attrs.get("extract_config"),  # the settings of the last extract into it
+            "extract_config": self.attrs.get("extract_config"),  # the settings of the last extract that wrote it
             "versions": self.attrs.get("versions"),
             "engine": self.attrs.get("engine"),  # what ran the backbone (absent in stores from before engines)
             "created": self.attrs.get("created"),
@@ -525,12 +526,16 @@ class StoreRows:
             yield p, row._replace(label=merge.label(row.label, self.classes),
                                   positives=merge.positives(row.positives, self.classes))
 
-    def has(self, path: str, fingerprint: str) -> bool:
+    def has(self, path: str, fingerprint: str, max_pixels: int | None = None) -> bool:
         """Whether the file at ``path``, as it is now (its ``fingerprint``), is already stored or recorded as
-        skipped: nothing to embed."""
+        skipped: nothing to embed. A file skipped under a pixel limit below ``max_pixels`` is to be tried again."""
         row, skip = self.rows.get(path), self.skipped.get(path)
-        return (row is not None and row.fingerprint == fingerprint) or \
-            (skip is not None and skip.fingerprint == fingerprint)
+        if row is not None and row.fingerprint == fingerprint:
+            return True
+        if skip is None or skip.fingerprint != fingerprint:
+            return False
+        limit = pixel_limit(skip.reason)
+        return max_pixels is None or limit is None or limit >= max_pixels
 
 
 def _row_sets(matrix: np.ndarray) -> list[tuple[int, ...]]:

@@ -378,7 +378,7 @@ def sweep(data: str | os.PathLike, backbones: str | Sequence[str], *, layers: st
     from .device import resolve_device, resolve_dtype
     from .extract import ExtractConfig, extract
     from .fs import make_dirs
-    from .heads.evaluate import BOOTSTRAP
+    from .heads.evaluate import BOOTSTRAP, check_resamples
     from .heads.logme import logme
     from .store import FeatureStore
 
@@ -391,8 +391,7 @@ def sweep(data: str | os.PathLike, backbones: str | Sequence[str], *, layers: st
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ProbeError(f"seed must be an integer >= 0, got {seed!r}")
     resamples = BOOTSTRAP if bootstrap is None else bootstrap
-    if resamples and resamples < 100:  # as evaluate's intervals require, but before hours of extraction
-        raise ProbeError(f"bootstrap must be a number of resamples >= 100 (or 0 for no intervals), got {resamples}")
+    check_resamples(resamples)  # as evaluate's intervals require, but before hours of extraction
     plan = _resolve_layers(names, layers, weights)
     if out_dir is not None:  # a folder that cannot be made fails now, not after hours of extraction
         make_dirs(out_dir)

@@ -71,16 +71,21 @@ def test_serve_on_a_port_in_use(artefacts):
 
 
 def test_eval_figure_suffix_matplotlib_cannot_write(artefacts, tmp_path):
-    for name in ("cm.txt", "x.h5"):
+    for name in ("cm.txt", "x.h5", "cm.pgf"):  # pgf: matplotlib lists it, but it needs LaTeX to write
         line = one_line_error(run("eval", artefacts["store"], "--head", artefacts["head"], "--split", "val",
                                   "--bootstrap", "0", "--png", tmp_path / name), str(tmp_path / name))
-        assert ".png" in line and ".pdf" in line and ".svg" in line
+        known = line.split("ending in")[1]
+        assert ".png" in known and ".pdf" in known and ".svg" in known and ".pgf" not in known
     assert not list(tmp_path.iterdir())  # nothing written, no reliability diagram either
     with pytest.raises(ProbeError, match="matplotlib cannot write .csv"):
         confusion_png([[1, 0], [0, 1]], ["a", "b"], tmp_path / "cm.csv")
     r = run("eval", artefacts["store"], "--head", artefacts["head"], "--split", "val", "--bootstrap", "0",
             "--png", tmp_path / "cm.svg")
     assert r.exit_code == 0 and (tmp_path / "cm.svg").read_text().lstrip().startswith("<?xml"), r.output
+    from probe.heads.calibration import reliability_png
+
+    reliability_png(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1]), tmp_path / "r.svg")  # its suffix's format
+    assert (tmp_path / "r.svg").read_text().lstrip().startswith("<?xml")
 
 
 def test_bootstrap_resamples_are_bounded(artefacts):
@@ -93,3 +98,16 @@ def test_bootstrap_resamples_are_bounded(artefacts):
     with pytest.raises(ProbeError, match=f"got {MAX_BOOTSTRAP + 1}"):
         bootstrap_intervals(stats, len(y), MAX_BOOTSTRAP + 1)
     assert bootstrap_intervals(stats, len(y), 100)["accuracy"] == [1.0, 1.0]
+
+
+def test_hidden_folders_are_no_input_for_outputs_or_queries(tmp_path):
+    from cli.app import refuse_overwriting_inputs
+    from probe.data import images_in
+
+    for rel in ("data/.res/sweep.png", "data/cat/a.png", "data/cat/.thumbs/t.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    refuse_overwriting_inputs([tmp_path / "data/.res/sweep.png"], [tmp_path / "data"])  # no command reads .res/
+    with pytest.raises(ProbeError, match="an image in"):
+        refuse_overwriting_inputs([tmp_path / "data/cat/a.png"], [tmp_path / "data"])
+    assert images_in(tmp_path / "data") == [str(tmp_path / "data/cat/a.png")]  # as extract reads the folder

@@ -143,6 +143,11 @@ def test_extract_max_pixels_flag_lowers_the_limit(tmp_path):
     assert r.exit_code == 0, r.output
     skipped = {Path(s["path"]).name: s["reason"] for s in FeatureStore(out).skipped()}
     assert list(skipped) == ["wide.png"], skipped  # resized to 3360x168 for the backbone
+    r = runner.invoke(app, ["extract", str(data), "--out", str(out), "--backbone", TINY, "--weights", "random",
+                            "--workers", "0", "--json"])  # the default limit: the skipped file is tried again
+    assert r.exit_code == 0 and json.loads(r.stdout)["embedded"] == 1, r.output
+    store = FeatureStore(out)
+    assert store.skipped() == [] and sorted(Path(p).name for p in store.paths()) == ["small.png", "wide.png"]
 
 
 # ------------------------------------------------------------------------------------- predict, search

@@ -154,6 +154,8 @@ def test_errors_come_before_any_extraction(tmp_path):
         sweep(DEMO, ["efficientnet_lite0"], heads=["linear", "svm"], cache_dir=cache)
     with pytest.raises(ProbeError, match="bootstrap must be a number of resamples >= 100"):
         sweep(DEMO, ["efficientnet_lite0"], bootstrap=10, cache_dir=cache)
+    with pytest.raises(ProbeError, match="bootstrap must be at most 1,000,000"):  # before any extraction
+        sweep(DEMO, ["efficientnet_lite0"], bootstrap=2_000_000, cache_dir=cache)
     with pytest.raises(ProbeError, match="listed twice"):
         sweep(DEMO, ["efficientnet_lite0", "efficientnet_lite0"], cache_dir=cache)
     assert not cache.exists()

@@ -155,8 +155,9 @@ def reliability_png(proba_before: np.ndarray, y: np.ndarray, path: str | os.Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..fs import save_figure
+    from ..fs import figure_format, save_figure
 
+    figure_format(path)  # before drawing: a bad suffix costs nothing
     fig, (ax, hx) = plt.subplots(2, 1, figsize=(5.5, 6.2), dpi=110, sharex=True,
                                  gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ProbeError
-from ..fs import save_figure
+from ..fs import figure_format, save_figure
 from ..identity import FeatureIdentity, Side
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,16 @@ MAX_BOOTSTRAP = 1_000_000  # 8 MB of values per statistic, minutes for 10k rows;
 LEVEL = 0.95
 
 
+def check_resamples(resamples: Any, allow_none: bool = True) -> None:
+    """A bootstrap count: 100 .. ``MAX_BOOTSTRAP`` resamples (or 0, none, where ``allow_none``); else one line."""
+    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 0 or \
+            (resamples < 100 and not (allow_none and resamples == 0)):
+        raise ProbeError(f"bootstrap must be a number of resamples >= 100 (or 0 for no intervals), got {resamples!r}")
+    if resamples > MAX_BOOTSTRAP:  # the values kept grow with them: 1e11 would need 800 GB
+        raise ProbeError(f"bootstrap must be at most {MAX_BOOTSTRAP:,} resamples (the interval ends settle long "
+                         f"before), got {resamples}")
+
+
 def bootstrap_intervals(stats: dict[str, Callable[[np.ndarray], np.ndarray]], n: int, resamples: int = BOOTSTRAP,
                         seed: int = 0, level: float = LEVEL) -> dict[str, list[float]]:
     """Percentile bootstrap intervals: every statistic is computed on the same ``resamples`` draws of ``n`` rows
@@ -76,11 +86,7 @@ def bootstrap_intervals(stats: dict[str, Callable[[np.ndarray], np.ndarray]], n:
         >>> bootstrap_intervals(classification_stats(y, pred, K), len(y), 1000, seed=0)["accuracy"]
         [0.761, 0.839]
     """
-    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 100:
-        raise ProbeError(f"bootstrap must be a number of resamples >= 100 (or 0 for no intervals), got {resamples!r}")
-    if resamples > MAX_BOOTSTRAP:  # the values kept grow with them: 1e11 would need 800 GB
-        raise ProbeError(f"bootstrap must be at most {MAX_BOOTSTRAP:,} resamples (the interval ends settle long "
-                         f"before), got {resamples}")
+    check_resamples(resamples, allow_none=False)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ProbeError(f"seed must be an integer >= 0, got {seed!r}")
     rng = np.random.default_rng(seed)
@@ -181,25 +187,12 @@ def _add_calibration(report: EvalReport, head: Any, X: np.ndarray, y_true: np.nd
 NAMED_CLASSES = 40  # the most classes confusion_png names (and sizes the picture for)
 
 
-def figure_format(path: str | os.PathLike) -> str:
-    """The format matplotlib writes ``path`` in, from its suffix (none: png); ProbeError naming the path when
-    matplotlib has no writer for that suffix."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    fmt = Path(path).suffix.lstrip(".").lower() or "png"
-    known = FigureCanvasBase.get_supported_filetypes()
-    if fmt not in known:
-        raise ProbeError(f"{path}: matplotlib cannot write .{fmt} figures: give a path ending in "
-                         f"{', '.join('.' + k for k in sorted(known))} (or no suffix for PNG)")
-    return fmt
-
-
 def confusion_png(confusion: list[list[int]], class_names: list[str], path: str | os.PathLike,
                   title: str = "") -> Path:
     """Write a row-normalised confusion matrix with counts in each cell as a PNG. Up to ``NAMED_CLASSES`` classes
     each row and column is named; above, the picture keeps a fixed size (a cell per class, an ImageNet-sized matrix
     would otherwise be a gigapixel image) and every k-th class index is marked, in the head's class order."""
-    fmt = figure_format(path)  # before drawing
+    figure_format(path)  # before drawing: a bad suffix costs nothing
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,7 +223,7 @@ def confusion_png(confusion: list[list[int]], class_names: list[str], path: str 
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, path, fmt)
+    return save_figure(fig, path)
 
 
 AP_BARS = 60  # the most bars ap_png draws: the best and worst half of that many above it
@@ -240,7 +233,7 @@ def ap_png(ap: list[float | None], class_names: list[str], path: str | os.PathLi
     """Write each class's average precision ``ap`` (C,) (None: no positives, left out) as horizontal bars, highest
     on top, with their mean (the mAP) as a dashed line and in the title, as a PNG. Above ``AP_BARS`` classes, the
     best and the worst AP_BARS / 2 are drawn (the mAP is over all), so the picture stays readable and quick."""
-    fmt = figure_format(path)  # before drawing
+    figure_format(path)  # before drawing: a bad suffix costs nothing
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,7 +261,7 @@ def ap_png(ap: list[float | None], class_names: list[str], path: str | os.PathLi
                   + (f"; {left_out} class{'es' * (left_out > 1)} without positives not shown" if left_out else ""))
     ax.set_title((f"{title}: " if title else "") + f"mAP {mAP:.3f} over {len(scored)} classes", fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, path, fmt)
+    return save_figure(fig, path)
 
 
 def head_columns_for(store_classes: list[str], store_labels: np.ndarray, head_classes: list[str],
