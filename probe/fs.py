@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 import shutil
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,13 +125,15 @@ def make_dirs(folder: str | os.PathLike, path: str | os.PathLike | None = None) 
 
 
 def temp_path(path: str | os.PathLike) -> Path:
+    """A new temp file's name beside ``path`` (``path.<random>.tmp``): one per write, so two writers of one path
+    never write into the same temp file -- each renames its own complete file, and the last rename wins."""
     path = Path(path)
-    return path.with_name(path.name + ".tmp")
+    return path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 def _can_write(path: Path) -> None:
     """Refuse before writing when ``path`` cannot be a file: a folder there, its folder not makeable, or nothing
-    creatable in it (read-only, no permission); the probe file ``path.tmp`` is removed again."""
+    creatable in it (read-only, no permission); the probe file (a ``temp_path``) is removed again."""
     if path.is_dir():
         err = UnwritableError(f"cannot write {str(path)!r}: it is a folder, expected a file")
         err.errno, err.filename = errno.EISDIR, str(path)
@@ -147,18 +150,18 @@ def _can_write(path: Path) -> None:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, need: int | None = None, what: str = "") -> Iterator[Path]:
-    """Yield ``path.tmp`` to write; on success fsync it and rename it over ``path`` (atomic: ``path`` is either the
-    old file or the new one, never half). On any failure the temp file is removed and ``path`` is untouched; a full
-    disk becomes ``DiskFullError`` (naming ``path``, ``need`` and the space free), a path that cannot be written
-    ``UnwritableError`` (checked before the body runs). ``need``: bytes the write is expected to take, checked
-    before writing when given."""
+    """Yield a temp path beside ``path`` (``temp_path``) to write; on success fsync it and rename it over ``path``
+    (atomic: ``path`` is either the old file or the new one, never half). On any failure the temp file is removed
+    and ``path`` is untouched; a full disk becomes ``DiskFullError`` (naming ``path``, ``need`` and the space
+    free), a path that cannot be written ``UnwritableError`` (checked before the body runs). ``need``: bytes the
+    write is expected to take, checked before writing when given."""
     with atomic_paths([path], need, what) as (tmp,):
         yield tmp
 
 
 @contextmanager
 def atomic_paths(paths: Sequence[str | os.PathLike], need: int | None = None, what: str = "") -> Iterator[list[Path]]:
-    """Several files replaced together: yield their temp paths (``p.tmp`` each) to write, in the order given; on
+    """Several files replaced together: yield their temp paths (``temp_path`` each) to write, in the order given; on
     success each is fsynced, then all are renamed in that order -- put the file that vouches for the others last
     (a sidecar with their checksums), so an interruption between renames is caught by it. On any failure every temp
     file is removed and no path is touched; a full disk becomes ``DiskFullError`` naming the file being written
@@ -183,9 +186,9 @@ def atomic_paths(paths: Sequence[str | os.PathLike], need: int | None = None, wh
         for tmp, path in zip(tmps, paths):
             os.replace(tmp, path)
     except BaseException as e:
-        written = [p for p, t in zip(paths, tmps) if t.exists()]
-        at = written[-1] if written else paths[0]
-        full = is_disk_full(e, temp_path(at))
+        at, at_tmp = next(((p, t) for p, t in zip(reversed(paths), reversed(tmps)) if t.exists()),
+                          (paths[0], tmps[0]))
+        full = is_disk_full(e, at_tmp)
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
         if full:

@@ -169,3 +169,27 @@ def test_finetune_draws_a_progress_bar_only_when_asked(tmp_path, capsys):
     finetune(data, tmp_path / "shown", cfg, progress=True)
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "2/2" in err and "batch" in err  # 9 train images, 2 full batches of 4
+
+
+def test_two_writers_of_one_path_each_rename_their_own_complete_file(tmp_path):
+    """Each write has its own temp file: two overlapping writers of one path both finish, the file is one of
+    theirs whole (the last rename wins), never a mix, and no temp file is left."""
+    import threading
+
+    out, entered, release = tmp_path / "x.bin", threading.Barrier(2), threading.Event()
+
+    def write(byte: bytes) -> None:
+        with atomic_paths([out]) as (tmp,):
+            tmp.write_bytes(byte * 500)
+            entered.wait()  # both temp files half written at once
+            release.wait()
+            with open(tmp, "ab") as f:
+                f.write(byte * 500)
+
+    threads = [threading.Thread(target=write, args=(b,)) for b in (b"a", b"b")]
+    for t in threads:
+        t.start()
+    release.set()
+    for t in threads:
+        t.join()
+    assert out.read_bytes() in (b"a" * 1000, b"b" * 1000) and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
