@@ -11,10 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import probe.extract
-from cli.main import app
 from probe.data import fingerprint
 from probe.errors import DiskFullError, StoreError
 from probe.extract import Embedded, Journaled, extract
@@ -22,24 +20,7 @@ from probe.identity import IdentityMismatchError
 from probe.store import FeatureStore, Journal
 
 from .conftest import TINY, fill_disk, make_imagefolder, tiny_config
-
-runner = CliRunner()
-TINY_ARGS = ["--backbone", TINY, "--weights", "random", "--batch-size", "4", "--workers", "0", "--dtype", "float32",
-             "--engine", "torch"]
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(r, *names: str) -> str:
-    """Exit 1 and one line ``error: …`` naming each of ``names``, no traceback."""
-    assert r.exit_code == 1, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for name in names:
-        assert name in lines[0], (name, r.stderr)
-    return lines[0]
+from .test_faults_store import TINY_ARGS, cli, one_line_error
 
 
 @pytest.fixture
