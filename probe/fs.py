@@ -93,6 +93,14 @@ def check_space(path: str | os.PathLike, need: int, what: str = "") -> None:
         raise disk_full_error(path, need, what, free=free)
 
 
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The regular file standing where ``folder`` or one of its parents should be a folder (the nearest of them
+    that exists is no folder), or None."""
+    folder = Path(folder)
+    on = next((p for p in (folder, *folder.parents) if p.exists()), None)  # exists() is False under a file
+    return on if on is not None and not on.is_dir() else None
+
+
 def write_error(path: str | os.PathLike, e: OSError, folder: str | os.PathLike | None = None) -> ProbeError:
     """The one-line error for ``e`` while writing ``path``: DiskFullError for a full disk, else UnwritableError
     naming ``path`` and why (a file in the way of ``folder``, default ``path``'s folder, is named as such)."""
@@ -100,9 +108,8 @@ def write_error(path: str | os.PathLike, e: OSError, folder: str | os.PathLike |
         return e
     if is_disk_full(e):
         return disk_full_error(path)
-    folder = Path(path).parent if folder is None else Path(folder)
-    on = next((p for p in (folder, *folder.parents) if p.exists()), None)  # exists() is False under a file
-    if on is not None and not on.is_dir():
+    on = file_in_the_way(Path(path).parent if folder is None else folder)
+    if on is not None:
         why = "it is a file, not a folder" if on == Path(path) else f"{str(on)!r} is a file, not a folder"
     else:
         why = e.strerror or str(e)

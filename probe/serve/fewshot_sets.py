@@ -30,7 +30,7 @@ import numpy as np
 
 from ..digest import arrays_sha256, check_digest
 from ..errors import IntegrityError, ProbeError
-from ..fs import UnwritableError, atomic_path
+from ..fs import UnwritableError, atomic_path, file_in_the_way
 from ..heads.prototype import PrototypeHead
 from ..identity import FeatureIdentity, IdentityMismatchError, Side
 from .errors import Conflict, NotFound, ServiceError, available
@@ -89,7 +89,7 @@ class FewShotSets:
     def __init__(self, state_dir: str | os.PathLike, config_key: str, backbone: str, dim: int,
                  identity: FeatureIdentity | None = None):
         self.root = Path(state_dir) / "fewshot"  # made when the first set is saved: no empty folders before
-        blocked = next((p for p in (self.root, *self.root.parents) if p.exists() and not p.is_dir()), None)
+        blocked = file_in_the_way(self.root)
         if blocked is not None:  # no set could ever be saved: refused at start-up, not at the first save
             raise UnwritableError(f"cannot write few-shot sets to {str(self.root)!r}: {str(blocked)!r} is a file, "
                                   "not a folder; give the server another state dir")
