@@ -51,9 +51,9 @@ def doctor(
     from probe.doctor import doctor as run
     from probe.store import FeatureStore
 
+    opened = FeatureStore(store)  # read once: the check and the report
     if out:
-        images = FeatureStore(store).attrs.get("root") or None  # the report embeds the store's images
-        refuse_overwriting_inputs([out], [store, images])
-    report = run(store, folds=folds, seed=seed, sweep=sweep, out=out,
+        refuse_overwriting_inputs([out], [store, opened.attrs.get("root")])  # the report embeds the store's images
+    report = run(opened, folds=folds, seed=seed, sweep=sweep, out=out,
                  progress=sys.stderr.isatty() and not as_json).to_dict()
     emit(report, as_json, lambda r: _text(r, top) + (f"\nreport: {r['html']}" if out else ""))

@@ -43,8 +43,8 @@ def map_(
     from probe.embedding_map import embedding_map
     from probe.store import FeatureStore
 
-    images = FeatureStore(store).attrs.get("root") or None  # the page embeds the store's images
-    refuse_overwriting_inputs([out], [store, images])
-    result = embedding_map(store, color=color, method=method, seed=seed, out=out, thumbs=thumbs,
+    opened = FeatureStore(store)  # read once: the check and the map
+    refuse_overwriting_inputs([out], [store, opened.attrs.get("root")])  # the page embeds the store's images
+    result = embedding_map(opened, color=color, method=method, seed=seed, out=out, thumbs=thumbs,
                            progress=sys.stderr.isatty() and not as_json).to_dict()
     emit(result, as_json, _text)
