@@ -83,20 +83,20 @@ def search(
 ) -> None:
     """The k gallery images most similar to each query image, or to each --text: rank, score, label and path."""
     from probe.errors import ProbeError
-    from probe.search import search_index, search_text
+    from probe.search import SearchIndex, search_index, search_text
 
     if bool(queries) == bool(text):
         raise ProbeError("give query images (files, folders, gallery ids or stored paths) or --text 'a photo of "
                          "...', " + ("not both" if queries else "got neither"))
-    result = (search_text(index_path, text, k=k, device=device) if text else
-              search_index(index_path, queries, k=k, device=device, engine=engine,
+    idx = SearchIndex.load(index_path)  # read once: the search and the check below
+    result = (search_text(idx, text, k=k, device=device) if text else
+              search_index(idx, queries, k=k, device=device, engine=engine,
                            progress=sys.stderr.isatty() and not as_json))
     if html:
         from probe.report import contact_sheet
         from probe.search import sidecar
-        from probe.search.index import read_sidecar
 
-        gallery = read_sidecar(index_path).get("root") or None  # the sheet shows the hits' images
+        gallery = idx.meta.get("root")  # the sheet shows the hits' images
         refuse_overwriting_inputs([html], [*(queries or []), index_path, sidecar(index_path), gallery,
                                            *index_path.parent.glob(f"{index_path.name}.shard-*")])
         result["html"] = str(contact_sheet(result, html))
