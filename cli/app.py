@@ -48,6 +48,11 @@ def emit(obj: Any, as_json: bool, text: Callable[[Any], str]) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str) if as_json else text(obj))
 
 
+def show_progress(as_json: bool) -> bool:
+    """Whether a command draws progress bars: only when stderr is a terminal, never with --json (a script reads)."""
+    return sys.stderr.isatty() and not as_json
+
+
 FLAGS = {"shots": "--shots", "n_Cs": "--n-Cs", "batch_size": "--batch-size", "max_pixels": "--max-pixels",
          "allow_missing": "--allow-missing", "select": "--select", "grid": "--grid", "bootstrap": "--bootstrap"}
 """Library parameter names that appear in messages, and the flag a CLI user types instead."""
@@ -65,11 +70,12 @@ def as_flags(message: str) -> str:
 
 
 def refuse_overwriting_inputs(outputs: Iterable[str | os.PathLike | None],
-                              inputs: Iterable[str | os.PathLike | None]) -> None:
+                              inputs: Iterable[str | os.PathLike | None], text: bool = False) -> None:
     """A ProbeError naming the output when writing it would replace one of the command's inputs: the same file
     (``os.path.samefile``: links and other spellings of a path count), or an image inside an input folder (a
-    folder's images are read as inputs; not those in its hidden folders, which no command reads). An output that
-    does not exist yet replaces nothing; None is skipped."""
+    folder's images are read as inputs; not those in its hidden folders, which no command reads). When the
+    outputs are ``text`` (a CSV, an HTML page), an existing image file (by its suffix) is refused too: the text would
+    destroy a picture. An output that does not exist yet replaces nothing; None is skipped."""
     from probe.data import IMG_EXTENSIONS, _visible_files
     from probe.errors import ProbeError
 
@@ -84,6 +90,9 @@ def refuse_overwriting_inputs(outputs: Iterable[str | os.PathLike | None],
             if inside or os.path.samefile(out, src):
                 raise ProbeError(f"{out} is one of this command's inputs" + (f" (an image in {src})" if inside else "")
                                  + ": writing there would destroy it; choose another output path")
+        if text and out.name.lower().endswith(IMG_EXTENSIONS):
+            raise ProbeError(f"{out} is an image ({out.suffix} file): writing text there would destroy it; choose "
+                             "another output path")
 
 
 def handles_errors(fn: Callable) -> Callable:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
-from .app import app, emit, handles_errors
+from .app import app, emit, handles_errors, show_progress
 
 
 def _text(r: dict) -> str:
@@ -37,4 +36,4 @@ def demo(
     """Extract + fit a linear head + search on 400 real Fashion-MNIST images shipped with probe, offline."""
     from probe.demo import run_demo
 
-    emit(run_demo(backbone, out_dir, progress=sys.stderr.isatty() and not as_json), as_json, _text)
+    emit(run_demo(backbone, out_dir, progress=show_progress(as_json)), as_json, _text)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
-from .app import app, emit, handles_errors, refuse_overwriting_inputs
+from .app import app, emit, handles_errors, refuse_overwriting_inputs, show_progress
 
 
 def _text(r: dict, top: int) -> str:
@@ -53,7 +52,6 @@ def doctor(
 
     opened = FeatureStore(store)  # read once: the check and the report
     if out:
-        refuse_overwriting_inputs([out], [store, opened.attrs.get("root")])  # the report embeds the store's images
-    report = run(opened, folds=folds, seed=seed, sweep=sweep, out=out,
-                 progress=sys.stderr.isatty() and not as_json).to_dict()
+        refuse_overwriting_inputs([out], [store, opened.attrs.get("root")], text=True)  # it embeds the store's images
+    report = run(opened, folds=folds, seed=seed, sweep=sweep, out=out, progress=show_progress(as_json)).to_dict()
     emit(report, as_json, lambda r: _text(r, top) + (f"\nreport: {r['html']}" if out else ""))

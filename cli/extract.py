@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from .app import app, emit, handles_errors
+from .app import app, emit, handles_errors, show_progress
 
 
 # ---------------------------------------------------------------------------------------------- backbones
@@ -120,7 +119,7 @@ def extract(
                         label_column=label_column, prune=prune, shard=shard,
                         views=views, engine=engine, decode=decode, layer=layer,
                         max_pixels=max_pixels)
-    summary = run(data, out, cfg, progress=sys.stderr.isatty() and not as_json)
+    summary = run(data, out, cfg, progress=show_progress(as_json))
     emit(summary.to_dict(), as_json, _extract_text)
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import inspect
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .app import app, emit, handles_errors
+from .app import app, emit, handles_errors, show_progress
 
 _DATA_HELP = "ImageFolder, split root (train/ val/ test/) or CSV manifest (path,label[,split]); val/ validates."
 
@@ -104,7 +103,7 @@ def finetune(
     from probe.finetune import finetune as run
     from probe.finetune.dist import is_main_process
 
-    summary = run(data, out, _config(strategy=strategy, **config), progress=sys.stderr.isatty() and not as_json)
+    summary = run(data, out, _config(strategy=strategy, **config), progress=show_progress(as_json))
     if is_main_process():  # under torchrun: one summary, not one per rank
         emit(summary, as_json, _finetune_text)
 
@@ -128,5 +127,5 @@ def compare(
 
     names = parse_strategies(strategies)  # a typo fails before anything trains
     result = run(data, out, names, _config(**config), with_linear_probe=linear_probe,
-                 progress=sys.stderr.isatty() and not as_json)
+                 progress=show_progress(as_json))
     emit(result, as_json, lambda r: table(r) + f"\n\nwrote {r['json']}, {r['table']}, {r['plot']}")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
 from probe.fs import human
 
-from .app import app, emit, handles_errors, refuse_overwriting_inputs
+from .app import app, emit, handles_errors, refuse_overwriting_inputs, show_progress
 
 
 def _text(r: dict) -> str:
@@ -44,7 +43,7 @@ def map_(
     from probe.store import FeatureStore
 
     opened = FeatureStore(store)  # read once: the check and the map
-    refuse_overwriting_inputs([out], [store, opened.attrs.get("root")])  # the page embeds the store's images
+    refuse_overwriting_inputs([out], [store, opened.attrs.get("root")], text=True)  # it embeds the store's images
     result = embedding_map(opened, color=color, method=method, seed=seed, out=out, thumbs=thumbs,
-                           progress=sys.stderr.isatty() and not as_json).to_dict()
+                           progress=show_progress(as_json)).to_dict()
     emit(result, as_json, _text)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
-from .app import app, emit, handles_errors, refuse_overwriting_inputs
+from .app import app, emit, handles_errors, refuse_overwriting_inputs, show_progress
 
 
 # -------------------------------------------------------------------------------------------------- index
@@ -52,7 +51,7 @@ def index(
     refuse_overwriting_inputs([target, sidecar(target)], [store])
     cfg = IndexConfig(type=type_, metric=metric or "cosine", target_recall=target_recall, exact_below=exact_below,
                       chunk_rows=chunk_rows, shards=shards, nlist=nlist)
-    progress = sys.stderr.isatty() and not as_json
+    progress = show_progress(as_json)
     emit(index_store(store, out, cfg, update=update, metric=metric, progress=progress), as_json, _index_text)
 
 
@@ -90,16 +89,15 @@ def search(
                          "...', " + ("not both" if queries else "got neither"))
     idx = SearchIndex.load(index_path)  # read once: the search and the check below
     result = (search_text(idx, text, k=k, device=device) if text else
-              search_index(idx, queries, k=k, device=device, engine=engine,
-                           progress=sys.stderr.isatty() and not as_json))
+              search_index(idx, queries, k=k, device=device, engine=engine, progress=show_progress(as_json)))
     if html:
         from probe.report import contact_sheet
         from probe.search import sidecar
 
         gallery = idx.meta.get("root")  # the sheet shows the hits' images
         refuse_overwriting_inputs([html], [*(queries or []), index_path, sidecar(index_path), gallery,
-                                           *index_path.parent.glob(f"{index_path.name}.shard-*")])
-        result["html"] = str(contact_sheet(result, html))
+                                           *index_path.parent.glob(f"{index_path.name}.shard-*")], text=True)
+        result["html"] = str(contact_sheet(result, html, meta=idx.meta))  # the index as loaded: not read again
     emit(result, as_json, lambda r: _search_text(r) + (f"\ncontact sheet: {r['html']}" if html else ""))
 
 
@@ -123,4 +121,4 @@ def dedup(
     """Groups of near-duplicate images in a store (exact search over all pairs)."""
     from probe.search import find_duplicates
 
-    emit(find_duplicates(store, threshold, progress=sys.stderr.isatty() and not as_json), as_json, _dedup_text)
+    emit(find_duplicates(store, threshold, progress=show_progress(as_json)), as_json, _dedup_text)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
-from .app import app, emit, handles_errors, refuse_overwriting_inputs
+from .app import app, emit, handles_errors, refuse_overwriting_inputs, show_progress
 
 
 def _split(value: str | None) -> list[str]:
@@ -47,7 +46,6 @@ def sweep(
         refuse_overwriting_inputs([out / f"sweep.{ext}" for ext in ("json", "md", "png")], [data])
     result = run(data, _split(backbones), layers=_split(layers) or None, heads=_split(heads), out_dir=out,
                  cache_dir=cache_dir, max_images=max_images, seed=seed, rank_only=rank_only, weights=weights,
-                 device=device, batch_size=batch_size, workers=workers,
-                 progress=sys.stderr.isatty() and not as_json)
+                 device=device, batch_size=batch_size, workers=workers, progress=show_progress(as_json))
     emit(result.to_dict() if as_json else result, as_json,
          lambda r: describe(r).rstrip() + "".join(f"\n{k}: {v}" for k, v in r.files.items()))

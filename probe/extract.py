@@ -50,7 +50,7 @@ from .device import DTYPES, cpu_has_native_bf16, resolve_device, resolve_dtype
 from .embedder import PIXEL_PATHS, TTA_MODES, Embedder, embed_views, embedder_for, weights_arg
 from .engine import ENGINES, engine_info
 from .errors import DatasetError, DiskFullError, ProbeError, StoreError
-from .fs import check_space, disk_full_error, make_dirs
+from .fs import check_space, disk_full_error, new_folders
 from .identity import FeatureIdentity, Side
 from .shard import parse_shard, shard_path, take_shard
 from .store import ClassMerge, FeatureStore, Journal, Row, Skip, StoreRows, locked, store_bytes, write_store
@@ -308,8 +308,8 @@ def extract(data: str | os.PathLike, out: str | os.PathLike | None = None, confi
     decodes (nothing is written), DiskFullError when the disk fills (the finished batches stay in the journal: the
     same call resumes once there is space); bad images never raise."""
     job = _job(data, out, config or ExtractConfig(), backbone)
-    make_dirs(job.out.parent, job.out)  # a file in the way: one line naming the store, not a traceback
-    with locked(job.out):
+    # a file in the way is one line naming the store; folders made for a refused run are removed again
+    with new_folders(job.out.parent, job.out), locked(job.out):
         return _extract_locked(job, progress)
 
 

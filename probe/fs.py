@@ -17,6 +17,7 @@ import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import takewhile
 from pathlib import Path
 
 from .errors import DiskFullError, ProbeError
@@ -129,6 +130,25 @@ def make_dirs(folder: str | os.PathLike, path: str | os.PathLike | None = None) 
     except OSError as e:
         raise write_error(folder if path is None else path, e, folder=folder) from None
     return folder
+
+
+@contextmanager
+def new_folders(folder: str | os.PathLike, path: str | os.PathLike | None = None) -> Iterator[Path]:
+    """``make_dirs(folder, path)`` for a run that may still be refused (no space, a bad option): should the body
+    fail, the folders this call made are removed again while they are empty, so a refused run leaves none behind.
+    A folder something was written into stays (an interrupted run's journal, to resume from)."""
+    folder = Path(folder)
+    made = list(takewhile(lambda p: not p.exists(), (folder, *folder.parents)))  # deepest first
+    make_dirs(folder, path)
+    try:
+        yield folder
+    except BaseException:
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:  # not empty: written into, keep it and its parents
+                break
+        raise
 
 
 def temp_path(path: str | os.PathLike) -> Path:

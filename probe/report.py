@@ -73,15 +73,17 @@ def _card(path: str, pictures: Pictures | None, caption: list[str], css: str = "
     return f'<div class="{css}">{img}' + "".join(f"<div>{c}</div>" for c in caption) + "</div>"
 
 
-def contact_sheet(result: dict[str, Any], out: str | os.PathLike, title: str = "probe search") -> Path:
+def contact_sheet(result: dict[str, Any], out: str | os.PathLike, title: str = "probe search",
+                  meta: dict[str, Any] | None = None) -> Path:
     """Write the output of ``search_index`` (or ``search_text``) as an HTML page: per query, the query image (or
-    text) then its hits with rank, score, label and path. Returns the path written."""
+    text) then its hits with rank, score, label and path. ``meta``: the index's metadata when the caller has it
+    loaded (``SearchIndex.meta``), else its sidecar is read if a hit needs it. Returns the path written."""
     e = html.escape
     score_name = "cosine" if result.get("metric") == "cosine" else "distance"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style>"
              f"</head><body><h1>{e(title)}: {e(str(result.get('index', '')))} — {result.get('count')} images, "
              f"{e(str(result.get('backbone')))}, {e(score_name)}, top {result.get('k')}</h1>"]
-    pictures = _sheet_pictures(result)
+    pictures = _sheet_pictures(result, meta)
     for r in result["results"]:
         parts.append(f"<h2>query: {e(r['query'])} ({e(r['kind'])})</h2><div class='row'>")
         if r["kind"] == "text":  # search_text (CLIP): the words stand where the query image would
@@ -103,17 +105,18 @@ def contact_sheet(result: dict[str, Any], out: str | os.PathLike, title: str = "
     return _write(out, parts)
 
 
-def _sheet_pictures(result: dict[str, Any]) -> Callable[[str], tuple[str, Pictures | None]]:
+def _sheet_pictures(result: dict[str, Any],
+                    meta: dict[str, Any] | None = None) -> Callable[[str], tuple[str, Pictures | None]]:
     """A search result's absolute path -> (path, Pictures) for ``thumbnail_uri``: a file as it is; any other row
     (a container's member, a file at a URL) as its index's row, through the record of the index's store -- read
-    once, when the first such row comes."""
+    once, when the first such row comes (from ``meta``, the index's metadata, when given)."""
     found: list[tuple[Pictures, str]] = []
 
     def where(path: str) -> tuple[str, Pictures | None]:
         if os.path.isfile(path) or not result.get("index"):
             return path, None
         if not found:
-            found.append(_index_pictures(result["index"]))
+            found.append(_index_pictures(result["index"], meta))
         pictures, root = found[0]
         head = os.path.join(root, "") if root else ""
         return (path[len(head):] if head and path.startswith(head) else path), pictures
@@ -121,12 +124,13 @@ def _sheet_pictures(result: dict[str, Any]) -> Callable[[str], tuple[str, Pictur
     return where
 
 
-def _index_pictures(index: str) -> tuple[Pictures, str]:
-    """The Pictures of a saved index's rows and the root its absolute paths start with, from its sidecar, checked
-    as ``SearchIndex.load`` checks it (a damaged or foreign one is the same one-line ProbeError)."""
+def _index_pictures(index: str, meta: dict[str, Any] | None = None) -> tuple[Pictures, str]:
+    """The Pictures of a saved index's rows and the root its absolute paths start with, from its metadata ``meta``
+    or else its sidecar, checked as ``SearchIndex.load`` checks it (a damaged or foreign one is the same one-line
+    ProbeError)."""
     from .search.index import read_sidecar
 
-    meta = read_sidecar(index)
+    meta = read_sidecar(index) if meta is None else meta
     return Pictures.of_index(meta), str(meta.get("root") or "")
 
 

@@ -111,3 +111,20 @@ def test_hidden_folders_are_no_input_for_outputs_or_queries(tmp_path):
     with pytest.raises(ProbeError, match="an image in"):
         refuse_overwriting_inputs([tmp_path / "data/cat/a.png"], [tmp_path / "data"])
     assert images_in(tmp_path / "data") == [str(tmp_path / "data/cat/a.png")]  # as extract reads the folder
+
+
+def test_text_outputs_over_an_image_that_is_no_input_are_refused(artefacts, tmp_path):
+    store, head, index = artefacts["store"], artefacts["head"], artefacts["index"]
+    image = FeatureStore(store).root / FeatureStore(store).paths()[0]
+    photo = Path(shutil.copy(image, tmp_path / "holiday.JPG"))  # a picture the command does not read
+    before = photo.read_bytes()
+    for args in (("predict", image, "--head", head, "--csv", photo), ("doctor", store, "--out", photo),
+                 ("map", store, "--out", photo, "--method", "pca"),
+                 ("search", "0", "--index", index, "-k", "2", "--html", photo)):
+        line = one_line_error(run(*args), str(photo))
+        assert "is an image (.JPG file): writing text there would destroy it" in line, (args, line)
+    assert photo.read_bytes() == before and sorted(tmp_path.iterdir()) == [photo]
+    chart = tmp_path / "cm.png"  # a chart over an old chart is what --png asks for
+    for _ in range(2):
+        r = run("eval", store, "--head", head, "--split", "val", "--bootstrap", "0", "--png", chart)
+        assert r.exit_code == 0 and chart.read_bytes().startswith(b"\x89PNG"), r.output

@@ -260,3 +260,20 @@ def test_tar_offsets_are_kept_once_per_shard(tmp_path):
     mine = {k: v for k, v in sources._OFFSETS.items() if k[0].startswith(str(tmp_path))}
     assert sorted(k[0] for k in mine) == [str(tmp_path / "shards" / f"{k:06d}.tar") for k in range(SHARDS)]
     assert all(len(v) == 12 for v in mine.values())  # 6 images and their 6 label members
+
+
+def test_contact_sheet_shows_the_hits_from_the_index_as_loaded(store, tmp_path):
+    """The sheet finds the hits' container rows through the metadata the caller loaded, not its sidecar again."""
+    from probe.report import contact_sheet
+    from probe.search import search_index, sidecar
+
+    index = tmp_path / "g.faiss"
+    SearchIndex.build(FeatureStore(store)).save(index)
+    idx = SearchIndex.load(index)
+    result = search_index(idx, [FeatureStore(store).paths()[0]], k=3)
+    sidecar(index).write_text("{}")  # damaged after loading: read again, it would be refused
+    page = contact_sheet(result, tmp_path / "hits.html", meta=idx.meta).read_text(encoding="utf-8")
+    cards = card_paths(page)
+    assert "image not found" not in page and len(cards) == 1 + 3
+    for thumb, path in cards[1:]:
+        assert_thumbnail_of(thumb, original(path))

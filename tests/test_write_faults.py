@@ -193,3 +193,23 @@ def test_two_writers_of_one_path_each_rename_their_own_complete_file(tmp_path):
     for t in threads:
         t.join()
     assert out.read_bytes() in (b"a" * 1000, b"b" * 1000) and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_an_extract_refused_for_space_leaves_no_new_folder(tmp_path, small_disk):
+    """The folders `probe extract --out new/sub/s.h5` makes go again when the run is refused before writing."""
+    data = make_imagefolder(tmp_path / "data", per_class=2)
+    disk = small_disk("64k")  # less than the store's first chunk of features (256 KiB)
+    (disk / "old").mkdir()
+    tiny = ["--backbone", TINY, "--weights", "random", "--batch-size", "4", "--workers", "0", "--engine", "torch"]
+    for out in (disk / "new/sub/s.h5", disk / "old/sub/s.h5"):
+        one_line_error(run("extract", data, "--out", out, *tiny), str(out), "checked before embedding 6 images")
+        assert sorted(os.listdir(disk)) == ["old"] and os.listdir(disk / "old") == []  # a folder it found stays
+
+
+def test_new_folders_keep_what_was_written_into(tmp_path):
+    from probe.fs import new_folders
+
+    with pytest.raises(KeyboardInterrupt), new_folders(tmp_path / "a/b/c") as made:
+        (made.parent / "journal").write_text("j")  # an interrupted run's work, to resume from
+        raise KeyboardInterrupt
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == ["a", "a/b", "a/b/journal"]
