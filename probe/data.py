@@ -226,6 +226,15 @@ def _canonical_split(name: str) -> str:
 MANIFEST_SPLITS = ("", *dict.fromkeys(map(_canonical_split, SPLIT_NAMES)))  # a manifest's split cell, canonical
 
 
+def checked_split(name: str, where: str) -> str:
+    """A split named by the data (a manifest's or Parquet file's cell, a DatasetDict's split), canonical
+    (valid/validation -> val); DatasetError naming ``where`` and the name when it is none of MANIFEST_SPLITS."""
+    split = _canonical_split(name)
+    if split not in MANIFEST_SPLITS:
+        raise DatasetError(f"{where}: split {name.strip()!r}: expected train, val (valid/validation), test or empty")
+    return split
+
+
 LABEL_SEP = "|"  # between the names of a multi-label manifest's ``labels`` cell: ``cat|dog``
 
 
@@ -259,10 +268,7 @@ def _from_csv(path: Path, f: BinaryIO | None = None) -> Dataset:
         if not (r.get("path") or "").strip():
             raise DatasetError(f"{path}:{n}: empty 'path'")
         paths.append(r["path"].strip())
-        splits.append(_canonical_split(r.get("split") or ""))
-        if splits[-1] not in MANIFEST_SPLITS:
-            raise DatasetError(f"{path}:{n}: split {r['split'].strip()!r}: expected train, val (valid/validation), "
-                               "test or empty")
+        splits.append(checked_split(r.get("split") or "", f"{path}:{n}"))
         if form == "label":
             lab = (r.get("label") or "").strip() or None
             if lab is not None and LABEL_SEP in lab:

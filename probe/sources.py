@@ -64,6 +64,7 @@ from .data import (
     _folder_rows,
     _from_csv,
     _visible_files,
+    checked_split,
     decode_bytes,
     fingerprint,
     load_image,
@@ -487,7 +488,7 @@ def _parquet(fs: Any, base: str, files: dict[str, dict[str, Any]], image_column:
             member += [str(r) for r in range(start, start + count)]
             start += count
         labels += [_label_name(v, names) for v in lab] if lab is not None else [None] * start
-        splits += [_canonical_split(str(v or "")) for v in spl] if spl is not None else [""] * start
+        splits += [checked_split(str(v or ""), url) for v in spl] if spl is not None else [""] * start
     if not unit:
         raise DatasetError(f"no rows in {len(files)} Parquet files under {base!r}")
     return _rows_dataset("parquet", fs, base, units, unit, member, labels, splits, column)
@@ -533,7 +534,7 @@ def _hf(fs: Any, path: str, folder: dict[str, dict[str, Any]] | None, image_colu
         if column not in features:
             raise DatasetError(f"{sub}: no feature {column!r} (image_column); features: {', '.join(features)}")
         names = _class_names(info, label_column)
-        name = _canonical_split(split if split is not None else (state.get("_split") or ""))
+        name = checked_split(split, path) if split is not None else _canonical_split(state.get("_split") or "")
         files = folder if split is None else _entries(fs, sub) or {}  # the Arrow files' infos: one listing
         for entry in state["_data_files"]:
             url = f"{sub}/{entry['filename']}"

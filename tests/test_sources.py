@@ -435,3 +435,26 @@ def test_kill_9_then_rerun_finishes_with_the_uninterrupted_features(tmp_path, fm
     assert want.keys() == got.keys() and len(got) == count
     for p in want:
         assert np.array_equal(want[p][0], got[p][0]) and want[p][1:] == got[p][1:], p  # bit-identical
+
+
+# ------------------------------------------------------------------------------------------ split names
+def test_unknown_split_names_are_refused_as_in_a_manifest(tmp_path):
+    rows = demo_images("train", per_class=1)
+    table = pa.table({"img": [d for _, _, d in rows], "cls": [c for c, _, _ in rows],
+                      "split": ["Validation", None, "holdout"]})
+    bad = write_parquet(tmp_path / "pq", [table]) / "part-0.parquet"
+    with pytest.raises(DatasetError, match=rf"^{bad}: split 'holdout': expected train, val \(valid/validation\), "
+                                           "test or empty$"):
+        discover(str(bad), image_column="img", label_column="cls")
+    pq.write_table(table.slice(0, 2), bad)  # the known names, canonical: 'Validation' is val, no cell no split
+    assert discover(str(bad), image_column="img", label_column="cls").splits == ["val", ""]
+
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASSES))})
+    one = datasets.Dataset.from_dict({"image": [{"bytes": rows[0][2], "path": rows[0][1]}], "label": [0]},
+                                     features=features)
+    datasets.DatasetDict({"train": one, "extra": one}).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(DatasetError, match=rf"^{tmp_path / 'hf'}: split 'extra': expected train, val"):
+        discover(str(tmp_path / "hf"))
+    datasets.DatasetDict({"train": one, "valid": one}).save_to_disk(str(tmp_path / "hf2"))
+    assert sorted(discover(str(tmp_path / "hf2")).splits) == ["train", "val"]
