@@ -118,14 +118,21 @@ def labelled_classes(y_all: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return lab, present, y
 
 
-def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int, seed: int,
-                      sweep: str = "once") -> tuple[np.ndarray, float | None]:
+def _fits_bar(fits: int, folds: int, progress: bool) -> tqdm:
+    """A bar on stderr over the ``fits`` of a ``folds``-fold cross-validation: its sweeps, then a refit per fold."""
+    return tqdm(total=fits, unit="fit", disable=not progress, desc=f"doctor {folds}-fold fits", mininterval=0.5,
+                dynamic_ncols=True)
+
+
+def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int, seed: int, sweep: str = "once",
+                      progress: bool = False) -> tuple[np.ndarray, float | None]:
     """(N, C) out-of-fold class probabilities of the linear head, and the C they used. y holds class indices
     0..C-1, every class present.
 
     ``sweep="once"`` (default): one batched sweep (the head's own k-fold CV on all rows) picks C, then each fold
     refits at that C -- one sweep instead of ``folds``. ``sweep="per-fold"``: nested cross-validation, each fold
-    choosing its own C by a full sweep on its own training rows (``_nested``); the C returned is then None."""
+    choosing its own C by a full sweep on its own training rows (``_nested``); the C returned is then None.
+    ``progress``: a bar on stderr over the fits (``_fits_bar``)."""
     from sklearn.model_selection import StratifiedKFold
 
     from .heads import LinearHead
@@ -134,17 +141,21 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int, seed: int,
         raise ProbeError(f"sweep must be one of {', '.join(SWEEPS)}, got {sweep!r}")
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y))
     if sweep == "per-fold":
-        return _nested(X, y, splits, seed), None
-    C = LinearHead(seed=seed).fit(X, y).C_
-    K = int(y.max()) + 1
-    proba = np.zeros((len(y), K), np.float64)
-    for tr, te in splits:
-        head = LinearHead(C=C, seed=seed).fit(X[tr], y[tr])
-        proba[np.ix_(te, head.classes_.astype(int))] = head.predict_proba(X[te])
+        return _nested(X, y, splits, seed, progress), None
+    with _fits_bar(1 + folds, folds, progress) as bar:
+        C = LinearHead(seed=seed).fit(X, y).C_
+        bar.update()
+        K = int(y.max()) + 1
+        proba = np.zeros((len(y), K), np.float64)
+        for tr, te in splits:
+            head = LinearHead(C=C, seed=seed).fit(X[tr], y[tr])
+            proba[np.ix_(te, head.classes_.astype(int))] = head.predict_proba(X[te])
+            bar.update()
     return proba, float(C)
 
 
-def _nested(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]], seed: int) -> np.ndarray:
+def _nested(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]], seed: int,
+            progress: bool = False) -> np.ndarray:
     """Out-of-fold probabilities (N, C) with a full sweep in each fold: fold i's C is the best mean accuracy over
     the linear head's grid in an inner cross-validation whose folds are the other outer folds, then fold i is
     predicted by a refit on all rows but its own at that C. No label of fold i touches its C or weights.
@@ -152,7 +163,8 @@ def _nested(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndar
     Inner folds aligned with the outer ones share their fits: the inner model of (outer i, inner j) trains on every
     fold but i and j, the same rows as that of (outer j, inner i), so K(K-1)/2 sweeps serve the K(K-1) inner
     problems -- each scored on fold j for outer i and on fold i for outer j. Features are standardised once with
-    every row's mean and variance (label-free statistics); each refit starts from its inner solutions' mean."""
+    every row's mean and variance (label-free statistics); each refit starts from its inner solutions' mean.
+    ``progress``: a bar over the K(K-1)/2 sweeps and K refits."""
     import torch
 
     from .device import resolve_device
@@ -171,7 +183,7 @@ def _nested(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndar
     Zf = [Z[torch.from_numpy(p).to(dev)] for p in parts]  # each fold's rows, scored k - 1 times
     acc = np.zeros((k, k, len(Cs)))  # acc[i, j]: fit without folds i and j, accuracy on fold j, per strength
     path = {}
-    with threads_for(Z.shape[0] * Z.shape[1] * K, dev):
+    with threads_for(Z.shape[0] * Z.shape[1] * K, dev), _fits_bar(k * (k - 1) // 2 + k, k, progress) as bar:
         for i in range(k):
             for j in range(i + 1, k):
                 tr = torch.from_numpy(np.setdiff1d(every, np.r_[parts[i], parts[j]])).to(dev)
@@ -181,6 +193,7 @@ def _nested(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndar
                     acc[a, b] = [float(((Zf[b] @ W + c).argmax(1).cpu().numpy() == y[parts[b]]).mean())
                                  for W, c, _ in sols]
                 path[i, j] = path[j, i] = sols
+                bar.update()
         proba = np.zeros((len(y), K), np.float64)
         for i in range(k):
             others = [j for j in range(k) if j != i]
@@ -192,6 +205,7 @@ def _nested(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndar
                              head.max_iter_final, head.tol)
             proba[parts[i]] = torch.softmax(Zf[i] @ W + b, 1).double().cpu().numpy()
             log.info("fold %d: C=%.3g (inner accuracy %.4f)", i, Cs[best], inner[best])
+            bar.update()
     return proba
 
 
@@ -248,7 +262,8 @@ def doctor(store: FeatureStore | str | os.PathLike, *, folds: int = 5, seed: int
         >>> [(i["path"], i["given"], i["suggested"]) for i in r.label_issues[:5]]
         >>> doctor("cache/photos.h5", out="doctor.html").html   # also the HTML report with thumbnails
 
-    ``progress``: a bar on stderr over the nearest-neighbour search of every row, the long part on a large store.
+    ``progress``: bars on stderr over the cross-validated fits and the nearest-neighbour search of every row, the
+    long parts on a large store.
     """
     t0 = time.perf_counter()
     num_label_issues, label_quality = _cleanlab()
@@ -265,7 +280,7 @@ def doctor(store: FeatureStore | str | os.PathLike, *, folds: int = 5, seed: int
     X = X_all[lab]
     names = [store.classes[c] for c in present]
 
-    proba, C = out_of_fold_proba(X, y, folds, seed, sweep)
+    proba, C = out_of_fold_proba(X, y, folds, seed, sweep, progress)
     # cleanlab's recipe for a ranked list: every row scored by self-confidence, cut at the calibrated confident-joint
     # estimate of how many labels are wrong (find_label_issues' own filter drops some low-confidence rows whose
     # class pair its joint under-counts, so its list is not a prefix of the ranking)

@@ -188,8 +188,10 @@ def _labelled(store: FeatureStore, color: str) -> np.ndarray:
     return y
 
 
-def _predictions(store: FeatureStore, X: np.ndarray, seed: int) -> tuple[np.ndarray, float, int]:
-    """(N,) out-of-fold predicted class index per row (-1 unlabelled), the accuracy and the folds used."""
+def _predictions(store: FeatureStore, X: np.ndarray, seed: int, progress: bool = False
+                 ) -> tuple[np.ndarray, float, int]:
+    """(N,) out-of-fold predicted class index per row (-1 unlabelled), the accuracy and the folds used
+    (``progress``: a bar over the fold fits)."""
     from .doctor import labelled_classes, out_of_fold_proba
 
     y_all = _labelled(store, "prediction")
@@ -200,7 +202,7 @@ def _predictions(store: FeatureStore, X: np.ndarray, seed: int) -> tuple[np.ndar
         c = store.classes[present[int(np.bincount(y).argmin())]]
         raise ProbeError(f"class {c!r} of store {str(store.path)!r} has 1 labelled row: out-of-fold predictions "
                          "need at least 2 per class (use color='label')")
-    proba, _ = out_of_fold_proba(X[lab], y, folds, seed)  # (n, C')
+    proba, _ = out_of_fold_proba(X[lab], y, folds, seed, progress=progress)  # (n, C')
     pred = np.full(len(y_all), -1, np.int64)
     pred[lab] = present[proba.argmax(1)]
     return pred, float((pred[lab] == y_all[lab]).mean()), folds
@@ -346,7 +348,7 @@ def embedding_map(store: FeatureStore | str | os.PathLike, *, color: str = "labe
         values = [s or NO_SPLIT for s in splits]
         legend, codes = _codes(values, ["train", "val", "test", NO_SPLIT])
     elif color == "prediction":
-        pred, accuracy, folds = _predictions(store, X, seed)
+        pred, accuracy, folds = _predictions(store, X, seed, progress)
         y = store.labels()
         pred_text = [store.classes[p] if p >= 0 else UNLABELLED for p in pred]
         wrong = (y >= 0) & (pred != y)

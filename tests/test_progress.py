@@ -80,3 +80,12 @@ def test_map_bar_over_thumbnails(tiny_store, tmp_path, capsys, progress):
     err = capsys.readouterr().err
     assert m.thumbnails == 54
     assert ("thumbnails" in err and "54/54" in err) if progress else err == "", err
+
+
+@pytest.mark.parametrize(("sweep", "fits"), [("once", "4/4"), ("per-fold", "6/6")])
+def test_doctor_bar_over_the_cross_validated_fits(tmp_path, capsys, sweep, fits):
+    """3 folds: one sweep then a refit per fold, or (nested) a sweep per pair of folds then a refit per fold."""
+    _store(tmp_path / "s.h5", 90)
+    doctor(tmp_path / "s.h5", folds=3, sweep=sweep, progress=True)
+    err = capsys.readouterr().err
+    assert "doctor 3-fold fits" in err and fits in err and "doctor neighbours" in err, err
