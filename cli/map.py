@@ -13,7 +13,8 @@ from .app import app, emit, handles_errors, refuse_overwriting_inputs, show_prog
 
 def _text(r: dict) -> str:
     title = "prediction (out-of-fold)" if r["color"] == "prediction" else r["color"]
-    lines = [f"map      {r['rows']} rows of {r['store']}: {r['method']} (seed {r['seed']}), {r['seconds']:.1f}s "
+    shown = f"{r['rows']}" if r["rows"] == r["store_rows"] else f"{r['rows']} of {r['store_rows']}"
+    lines = [f"map      {shown} rows of {r['store']}: {r['method']} (seed {r['seed']}), {r['seconds']:.1f}s "
              f"({r['projection_seconds']:.1f}s projecting)",
              f"colour   {title}: " + ", ".join(f"{c} {n}" for c, n in r["legend"].items())]
     if r["accuracy"] is not None:
@@ -36,6 +37,8 @@ def map_(
     seed: int = typer.Option(0, "--seed", help="Seed of the projection, the folds and the thumbnail sample."),
     thumbs: int = typer.Option(2000, "--thumbs", help="Embed thumbnails of at most this many rows (a seeded sample); "
                                "the others' tooltips load the image file."),
+    max_points: int = typer.Option(100_000, "--max-points", help="Draw at most this many rows: above it a seeded "
+                                   "sample stratified by the colour (0: every row; UMAP of 1M rows takes an hour)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Write an interactive 2-D map of a store: zoom, pan, hover for the image, click the legend to filter."""
@@ -45,5 +48,5 @@ def map_(
     opened = FeatureStore(store)  # read once: the check and the map
     refuse_overwriting_inputs([out], [store, opened.attrs.get("root")], text=True)  # it embeds the store's images
     result = embedding_map(opened, color=color, method=method, seed=seed, out=out, thumbs=thumbs,
-                           progress=show_progress(as_json)).to_dict()
+                           max_points=max_points, progress=show_progress(as_json)).to_dict()
     emit(result, as_json, _text)

@@ -18,6 +18,13 @@ are inline: no CDN, no request. At most ``thumbs`` rows (default 2000, a seeded 
 an embedded 64 px JPEG thumbnail (~2-3 KB each); the other rows' tooltips load ``file://<absolute path>``, which
 shows only on the machine holding the images -- embedding all of 50k rows would make a ~100 MB page.
 
+Large stores: at most ``max_points`` rows (default 100,000) are read, projected and drawn -- UMAP of 1M rows takes
+most of an hour here and its page would be ~100+ MB. Above it the map shows a seeded sample stratified by the
+colour's categories (``sample_rows``: every category keeps ``min(its rows, 5)`` points, the rest is shared in
+proportion), read row by row from the store without loading the others; ``color="prediction"`` / ``"issue"``
+stratify by label and compute the out-of-fold predictions or probe.doctor's analysis on the sampled rows only (so
+near-duplicates are pairs among them). The page and ``notes`` say "100,000 of 1,000,000 rows shown".
+
 Example:
     >>> m = probe.embedding_map("cache/demo.h5", color="prediction", out="map.html")
     >>> m.coords.shape, m.method, m.counts      # (400, 2), 'umap', {'Ankle_boot': 41, ...}
@@ -53,6 +60,8 @@ THUMBS = 2000  # embedded thumbnails at most: 2000 x ~2.5 KB = ~5 MB; 50k would 
 THUMB_PX = 64  # longest side of an embedded thumbnail
 OUTLIER_SHARE = 0.01  # issue colour: the top 1% of rows by distance to their class mean are "outlier"
 FOLDS = 5  # prediction colour: folds of the out-of-fold prediction (fewer when a class has fewer rows)
+MAX_POINTS = 100_000  # rows drawn at most (0: all): UMAP of 100k took 3.5 min on 2 cores, its page 3.2 MB + thumbnails
+READ_ROWS = 16_384  # rows per read of the features (~80 MB at D = 1280): a bar step, and a sample's memory bound
 Q = 100_000  # coordinates travel to the page as integers 0..Q of the unit square (1e-5 of the map's extent)
 
 NO_UMAP = "method='umap' needs umap-learn, which is not installed: pip install 'probe[map]' (or use method='pca')"
@@ -82,6 +91,8 @@ class EmbeddingMap:
     wrong: np.ndarray | None = None  # (N,) bool, prediction colour only: labelled rows predicted wrong
     accuracy: float | None = None  # prediction colour only: out-of-fold accuracy on the labelled rows
     thumbnails: int = 0  # rows with an embedded thumbnail in the page
+    rows: np.ndarray | None = None  # (N,) int64 store row of each point; None when every row is drawn
+    total: int = 0  # rows in the store (N above when every row is drawn)
     out: Path | None = None  # the page written, None when not asked
     bytes: int = 0  # its size
     notes: list[str] = field(default_factory=list)
@@ -101,15 +112,16 @@ class EmbeddingMap:
         """A JSON-able summary; the (N, 2) coordinates, categories and paths only with ``arrays=True``."""
         lo, hi = (self.coords.min(0).tolist(), self.coords.max(0).tolist()) if len(self.coords) else ([], [])
         d: dict[str, Any] = {
-            "store": self.store, "rows": len(self.codes), "method": self.method, "color": self.color,
-            "seed": self.seed, "legend": self.counts, "seconds": self.seconds,
+            "store": self.store, "rows": len(self.codes), "store_rows": self.total, "method": self.method,
+            "color": self.color, "seed": self.seed, "legend": self.counts, "seconds": self.seconds,
             "projection_seconds": self.projection_seconds,
             "coords": {"shape": list(self.coords.shape), "min": lo, "max": hi},
             "wrong": int(self.wrong.sum()) if self.wrong is not None else None, "accuracy": self.accuracy,
             "thumbnails": self.thumbnails, "out": str(self.out) if self.out else None, "bytes": self.bytes,
             "notes": self.notes}
         if arrays:
-            d.update(coords=self.coords.tolist(), categories=self.categories.tolist(), paths=list(self.paths))
+            d.update(coords=self.coords.tolist(), categories=self.categories.tolist(), paths=list(self.paths),
+                     sampled_rows=None if self.rows is None else self.rows.tolist())
         return d
 
 
@@ -122,11 +134,12 @@ def _umap():
     return umap
 
 
-def project(X: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
+def project(X: np.ndarray, method: str = "auto", seed: int = 0, progress: bool = False) -> tuple[np.ndarray, str]:
     """(N, 2) float32 coordinates of the rows of X (N, D) and the method used ("umap" or "pca").
 
     The rows are L2-normalised first. UMAP: cosine metric, seeded, on the first 50 PCA components when D > 50.
-    ``auto``: UMAP when umap-learn imports, else PCA (with a warning saying how to get UMAP)."""
+    ``auto``: UMAP when umap-learn imports, else PCA (with a warning saying how to get UMAP). ``progress``: a bar
+    on stderr over the stages (PCA, UMAP), each also logged with its time -- UMAP itself reports no progress."""
     from sklearn.decomposition import PCA
 
     if method not in METHODS:
@@ -137,18 +150,101 @@ def project(X: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.ndar
     umap = _umap() if method != "pca" else None
     if method == "umap" and umap is None:
         raise ProbeError(NO_UMAP)
-    if umap is None:
-        if method == "auto":
-            log.warning("umap-learn is not installed: the map uses PCA (pip install 'probe[map]' for UMAP)")
-        k = min(2, n, d)
-        z = PCA(n_components=k, random_state=seed).fit_transform(x) if k else np.zeros((n, 0))
-        return np.pad(z, ((0, 0), (0, 2 - k))).astype(np.float32), "pca"  # (N, 2); a 1-d store gets y = 0
-    if d > UMAP_PCA_DIM and n > UMAP_PCA_DIM:
-        x = PCA(n_components=UMAP_PCA_DIM, random_state=seed).fit_transform(x).astype(np.float32)  # (N, 50)
-    reducer = umap.UMAP(n_components=2, random_state=seed, metric="cosine", n_jobs=1,  # a seed means 1 thread
-                        n_neighbors=max(2, min(15, n - 1)),
-                        init="spectral" if n > 10 else "random")  # spectral init needs more rows than 2 + 1
-    return np.asarray(reducer.fit_transform(x), np.float32), "umap"
+    if umap is None and method == "auto":
+        log.warning("umap-learn is not installed: the map uses PCA (pip install 'probe[map]' for UMAP)")
+    reduce = umap is not None and d > UMAP_PCA_DIM and n > UMAP_PCA_DIM
+    with tqdm(total=1 + reduce if umap else 1, unit="stage", desc=f"map: projecting {n} rows", disable=not progress,
+              dynamic_ncols=True, bar_format="{desc}: {n}/{total} stages [{elapsed}{postfix}]") as bar:
+        def stage(name: str, fn: Any) -> np.ndarray:  # fn() -> (N, k)
+            bar.set_postfix_str(name)
+            t = time.perf_counter()
+            z = fn()
+            log.info("map: %s of %d rows in %.1fs", name, n, time.perf_counter() - t)
+            bar.update()
+            return z
+
+        if umap is None:
+            k = min(2, n, d)
+            z = stage("PCA", lambda: PCA(n_components=k, random_state=seed).fit_transform(x)) if k else np.zeros((n, 0))
+            return np.pad(z, ((0, 0), (0, 2 - k))).astype(np.float32), "pca"  # (N, 2); a 1-d store gets y = 0
+        if reduce:
+            x = stage(f"PCA to {UMAP_PCA_DIM}-d", lambda: PCA(n_components=UMAP_PCA_DIM, random_state=seed)
+                      .fit_transform(x).astype(np.float32))  # (N, 50)
+        reducer = umap.UMAP(n_components=2, random_state=seed, metric="cosine", n_jobs=1,  # a seed means 1 thread
+                            n_neighbors=max(2, min(15, n - 1)),
+                            init="spectral" if n > 10 else "random")  # spectral init needs more rows than 2 + 1
+        return np.asarray(stage("UMAP", lambda: reducer.fit_transform(x)), np.float32), "umap"
+
+
+# ------------------------------------------------------------------------------------------------- the sample
+def sample_rows(groups: np.ndarray, k: int, seed: int = 0, floor: int = FOLDS) -> np.ndarray:
+    """(k,) sorted indices of a seeded sample of the N rows of ``groups`` (N,), stratified by group: each group
+    keeps min(its rows, ``floor``) rows, the other rows of k are shared in proportion to what each group has left
+    (largest remainders). k must be below N and cover the floors.
+
+    Example:
+        >>> sample_rows(np.array(["a"] * 990 + ["b"] * 10), 100)     # 95 rows of "a", 5 of "b"
+    """
+    _, group, n = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    take = np.minimum(n, floor)
+    if take.sum() > k:
+        raise ProbeError(f"max_points={k} cannot keep every colour category: its {len(n)} categories need "
+                         f"{take.sum()} points (min(rows, {floor}) each); raise max_points, or 0 draws every row")
+    assert k < len(group), (k, len(group))
+    share = (k - take.sum()) * (n - take) / (n - take).sum()  # (G,) what each group has left, in proportion
+    take += np.floor(share).astype(np.int64)
+    take[np.argsort(-(share - np.floor(share)), kind="stable")[:k - take.sum()]] += 1  # sum(fractions) rows left
+    rng = np.random.default_rng(seed)
+    members = np.split(np.argsort(group, kind="stable"), np.cumsum(n)[:-1])  # rows of each group, ascending
+    return np.sort(np.concatenate([rng.choice(m, t, replace=False) for m, t in zip(members, take)]))
+
+
+def _read_rows(store: FeatureStore, rows: np.ndarray | None, progress: bool = False) -> np.ndarray:
+    """(n, D) float32 features of the sorted row indices ``rows`` (None: every row), read READ_ROWS rows of the
+    store at a time, so a sample never holds the other rows. ``progress``: a bar on stderr over the rows read."""
+    n = store.count if rows is None else len(rows)
+    out = np.empty((n, store.dim), np.float32)
+    with store.open() as f, tqdm(total=n, unit="row", disable=not progress, desc="map: reading features",
+                                 mininterval=0.5, dynamic_ncols=True) as bar:
+        ds = f["features"]
+        for a in range(0, store.count, READ_ROWS):
+            lo, hi = (a, min(a + READ_ROWS, n)) if rows is None else np.searchsorted(rows, [a, a + READ_ROWS])
+            if hi > lo:  # h5py reads only the chunks holding the (sorted) rows asked for
+                out[lo:hi] = ds[a: a + READ_ROWS] if rows is None else ds[rows[lo:hi]]
+                bar.update(hi - lo)
+    return out
+
+
+class _Sample(FeatureStore):
+    """The sorted rows ``rows`` of a store, as a store of their own: what the map and probe.doctor read of it
+    (features, labels, paths, splits, fingerprints) is that of the sampled rows, the rest is the store's."""
+
+    def __init__(self, store: FeatureStore, rows: np.ndarray, X: np.ndarray):
+        self.__dict__.update(store.__dict__)
+        self.rows, self.count, self._X = rows, len(rows), X  # X: (n, D) the sampled rows' features
+
+    def features(self, split: str | None = None) -> np.ndarray:
+        assert split is None
+        return self._X
+
+    def labels(self, split: str | None = None) -> np.ndarray:
+        assert split is None
+        return super().labels()[self.rows]
+
+    def label_matrix(self, split: str | None = None) -> np.ndarray:
+        assert split is None
+        Y = super().label_matrix()  # single-label: the one-hot of self.labels(), already the sample's rows
+        return Y[self.rows] if self.multilabel else Y
+
+    def paths(self, split: str | None = None) -> np.ndarray:
+        assert split is None
+        return super().paths()[self.rows]
+
+    def splits(self) -> np.ndarray:
+        return super().splits()[self.rows]
+
+    def fingerprints(self) -> np.ndarray:
+        return super().fingerprints()[self.rows]
 
 
 # ------------------------------------------------------------------------------------------------- colours
@@ -296,7 +392,8 @@ def _page(m: EmbeddingMap, store: FeatureStore, label_text: list[str], split: li
         preds, pred_codes = _vocab(pred)
         data.update(preds=preds, pred=pred_codes, wrong=np.flatnonzero(m.wrong).tolist())
     payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("<", "\\u003c")  # no </script>
-    head = (f"{len(m.codes)} rows, {m.method}, coloured by {data['legendTitle']}"
+    shown = m.notes[0] if m.rows is not None else f"{len(m.codes)} rows"  # the sample's note comes first
+    head = (f"{shown}, {m.method}, coloured by {data['legendTitle']}"
             + (f", accuracy {100 * m.accuracy:.1f}%" if m.accuracy is not None else ""))
     return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{_CSS}</style></head>"
@@ -310,13 +407,16 @@ def _page(m: EmbeddingMap, store: FeatureStore, label_text: list[str], split: li
 
 def embedding_map(store: FeatureStore | str | os.PathLike, *, color: str = "label", method: str = "auto",
                   seed: int = 0, out: str | os.PathLike | None = None, thumbs: int = THUMBS,
-                  thumb_size: int = THUMB_PX, title: str | None = None, progress: bool = False) -> EmbeddingMap:
-    """A 2-D map of every row of ``store``, coloured by ``color``; with ``out``, also the interactive HTML page.
+                  thumb_size: int = THUMB_PX, title: str | None = None, max_points: int = MAX_POINTS,
+                  progress: bool = False) -> EmbeddingMap:
+    """A 2-D map of the rows of ``store``, coloured by ``color``; with ``out``, also the interactive HTML page.
 
     ``method``: "umap" (umap-learn, cosine, after a 50-d PCA when D > 50), "pca", or "auto" (UMAP when installed).
-    ``thumbs``: rows with an embedded ``thumb_size`` px thumbnail (a seeded sample when there are more rows); the
-    others' tooltips point at ``file://`` paths. Deterministic for a seed. ``progress``: a bar on stderr over the
-    thumbnails (and ``color="issue"``: over probe.doctor's neighbour search).
+    ``max_points``: above it, a seeded sample of that many rows stratified by the colour (by label for prediction
+    and issue, which are then computed on the sample) is read and drawn; 0 draws every row. ``thumbs``: rows with
+    an embedded ``thumb_size`` px thumbnail (a seeded sample when there are more rows); the others' tooltips point
+    at ``file://`` paths. Deterministic for a seed. ``progress``: bars on stderr over the features read, the
+    projection's stages, the thumbnails (and ``color="issue"``: probe.doctor's fits and neighbour search).
 
     Example:
         >>> m = embedding_map("cache/demo.h5", color="issue", method="pca", out="map.html")
@@ -329,16 +429,33 @@ def embedding_map(store: FeatureStore | str | os.PathLike, *, color: str = "labe
         raise ProbeError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if thumbs < 0 or thumb_size < 8:
         raise ProbeError(f"thumbs must be >= 0 and thumb_size >= 8 px, got {thumbs} and {thumb_size}")
+    if max_points < 0 or 0 < max_points < 3:
+        raise ProbeError(f"max_points must be 0 (every row) or at least 3, got {max_points}")
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
-    if store.count < 3:
-        raise ProbeError(f"store {str(store.path)!r} has {store.count} rows: a 2-D map needs at least 3")
+    total = store.count
+    if total < 3:
+        raise ProbeError(f"store {str(store.path)!r} has {total} rows: a 2-D map needs at least 3")
     if method == "umap" and _umap() is None:  # before the colours' minutes of work, not after
         raise ProbeError(NO_UMAP)
 
-    X = store.features()  # (N, D)
+    notes: list[str] = []
+    sample = None  # (max_points,) the store rows drawn, when there are more
+    if max_points and total > max_points:
+        if color == "split":
+            groups = np.asarray([s or NO_SPLIT for s in store.splits().tolist()])
+        elif color == "label":
+            groups = np.asarray(_label_text(store)[0])
+        else:  # prediction, issue: by label (their categories come from the sample), the whole store checked first
+            groups = _labelled(store, color)
+        sample = sample_rows(groups, max_points, seed)
+        by = "split" if color == "split" else "label"
+        notes.append(f"{max_points:,} of {total:,} rows shown (seeded sample stratified by {by}; --max-points)")
+    X = _read_rows(store, sample, progress)  # (N, D), N = max_points when sampled
+    sampled = sample is not None
+    if sampled:
+        store = _Sample(store, sample, X)
     paths, splits = store.paths().tolist(), store.splits().tolist()
     label_color, label_text = _label_text(store)
-    notes: list[str] = []
     pred_text = wrong = accuracy = None
     details: dict[int, str] = {}  # row -> what probe.doctor found about it (issue colour)
     if color == "label":
@@ -354,19 +471,19 @@ def embedding_map(store: FeatureStore | str | os.PathLike, *, color: str = "labe
         wrong = (y >= 0) & (pred != y)
         legend, codes = _codes(pred_text, list(store.classes) + [UNLABELLED])
         notes.append(f"prediction: the linear head's out-of-fold prediction ({folds} folds, seed {seed}) of "
-                     f"{int((y >= 0).sum())} labelled rows")
+                     f"{int((y >= 0).sum())} labelled rows" + (" of the sample, trained on it" if sampled else ""))
     else:
         values, details, note = _issues(store, seed, progress)
         legend, codes = _codes(values, list(ISSUES) + [UNLABELLED])
-        notes.append(note)
+        notes.append(note + (" (on the sampled rows only: near-duplicates are pairs among them)" if sampled else ""))
 
     t1 = time.perf_counter()
-    coords, used = project(X, method, seed)
+    coords, used = project(X, method, seed, progress)
     t_proj = time.perf_counter() - t1
     log.info("map: %d rows projected with %s in %.2fs", len(X), used, t_proj)
     m = EmbeddingMap(store=str(store.path), coords=coords, method=used, color=color, legend=legend, codes=codes,
                      paths=paths, seed=seed, projection_seconds=round(t_proj, 3), wrong=wrong,
-                     accuracy=None if accuracy is None else round(accuracy, 6), notes=notes)
+                     accuracy=None if accuracy is None else round(accuracy, 6), rows=sample, total=total, notes=notes)
     if out is not None:
         n = store.count
         rows = np.arange(n) if n <= thumbs else np.sort(np.random.default_rng(seed).choice(n, thumbs, replace=False))

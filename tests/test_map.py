@@ -221,3 +221,90 @@ def test_cli_json_and_text(demo_store, tmp_path, monkeypatch):
     assert "split: train 300, val 100" in r.stdout and f"wrote    {tmp_path / 'x' / 's.html'}" in r.stdout
     r = CliRunner().invoke(app, ["map", str(demo_store), "--color", "size"])
     assert r.exit_code == 1 and "error: color must be one of label, split, prediction, issue" in r.stderr
+
+
+def rare_class_store(path) -> FeatureStore:
+    """400 rows: classes c0-c2 with 132 rows each, c3 with 4 (a uniform sample of 40 would often miss it)."""
+    return clusters(path, n=400, classes=4, labels=np.r_[np.arange(396) % 3, [3] * 4])
+
+
+def test_sample_rows_is_stratified_seeded_and_of_the_cap_size():
+    from probe.embedding_map import sample_rows
+
+    groups = np.array(["a"] * 900 + ["b"] * 97 + ["c"] * 3)
+    rows = sample_rows(groups, 100, seed=0)
+    assert len(rows) == 100 and len(set(rows)) == 100 and (np.diff(rows) > 0).all()
+    assert dict(zip(*np.unique(groups[rows], return_counts=True))) == {"a": 84, "b": 13, "c": 3}  # 5, 5, 3 + 87 shared
+    np.testing.assert_array_equal(sample_rows(groups, 100, seed=0), rows)
+    assert not np.array_equal(sample_rows(groups, 100, seed=1), rows)
+    with pytest.raises(ProbeError, match=re.escape("max_points=12 cannot keep every colour category: its 3 "
+                                                   "categories need 13 points")):
+        sample_rows(groups, 12)
+
+
+def test_max_points_maps_a_stratified_seeded_sample_read_from_the_store(tmp_path):
+    from probe.embedding_map import project
+
+    store = rare_class_store(tmp_path / "r.h5")
+    m = embedding_map(store, method="pca", max_points=40, seed=1, out=tmp_path / "m.html", thumbs=0)
+    assert m.coords.shape == (40, 2) and len(m.rows) == 40 and m.total == 400
+    assert m.counts == {"c0": 12, "c1": 12, "c2": 12, "c3": 4}  # every class; floors of 5 (all 4 of c3)
+    np.testing.assert_array_equal(m.coords, project(store.features()[m.rows], "pca", seed=1)[0])  # those rows
+    assert m.paths == store.paths()[m.rows].tolist()
+    assert m.categories.tolist() == [store.classes[c] for c in store.labels()[m.rows]]
+    note = "40 of 400 rows shown (seeded sample stratified by label; --max-points)"
+    assert m.notes[0] == note and m.to_dict()["rows"] == 40 and m.to_dict()["store_rows"] == 400
+    text, data = page_data(m.out)
+    assert data["n"] == 40 and len(data["paths"]) == 40 and f"<span id='summary'>{note}, pca" in text
+    again = embedding_map(store, method="pca", max_points=40, seed=1)
+    np.testing.assert_array_equal(again.rows, m.rows)
+    assert not np.array_equal(embedding_map(store, method="pca", max_points=40, seed=2).rows, m.rows)
+    split = embedding_map(store, color="split", method="pca", max_points=40)
+    assert "stratified by split" in split.notes[0] and split.counts == {"(no split)": 40}
+
+
+def test_max_points_zero_or_above_the_rows_maps_every_row_as_before(tmp_path):
+    store = rare_class_store(tmp_path / "r.h5")
+    every = embedding_map(store, method="pca", max_points=0)
+    assert every.rows is None and every.coords.shape == (400, 2) and every.total == 400 and not every.notes
+    for cap in (400, 100_000):
+        np.testing.assert_array_equal(embedding_map(store, method="pca", max_points=cap).coords, every.coords)
+    with pytest.raises(ProbeError, match=re.escape("max_points must be 0 (every row) or at least 3, got 2")):
+        embedding_map(store, max_points=2)
+    with pytest.raises(ProbeError, match=re.escape("max_points=10 cannot keep every colour category: its 4 "
+                                                   "categories need 19 points")):
+        embedding_map(store, max_points=10)
+
+
+def test_prediction_and_issue_colours_are_computed_on_the_sample(tmp_path):
+    store = clusters(tmp_path / "c.h5", n=300, classes=3)
+    m = embedding_map(store, color="prediction", method="pca", max_points=60)
+    assert len(m.codes) == 60 == len(m.wrong) and m.accuracy == 1.0  # separable clusters
+    assert m.counts == {"c0": 20, "c1": 20, "c2": 20}
+    assert m.notes[1] == ("prediction: the linear head's out-of-fold prediction (5 folds, seed 0) of 60 labelled "
+                          "rows of the sample, trained on it")
+    m = embedding_map(store, color="issue", method="pca", max_points=60)
+    assert len(m.codes) == 60 and sum(m.counts.values()) == 60 and m.counts.get("outlier") == 1  # 1% of 60, >= 1
+    assert "(on the sampled rows only: near-duplicates are pairs among them)" in m.notes[1]
+
+
+def test_cli_max_points_and_a_bar_over_the_rows_read(tmp_path, capsys):
+    rare_class_store(tmp_path / "r.h5")
+    r = CliRunner().invoke(app, ["map", str(tmp_path / "r.h5"), "--method", "pca", "--max-points", "40",
+                                 "--out", str(tmp_path / "m.html")])
+    assert r.exit_code == 0, r.output
+    assert "map      40 of 400 rows of" in r.stdout and "40 of 400 rows shown (seeded sample" in r.stdout
+    embedding_map(tmp_path / "r.h5", method="pca", max_points=40, progress=True)
+    err = capsys.readouterr().err
+    assert "map: reading features" in err and "40/40" in err and "map: projecting 40 rows" in err, err
+
+
+def test_max_points_on_a_multilabel_store_samples_by_first_label(tmp_path):
+    Y = np.array([[0, 1, 1], [1, 0, 0], [0, 0, 0], [0, 0, 1]] * 10)
+    multi = store_from_arrays(tmp_path / "m.h5", np.random.default_rng(0).normal(size=(40, 8)), Y,
+                              classes=["a", "b", "c"])
+    m = embedding_map(multi, method="pca", max_points=20, out=tmp_path / "m.html")
+    assert m.counts == {"a": 5, "b": 5, "c": 5, "(none)": 5}
+    _, data = page_data(m.out)
+    want = [", ".join("abc"[c] for c in np.flatnonzero(r)) or "(none)" for r in Y[m.rows]]
+    assert [data["labels"][k] for k in data["label"]] == want  # each drawn row's own labels in its tooltip
