@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from pathlib import Path
 
 import typer
 
-from .app import app, emit, handles_errors, refuse_overwriting_inputs
+from .app import app, emit, handles_errors, refuse_overwriting_inputs, show_progress
 
 
 def _pct(x: float | None) -> str:
@@ -58,6 +57,9 @@ def _fit_text(s: dict) -> str:
                 f"{r['C']:.0e}:{100 * r[key(sel)]:.1f}" for r in s["sweep"]))
             lines.append(f"chose C={s['C']:.3g} (val {sel} {_pct(s['val_score'])}{also} on {s['n_val']} images), "
                          f"refit on {s['refit_on']}")
+            if s["sweep_rows"] < s["n_train"]:
+                lines.append(f"C chosen on {s['sweep_rows']:,} of {s['n_train']:,} training rows (--sweep-rows); "
+                             "the final fit used all of them")
         else:
             lines.append(f"C={s['C']:.3g}" + (f", val accuracy {_pct(s['val_accuracy'])}" if s["val_accuracy"]
                                                 is not None else ""))
@@ -117,6 +119,9 @@ def fit_head(
     n_Cs: int | None = typer.Option(None, "--n-Cs", help="linear: strengths in the default grid (25 on 1e-6..1e6)."),
     grid: str | None = typer.Option(None, "--grid", help="linear: default (--n-Cs strengths on 1e-6..1e6) or "
                                                          "kornblith (45 on 1e-6..1e5, Kornblith et al. 2019)."),
+    sweep_rows: int = typer.Option(100_000, "--sweep-rows", help="linear: choose C on a seeded stratified "
+                                                                 "subsample of this many training rows, then fit "
+                                                                 "on all of them (0: sweep on all rows)."),
     select: str | None = typer.Option(None, "--select", help="Val metric that picks C (linear) or the early stop "
                                                              "(mlp): accuracy, mean-per-class, macro-f1, map "
                                                              "(multi-label stores); default: accuracy (linear; "
@@ -147,14 +152,15 @@ def fit_head(
         widths = tuple(int(h) for h in hidden.split(",") if h.strip())
     except ValueError:
         raise ProbeError(f"--hidden must be comma-separated integers like 512 or 1024,256, got {hidden!r}") from None
-    params = {"linear": dict(C=C, balanced=balanced, seed=seed, device=device),  # the flags of each head
+    params = {"linear": dict(C=C, balanced=balanced, seed=seed, device=device,  # the flags of each head
+                             sweep_rows=sweep_rows or None),
               "mlp": dict(hidden=widths, dropout=dropout, epochs=epochs, balanced=balanced, seed=seed, device=device),
               "knn": dict(k=k), "prototype": dict(metric=metric)}.get(head, {})
     given = {k: v for k, v in {"norm": norm, "n_Cs": n_Cs, "grid": grid, "select": select}.items() if v is not None}
     built = make_head(head, **params, **given)  # --grid/--select on a head without them: an error naming the head
     refuse_overwriting_inputs([out], [store])
-    emit(run(store, built, out, shots=shots, seed=seed, views=views, reject_target=reject_target).to_dict(), as_json,
-         _fit_text)
+    emit(run(store, built, out, shots=shots, seed=seed, views=views, reject_target=reject_target,
+             progress=show_progress(as_json)).to_dict(), as_json, _fit_text)
 
 
 # ----------------------------------------------------------------------------------------------- predict
@@ -176,9 +182,8 @@ def predict(
     from probe.fs import write_bytes_atomic
     from probe.predict import predict as run
 
-    refuse_overwriting_inputs([csv_out], [*inputs, head])
-    res = run(inputs, head, top_k=top_k, device=device, engine=engine, reject=reject,
-              progress=sys.stderr.isatty() and not as_json)
+    refuse_overwriting_inputs([csv_out], [*inputs, head], text=True)
+    res = run(inputs, head, top_k=top_k, device=device, engine=engine, reject=reject, progress=show_progress(as_json))
     if csv_out:
         rows = io.StringIO(newline="")
         w = csv.writer(rows)

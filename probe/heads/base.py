@@ -140,36 +140,43 @@ class Head(ClassifierMixin, BaseEstimator):
                              "multi-label head needs images with labels")
         return X, Y.astype(np.float32), sample_weight
 
-    def _fit_classes_and_norm(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
-                              ) -> tuple[np.ndarray, np.ndarray]:
+    def _fit_classes_and_norm(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None,
+                              spare_rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Learn ``classes_`` and ``norm_`` (weighted statistics); returns (normalised X (N, D), class indices (N,),
-        or for a label matrix y (N, C) the matrix itself, ``classes_`` = arange(C) and ``thresholds_`` at 0.5)."""
+        or for a label matrix y (N, C) the matrix itself, ``classes_`` = arange(C) and ``thresholds_`` at 0.5).
+        With ``spare_rows`` M the features come in an (N + M, D) array whose last M rows are left for the caller
+        (the linear head normalises its validation rows there, so its refit on both needs no copy)."""
         for a in (*CALIBRATION_ATTRS, "thresholds_"):  # a new fit makes a previous calibration meaningless
             self.__dict__.pop(a, None)
         self.multilabel_ = y.ndim == 2
+        self.norm_ = fit_norm(X, self.norm, sample_weight)
+        if spare_rows:
+            Z = np.empty((len(X) + spare_rows, X.shape[1]), np.float32)  # (N + M, D)
+            apply_norm(X, self.norm_, out=Z[: len(X)])
+        else:
+            Z = apply_norm(X, self.norm_)
         if self.multilabel_:
             self.classes_ = np.arange(y.shape[1])
             self.thresholds_ = np.full(y.shape[1], ml.DEFAULT_THRESHOLD)
-            self.norm_ = fit_norm(X, self.norm, sample_weight)
-            return apply_norm(X, self.norm_), y
+            return Z, y
         self.classes_, y_idx = np.unique(y, return_inverse=True)
-        self.norm_ = fit_norm(X, self.norm, sample_weight)
-        return apply_norm(X, self.norm_), y_idx.astype(np.int64)
+        return Z, y_idx.astype(np.int64)
 
-    def _start_fit(self, X: Any, y: Any, sample_weight: Any = None
+    def _start_fit(self, X: Any, y: Any, sample_weight: Any = None, spare_rows: int = 0
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Validate, learn ``classes_`` and ``norm_``: (normalised X (N, D), class indices (N,), weights or None)."""
+        """Validate, learn ``classes_`` and ``norm_``: (normalised X (N, D) -- (N + spare_rows, D), the last rows
+        unset --, class indices (N,), weights or None)."""
         X, y, sample_weight = self._validate_fit(X, y, sample_weight)
-        Z, y_idx = self._fit_classes_and_norm(X, y, sample_weight)
+        Z, y_idx = self._fit_classes_and_norm(X, y, sample_weight, spare_rows)
         return Z, y_idx, sample_weight
 
-    def transform_features(self, X: Any) -> np.ndarray:
-        """Raw features (N, D) -> the normalised features the head works on."""
+    def transform_features(self, X: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """Raw features (N, D) -> the normalised features the head works on (written into ``out`` when given)."""
         check_is_fitted(self)
         with user_errors(f" ({type(self).__name__} takes features of shape (n, {self.n_features_in_}), like the "
                          "training data)"):
             X = validate_data(self, X, reset=False, dtype=np.float32)  # also checks n_features_in_
-        return apply_norm(X, self.norm_)
+        return apply_norm(X, self.norm_, out)
 
     def _scores(self, Z: np.ndarray) -> np.ndarray:
         """(N, D) normalised -> (N, C) scores whose argmax is the prediction; by default the probabilities."""

@@ -252,12 +252,22 @@ def multilabel_calibration_metrics(P: np.ndarray, Y: np.ndarray, bins: int = ECE
 
 
 # ---------------------------------------------------------------------------------------------- unknowns
+MEAN_BLOCK = 16_384  # rows per block of class_means: a bounded CL2N temporary
+
+
 def class_means(X: np.ndarray, y: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(centre (D,), unit class means (C, D)) of training features X (N, D) under CL2N, one row per ``classes``."""
-    X = np.asarray(X, np.float32)
+    X, classes = np.asarray(X, np.float32), np.asarray(classes)
     centre = X.mean(0)
-    Z = cl2n(X, centre)
-    means = np.stack([Z[y == c].mean(0) for c in classes])  # (C, D)
+    order = np.argsort(classes, kind="stable")
+    pos = order[np.searchsorted(classes, y, sorter=order)]  # (N,) each row's index into classes
+    sums = np.zeros((len(classes), X.shape[1]), np.float64)  # (C, D), summed in blocks: no CL2N copy of all of X
+    for s in range(0, len(X), MEAN_BLOCK):
+        p = pos[s: s + MEAN_BLOCK]
+        by = np.argsort(p, kind="stable")
+        present, starts = np.unique(p[by], return_index=True)
+        sums[present] += np.add.reduceat(cl2n(X[s: s + MEAN_BLOCK], centre)[by], starts, axis=0, dtype=np.float64)
+    means = sums / np.bincount(pos, minlength=len(classes))[:, None]  # (C, D)
     return centre, (means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 

@@ -39,7 +39,7 @@ def l2(X: np.ndarray) -> np.ndarray:
 def fit_norm(X: np.ndarray, norm: str, sample_weight: np.ndarray | None = None) -> dict[str, Any]:
     """Learn the statistics of ``norm`` on training features X (N, D), rows weighted by ``sample_weight`` (N,):
     {"norm", "mean" (D,), "scale" (D,)}. Sums run in float64, so a row of weight 2 and a repeated row give the
-    same float32 statistics."""
+    same float32 statistics; they run over blocks of BLOCK rows, so no temporary is the size of X."""
     check_norm(norm)
     X = np.asarray(X, np.float32)
     d = X.shape[1]
@@ -47,12 +47,25 @@ def fit_norm(X: np.ndarray, norm: str, sample_weight: np.ndarray | None = None) 
     if norm in ("none", "l2"):
         return {"norm": norm, "mean": mean, "scale": scale}
     total = len(X) if sample_weight is None else float(np.sum(sample_weight))
-    Z = l2(X) if norm == "l2+standardize" else X
-    mean = (weighted_sum(Z, sample_weight) / total).astype(np.float32)
+    w = None if sample_weight is None else np.asarray(sample_weight)
+    if norm == "l2+standardize":  # statistics of the L2-normalised rows
+        rows, mean = l2, _blockwise_sum(X, l2, w)
+    else:
+        rows, mean = (lambda A: A), weighted_sum(X, w)
+    mean = (mean / total).astype(np.float32)
     if norm in ("standardize", "l2+standardize"):
-        std = np.sqrt(weighted_sum((Z - mean) ** 2, sample_weight) / total)
+        std = np.sqrt(_blockwise_sum(X, lambda A: (rows(A) - mean) ** 2, w) / total)
         scale = np.where(std > EPS, std, 1.0).astype(np.float32)  # constant dims pass through centred
     return {"norm": norm, "mean": mean, "scale": scale}
+
+
+def _blockwise_sum(X: np.ndarray, f: Any, sample_weight: np.ndarray | None) -> np.ndarray:
+    """sum_i w_i f(X)_i over the rows of X (N, D) -> (D,) float64, f applied to BLOCK rows at a time (one block,
+    the whole of X, below BLOCK rows)."""
+    out = np.zeros(X.shape[1])
+    for s in range(0, len(X), BLOCK):
+        out += weighted_sum(f(X[s: s + BLOCK]), None if sample_weight is None else sample_weight[s: s + BLOCK])
+    return out
 
 
 def weighted_sum(A: np.ndarray, sample_weight: np.ndarray | None = None) -> np.ndarray:
@@ -67,12 +80,25 @@ def weighted_sum(A: np.ndarray, sample_weight: np.ndarray | None = None) -> np.n
     return out
 
 
-def apply_norm(X: np.ndarray, params: dict[str, Any]) -> np.ndarray:
-    """Apply fitted statistics to X (N, D) -> (N, D) float32."""
+def apply_norm(X: np.ndarray, params: dict[str, Any], out: np.ndarray | None = None) -> np.ndarray:
+    """Apply fitted statistics to X (N, D) -> (N, D) float32, written into ``out`` (N, D) float32 when given (else
+    a new array; X itself for norm "none"). Runs over blocks of BLOCK rows: the result is the only array the size
+    of X."""
     X = np.asarray(X, np.float32)
     norm = params["norm"]
     if X.ndim != 2 or X.shape[1] != len(params["mean"]):
         raise ProbeError(f"expected features of shape (n, {len(params['mean'])}), got {X.shape}")
+    if norm == "none" and out is None:
+        return X
+    out = np.empty_like(X) if out is None else out
+    for s in range(0, len(X), BLOCK):
+        out[s: s + BLOCK] = _norm_rows(X[s: s + BLOCK], params)
+    return out
+
+
+def _norm_rows(X: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    """``apply_norm`` of one block of rows (n, D) float32."""
+    norm = params["norm"]
     if norm == "none":
         return X
     if norm == "l2":
@@ -80,7 +106,7 @@ def apply_norm(X: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     if norm == "cl2n":
         return l2(X - params["mean"])
     Z = l2(X) if norm == "l2+standardize" else X
-    return ((Z - params["mean"]) / params["scale"]).astype(np.float32)
+    return (Z - params["mean"]) / params["scale"]
 
 
 def balanced_weights(y_idx: np.ndarray, n_classes: int, sample_weight: np.ndarray | None = None) -> np.ndarray:
@@ -118,3 +144,21 @@ def stratified_holdout(y: np.ndarray, fraction: float = 0.2, seed: int = 0) -> t
         held.append(idx[: max(1, n) if len(idx) > 1 else 0])
     held_idx = np.sort(np.concatenate(held))
     return np.setdiff1d(np.arange(len(y)), held_idx), held_idx
+
+
+def stratified_subsample(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of about ``n`` rows of y (N,), each class's share of them as in y (largest remainders), at
+    least two rows of every class that has them (so a k-fold split of the subsample still sees every class),
+    drawn at random with ``seed``.
+
+    Example:
+        >>> stratified_subsample(np.repeat([0, 1], [800, 200]), 100, seed=0)   # 80 of class 0, 20 of class 1
+    """
+    classes, counts = np.unique(y, return_counts=True)
+    quota = counts * min(n, len(y)) / len(y)
+    take = np.floor(quota).astype(np.int64)
+    take[np.argsort(take - quota, kind="stable")[: min(n, len(y)) - take.sum()]] += 1  # the largest remainders
+    take = np.maximum(take, np.minimum(counts, 2))
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(keep))

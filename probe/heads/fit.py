@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from .scoring import refuse_map
 
 NOT_CALIBRATED = cal.MULTILABEL_NOT_CALIBRATED
 HOLDOUT = 0.2  # share of the rows (of each class, single-label) held out as val where the data has no split for it
+READ_ROWS = 16_384  # store rows per read when gathering the rows a fit uses (64 MB of 1024-d float32)
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +184,8 @@ def _head_details(head: Head, cfg: dict[str, Any], n_val: int) -> dict[str, Any]
                          "views": int(getattr(head, "n_views_", 0))}  # augmented views per image it trained on
     if head.kind == "linear":
         d.update(C=head.C_, sweep=head.sweep_, grid=head.grid, select=head.select_, val_score=head.val_score_,
-                 refit_on="train+val" if head.sweep_ and head.refit and n_val else "train")
+                 refit_on="train+val" if head.sweep_ and head.refit and n_val else "train",
+                 sweep_rows=head.sweep_rows_)  # training rows C was chosen on (None: fixed C)
     if head.kind == "mlp":  # select: what early stopping watched; val_score: its value at the best epoch
         d.update(best_epoch=head.best_epoch_, epochs_run=head.epochs_run_, select=head.select,
                  val_score=head.val_score_)
@@ -204,28 +207,73 @@ def _views_kw(store: FeatureStore, head: Head, train: np.ndarray, views: bool | 
     return {"views": store.views(rows=train)}
 
 
-def _fit_rows(head: Head, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, **kw: Any) -> Head:
+def _features_of(store: FeatureStore, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The features (n, D) of the store's rows ``rows`` (n,), in that order, read READ_ROWS store rows at a time
+    (into ``out`` (n, D) when given): the result is the only array of their size (``store.features()[rows]`` would
+    hold the whole store as well)."""
+    out = np.empty((len(rows), store.dim), np.float32) if out is None else out
+    order = np.argsort(rows, kind="stable")
+    srt = rows[order]
+    with store.open() as f:
+        ds = f["features"]
+        for a in range(0, store.count, READ_ROWS):
+            lo, hi = np.searchsorted(srt, [a, a + READ_ROWS])
+            if hi > lo:
+                out[order[lo:hi]] = ds[a: a + READ_ROWS][srt[lo:hi] - a]
+    return out
+
+
+def _packed(store: FeatureStore, rows: dict[str, np.ndarray]
+            ) -> tuple[np.ndarray, dict[str, np.ndarray], Callable[[], np.ndarray]]:
+    """(X (n, D) for the features of the train, val and test rows, one split after the other, {split: its rows of
+    X}, ``read_test()``): every split is a contiguous run of X, so ``_take`` gives it as a view. The train and val
+    rows are read now; the test rows by ``read_test()``, after the fit -- until then their part of X is allocated
+    but never written, so it holds no memory."""
+    order = np.concatenate([rows["train"], rows["val"], rows["test"]])
+    ends = np.cumsum([0, len(rows["train"]), len(rows["val"]), len(rows["test"])])
+    X = np.empty((len(order), store.dim), np.float32)
+    _features_of(store, order[: ends[2]], X[: ends[2]])
+    return X, {s: np.arange(ends[i], ends[i + 1]) for i, s in enumerate(("train", "val", "test"))}, \
+        lambda: _features_of(store, order[ends[2]:], X[ends[2]:])
+
+
+def _take(X: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """X[idx] -- as a view, no copy, when idx is a run of consecutive rows (``_packed``'s splits)."""
+    if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and (np.diff(idx) == 1).all():
+        return X[idx[0]: idx[-1] + 1]
+    return X[idx]
+
+
+def _fit_rows(head: Head, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, progress: bool = False,
+              **kw: Any) -> Head:
     """``head.fit`` on the train rows of X (N, D), y (N,) -- or the (N, C) label matrix --, with the val rows (when
     there are any) as the linear head's ``eval_set`` (it chooses C on them) or the MLP's (its early stop); the other
-    heads do not look at val."""
+    heads do not look at val. ``progress``: the linear head's bars (sweep, final fit) on stderr."""
     if head.kind in ("linear", "mlp") and len(val):
-        kw["eval_set"] = (X[val], y[val])
-    return head.fit(X[train], y[train], **kw)
+        kw["eval_set"] = (_take(X, val), y[val])
+    if head.kind == "linear" and progress:
+        kw["progress"] = True
+    return head.fit(_take(X, train), y[train], **kw)
 
 
-def _held_out_scorer(head: Head, X: np.ndarray, y: np.ndarray, train: np.ndarray) -> tuple[Head, str]:
+def _held_out_scorer(head: Head, X: np.ndarray, y: np.ndarray, train: np.ndarray, progress: bool = False
+                     ) -> tuple[Head, str]:
     """(a head that never saw val, what it is) to score val with when calibrating: ``head`` itself, or -- for a
     linear head refit on train + val -- a copy fit on train alone at the chosen C (its fit is carried over to the
-    refit head: more data at the same C changes its scale a little). ``y``: labels or the multi-label matrix."""
+    refit head: more data at the same C changes its scale a little), its solve started at the refit head's weights
+    (same classes, same normalisation: both fit on train) rather than at zeros -- the same optimum, to the solver's
+    tolerance, with fewer passes over the training rows. ``y``: labels or the multi-label matrix."""
     if head.kind == "linear" and head.sweep_ and head.refit:
         params = {"C": head.C_, **({"grid": "default"} if "grid" in head.get_params() else {})}
-        return (clone(head).set_params(**params).fit(X[train], y[train]),
+        log.info("fitting the linear head on train alone at C=%.3g to calibrate on val", head.C_)
+        return (clone(head).set_params(**params).fit(_take(X, train), y[train], init=(head.coef_, head.intercept_),
+                                                     progress=progress),
                 f"val, scored by the head fit on train alone at C={head.C_:.3g}")
     return head, "val"
 
 
-def _calibrate(head: Head, X: np.ndarray, y: np.ndarray, rows: dict[str, np.ndarray], target: float
-               ) -> dict[str, Any]:
+def _calibrate(head: Head, X: np.ndarray, y: np.ndarray, rows: dict[str, np.ndarray], target: float,
+               progress: bool = False) -> dict[str, Any]:
     """Fit the head's temperature and rejection threshold on val; the summary's "calibration" and "rejection".
 
     Both need scores of images the head did not train on. A linear head refit on train + val has seen val, so
@@ -236,31 +284,32 @@ def _calibrate(head: Head, X: np.ndarray, y: np.ndarray, rows: dict[str, np.ndar
     if not len(val):
         log.warning("no validation rows: the %s head is not calibrated and has no rejection threshold", head.kind)
         return {"calibration": None, "rejection": None}
-    held, fit_on = _held_out_scorer(head, X, y, train)
-    before = held.predict_proba(X[val])
-    test_before = head.predict_proba(X[test]) if len(test) else None  # (N_test, C) uncalibrated
-    head.temperature_ = held.calibrate(X[val], y[val]).temperature_
+    held, fit_on = _held_out_scorer(head, X, y, train, progress)
+    Xtr, Xv, Xte = _take(X, train), _take(X, val), _take(X, test)  # views of a packed X (fit_head)
+    before = held.predict_proba(Xv)
+    test_before = head.predict_proba(Xte) if len(test) else None  # (N_test, C) uncalibrated
+    head.temperature_ = held.calibrate(Xv, y[val]).temperature_
     cols = np.searchsorted(head.classes_, y[val])
     calib: dict[str, Any] = {"temperature": round(head.temperature_, 6), "fit_on": fit_on, "n": int(len(val)),
                              "ece_bins": cal.ECE_BINS,
                              "val_before": cal.calibration_metrics(before, cols),
-                             "val_after": cal.calibration_metrics(held.predict_proba(X[val]), cols)}
-    head.fit_rejection(X[train], y[train], X[val], y[val], target)
+                             "val_after": cal.calibration_metrics(held.predict_proba(Xv), cols)}
+    head.fit_rejection(Xtr, y[train], Xv, y[val], target)
     rejection: dict[str, Any] = {"score": "prototype_distance", "threshold": round(head.reject_threshold_, 6),
                                  "target_known_rejected": target,
-                                 "val_known_rejected": float((head.rejection_distance(X[val])
+                                 "val_known_rejected": float((head.rejection_distance(Xv)
                                                               > head.reject_threshold_).mean())}
     if len(test):
         tcols = np.searchsorted(head.classes_, y[test])
         calib["test_before"] = cal.calibration_metrics(test_before, tcols)
-        calib["test_after"] = cal.calibration_metrics(head.predict_proba(X[test]), tcols)
-        rejection["test_known_rejected"] = float((head.rejection_distance(X[test]) > head.reject_threshold_).mean())
+        calib["test_after"] = cal.calibration_metrics(head.predict_proba(Xte), tcols)
+        rejection["test_known_rejected"] = float((head.rejection_distance(Xte) > head.reject_threshold_).mean())
     return {"calibration": calib, "rejection": rejection}
 
 
 def fit_head(store: FeatureStore | str | os.PathLike, head: Head | str = "linear",
              out: str | os.PathLike | None = None, *, shots: int | None = None, seed: int = 0,
-             views: bool | None = None, reject_target: float = cal.REJECT_TARGET) -> HeadFit:
+             views: bool | None = None, reject_target: float = cal.REJECT_TARGET, progress: bool = False) -> HeadFit:
     """Fit ``head`` (an unfitted head object, or a kind: "linear", "mlp", "prototype", "knn") on a store's
     train split, choosing on val (the linear head's L2 strength, the MLP's early stop, by the head's ``select``
     metric: ``scoring.py``) and scoring val and test.
@@ -268,7 +317,11 @@ def fit_head(store: FeatureStore | str | os.PathLike, head: Head | str = "linear
     ``shots`` keeps that many training images per class (drawn with ``seed``); ``views``: the MLP trains on the
     store's augmented views (None: when the store has them). The head file is written only when ``out`` is given.
     After the fit, val also sets the temperature of ``predict_proba`` and the distance threshold that rejects
-    ``reject_target`` of the known val images as unknown (``_calibrate``).
+    ``reject_target`` of the known val images as unknown (``_calibrate``). ``progress``: bars on stderr over the
+    linear head's sweep and fits (minutes on a million rows).
+
+    Memory: the store's train, val and test rows are read into one array, a split after the other (``_packed``),
+    and the heads get views of it: one copy of the features the fit uses, plus the head's normalised copy.
 
     Example:
         >>> fit = fit_head("cache/demo.h5", LinearHead(n_Cs=25), out="heads/demo.safetensors")
@@ -283,20 +336,25 @@ def fit_head(store: FeatureStore | str | os.PathLike, head: Head | str = "linear
     if getattr(store, "multilabel", False):
         return _fit_multilabel(store, head, out, shots=shots, seed=seed, views=views, t0=t0)
     refuse_map(getattr(head, "select", ""), f"store {store.path} has one label per image")
-    X, y = store.features(), store.labels()  # (N, D), (N,)
+    y = store.labels()  # (N,)
     train, val, test, test_dropped = _training_rows(store, y, shots, seed)
-    _fit_rows(head, X, y, train, val, **_views_kw(store, head, train, views))
+    kw = _views_kw(store, head, train, views)
+    y = y[np.concatenate([train, val, test])]
+    X, rows, read_test = _packed(store, {"train": train, "val": val, "test": test})  # (n, D): train, val, test rows
+    train, val, test = rows["train"], rows["val"], rows["test"]
+    _fit_rows(head, X, y, train, val, progress, **kw)
     fit_s = time.perf_counter() - t0
+    read_test()
     class_names = [store.classes[i] for i in head.classes_]
-    calibrated = _calibrate(head, X, y, {"train": train, "val": val, "test": test}, reject_target)
+    calibrated = _calibrate(head, X, y, rows, reject_target, progress)
 
     def report(idx: np.ndarray) -> dict[str, Any] | None:
-        return metrics(np.searchsorted(head.classes_, y[idx]), head.predict_proba(X[idx]), class_names) \
+        return metrics(np.searchsorted(head.classes_, y[idx]), head.predict_proba(_take(X, idx)), class_names) \
             if len(idx) else None
 
     val_report = None if head.kind == "linear" else report(val)
     details = _head_details(head, {"shots": shots, "seed": seed}, len(val))
-    details["train_accuracy"] = float((head.predict(X[train]) == y[train]).mean())
+    details["train_accuracy"] = float((head.predict(_take(X, train)) == y[train]).mean())
     if test_dropped:
         details["test_dropped_unknown_class"] = test_dropped
     details.update(calibrated)
@@ -334,10 +392,13 @@ def _fit_multilabel(store: FeatureStore, head: Head, out: str | os.PathLike | No
     if shots:
         raise ProbeError(f"shots={shots} draws K images per class, which a multi-label store (several labels per "
                          f"image) cannot do: leave shots out for {store.path}")
-    X, Y = store.features(), store.label_matrix()  # (N, D), (N, C)
     rows = labelled_splits(store, seed)
+    kw = _views_kw(store, head, rows["train"], views)
+    Y = store.label_matrix()[np.concatenate([rows["train"], rows["val"], rows["test"]])]  # (n, C)
+    X, rows, read_test = _packed(store, rows)  # (n, D): train, val, test rows
     train, val, test = rows["train"], rows["val"], rows["test"]
-    _fit_rows(head, X, Y, train, val, **_views_kw(store, head, train, views))
+    _fit_rows(head, X, Y, train, val, **kw)
+    read_test()
     fit_s = time.perf_counter() - t0
     class_names = list(store.classes)
     thresholds: dict[str, Any] = {"fit_on": None, "rule": "F1-optimal per class on val, on the Platt-scaled "
@@ -345,27 +406,27 @@ def _fit_multilabel(store: FeatureStore, head: Head, out: str | os.PathLike | No
     calib: dict[str, Any] | None = None
     if len(val):  # Platt and thresholds from scores of rows the head did not train on
         held, thresholds["fit_on"] = _held_out_scorer(head, X, Y, train)
-        before = held.uncalibrated_proba(X[val])
-        head.platt_ = held.calibrate(X[val], Y[val]).platt_  # first: thresholds are calibrated probabilities
-        head.thresholds_ = held.fit_thresholds(X[val], Y[val]).thresholds_
+        before = held.uncalibrated_proba(_take(X, val))
+        head.platt_ = held.calibrate(_take(X, val), Y[val]).platt_  # first: thresholds are calibrated probabilities
+        head.thresholds_ = held.fit_thresholds(_take(X, val), Y[val]).thresholds_
         calib = {"method": "platt", "fit_on": thresholds["fit_on"], "n": int(len(val)), "ece_bins": cal.ECE_BINS,
                  "platt": {n: [round(float(a), 6), round(float(b), 6)] for n, (a, b) in zip(class_names, head.platt_)},
                  "val_before": cal.multilabel_calibration_metrics(before, Y[val]),
-                 "val_after": cal.multilabel_calibration_metrics(held.predict_proba(X[val]), Y[val])}
+                 "val_after": cal.multilabel_calibration_metrics(held.predict_proba(_take(X, val)), Y[val])}
         if len(test):
-            calib["test_before"] = cal.multilabel_calibration_metrics(head.uncalibrated_proba(X[test]), Y[test])
-            calib["test_after"] = cal.multilabel_calibration_metrics(head.predict_proba(X[test]), Y[test])
+            calib["test_before"] = cal.multilabel_calibration_metrics(head.uncalibrated_proba(_take(X, test)), Y[test])
+            calib["test_after"] = cal.multilabel_calibration_metrics(head.predict_proba(_take(X, test)), Y[test])
     else:
         log.warning("no validation rows: the multi-label %s head is not calibrated and keeps threshold 0.5 for every "
                     "class", head.kind)
     thresholds["values"] = {n: round(float(t), 6) for n, t in zip(class_names, head.thresholds_)}
 
     def report(idx: np.ndarray) -> dict[str, Any] | None:
-        return ml.multilabel_metrics(Y[idx], head.predict_proba(X[idx]), head.thresholds_, class_names) \
+        return ml.multilabel_metrics(Y[idx], head.predict_proba(_take(X, idx)), head.thresholds_, class_names) \
             if len(idx) else None
 
     details = _head_details(head, {"shots": None, "seed": seed}, len(val))
-    train_map = ml.mean_ap(Y[train], head.predict_proba(X[train]))
+    train_map = ml.mean_ap(Y[train], head.predict_proba(_take(X, train)))
     details.update(multilabel=True, train_map=None if np.isnan(train_map) else train_map, thresholds=thresholds,
                    calibration=calib, calibration_note=cal.MULTILABEL_CALIBRATED if calib else NOT_CALIBRATED,
                    rejection=None)

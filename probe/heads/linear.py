@@ -23,20 +23,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from numbers import Integral, Real
 
 import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import _num_samples
+from tqdm.auto import tqdm
 
 from probe.device import resolve_device
 
 from ..errors import ProbeError
 from .base import Head
-from .features import balanced_weights
-from .multilabel import f1_scores, fit_thresholds, mean_ap, multilabel_folds
+from .features import balanced_weights, stratified_subsample
+from .multilabel import f1_scores, fit_thresholds, mean_ap, multilabel_folds, multilabel_holdout
 from .scoring import SELECT, key, refuse_map, refuse_single, score
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ SMALL_WORK = 2e7  # multiply-adds per logits product below which one CPU thread 
 GRIDS = ("default", "kornblith")  # default: n_Cs strengths on C_range; kornblith: Kornblith et al. 2019
 KORNBLITH_CS = np.logspace(-6, 5, 45)  # "45 logarithmically spaced values between 10^-6 and 10^5"
 DEFAULT_N_CS, DEFAULT_C_RANGE = 25, (1e-6, 1e6)
+DEFAULT_SWEEP_ROWS = 100_000  # training rows the C sweep runs on: on 2 cores a 25-strength sweep of 800k rows is hours
+CHUNK = 2 ** 24  # elements of the largest (rows, strengths x classes) temporary of a loss pass: 64 MB of float32
 
 
 @contextmanager
@@ -78,48 +82,97 @@ def _log_loss(logits: torch.Tensor, target: torch.Tensor, ovr: bool) -> tuple[to
     return lse[..., 0] - (logits * target).sum(-1), torch.exp(logits - lse) - target
 
 
-def _objective(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float | np.ndarray, K: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The terms of sklearn's objective scaled by 1/(C * sum w): the 0/1 target (N, K) -- y itself for one-vs-rest,
-    else y's one-hot --, each row's share w / sum w (N,) of the loss, and the penalty's weight 1/(2 C sum w), one
-    per strength (C a float: (), C (S,): (S,))."""
+def _objective(y: torch.Tensor, w: torch.Tensor, C: float | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The terms of sklearn's objective scaled by 1/(C * sum w): each row's share w / sum w (N,) of the loss, and
+    the penalty's weight 1/(2 C sum w), one per strength (C a float: (), C (S,): (S,))."""
     wsum = w.sum()
-    target = y.to(Z.dtype) if y.dim() == 2 else torch.nn.functional.one_hot(y, K).to(Z.dtype)  # (N, K)
-    return target, w / wsum, 1.0 / (2.0 * torch.as_tensor(C, dtype=Z.dtype, device=Z.device) * wsum)
+    return w / wsum, 1.0 / (2.0 * torch.as_tensor(C, dtype=w.dtype, device=w.device) * wsum)
+
+
+def _target(y: torch.Tensor, K: int, dtype: torch.dtype, rows: slice) -> torch.Tensor:
+    """The 0/1 target (n, K) of ``rows``: y itself for one-vs-rest, else y's one-hot, made a chunk at a time (at 1M
+    rows x 1000 classes the whole one-hot is 4 GB)."""
+    return y[rows].to(dtype) if y.dim() == 2 else torch.nn.functional.one_hot(y[rows], K).to(dtype)
+
+
+def _chunk_sums(N: int, cols: int, part: Callable[[slice], tuple[torch.Tensor, ...]], chunk: int | None = None
+                ) -> tuple[torch.Tensor, ...]:
+    """The sum over row slices of ``part(rows)`` (a tuple of tensors), each slice at most ``chunk`` (default
+    ``CHUNK``) // cols rows, so that a loss pass over N rows with ``cols`` logits per row holds no temporary larger
+    than ``chunk`` elements; all N rows in one slice when they fit (the unchunked computation itself)."""
+    step = max(1, (chunk or CHUNK) // max(1, cols))
+    total: tuple[torch.Tensor, ...] | None = None
+    for a in range(0, N, step):
+        p = part(slice(a, min(a + step, N)))
+        total = p if total is None else tuple(x + y for x, y in zip(total, p))
+    assert total is not None, "a loss pass over no rows"
+    return total
 
 
 def _solve(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, C: float, W: torch.Tensor, b: torch.Tensor,
-           max_iter: int, tol: float, anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+           max_iter: int, tol: float, anchor: torch.Tensor | None = None, chunk: int | None = None,
+           tick: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Minimise sklearn's objective, scaled by 1/(C * sum w) so that float32 stays well-conditioned.
 
     Z (N, D), y (N,) int64 -- or (N, K) 0/1 float for one-vs-rest (binary log-loss summed over classes) --, w (N,)
-    sample weights, W (D, K), b (K,) warm start, anchor (D, K) the weights the penalty pulls towards (default 0).
+    sample weights, W (D, K), b (K,) warm start, anchor (D, K) the weights the penalty pulls towards (default 0);
+    the loss runs over row chunks (``_chunk_sums``); ``tick()`` is called after each evaluation.
     Returns (W, b, L-BFGS iterations)."""
+    N, K = Z.shape[0], W.shape[1]
     W0 = torch.zeros_like(W) if anchor is None else anchor
     W = W.clone().requires_grad_(True)
     b = b.clone().requires_grad_(True)
-    onehot, ww, lam = _objective(Z, y, w, C, W.shape[1])
+    ww, lam = _objective(y, w, C)
     ww = ww[:, None]  # (N, 1)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=tol,
                             tolerance_change=1e-10, line_search_fn="strong_wolfe")
 
+    def part(r: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, G = _log_loss(Z[r] @ W + b, _target(y, K, Z.dtype, r), y.dim() == 2)  # (n,), (n, K)
+        G = G * ww[r]
+        return (rows * ww[r, 0]).sum(), _ztg(Z[r], G), G.sum(0)
+
     @torch.no_grad()
     def closure():  # the gradient by hand: autograd's Z.T @ dlogits is the slow narrow product (_ztg)
-        rows, G = _log_loss(Z @ W + b, onehot, y.dim() == 2)  # (N,), (N, K)
-        G = G * ww
-        W.grad = (_ztg(Z, G) + 2 * lam * (W - W0)).contiguous()
-        b.grad = G.sum(0)
-        return (rows * ww[:, 0]).sum() + lam * ((W - W0) ** 2).sum()
+        f, gW, gb = _chunk_sums(N, K, part, chunk)
+        W.grad = (gW + 2 * lam * (W - W0)).contiguous()
+        b.grad = gb
+        if tick is not None:
+            tick()
+        return f + lam * ((W - W0) ** 2).sum()
 
     opt.step(closure)
     return W.detach(), b.detach(), int(opt.state[W].get("n_iter", 0))
 
 
+def _loss_grad(Z: torch.Tensor, y: torch.Tensor, ww: torch.Tensor, theta: torch.Tensor, lam: torch.Tensor,
+               A: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scaled objective (s,) and its gradient (s, P) of s parameter vectors theta (s, P = D*K + K) at once:
+    one (n, D) @ (D, s*K) product per row chunk (``_chunk_sums``). Z (N, D), y (N,) class indices or (N, K) 0/1
+    (one-vs-rest), ww (N, 1, 1) each row's share of the loss, lam (s,) the penalties' weights, A (D, K) their
+    centre."""
+    N, (D, K), s = Z.shape[0], A.shape, theta.shape[0]
+    W, b = theta[:, : D * K].view(s, D, K), theta[:, D * K:]  # (s, D, K), (s, K)
+    Wm = W.permute(1, 0, 2).reshape(D, s * K)
+
+    def part(r: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = r.stop - r.start
+        logits = (Z[r] @ Wm).view(n, s, K) + b  # (n, s, K)
+        loss, G = _log_loss(logits, _target(y, K, Z.dtype, r)[:, None], y.dim() == 2)  # (n, s), (n, s, K)
+        G = G * ww[r]
+        return (loss * ww[r][..., 0]).sum(0), _ztg(Z[r], G.reshape(n, s * K)), G.sum(0)
+
+    fl, gZ, gb = _chunk_sums(N, s * K, part, chunk)  # (s,), (D, s*K), (s, K)
+    f = fl + lam * ((W - A) ** 2).sum((1, 2))
+    gW = gZ.reshape(D, s, K).permute(1, 0, 2) + 2 * lam[:, None, None] * (W - A)
+    return f, torch.cat([gW.reshape(s, D * K), gb], 1)  # (s,), (s, P)
+
+
 # ~80 lines, kept whole: one L-BFGS iteration (two-loop recursion, batched Armijo search, history update) reads
 # top to bottom in one place, and its per-strength state (S, ...) tensors would otherwise cross several calls.
 def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarray, K: int, max_iter: int,
-                tol: float, history: int = 10, init: torch.Tensor | None = None, anchor: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                tol: float, history: int = 10, init: torch.Tensor | None = None, anchor: torch.Tensor | None = None,
+                chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every strength of a sweep at once: batched L-BFGS with backtracking (Armijo) line search.
 
     A sweep is memory-bound when run one strength at a time: each evaluation streams all of Z (N, D) for a skinny
@@ -129,24 +182,17 @@ def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarra
 
     Z (N, D), y (N,) class indices -- or (N, K) 0/1 for one-vs-rest, binary log-losses summed over classes --,
     w (N,) weights, Cs (S,), init (D*K + K,) a warm start shared by all S
-    (default zeros); anchor (D, K) the weights the penalty pulls towards (default 0).
+    (default zeros); anchor (D, K) the weights the penalty pulls towards (default 0); the loss runs over row chunks
+    of at most ``chunk`` (default ``CHUNK``) logits (``_chunk_sums``).
     Returns W (S, D, K), b (S, K), iterations (S,)."""
     N, D = Z.shape
     S, P = len(Cs), D * K + K
-    onehot, ww, lam_all = _objective(Z, y, w, Cs, K)  # (N, K), (N,), (S,)
-    ovr = y.dim() == 2  # one-vs-rest: y is the (N, K) 0/1 target itself
+    ww, lam_all = _objective(y, w, Cs)  # (N,), (S,)
     ww = ww[:, None, None]  # (N, 1, 1)
     A = torch.zeros(D, K, dtype=Z.dtype, device=Z.device) if anchor is None else anchor  # (D, K)
 
     def f_and_g(theta: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = theta.shape[0]
-        W, b = theta[:, : D * K].view(s, D, K), theta[:, D * K:]  # (s, D, K), (s, K)
-        logits = (Z @ W.permute(1, 0, 2).reshape(D, s * K)).view(N, s, K) + b  # (N, s, K)
-        loss, G = _log_loss(logits, onehot[:, None], ovr)  # (N, s), (N, s, K)
-        G = G * ww
-        f = (loss * ww[..., 0]).sum(0) + lam * ((W - A) ** 2).sum((1, 2))
-        gW = _ztg(Z, G.reshape(N, s * K)).reshape(D, s, K).permute(1, 0, 2) + 2 * lam[:, None, None] * (W - A)
-        return f, torch.cat([gW.reshape(s, D * K), G.sum(0)], 1)  # (s,), (s, P)
+        return _loss_grad(Z, y, ww, theta, lam, A, chunk)
 
     theta = torch.zeros(S, P, dtype=Z.dtype, device=Z.device) if init is None else init.expand(S, P).clone()
     f, g = f_and_g(theta, lam_all)
@@ -201,19 +247,21 @@ def _solve_many(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarra
 
 
 def sweep_path(Z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, Cs: np.ndarray, K: int, block: int, max_iter: int,
-               tol: float, anchor: tuple[torch.Tensor, torch.Tensor] | None = None
-               ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+               tol: float, anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
+               tick: Callable[[int], None] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
     """(W (D, K), b (K,), L-BFGS iterations) for every strength of ``Cs`` (strongest first) on Z (N, D), y, w.
 
     ``block`` strengths are solved together (``_solve_many``), each block warm-started from the previous block's
     weakest regularisation (the first from ``anchor`` (W, b), else zeros): batching keeps the products wide, the
-    path keeps the iterations few."""
+    path keeps the iterations few. ``tick(n)`` is called after each block with its n strengths."""
     A, start = (None, None) if anchor is None else (anchor[0], torch.cat([anchor[0].reshape(-1), anchor[1]]))
     out = []
     for a in range(0, len(Cs), block):
         W, b, n = _solve_many(Z, y, w, Cs[a: a + block], K, max_iter, tol, init=start, anchor=A)
         out += [(W[i], b[i], int(n[i])) for i in range(len(n))]
         start = torch.cat([W[-1].reshape(-1), b[-1]])
+        if tick is not None:
+            tick(len(n))
     return out
 
 
@@ -228,12 +276,21 @@ class LinearHead(Head):
     together in the sweep; ``max_iter`` L-BFGS
     iterations per strength (``max_iter_final`` for a fixed C and the refit); ``tol`` the largest gradient entry
     at convergence (scikit-learn's lbfgs default, on the same scaled objective); ``folds``/``seed`` the stratified
-    k-fold cross-validation that chooses C when ``fit`` gets no ``eval_set``; ``device`` auto | cpu | cuda.
+    k-fold cross-validation that chooses C when ``fit`` gets no ``eval_set``; ``sweep_rows`` the most training
+    rows the sweep (and that cross-validation) runs on (None: all); ``device`` auto | cpu | cuda.
+
+    With more training rows than ``sweep_rows``, C is chosen on a seeded stratified subsample of that many
+    (``features.stratified_subsample``; the solve of a sweep costs rows x strengths, hours on 2 cores at 800k
+    rows), and the final fit at the chosen C runs on every training row (+ validation, refit), warm-started from the
+    subsample's solution at C. That is the refit Kornblith et al. already make on train + val: C multiplies the
+    *summed* loss (0.5 ||W||^2 + C sum_i loss_i), so the same C on n times the rows is a relatively n times weaker
+    penalty -- what more data warrants -- and the strength chosen on the subsample is the one that generalised
+    best at its size (benchmarks/bench_heads_scale.py compares it with ``sweep_rows=None`` on one store).
 
     Fitted: ``coef_`` (K, D) and ``intercept_`` (K,) on normalised features, ``C_``, ``sweep_`` (list of
     {"C", "val_accuracy"} plus the ``select`` metric's ``val_mean_per_class`` / ``val_macro_f1``; empty for a fixed
     C), ``val_accuracy_`` and ``val_score_`` (the ``select`` metric) at ``C_``, ``n_iter_`` (L-BFGS iterations of
-    the solve that gave ``coef_``).
+    the solve that gave ``coef_``), ``sweep_rows_`` (training rows C was chosen on; None for a fixed C).
 
     Example:
         >>> head = LinearHead().fit(X_train, y_train, eval_set=(X_val, y_val))
@@ -258,6 +315,7 @@ class LinearHead(Head):
         "seed": [Interval(Integral, 0, None, closed="left")],
         "refit": ["boolean"],
         "block": [Interval(Integral, 1, None, closed="left")],
+        "sweep_rows": [Interval(Integral, 1, None, closed="left"), None],  # None: sweep on every training row
         "device": [str],  # auto, cpu, cuda, cuda:1 ...: resolve_device checks
     }
 
@@ -265,7 +323,8 @@ class LinearHead(Head):
                  C_range: tuple[float, float] = DEFAULT_C_RANGE, grid: str = "default", select: str | None = None,
                  norm: str = "standardize", balanced: bool = False, max_iter: int = 100,
                  max_iter_final: int = 1000, tol: float = 1e-4, folds: int = 5, seed: int = 0,
-                 refit: bool = True, block: int = 5, device: str = "auto"):
+                 refit: bool = True, block: int = 5, sweep_rows: int | None = DEFAULT_SWEEP_ROWS,
+                 device: str = "auto"):
         self.C = C
         self.n_Cs = n_Cs
         self.C_range = C_range
@@ -280,6 +339,7 @@ class LinearHead(Head):
         self.seed = seed
         self.refit = refit
         self.block = block
+        self.sweep_rows = sweep_rows
         self.device = device
 
     def Cs(self) -> np.ndarray:
@@ -295,7 +355,8 @@ class LinearHead(Head):
             raise ProbeError(f"C_range must be two positive numbers low <= high, got {self.C_range}")
         return np.logspace(np.log10(lo), np.log10(hi), int(self.n_Cs))
 
-    def fit(self, X, y, sample_weight=None, eval_set=None, anchor=None) -> LinearHead:
+    def fit(self, X, y, sample_weight=None, eval_set=None, anchor=None, init=None, progress: bool = False
+            ) -> LinearHead:
         """Fit on X (N, D), y (N,); ``eval_set`` (X_val, y_val) chooses C in a sweep (else k-fold CV of X).
 
         ``sample_weight`` (N,) scales each row's loss -- and its share of the normalisation statistics, of the
@@ -304,9 +365,17 @@ class LinearHead(Head):
         ``anchor`` (coef (K, D), intercept (K,)) -- weights on the normalised features, classes in ``classes_``
         order, e.g. a zero-shot head's -- replaces the penalty 0.5 * ||W||^2 with 0.5 * ||W - coef||^2 (L2-SP,
         Li et al. 2018) and starts every solve there: a strong regularisation keeps the anchor, a weak one gives
-        the plain probe, and the sweep chooses between them."""
+        the plain probe, and the sweep chooses between them.
+
+        ``init`` (coef (K, D), intercept (K,)) on the normalised features: where the solve at a fixed C starts
+        (default: the anchor, else zeros) -- e.g. a head of the same C fit on more rows, which leaves the solver
+        few iterations; the optimum is the same, to the solver's tolerance.
+
+        ``progress``: bars on stderr over the sweep's strengths and the final fit's loss evaluations."""
         t0 = time.perf_counter()
-        Z, yi, sw = self._start_fit(X, y, sample_weight)  # (N, D) normalised, (N,) class indices, (N,) or None
+        n_val = 0 if eval_set is None else _num_samples(eval_set[0])
+        # (N + M, D): the normalised training rows, then room for the M validation rows (the refit uses both)
+        Zall, yi, sw = self._start_fit(X, y, sample_weight, spare_rows=n_val)
         if self.C is None:
             self.Cs()  # a bad C_range fails before any solve
         elif self.grid != "default":
@@ -320,27 +389,38 @@ class LinearHead(Head):
         else:
             refuse_map(self.select_, "this linear head takes one class per row")
         dev = resolve_device(self.device)
-        anchor = None if anchor is None else self._anchor(anchor, Z.shape[1], dev)
-        with threads_for(Z.shape[0] * Z.shape[1] * len(self.classes_), dev):
-            self._fit(Z, yi, dev, None if sw is None else sw.astype(np.float32), eval_set, anchor)
+        anchor = None if anchor is None else self._anchor(anchor, Zall.shape[1], dev)
+        if init is not None and self.C is None:
+            raise ProbeError("init starts the solve at a fixed C; a sweep (C=None) starts from zeros or the anchor: "
+                             "pass C, or leave init out")
+        init = None if init is None else self._anchor(init, Zall.shape[1], dev, "init")
+        yv = None if eval_set is None else self._eval_set(eval_set, out=Zall[len(yi):])
+        with threads_for(len(yi) * Zall.shape[1] * len(self.classes_), dev):
+            self._fit(Zall, yi, dev, None if sw is None else sw.astype(np.float32), yv, anchor, init, progress)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
-    def _anchor(self, anchor, D: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(coef (K, D), intercept (K,)) or coef alone -> (W (D, K), b (K,)) float32 tensors, shapes checked."""
+    def _anchor(self, anchor, D: int, dev: torch.device, what: str = "anchor") -> tuple[torch.Tensor, torch.Tensor]:
+        """(coef (K, D), intercept (K,)) or coef alone -> (W (D, K), b (K,)) float32 tensors, shapes checked;
+        ``what``: the argument's name in errors."""
         K = len(self.classes_)
         coef, intercept = anchor if isinstance(anchor, (tuple, list)) else (anchor, np.zeros(K))
         coef, intercept = np.asarray(coef, np.float32), np.asarray(intercept, np.float32)
         if coef.shape != (K, D) or intercept.shape != (K,):
-            raise ProbeError(f"anchor must be (coef ({K}, {D}), intercept ({K},)) for {K} classes on {D}-d "
+            raise ProbeError(f"{what} must be (coef ({K}, {D}), intercept ({K},)) for {K} classes on {D}-d "
                              f"features, got coef {coef.shape} and intercept {intercept.shape}")
         if not (np.isfinite(coef).all() and np.isfinite(intercept).all()):
-            raise ProbeError("anchor holds NaN or infinite weights")
+            raise ProbeError(f"{what} holds NaN or infinite weights")
         return torch.from_numpy(coef.T.copy()).to(dev), torch.from_numpy(intercept).to(dev)
 
-    def _fit(self, Z: np.ndarray, yi: np.ndarray, dev: torch.device, sw: np.ndarray | None, eval_set,
-             anchor: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        K = len(self.classes_)
+    def _fit(self, Zall: np.ndarray, yi: np.ndarray, dev: torch.device, sw: np.ndarray | None,
+             yv: np.ndarray | None, anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
+             init: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = False) -> None:
+        """Zall (N + M, D): the N normalised training rows, then the M validation rows (yv None: no validation
+        set); yi (N,) class indices or the (N, K) label matrix, sw (N,) weights or None; init (W, b) where a
+        fixed C's solve starts."""
+        K, N = len(self.classes_), len(yi)
+        Z, Zv = Zall[:N], Zall[N:]  # views: the refit on train + val solves on Zall itself, no copy
 
         def weights(yi_: np.ndarray, sw_: np.ndarray | None) -> torch.Tensor:
             """(N,) per-row weights: balanced class weights (never for multi-label) times the caller's weights."""
@@ -350,40 +430,80 @@ class LinearHead(Head):
         def t(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(dev)
 
+        def final(Zf: np.ndarray, yf: np.ndarray, swf: np.ndarray | None, C: float, W: torch.Tensor, b: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+            """The solve at C on every row of Zf, warm-started at (W, b), logged with its time."""
+            t1 = time.perf_counter()
+            log.info("fitting C=%.3g on %d rows", C, len(yf))
+            with tqdm(unit="eval", disable=not progress, desc=f"linear fit C={C:.3g} ({len(yf):,} rows)",
+                      mininterval=0.5, dynamic_ncols=True) as bar:
+                out = _solve(t(Zf), t(yf), weights(yf, swf), C, W, b, self.max_iter_final, self.tol, A,
+                             tick=bar.update)
+            log.info("fit C=%.3g on %d rows: %d L-BFGS iterations, %.1f s", C, len(yf), out[2],
+                     time.perf_counter() - t1)
+            return out
+
         W0, b0 = (torch.zeros(Z.shape[1], K, device=dev), torch.zeros(K, device=dev)) if anchor is None else anchor
         A = None if anchor is None else anchor[0]  # (D, K) the penalty's centre
         self.sweep_ = []
-        self.val_accuracy_ = self.val_score_ = None
+        self.val_accuracy_ = self.val_score_ = self.sweep_rows_ = None
         if self.C is not None:
-            W, b, n_iter = _solve(t(Z), t(yi), weights(yi, sw), float(self.C), W0, b0, self.max_iter_final, self.tol,
-                                  A)
             self.C_ = float(self.C)
-            if eval_set is not None:
-                Zv, yv = self._eval_set(eval_set)
+            W, b, n_iter = final(Z, yi, sw, self.C_, *(init if init is not None else (W0, b0)))
+            if yv is not None:
                 self.val_accuracy_, self.val_score_ = self._val_scores(t(Zv) @ W + b, yv)
-        elif eval_set is not None:  # sweep on train, score on the given validation set, refit on both
-            Zv, yv = self._eval_set(eval_set)
-            scores, sols = self._sweep(t(Z), t(yi), weights(yi, sw), t(Zv), yv, anchor=anchor)
-            best = self._best(self.sweep_)
-            self.C_, self.val_score_ = float(self.Cs()[best]), float(scores[best])
-            self.val_accuracy_ = self.sweep_[best].get("val_accuracy")
-            W, b, n_iter = sols[best]
-            if self.refit:  # Kornblith et al.: refit on train + validation at the chosen strength
-                yall = np.concatenate([yi, yv])
-                sw_all = None if sw is None else np.concatenate([sw, np.ones(len(yv), np.float32)])
-                W, b, n_iter = _solve(t(np.concatenate([Z, Zv])), t(yall), weights(yall, sw_all), self.C_, W, b,
-                                      self.max_iter_final, self.tol, A)
-        else:  # no validation set: choose on seeded stratified k-fold cross-validation of the training rows
-            W, b = self._cross_validate(Z, yi, sw, t, weights, anchor)  # the folds' mean solution at C_: a warm start
-            W, b, n_iter = _solve(t(Z), t(yi), weights(yi, sw), self.C_, W, b, self.max_iter_final, self.tol, A)
-        if self.sweep_:
-            log.info("chose C=%.3g (validation %s %.4f)", self.C_, self.select_, self.val_score_)
+            self._finish(W, b, n_iter)
+            return
+        sub = self._sweep_subset(yi)  # None: the sweep runs on every training row
+        Zs, ys, sws = (Z, yi, sw) if sub is None else (Z[sub], yi[sub], None if sw is None else sw[sub])
+        self.sweep_rows_ = len(ys)
+        if sub is not None:
+            log.info("choosing C on a stratified subsample of %d of %d training rows (sweep_rows, seed %d)",
+                     len(sub), N, self.seed)
+        n_fits = len(self.Cs()) * (1 if yv is not None else self._n_folds(ys))
+        t1 = time.perf_counter()
+        with tqdm(total=n_fits, unit="C", disable=not progress, desc=f"linear C sweep ({len(ys):,} rows)",
+                  mininterval=0.5, dynamic_ncols=True) as bar:
+            if yv is not None:  # sweep on train, score on the given validation set, refit on both
+                scores, sols = self._sweep(t(Zs), t(ys), weights(ys, sws), t(Zv), yv, anchor=anchor, tick=bar.update)
+                best = self._best(self.sweep_)
+                self.C_, self.val_score_ = float(self.Cs()[best]), float(scores[best])
+                self.val_accuracy_ = self.sweep_[best].get("val_accuracy")
+                W, b, n_iter = sols[best]
+            else:  # no validation set: choose on seeded stratified k-fold cross-validation of the (sweep's) rows
+                W, b = self._cross_validate(Zs, ys, sws, t, weights, anchor, bar.update)  # the folds' mean at C_
+        del Zs  # the subsample's copy
+        log.info("chose C=%.3g (validation %s %.4f; %d fits on %d rows, %.1f s)", self.C_, self.select_,
+                 self.val_score_, n_fits, len(ys), time.perf_counter() - t1)
+        if yv is not None and self.refit:  # Kornblith et al.: refit on train + validation at the chosen strength
+            yall = np.concatenate([yi, yv])
+            sw_all = None if sw is None else np.concatenate([sw, np.ones(len(yv), np.float32)])
+            W, b, n_iter = final(Zall, yall, sw_all, self.C_, W, b)
+        elif yv is None or sub is not None:  # every training row at C_, from the folds' mean / the subsample's fit
+            W, b, n_iter = final(Z, yi, sw, self.C_, W, b)
+        self._finish(W, b, n_iter)
+
+    def _finish(self, W: torch.Tensor, b: torch.Tensor, n_iter: int) -> None:
         self.coef_ = W.T.contiguous().cpu().numpy()  # (K, D)
         self.intercept_ = b.cpu().numpy()  # (K,)
         self.n_iter_ = int(n_iter)
 
+    def _sweep_subset(self, yi: np.ndarray) -> np.ndarray | None:
+        """Sorted indices of the ``sweep_rows`` training rows the sweep runs on -- seeded, stratified by class (by
+        label for a multi-label Y) -- or None when there are not more training rows than that."""
+        if self.sweep_rows is None or len(yi) <= self.sweep_rows:
+            return None
+        if self.multilabel_:
+            return multilabel_holdout(yi, self.sweep_rows / len(yi), self.seed)[1]
+        return stratified_subsample(yi, int(self.sweep_rows), self.seed)
+
+    def _n_folds(self, yi: np.ndarray) -> int:
+        """The folds of the cross-validation that chooses C on rows of class indices (or label matrix) yi."""
+        return min(int(self.folds), len(yi) if self.multilabel_ else int(np.bincount(yi).min()))
+
     def _cross_validate(self, Z: np.ndarray, yi: np.ndarray, sw: np.ndarray | None, t, weights,
-                        anchor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        tick: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sweep every C on each fold of a seeded stratified k-fold split; sets ``sweep_`` (mean fold accuracy and
         ``select`` metric per strength), ``C_``, ``val_accuracy_`` and ``val_score_``. Returns the folds' mean
         (W (D, K), b (K,)) at ``C_``, the final fit's warm start. (Not the folds' warm starts: a fold's solution has
@@ -404,7 +524,7 @@ class LinearHead(Head):
         per_fold, fold_sols = [], []  # each fold's sweep_ ({"C", "val_accuracy", ...} per strength), solutions
         for tr, va in folds:  # (train, validation) row indices
             w_tr, w_va = (None, None) if sw is None else (sw[tr], sw[va])
-            _, sols = self._sweep(t(Z[tr]), t(yi[tr]), weights(yi[tr], w_tr), t(Z[va]), yi[va], w_va, anchor)
+            _, sols = self._sweep(t(Z[tr]), t(yi[tr]), weights(yi[tr], w_tr), t(Z[va]), yi[va], w_va, anchor, tick)
             per_fold.append(self.sweep_)
             fold_sols.append(sols)
         self.sweep_ = [{"C": r["C"], **{k: float(np.mean([f[i][k] for f in per_fold])) for k in r if k != "C"}}
@@ -426,28 +546,30 @@ class LinearHead(Head):
         tied = np.flatnonzero(scores >= scores.max() - 1e-12)
         return int(tied[np.argmin([sweep[i]["val_loss"] for i in tied])])
 
-    def _eval_set(self, eval_set) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised validation features (M, D) and class indices (M,) -- or the (M, C) label matrix."""
+    def _eval_set(self, eval_set, out: np.ndarray) -> np.ndarray:
+        """The validation rows' class indices (M,) -- or the (M, C) label matrix --, their normalised features
+        written into ``out`` (M, D)."""
         Xv, yv = eval_set
-        Zv = self.transform_features(Xv)
+        Zv = self.transform_features(Xv, out=out)
         yv = np.asarray(yv)
         if self.multilabel_:
             if yv.ndim != 2 or yv.shape[1] != len(self.classes_):
                 raise ProbeError(f"validation labels must be a ({len(Zv)}, {len(self.classes_)}) 0/1 matrix like the "
                                  f"training labels, got shape {yv.shape}")
-            return Zv, yv.astype(np.float32)
+            return yv.astype(np.float32)
         unknown = np.setdiff1d(yv, self.classes_)
         if len(unknown):
             raise ProbeError(f"validation labels {unknown[:5].tolist()} do not occur in the training labels")
-        return Zv, np.searchsorted(self.classes_, yv)
+        return np.searchsorted(self.classes_, yv)
 
     def _sweep(self, Z, y, w, Zv, yv, wv: np.ndarray | None = None,
-               anchor: tuple[torch.Tensor, torch.Tensor] | None = None
+               anchor: tuple[torch.Tensor, torch.Tensor] | None = None, tick: Callable[[int], None] | None = None
                ) -> tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor, int]]]:
         """Fit every C of the grid (``sweep_path``): (val ``select`` scores (S,), solutions (W, b, iterations)),
         rows weighted by ``wv`` (M,) when given. Records ``sweep_``: {"C", "val_accuracy"} per strength, and the
-        ``select`` metric (``val_mean_per_class``, ``val_macro_f1``) when it is not accuracy."""
-        path = sweep_path(Z, y, w, self.Cs(), len(self.classes_), self.block, self.max_iter, self.tol, anchor)
+        ``select`` metric (``val_mean_per_class``, ``val_macro_f1``) when it is not accuracy; ``tick(n)`` after each
+        block of n strengths."""
+        path = sweep_path(Z, y, w, self.Cs(), len(self.classes_), self.block, self.max_iter, self.tol, anchor, tick)
         scores, sols = [], []
         self.sweep_ = []
         for C, (W, b, n) in zip(self.Cs(), path):

@@ -1,0 +1,90 @@
+"""`probe fit-head --head linear` at scale: peak memory against the size of the features it fits on, and the C sweep
+on a subsample (``--sweep-rows``, default 100,000) against the sweep on every training row (``--sweep-rows 0``, the
+old behaviour) on the same store, in the same run.
+
+    python benchmarks/bench_heads_scale.py STORE.h5 [--sweep-rows 100000 0] [--timeout 3600] [-- EXTRA FIT-HEAD ARGS]
+
+Each configuration runs `probe -v fit-head` in a child under ``/usr/bin/time -v`` (peak RSS, wall time); a run past
+``--timeout`` is recorded with what it had logged (``log_tail``: the sweep's and the fits' timings). Figures:
+``peak_rss_over_features`` (peak RSS / bytes of the train + val features; target below 2.5), and per
+``--sweep-rows`` value its wall time, C and accuracies against the first configuration's."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import write_result  # noqa: E402
+from probe.store import FeatureStore  # noqa: E402
+
+
+def run_fit_head(store: Path, sweep_rows: int, extra: list[str], timeout: float, tmp: Path) -> dict[str, Any]:
+    """One `probe -v fit-head` under /usr/bin/time -v: its summary (when it finished), wall time and peak RSS."""
+    out = tmp / f"lin_{sweep_rows}.safetensors"
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "probe", "-v", "fit-head", str(store), "--head", "linear",
+           "--out", str(out), "--sweep-rows", str(sweep_rows), "--json", *extra]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr, finished = p.stdout, p.stderr, p.returncode == 0
+    except subprocess.TimeoutExpired as e:
+        stdout = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+        stderr = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else e.stderr or ""
+        finished = False
+    r: dict[str, Any] = {"sweep_rows_flag": sweep_rows, "finished": finished,
+                         "log_tail": [ln for ln in stderr.splitlines() if " probe." in ln][-12:]}
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", stderr)
+    if rss:
+        r["peak_rss_gb"] = round(int(rss.group(1)) / 2**20, 2)
+    if wall:
+        r["wall_s"] = round(sum(float(x) * 60**i for i, x in enumerate(reversed(wall.group(1).split(":")))), 1)
+    if finished:
+        s = json.loads(stdout)
+        r.update(C=s["C"], sweep_rows=s["sweep_rows"], n_train=s["n_train"], val_accuracy=s["val_accuracy"],
+                 test_accuracy=(s["test"] or {}).get("accuracy"), fit_seconds=s["fit_seconds"])
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("store", type=Path)
+    ap.add_argument("--sweep-rows", type=int, nargs="+", default=[100_000, 0])
+    ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--out", type=Path, help="JSON to write (default: benchmarks/results/heads_scale.json)")
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # more fit-head arguments, after --
+    a = ap.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    fs = FeatureStore(a.store)
+    sp = fs.splits()
+    trainval = int(np.isin(sp, ["train", "val"]).sum())
+    gb = trainval * fs.dim * 4 / 2**30
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in a.sweep_rows:
+            r = run_fit_head(a.store, n, extra, a.timeout, Path(tmp))
+            if "peak_rss_gb" in r:
+                r["peak_rss_over_features"] = round(r["peak_rss_gb"] / gb, 2)
+            runs.append(r)
+    base = runs[0]
+    for r in runs[1:]:
+        if r.get("wall_s") and base.get("wall_s"):
+            r["wall_over_first"] = round(r["wall_s"] / base["wall_s"], 2)
+        if r.get("finished") and base.get("finished"):
+            r["test_accuracy_minus_first"] = round(r["test_accuracy"] - base["test_accuracy"], 4)
+    write_result("heads_scale", {"store": str(a.store), "rows": fs.count, "dim": fs.dim, "classes": len(fs.classes),
+                          "train_val_rows": trainval, "train_val_features_gb": round(gb, 2), "extra_args": extra,
+                          "runs": runs}, a.out)
+
+
+if __name__ == "__main__":
+    main()
