@@ -333,10 +333,12 @@ def fewshot(store_path: str | os.PathLike, way: int = 5, shots: tuple[int, ...] 
     rows = np.flatnonzero((y_all >= 0) & ((sp == split) if split else True))
     X = store.features()
     base = np.flatnonzero((y_all >= 0) & (sp == "train")) if (sp == "train").any() else np.flatnonzero(y_all >= 0)
-    Z = apply_norm(X[rows], fit_norm(X[base], norm))  # (n, D)
+    params = fit_norm(X if len(base) == len(X) else X[base], norm)
+    X = X if len(rows) == len(X) else X[rows]  # (n, D): one array the size of the store at a time
     y = y_all[rows]
+    fixed = _compare_heads(store, compare, X, y) if compare else []
+    Z = apply_norm(X, params, out=X)  # in place: the raw features are not needed any more
     gram = Z @ Z.T if len(Z) <= GRAM_MAX_ROWS else None  # (n, n)
-    fixed = _compare_heads(store, compare, X[rows], y) if compare else []
     heads = ("prototype", "linear") if head == "both" else (head,)
     results = []
     for shot in shots:
