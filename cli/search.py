@@ -102,11 +102,22 @@ def search(
 
 
 # -------------------------------------------------------------------------------------------------- dedup
+def _search_used(s: dict) -> str:
+    if s["method"] == "exact":
+        return "exact search over all pairs"
+    params = ", ".join(f"{k}={v}" for k, v in s["params"].items())
+    recall = (f"neighbour recall@10 {s['recall_at_10']:.3f} on {s['recall_queries']} held-out rows"
+              if s["recall_queries"] else "recall not measured (too few rows)")
+    return (f"approximate search ({s['index']}{', ' + params if params else ''}; {s['neighbours']} nearest "
+            f"neighbours per row, a range search for the {s['range_searched']} rows whose neighbours were all "
+            f"duplicates; {recall}; recall of pairs not measured, --exact searches all pairs)")
+
+
 def _dedup_text(r: dict) -> str:
     lines = [f"group {n + 1}: {len(g['paths'])} images, cosine >= {g['min_similarity']:.4f}\n  "
              + "\n  ".join(g["paths"]) for n, g in enumerate(r["groups"])]
     lines.append(f"{r['store']}: {len(r['groups'])} near-duplicate groups ({r['duplicates']} redundant images) "
-                 f"among {r['count']} at cosine >= {r['threshold']}")
+                 f"among {r['count']} at cosine >= {r['threshold']}; {_search_used(r['search'])}")
     return "\n".join(lines)
 
 
@@ -116,9 +127,13 @@ def dedup(
     store: Path = typer.Argument(..., help="Feature store (.h5)."),
     threshold: float = typer.Option(0.95, "--threshold", "-t", help="Cosine similarity at or above which two "
                                                                     "images are near-duplicates."),
+    exact: bool = typer.Option(False, "--exact", help="Search all pairs exactly whatever the store's size "
+                                                      "(default: exact below 50,000 rows, else approximate)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Groups of near-duplicate images in a store (exact search over all pairs)."""
+    """Groups of near-duplicate images in a store (exact search over all pairs of a small store, a tuned
+    approximate index above 50,000 rows)."""
     from probe.search import find_duplicates
 
-    emit(find_duplicates(store, threshold, progress=show_progress(as_json)), as_json, _dedup_text)
+    emit(find_duplicates(store, threshold, exact=exact or None, progress=show_progress(as_json)), as_json,
+         _dedup_text)

@@ -212,44 +212,19 @@ def _nested(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndar
 def _pairs(x: np.ndarray, threshold: float, k: int,
            progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(pairs (m, 2), similarities (m,), (N,) mean cosine distance to k nearest neighbours, index kind) over the
-    L2-normalised rows x. Exact below the flat-index size, else the search module's tuned approximate index.
-    ``progress``: a bar on stderr over the rows whose neighbours are searched (the long part on a large store)."""
-    from .search import IndexConfig
-    from .search.dedup import duplicate_pairs
-    from .search.faiss_index import build_faiss
+    rows x, L2-normalised here: ``near_pairs``, exact below the flat-index size, else the search module's tuned
+    approximate index. ``progress``: a bar on stderr over the rows whose neighbours are searched (the long part on a
+    large store)."""
+    from .search.dedup import near_pairs
     from .search.rows import prepare
 
-    cfg = IndexConfig(metric="cosine")
     xn = prepare(x, "cosine")
-    index, kind, _, _ = build_faiss(xn, cfg)
-    n, kk, step = len(xn), min(k + 1, len(xn)), cfg.chunk_rows
-    sims, ids = np.zeros((n, kk), np.float32), np.zeros((n, kk), np.int64)  # (N, k+1), the row itself usually first
-    starts = list(range(0, n, step))
-    if len(starts) > 1 and n - starts[-1] < step // 2:
-        starts.pop()  # no short last block: every block takes faiss's BLAS path, as one search of all rows did
-    with tqdm(total=n, unit="row", disable=not progress, desc="doctor neighbours", mininterval=0.5,
-              dynamic_ncols=True) as bar:
-        for s, e in zip(starts, starts[1:] + [n]):
-            sims[s:e], ids[s:e] = index.search(xn[s:e], kk)
-            bar.update(e - s)
+    found = near_pairs(xn, threshold, k, neighbours=True, progress=progress, desc="doctor neighbours")
+    ids, sims = found.knn_ids, found.knn_sims  # (N, k+1), the row itself usually first
     own = ids == np.arange(len(xn))[:, None]
     nn = np.where(own | (ids < 0), np.nan, sims)  # (N, k+1): neighbours only
-    knn = 1.0 - np.nanmean(nn, axis=1) if kk > 1 else np.zeros(len(xn))
-    if kind == "flat":
-        pairs, psims = duplicate_pairs(xn, threshold)
-    else:  # approximate: the k nearest neighbours above the threshold
-        i = np.repeat(np.arange(len(xn)), kk)
-        j, s = ids.ravel(), sims.ravel()
-        full = np.flatnonzero(sims[:, -1] >= threshold)  # all k+1 neighbours are duplicates: there may be more
-        if len(full):
-            lims, rs, rj = index.range_search(xn[full], float(np.nextafter(np.float32(threshold), -1)))
-            i = np.r_[i, np.repeat(full, np.diff(lims).astype(np.int64))]
-            j, s = np.r_[j, rj], np.r_[s, rs]
-        keep = (j >= 0) & (i != j) & (s >= threshold)
-        a, b = np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])
-        uniq, first = np.unique(np.stack([a, b], 1), axis=0, return_index=True)
-        pairs, psims = uniq, s[keep][first]
-    return pairs, psims, knn, kind
+    knn = 1.0 - np.nanmean(nn, axis=1) if ids.shape[1] > 1 else np.zeros(len(xn))
+    return found.pairs, found.sims, knn, found.search.get("type", "flat")
 
 
 def doctor(store: FeatureStore | str | os.PathLike, *, folds: int = 5, seed: int = 0,

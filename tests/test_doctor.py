@@ -289,3 +289,15 @@ def test_sweep_per_fold_is_nested_and_agrees_with_once():
     assert 0.7 < acc[1] < 0.97 and abs(acc[0] - acc[1]) <= 0.04, acc
     with pytest.raises(ProbeError, match="folds >= 3"):
         out_of_fold_proba(X, y, 2, 0, "per-fold")
+
+
+def test_duplicates_are_the_dedup_search(planted):
+    """doctor and `probe dedup` share one search (probe.search.dedup.near_pairs): exact on a small store, the same
+    pairs at the same threshold."""
+    from probe.search import find_duplicates
+
+    report, _, store = planted
+    r = find_duplicates(store, report.duplicates["threshold"])
+    assert report.duplicates["index"] == "flat" and r["search"] == {"method": "exact"}
+    assert r["pairs"] == len(report.duplicates["pairs"]) >= 18
+    assert {i for g in r["groups"] for i in g["ids"]} == {i for p in report.duplicates["pairs"] for i in p["rows"]}

@@ -245,6 +245,54 @@ def test_dedup_joins_chains_into_groups(tmp_path):
     assert [g["ids"] for g in r["groups"]] == [[0, 1, 2]]
 
 
+def planted_duplicates(n: int, dim: int = 32, seed: int = 3) -> tuple[np.ndarray, set[tuple[int, int]]]:
+    """(n, dim) clustered rows (no two reach cosine 0.99) with planted duplicates: 20 rows copied with a little
+    noise (cosine ~0.9999) into the last 40, and 20 exact copies of row 5 (more than dedup's k neighbours) in the
+    last 20; and the planted pairs (i < j)."""
+    x = clustered(n, dim, seed=seed)
+    rng = np.random.default_rng(seed)
+    src = rng.choice(np.setdiff1d(np.arange(n - 40), [5]), 20, replace=False)
+    dst = n - 40 + np.arange(20)
+    x[dst] = x[src] + 0.01 * rng.normal(size=(20, dim))
+    x[n - 20:] = x[5]
+    group = [5, *range(n - 20, n)]
+    pairs = {(int(a), int(b)) for a, b in zip(src, dst)} | {(a, b) for a in group for b in group if a < b}
+    return x, pairs
+
+
+def test_approximate_dedup_finds_the_pairs_exact_finds(tmp_path):
+    from probe.search.dedup import near_pairs
+    from probe.search.rows import prepare
+
+    x, want = planted_duplicates(3000)
+    path = store_from_arrays(tmp_path / "s.h5", x)
+    exact = find_duplicates(path, 0.99)  # 3000 rows: within the flat-index size, so exact
+    approx = find_duplicates(path, 0.99, exact=False)
+    assert exact["search"] == {"method": "exact"} and exact["pairs"] == len(want) == 20 + 21 * 20 // 2
+    s = approx["search"]
+    assert s["method"] == "approximate" and s["index"].startswith("IVF") and "nprobe" in s["params"]
+    assert s["range_searched"] == 21 and s["recall_queries"] > 0 and 0 < s["recall_at_10"] <= 1  # row 5's copies
+    assert approx["pairs"] == exact["pairs"]
+    assert [g["ids"] for g in approx["groups"]] == [g["ids"] for g in exact["groups"]]
+    assert [g["ids"] for g in exact["groups"]][0] == [5, *range(2980, 3000)] and len(exact["groups"]) == 21
+    for a, b in zip(approx["groups"], exact["groups"]):
+        assert abs(a["min_similarity"] - b["min_similarity"]) < 1e-5
+    found = near_pairs(prepare(x, "cosine"), 0.99, exact=False)
+    assert {(int(a), int(b)) for a, b in found.pairs} == want and (found.sims >= 0.99).all()
+    assert near_pairs(prepare(x, "cosine"), 0.99, k=30, exact=False).search["range_searched"] == 0  # k > copies
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_approximate_dedup_bars_count_rows_added_and_searched(tmp_path, capsys, progress):
+    x, _ = planted_duplicates(600)
+    find_duplicates(store_from_arrays(tmp_path / "s.h5", x), 0.99, exact=False, progress=progress)
+    err = capsys.readouterr().err
+    if progress:  # the index build's bar (it waits at 0 while the index trains), then the neighbour search's
+        assert "index IVF" in err and "near-duplicates" in err and err.count("600/600") >= 2, err
+    else:
+        assert err == ""
+
+
 # ------------------------------------------------------------------------------------------- from arrays
 def test_from_arrays_searches_like_a_store_index(synth, tmp_path):
     from probe.errors import ProbeError

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from probe.search import IndexConfig, Rows, SearchIndex, index_store, prepare, recall_at, sidecar
 from probe.store import store_from_arrays
 
-from .test_search import clustered
+from .test_search import clustered, planted_duplicates
 
 N = 4000
 
@@ -156,3 +156,30 @@ def test_peak_memory_follows_the_chunk_not_the_store(tmp_path):
     chunked, whole = (peak(p) for p in running)
     assert chunked < 0.9 * size, f"peak grew {chunked / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB store"
     assert whole - chunked > 0.5 * size  # the difference is the chunk: memory follows chunk_rows
+
+
+@pytest.mark.slow
+def test_dedup_above_the_flat_size_is_approximate_unless_exact(tmp_path):
+    """A store of exactly IndexConfig.exact_below rows: `probe dedup` takes the approximate index (and says so),
+    `--exact` the all-pairs search; both find the planted pairs and nothing else (~30 s on 2 busy cores, 2/3 of it
+    the exact search)."""
+    from cli.main import app
+
+    n = IndexConfig().exact_below
+    x, want = planted_duplicates(n)
+    path = tmp_path / "d.h5"
+    store_from_arrays(path, x)
+    runs = {}
+    for flag in ([], ["--exact"]):
+        r = CliRunner().invoke(app, ["dedup", str(path), "--threshold", "0.99", "--json", *flag])
+        assert r.exit_code == 0, r.output
+        runs[bool(flag)] = json.loads(r.output)
+    approx, exact = runs[False], runs[True]
+    assert approx["search"]["method"] == "approximate" and exact["search"] == {"method": "exact"}
+    assert approx["pairs"] == exact["pairs"] == len(want)
+    groups = [g["ids"] for g in exact["groups"]]
+    assert [g["ids"] for g in approx["groups"]] == groups and groups[0] == [5, *range(n - 20, n)]
+    assert {tuple(g) for g in groups[1:]} == {p for p in want if p[1] < n - 20}  # the 20 noisy copies
+    r = CliRunner().invoke(app, ["dedup", str(path), "--threshold", "0.99"])
+    assert r.exit_code == 0 and "approximate search (IVF" in r.output and "nprobe=" in r.output, r.output
+    assert "neighbour recall@10" in r.output and "recall of pairs not measured" in r.output
