@@ -131,8 +131,7 @@ def dedup(
                                                       "(default: exact below 50,000 rows, else approximate)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Groups of near-duplicate images in a store (exact search over all pairs of a small store, a tuned
-    approximate index above 50,000 rows)."""
+    """Groups of near-duplicate images in a store (exact up to 50,000 rows, then an approximate index)."""
     from probe.search import find_duplicates
 
     emit(find_duplicates(store, threshold, exact=exact or None, progress=show_progress(as_json)), as_json,
