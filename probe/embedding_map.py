@@ -21,7 +21,7 @@ shows only on the machine holding the images -- embedding all of 50k rows would 
 Large stores: at most ``max_points`` rows (default 100,000) are read, projected and drawn -- UMAP of 1M rows takes
 most of an hour here and its page would be ~100+ MB. Above it the map shows a seeded sample stratified by the
 colour's categories (``sample_rows``: every category keeps ``min(its rows, 5)`` points, the rest is shared in
-proportion), read row by row from the store without loading the others; ``color="prediction"`` / ``"issue"``
+proportion), read a block of store rows at a time keeping only the sampled ones; ``color="prediction"`` / ``"issue"``
 stratify by label and compute the out-of-fold predictions or probe.doctor's analysis on the sampled rows only (so
 near-duplicates are pairs among them). The page and ``notes`` say "100,000 of 1,000,000 rows shown".
 
@@ -61,7 +61,6 @@ THUMB_PX = 64  # longest side of an embedded thumbnail
 OUTLIER_SHARE = 0.01  # issue colour: the top 1% of rows by distance to their class mean are "outlier"
 FOLDS = 5  # prediction colour: folds of the out-of-fold prediction (fewer when a class has fewer rows)
 MAX_POINTS = 100_000  # rows drawn at most (0: all): UMAP of 100k took 3.5 min on 2 cores, its page 3.2 MB + thumbnails
-READ_ROWS = 16_384  # rows per read of the features (~80 MB at D = 1280): a bar step, and a sample's memory bound
 Q = 100_000  # coordinates travel to the page as integers 0..Q of the unit square (1e-5 of the map's extent)
 
 NO_UMAP = "method='umap' needs umap-learn, which is not installed: pip install 'probe[map]' (or use method='pca')"
@@ -197,22 +196,6 @@ def sample_rows(groups: np.ndarray, k: int, seed: int = 0, floor: int = FOLDS) -
     rng = np.random.default_rng(seed)
     members = np.split(np.argsort(group, kind="stable"), np.cumsum(n)[:-1])  # rows of each group, ascending
     return np.sort(np.concatenate([rng.choice(m, t, replace=False) for m, t in zip(members, take)]))
-
-
-def _read_rows(store: FeatureStore, rows: np.ndarray | None, progress: bool = False) -> np.ndarray:
-    """(n, D) float32 features of the sorted row indices ``rows`` (None: every row), read READ_ROWS rows of the
-    store at a time, so a sample never holds the other rows. ``progress``: a bar on stderr over the rows read."""
-    n = store.count if rows is None else len(rows)
-    out = np.empty((n, store.dim), np.float32)
-    with store.open() as f, tqdm(total=n, unit="row", disable=not progress, desc="map: reading features",
-                                 mininterval=0.5, dynamic_ncols=True) as bar:
-        ds = f["features"]
-        for a in range(0, store.count, READ_ROWS):
-            lo, hi = (a, min(a + READ_ROWS, n)) if rows is None else np.searchsorted(rows, [a, a + READ_ROWS])
-            if hi > lo:  # h5py reads only the chunks holding the (sorted) rows asked for
-                out[lo:hi] = ds[a: a + READ_ROWS] if rows is None else ds[rows[lo:hi]]
-                bar.update(hi - lo)
-    return out
 
 
 class _Sample(FeatureStore):
@@ -450,7 +433,7 @@ def embedding_map(store: FeatureStore | str | os.PathLike, *, color: str = "labe
         sample = sample_rows(groups, max_points, seed)
         by = "split" if color == "split" else "label"
         notes.append(f"{max_points:,} of {total:,} rows shown (seeded sample stratified by {by}; --max-points)")
-    X = _read_rows(store, sample, progress)  # (N, D), N = max_points when sampled
+    X = store.features_at(sample, progress=progress, desc="map: reading features")  # (N, D): max_points if sampled
     sampled = sample is not None
     if sampled:
         store = _Sample(store, sample, X)

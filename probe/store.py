@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STR = h5py.string_dtype("utf-8")
+READ_ROWS = 16_384  # store rows per read of FeatureStore.features_at (~80 MB at D = 1280): a bounded temporary
 
 
 def _attr(v: Any) -> Any:
@@ -226,6 +227,27 @@ class FeatureStore:
             m = self._mask(f, split)
             return f["features"][m] if isinstance(m, slice) else f["features"][np.sort(m)] if len(m) else \
                 np.zeros((0, self.dim), np.float32)
+
+    def features_at(self, rows: np.ndarray | None = None, out: np.ndarray | None = None, progress: bool = False,
+                    desc: str = "reading features") -> np.ndarray:
+        """The features (n, D) float32 of the row indices ``rows`` (n,), in their order (None: every row), read
+        READ_ROWS store rows at a time, into ``out`` (n, D) when given: the result is the only array of their size
+        (``features()[rows]`` would hold the whole store as well). ``progress``: a bar on stderr over the rows."""
+        from tqdm.auto import tqdm
+
+        rows = np.arange(self.count) if rows is None else np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.dim), np.float32) if out is None else out
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        with self.open() as f, tqdm(total=len(rows), unit="row", disable=not progress, desc=desc, mininterval=0.5,
+                                    dynamic_ncols=True) as bar:
+            ds = f["features"]
+            for a in range(0, self.count, READ_ROWS):
+                lo, hi = np.searchsorted(srt, [a, a + READ_ROWS])
+                if hi > lo:
+                    out[order[lo:hi]] = ds[a: a + READ_ROWS][srt[lo:hi] - a]
+                    bar.update(hi - lo)
+        return out
 
     def views(self, split: str | None = None, rows: np.ndarray | None = None) -> np.ndarray | None:
         """The augmented views (n, K, D) float32 of ``split`` (or of the row indices ``rows``, in their order);

@@ -193,11 +193,13 @@ def store(tmp_path_factory):
     return path
 
 
-def test_features_of_reads_rows_in_their_order(store, monkeypatch):
-    monkeypatch.setattr(fitmod, "READ_ROWS", 64)
+def test_features_at_reads_rows_in_their_order(store, monkeypatch):
+    import probe.store
+
+    monkeypatch.setattr(probe.store, "READ_ROWS", 64)
     fs = FeatureStore(store)
     rows = np.random.default_rng(0).permutation(700)[:333]
-    np.testing.assert_array_equal(fitmod._features_of(fs, rows), fs.features()[rows])
+    np.testing.assert_array_equal(fs.features_at(rows), fs.features()[rows])
     X = np.arange(20.0).reshape(10, 2)
     assert np.shares_memory(fitmod._take(X, np.arange(3, 7)), X)  # a run: a view
     np.testing.assert_array_equal(fitmod._take(X, np.array([1, 4])), X[[1, 4]])

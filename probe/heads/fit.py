@@ -43,7 +43,7 @@ from .scoring import refuse_map
 
 NOT_CALIBRATED = cal.MULTILABEL_NOT_CALIBRATED
 HOLDOUT = 0.2  # share of the rows (of each class, single-label) held out as val where the data has no split for it
-READ_ROWS = 16_384  # store rows per read when gathering the rows a fit uses (64 MB of 1024-d float32)
+BLOCK = 16_384  # train rows per prediction of the train accuracy
 
 log = logging.getLogger(__name__)
 
@@ -207,22 +207,6 @@ def _views_kw(store: FeatureStore, head: Head, train: np.ndarray, views: bool | 
     return {"views": store.views(rows=train)}
 
 
-def _features_of(store: FeatureStore, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """The features (n, D) of the store's rows ``rows`` (n,), in that order, read READ_ROWS store rows at a time
-    (into ``out`` (n, D) when given): the result is the only array of their size (``store.features()[rows]`` would
-    hold the whole store as well)."""
-    out = np.empty((len(rows), store.dim), np.float32) if out is None else out
-    order = np.argsort(rows, kind="stable")
-    srt = rows[order]
-    with store.open() as f:
-        ds = f["features"]
-        for a in range(0, store.count, READ_ROWS):
-            lo, hi = np.searchsorted(srt, [a, a + READ_ROWS])
-            if hi > lo:
-                out[order[lo:hi]] = ds[a: a + READ_ROWS][srt[lo:hi] - a]
-    return out
-
-
 def _packed(store: FeatureStore, rows: dict[str, np.ndarray]
             ) -> tuple[np.ndarray, dict[str, np.ndarray], Callable[[], np.ndarray]]:
     """(X (n, D) for the features of the train, val and test rows, one split after the other, {split: its rows of
@@ -232,9 +216,9 @@ def _packed(store: FeatureStore, rows: dict[str, np.ndarray]
     order = np.concatenate([rows["train"], rows["val"], rows["test"]])
     ends = np.cumsum([0, len(rows["train"]), len(rows["val"]), len(rows["test"])])
     X = np.empty((len(order), store.dim), np.float32)
-    _features_of(store, order[: ends[2]], X[: ends[2]])
+    store.features_at(order[: ends[2]], X[: ends[2]])
     return X, {s: np.arange(ends[i], ends[i + 1]) for i, s in enumerate(("train", "val", "test"))}, \
-        lambda: _features_of(store, order[ends[2]:], X[ends[2]:])
+        lambda: store.features_at(order[ends[2]:], X[ends[2]:])
 
 
 def _take(X: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -355,8 +339,8 @@ def fit_head(store: FeatureStore | str | os.PathLike, head: Head | str = "linear
     val_report = None if head.kind == "linear" else report(val)
     details = _head_details(head, {"shots": shots, "seed": seed}, len(val))
     Xtr = _take(X, train)  # predicted a block at a time: a head's normalised copy of every train row would be GBs
-    right = sum(int((head.predict(Xtr[s: s + READ_ROWS]) == y[train[s: s + READ_ROWS]]).sum())
-                for s in range(0, len(Xtr), READ_ROWS))
+    right = sum(int((head.predict(Xtr[s: s + BLOCK]) == y[train[s: s + BLOCK]]).sum())
+                for s in range(0, len(Xtr), BLOCK))
     details["train_accuracy"] = right / len(Xtr)
     if test_dropped:
         details["test_dropped_unknown_class"] = test_dropped
