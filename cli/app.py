@@ -55,7 +55,8 @@ def show_progress(as_json: bool) -> bool:
 
 FLAGS = {"shots": "--shots", "n_Cs": "--n-Cs", "batch_size": "--batch-size", "max_pixels": "--max-pixels",
          "allow_missing": "--allow-missing", "select": "--select", "grid": "--grid", "bootstrap": "--bootstrap",
-         "max_points": "--max-points", "sweep_rows": "--sweep-rows"}
+         "max_points": "--max-points", "sweep_rows": "--sweep-rows",
+         "pair_recall": "--recall"}
 """Library parameter names that appear in messages, and the flag a CLI user types instead."""
 QUOTED_FLAGS = {"balanced": "--balanced", "reject": "--reject"}
 """Names that are also plain words ("balanced accuracy"): a flag only where a message quotes them (`reject`)."""

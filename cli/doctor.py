@@ -29,7 +29,15 @@ def _text(r: dict, top: int) -> str:
               for o in r["outliers"][:top]]
     lines.append(f"class balance: imbalance ratio {b['imbalance_ratio']:.2f} (largest / smallest class)")
     for split, counts in b["counts"].items():
-        lines.append(f"  {split or '(no split)':6} " + "  ".join(f"{c}:{n}" for c, n in counts.items()))
+        items = list(counts.items())
+        if len(items) > max(top, 2):  # 100 classes are a wall of text: the smallest and largest, the rest in --json
+            lo, hi = max(1, (top + 1) // 2), max(1, top // 2)
+            items = sorted(items, key=lambda kv: kv[1])
+            shown = ("  ".join(f"{c}:{n}" for c, n in items[:lo]) + f"  ... {len(items) - lo - hi} more ...  "
+                     + "  ".join(f"{c}:{n}" for c, n in items[-hi:]))
+        else:
+            shown = "  ".join(f"{c}:{n}" for c, n in items)
+        lines.append(f"  {split or '(no split)':6} {shown}")
     lines += r["notes"]
     return "\n".join(lines)
 

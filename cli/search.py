@@ -106,11 +106,11 @@ def _search_used(s: dict) -> str:
     if s["method"] == "exact":
         return "exact search over all pairs"
     params = ", ".join(f"{k}={v}" for k, v in s["params"].items())
-    recall = (f"neighbour recall@10 {s['recall_at_10']:.3f} on {s['recall_queries']} held-out rows"
-              if s["recall_queries"] else "recall not measured (too few rows)")
+    pairs = (f"pairs at the threshold found with estimated probability {s['pair_recall']:.3f} "
+             f"({s['synthetic_pairs']:,} synthetic pairs)" if s["synthetic_pairs"] else "pair recall not estimated")
     return (f"approximate search ({s['index']}{', ' + params if params else ''}; {s['neighbours']} nearest "
             f"neighbours per row, a range search for the {s['range_searched']} rows whose neighbours were all "
-            f"duplicates; {recall}; recall of pairs not measured, --exact searches all pairs)")
+            f"duplicates; {pairs}; --exact searches all pairs)")
 
 
 def _dedup_text(r: dict) -> str:
@@ -129,10 +129,12 @@ def dedup(
                                                                     "images are near-duplicates."),
     exact: bool = typer.Option(False, "--exact", help="Search all pairs exactly whatever the store's size "
                                                       "(default: exact below 50,000 rows, else approximate)."),
+    recall: float = typer.Option(0.99, "--recall", help="Approximate search: the estimated share of pairs at the "
+                                                         "threshold to find (higher probes more lists)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Groups of near-duplicate images in a store (exact up to 50,000 rows, then an approximate index)."""
     from probe.search import find_duplicates
 
-    emit(find_duplicates(store, threshold, exact=exact or None, progress=show_progress(as_json)), as_json,
-         _dedup_text)
+    emit(find_duplicates(store, threshold, exact=exact or None, progress=show_progress(as_json), pair_recall=recall),
+         as_json, _dedup_text)

@@ -7,9 +7,9 @@ passed to cleanlab: every row ranked by
 ``cleanlab.rank.get_label_quality_scores`` (self-confidence), the list cut at ``cleanlab.count.num_label_issues``
 (the calibrated confident-joint estimate of how many labels are wrong). Duplicates: cosine similarity of
 L2-normalised features, exact range search up to the search index's flat size (``IndexConfig.exact_below``), above
-it the k nearest neighbours from the tuned approximate index (plus a range search for rows whose k are all
-duplicates). Outliers: CL2N cosine distance to the row's own class mean, and the
-mean distance to its k nearest neighbours.
+it the k nearest neighbours from an IVF index probing enough lists for recall@10 >= 0.95 and for the pairs at the
+threshold (``probe.search.dedup.near_pairs``, plus a range search for rows whose k are all duplicates). Outliers:
+CL2N cosine distance to the row's own class mean, and the mean distance to its k nearest neighbours.
 
 Example:
     >>> report = probe.doctor("cache/photos.h5")
@@ -212,18 +212,17 @@ def _nested(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndar
 def _pairs(x: np.ndarray, threshold: float, k: int,
            progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(pairs (m, 2), similarities (m,), (N,) mean cosine distance to k nearest neighbours, index kind) over the
-    rows x, L2-normalised here: ``near_pairs``, exact below the flat-index size, else the search module's tuned
-    approximate index. ``progress``: a bar on stderr over the rows whose neighbours are searched (the long part on a
-    large store)."""
+    rows x, L2-normalised here a block at a time: ``near_pairs``, exact below the flat-index size, else approximate.
+    ``progress``: a bar on stderr over the rows whose neighbours are searched (the long part on a large store)."""
+    from .search import IndexConfig, Rows
     from .search.dedup import near_pairs
-    from .search.rows import prepare
 
-    xn = prepare(x, "cosine")
-    found = near_pairs(xn, threshold, k, neighbours=True, progress=progress, desc="doctor neighbours")
+    rows = Rows(x, "cosine", IndexConfig().chunk_rows)  # normalised a block at a time: no second copy of x
+    found = near_pairs(rows, threshold, k, neighbours=True, progress=progress, desc="doctor neighbours")
     ids, sims = found.knn_ids, found.knn_sims  # (N, k+1), the row itself usually first
-    own = ids == np.arange(len(xn))[:, None]
+    own = ids == np.arange(len(x))[:, None]
     nn = np.where(own | (ids < 0), np.nan, sims)  # (N, k+1): neighbours only
-    knn = 1.0 - np.nanmean(nn, axis=1) if ids.shape[1] > 1 else np.zeros(len(xn))
+    knn = 1.0 - np.nanmean(nn, axis=1) if ids.shape[1] > 1 else np.zeros(len(x))
     return found.pairs, found.sims, knn, found.search.get("type", "flat")
 
 
@@ -252,7 +251,7 @@ def doctor(store: FeatureStore | str | os.PathLike, *, folds: int = 5, seed: int
     X_all = store.features()  # (N, D)
     paths, splits, prints = store.paths(), store.splits(), store.fingerprints()
     lab, present, y = labelled_classes(y_all)  # y: (n,) indices 0..C'-1 over the classes present
-    X = X_all[lab]
+    X = X_all if len(lab) == len(X_all) else X_all[lab]  # (n, D): no copy when every row is labelled
     names = [store.classes[c] for c in present]
 
     proba, C = out_of_fold_proba(X, y, folds, seed, sweep, progress)

@@ -242,6 +242,13 @@ def test_cli_json(demo_store, tmp_path):
     assert {"label_issues", "duplicates", "leakage", "outliers", "balance", "C", "oof_accuracy"} <= set(out)
     res = runner.invoke(app, ["doctor", str(small.path), "--folds", "3", "--top", "3"])
     assert res.exit_code == 0 and "likely label errors" in res.stdout and "class balance" in res.stdout
+    assert "more ..." not in res.stdout  # 3 classes: every count
+    from cli.doctor import _text
+
+    many = dict(out, balance={**out["balance"], "counts": {"train": {f"c{i}": 10 - i for i in range(7)}}})
+    assert "  train  c6:4  c5:5  ... 3 more ...  c1:9  c0:10" in _text(many, 4).splitlines()  # ends by count
+    assert "  train  c6:4  ... 5 more ...  c0:10" in _text(many, 1).splitlines()
+    assert "c3:7" in _text(many, 7)  # every count when they fit
 
 
 @pytest.mark.parametrize("labels, n, needle", [

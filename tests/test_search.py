@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -17,6 +18,7 @@ from probe.search import (
     IndexConfig,
     IndexMismatchError,
     SearchIndex,
+    build_faiss,
     find_duplicates,
     index_store,
     recall_at,
@@ -270,8 +272,10 @@ def test_approximate_dedup_finds_the_pairs_exact_finds(tmp_path):
     approx = find_duplicates(path, 0.99, exact=False)
     assert exact["search"] == {"method": "exact"} and exact["pairs"] == len(want) == 20 + 21 * 20 // 2
     s = approx["search"]
-    assert s["method"] == "approximate" and s["index"].startswith("IVF") and "nprobe" in s["params"]
-    assert s["range_searched"] == 21 and s["recall_queries"] > 0 and 0 < s["recall_at_10"] <= 1  # row 5's copies
+    assert s["method"] == "approximate" and s["index"].startswith("IVF") and s["params"]["nprobe"] >= 1
+    assert s["range_searched"] == 21  # row 5 and its 20 copies: more duplicates than neighbours searched
+    assert s["pair_recall"] >= s["pair_recall_target"] == 0.99 and s["synthetic_pairs"] == 1500  # n // 2 rows
+    assert s["recall_at_10"] is None and s["recall_queries"] == 0  # no neighbour tuning for pairs alone
     assert approx["pairs"] == exact["pairs"]
     assert [g["ids"] for g in approx["groups"]] == [g["ids"] for g in exact["groups"]]
     assert [g["ids"] for g in exact["groups"]][0] == [5, *range(2980, 3000)] and len(exact["groups"]) == 21
@@ -280,6 +284,70 @@ def test_approximate_dedup_finds_the_pairs_exact_finds(tmp_path):
     found = near_pairs(prepare(x, "cosine"), 0.99, exact=False)
     assert {(int(a), int(b)) for a, b in found.pairs} == want and (found.sims >= 0.99).all()
     assert near_pairs(prepare(x, "cosine"), 0.99, k=30, exact=False).search["range_searched"] == 0  # k > copies
+
+
+def test_dedup_recall_sets_the_lists_probed(tmp_path):
+    """`--recall` (pair_recall) trades speed for pairs: a higher target probes more lists; 0 is refused by name."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    x, _ = planted_duplicates(3000)
+    path = store_from_arrays(tmp_path / "s.h5", x)
+    probes = {r: find_duplicates(path, 0.95, exact=False, pair_recall=r)["search"] for r in (0.5, 1.0)}
+    assert probes[0.5]["params"]["nprobe"] < probes[1.0]["params"]["nprobe"], probes
+    assert probes[0.5]["pair_recall"] >= 0.5 and probes[1.0]["pair_recall"] == 1.0
+    r = CliRunner().invoke(app, ["dedup", str(path), "--recall", "0"])
+    assert r.exit_code == 1 and "--recall is a share of pairs in (0, 1], got 0.0" in r.output, r.output
+
+
+def test_batch_knn_is_the_index_search_done_list_by_list():
+    """FAISS's big-batch search returns what the same IVF index's own search returns, with store rows as ids."""
+    from probe.search.dedup import batch_knn
+    from probe.search.rows import Rows, prepare
+
+    x = prepare(np.random.default_rng(0).normal(size=(3000, 32)), "cosine")
+    cfg = IndexConfig(type="ivf", nlist=40, tune_queries=200)  # held-out rows are added last: ids != add order
+    index, _, _, _ = build_faiss(x, cfg)
+    faiss.extract_index_ivf(index).nprobe = 3
+    want_s, want_i = index.search(x, 11)
+    got_s, got_i = batch_knn(index, Rows(x, None, 500), 11, nprobe=3, step=700)  # blocks of queries
+    assert np.allclose(got_s, want_s, atol=1e-5)
+    assert (got_i == want_i).mean() > 0.999  # the rest are ties in similarity
+    assert (got_i[:, 0] == np.arange(3000)).all()  # every row finds itself first
+    small = faiss.IndexIDMap2(faiss.index_factory(32, "IVF5,Flat", faiss.METRIC_INNER_PRODUCT))
+    small.train(np.tile(x[:16], (8, 1)))  # 5 lists of ~3 of the 16 rows, 1 probed: fewer neighbours than asked
+    small.add_with_ids(x[:16], np.arange(16))
+    s_, i_ = batch_knn(small, Rows(x[:16], None), 11, nprobe=1)
+    assert ((i_ == -1) == (s_ == 0)).all() and (i_ == -1).any() and (i_[:, 0] == np.arange(16)).all()
+
+
+def test_pair_probes_estimate_is_the_share_of_pairs_found():
+    """The estimate made on synthetic pairs predicts the share of real pairs at the threshold the search finds, and
+    the nprobe chosen is the fewest that reaches the target."""
+    from probe.search.dedup import near_pairs, pair_probes, self_join_lists
+    from probe.search.rows import Rows, prepare
+
+    rng = np.random.default_rng(0)
+    n, dim, m = 20_000, 64, 1000
+    x = prepare(rng.normal(size=(20, dim))[rng.integers(0, 20, n)] * 0.3 + rng.normal(size=(n, dim)), "cosine")
+    a, b = np.split(rng.permutation(n)[: 2 * m], 2)
+    d = x[b] - (x[b] * x[a]).sum(1, keepdims=True) * x[a]
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    x[b] = 0.95 * x[a] + np.sqrt(1 - 0.95 ** 2) * d  # m pairs at cosine 0.95 exactly
+    found = near_pairs(x, 0.949, exact=False, pair_recall=0.9)
+    s = found.search
+    share = len({tuple(p) for p in found.pairs.tolist()} & {(min(i, j), max(i, j)) for i, j in zip(a, b)}) / m
+    assert share >= s["pair_recall"] - 0.02 and share >= 0.88, (share, s)  # 0.947 found, 0.914 estimated: a
+    # planted pair often trains its own centroid here (10% of rows), which the synthetic pairs do not
+    index, _, _, _ = build_faiss(x, IndexConfig(type="ivf", nlist=self_join_lists(n), tune_queries=0))
+    rows = Rows(x, None)
+    q = faiss.extract_index_ivf(index).quantizer
+    p, est, used = pair_probes(q, rows, 0.95, target=0.9)
+    more, higher, _ = pair_probes(q, rows, 0.95, target=est + 1e-6)  # just above what p reaches
+    assert est >= 0.9 and more > p and higher > est and used == 2000  # p: the fewest lists that reach it
+    assert pair_probes(q, rows, 0.99, target=0.9)[0] <= p  # closer pairs need no more lists
+    assert pair_probes(q, rows, 0.95, target=1.0)[1] == 1.0  # at worst every list
 
 
 @pytest.mark.parametrize("progress", [True, False])

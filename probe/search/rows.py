@@ -62,6 +62,11 @@ class Rows:
             if len(sel):
                 yield sel.astype(np.int64), self._read(start, stop, sel)
 
+    def span(self, start: int, stop: int) -> np.ndarray:
+        """Prepared vectors (stop - start, D) of the rows [start, stop), in one read (a view of an in-memory array
+        that needs no preparing)."""
+        return self._read(start, min(stop, self.n), None)
+
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Prepared vectors (len(rows), D) of the sorted ``rows``: a sample, read without loading the rest."""
         parts = [x for _, x in self.blocks(rows)]
