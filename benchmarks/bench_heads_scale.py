@@ -3,6 +3,11 @@ on a subsample (``--sweep-rows``, default 100,000) against the sweep on every tr
 old behaviour) on the same store, in the same run.
 
     python benchmarks/bench_heads_scale.py STORE.h5 [--sweep-rows 100000 0] [--timeout 3600] [-- EXTRA FIT-HEAD ARGS]
+    python benchmarks/bench_heads_scale.py --synthetic 400000      # a store where C matters, made first (2 GB)
+
+``--synthetic N`` writes N x 1280 rows of 100 Gaussian classes whose centres are close (``--centre-scale`` 0.1 per
+dimension: nearest-centre accuracy ~84%), 80/10/10 splits, seed 0, to a temporary store and benchmarks that: the
+scale audit's 1M store is too easy (every C scores 100%) to show what the subsample costs.
 
 Each configuration runs `probe -v fit-head` in a child under ``/usr/bin/time -v`` (peak RSS, wall time); a run past
 ``--timeout`` is recorded with what it had logged (``log_tail``: the sweep's and the fits' timings). Figures:
@@ -55,15 +60,38 @@ def run_fit_head(store: Path, sweep_rows: int, extra: list[str], timeout: float,
     return r
 
 
+def synthetic_store(path: Path, n: int, scale: float, dim: int = 1280, classes: int = 100) -> Path:
+    """Write the ``--synthetic`` store (module docstring) to path."""
+    from probe.store import store_from_arrays
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((classes, dim)).astype(np.float32) * scale
+    y = rng.integers(0, classes, n)
+    x = np.empty((n, dim), np.float32)  # (n, D), filled 100k rows at a time
+    for s in range(0, n, 100_000):
+        x[s:s + 100_000] = rng.standard_normal((min(100_000, n - s), dim), dtype=np.float32) + centres[y[s:s + 100_000]]
+    u = rng.random(n)
+    splits = np.where(u < 0.8, "train", np.where(u < 0.9, "val", "test")).tolist()
+    store_from_arrays(path, x, y, splits=splits, classes=[f"class{i:03d}" for i in range(classes)])
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("store", type=Path)
+    ap.add_argument("store", type=Path, nargs="?", help="a store; or --synthetic N")
+    ap.add_argument("--synthetic", type=int, default=0, help="benchmark a synthetic store of N rows, made first")
+    ap.add_argument("--centre-scale", type=float, default=0.1, help="--synthetic: class centres' scale per dimension")
     ap.add_argument("--sweep-rows", type=int, nargs="+", default=[100_000, 0])
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--out", type=Path, help="JSON to write (default: benchmarks/results/heads_scale.json)")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # more fit-head arguments, after --
     a = ap.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    if (a.store is None) == (not a.synthetic):
+        ap.error("give a STORE or --synthetic N, one of them")
+    made = tempfile.TemporaryDirectory()
+    if a.synthetic:
+        a.store = synthetic_store(Path(made.name) / f"hard{a.synthetic}.h5", a.synthetic, a.centre_scale)
     fs = FeatureStore(a.store)
     sp = fs.splits()
     trainval = int(np.isin(sp, ["train", "val"]).sum())
@@ -81,10 +109,11 @@ def main() -> None:
             r["wall_over_first"] = round(r["wall_s"] / base["wall_s"], 2)
         if r.get("finished") and base.get("finished"):
             r["test_accuracy_minus_first"] = round(r["test_accuracy"] - base["test_accuracy"], 4)
-    write_result("heads_scale", {"store": str(a.store), "rows": fs.count, "dim": fs.dim, "classes": len(fs.classes),
-                          "train_val_rows": trainval, "train_val_features_gb": round(gb, 2), "extra_args": extra,
-                          "runs": runs}, a.out)
-
+    made.cleanup()
+    synthetic = {"rows": a.synthetic, "centre_scale": a.centre_scale, "seed": 0} if a.synthetic else None
+    write_result("heads_scale", {"store": str(a.store), "synthetic": synthetic, "rows": fs.count, "dim": fs.dim,
+                                 "classes": len(fs.classes), "train_val_rows": trainval,
+                                 "train_val_features_gb": round(gb, 2), "extra_args": extra, "runs": runs}, a.out)
 
 if __name__ == "__main__":
     main()
