@@ -514,13 +514,13 @@ class LinearHead(Head):
         if self.multilabel_:  # iteratively stratified folds of the label matrix (multilabel_folds)
             if len(yi) < 2:
                 raise ProbeError("choosing C by cross-validation needs >= 2 training rows; pass eval_set or a fixed C")
-            folds = multilabel_folds(yi, min(int(self.folds), len(yi)), self.seed)
+            folds = multilabel_folds(yi, self._n_folds(yi), self.seed)
         else:
             smallest = int(np.bincount(yi).min())
             if smallest < 2:
                 raise ProbeError(f"class {self.classes_[np.bincount(yi).argmin()]!r} has {smallest} training row: "
                                  "choosing C by cross-validation needs >= 2 per class; pass eval_set or a fixed C")
-            folds = StratifiedKFold(min(int(self.folds), smallest), shuffle=True, random_state=self.seed).split(Z, yi)
+            folds = StratifiedKFold(self._n_folds(yi), shuffle=True, random_state=self.seed).split(Z, yi)
         per_fold, fold_sols = [], []  # each fold's sweep_ ({"C", "val_accuracy", ...} per strength), solutions
         for tr, va in folds:  # (train, validation) row indices
             w_tr, w_va = (None, None) if sw is None else (sw[tr], sw[va])

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..errors import ProbeError
 from ..store import FeatureStore, StoreError
 from .config import IndexConfig
-from .factory import set_threads
+from .factory import nprobe_ladder, set_threads
 from .faiss_index import build_faiss
 from .rows import Rows, prepare
 
@@ -56,15 +56,18 @@ def _below(threshold: float) -> float:
     return float(np.nextafter(np.float32(threshold), -1))
 
 
-def duplicate_pairs(x: np.ndarray | Rows, threshold: float, block: int = 4096,
-                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def duplicate_pairs(x: np.ndarray | Rows, threshold: float, block: int = 4096, progress: bool = False,
+                    index: faiss.Index | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(pairs (m, 2) with i < j, their cosine similarities (m,)) among rows of x with cosine >= threshold, by exact
     search over all pairs. x: an (N, D) array (normalised here, a copy) or Rows reading normalised blocks of a store.
-    ``progress``: a bar on stderr over the rows searched."""
+    ``progress``: a bar on stderr over the rows searched. ``index``: an exact inner-product index already holding
+    x's rows with their row numbers as ids (``near_pairs`` has one for the neighbours), searched instead of a new
+    one."""
     rows = Rows(prepare(x, "cosine"), None, block) if isinstance(x, np.ndarray) else x
-    index = faiss.IndexFlatIP(rows.dim)
-    for _, b in rows.blocks():
-        index.add(b)
+    if index is None:
+        index = faiss.IndexFlatIP(rows.dim)
+        for _, b in rows.blocks():
+            index.add(b)
     pairs, sims = [], []
     with tqdm(total=rows.n, unit="row", disable=not progress, desc="near-duplicates", mininterval=0.5,
               dynamic_ncols=True) as bar:
@@ -120,10 +123,10 @@ def pair_probes(quantizer: faiss.Index, rows: Rows, threshold: float, target: fl
     norm = np.linalg.norm(d, axis=1)
     x, d = x[norm > 1e-6], d[norm > 1e-6] / norm[norm > 1e-6, None]  # parallel rows give no direction
     y = np.ascontiguousarray(threshold * x + math.sqrt(max(0.0, 1 - threshold ** 2)) * d, np.float32)
-    ladder = [p for p in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512) if p < nlist]
-    ladder.append(nlist)
-    _, ax = quantizer.search(x, min(nlist, 512))  # (m, P) each end's nearest lists, nearest first
-    _, ay = quantizer.search(y, min(nlist, 512))
+    ladder = nprobe_ladder(nlist)  # the same steps as the index's own tuning
+    top = ladder[-2] if len(ladder) > 1 else 1  # the most lists short of all of them
+    _, ax = quantizer.search(x, top)  # (m, top) each end's nearest lists, nearest first
+    _, ay = quantizer.search(y, top)
     for p in ladder:
         found = ((ax[:, :p] == ay[:, :1]).any(1) | (ay[:, :p] == ax[:, :1]).any(1)).mean() if p < nlist else 1.0
         if found >= target:
@@ -198,7 +201,7 @@ def near_pairs(x: np.ndarray | Rows, threshold: float, k: int = NEIGHBOURS, exac
             for s, e in zip(starts, starts[1:] + [n]):
                 knn_sims[s:e], knn_ids[s:e] = index.search(rows.span(s, e), kk)
                 bar.update(e - s)
-        pairs, sims = duplicate_pairs(x, threshold)
+        pairs, sims = duplicate_pairs(rows, threshold, index=index)  # the flat index of the neighbours
         return NearPairs(pairs, sims, {"method": "exact"}, knn_sims, knn_ids)
     cfg = replace(cfg, type=cfg.approximate, nlist=self_join_lists(n), tune_queries=cfg.tune_queries if neighbours
                   else 0)  # tuned recall@10 only matters for the neighbours themselves

@@ -59,14 +59,21 @@ def factory_string(kind: str, n: int, dim: int, cfg: IndexConfig, trainable: int
     raise ProbeError(f"unknown index type {kind!r}: expected one of {', '.join(INDEX_TYPES)}")
 
 
+NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)  # IVF lists probed
+
+
+def nprobe_ladder(nlist: int) -> list[int]:
+    """The nprobe values worth trying on an IVF index of ``nlist`` lists, fewest first, the last every list."""
+    return sorted({p for p in NPROBES if p < nlist} | {nlist})
+
+
 def param_ladders(kind: str, index: faiss.Index) -> list[list[dict[str, int]]]:
     """Search parameters to try, each ladder from fastest to most exact: tuning walks a ladder until the target."""
     if kind == "hnsw":
         return [[{"efSearch": e} for e in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048, 4096)]]
     if kind in ("ivf", "ivfsq8", "ivfpq"):
         nlist = faiss.extract_index_ivf(sub_indexes(index)[0]).nlist
-        probes = sorted({p for p in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
-                         if p < nlist} | {nlist})
+        probes = nprobe_ladder(nlist)
         if kind != "ivfpq":
             return [[{"nprobe": p} for p in probes]]
         return [[{"nprobe": p, "k_factor_rf": f} for p in probes] for f in (2, 4, 8, 16)]
