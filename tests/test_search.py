@@ -322,6 +322,31 @@ def test_batch_knn_is_the_index_search_done_list_by_list():
     assert ((i_ == -1) == (s_ == 0)).all() and (i_ == -1).any() and (i_[:, 0] == np.arange(16)).all()
 
 
+def test_add_assigned_fills_the_lists_the_usual_add_fills():
+    """dedup's add reuses one coarse search per row for the add and the big-batch search: every row lands in the
+    list the index's own add puts it in, and the search with that assignment finds what the search finds alone."""
+    from probe.search.dedup import add_assigned, batch_knn
+    from probe.search.rows import Rows, prepare
+
+    x = prepare(np.random.default_rng(1).normal(size=(3000, 32)), "cosine")
+    cfg = IndexConfig(type="ivf", nlist=40, tune_queries=0)
+    usual = faiss.extract_index_ivf(build_faiss(x, cfg)[0])
+    wrapped = build_faiss(x, cfg, fill=False)[0]  # the same seeded training: the same centroids
+    ivf = faiss.extract_index_ivf(wrapped)
+    assert ivf.ntotal == 0
+    assign = add_assigned(ivf, Rows(x, None, 700), nprobe=3)  # blocks of rows
+    assert ivf.ntotal == 3000 and (assign == usual.quantizer.search(x, 3)[1]).all()
+
+    def ids(index, lst):
+        return faiss.rev_swig_ptr(index.invlists.get_ids(lst), index.invlists.list_size(lst)).tolist()
+
+    assert all(ids(ivf, lst) == ids(usual, lst) for lst in range(40))  # the same rows, in the same order
+    want = batch_knn(build_faiss(x, cfg)[0], Rows(x, None), 11, nprobe=3)
+    got = batch_knn(ivf, Rows(x, None), 11, nprobe=3, assign=assign, step=1000)  # no id map: ids are rows
+    assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0])
+    with pytest.raises(ValueError, match="one shard with no tuning queries"):
+        build_faiss(x, IndexConfig(type="ivf", nlist=40), fill=False)  # tune_queries > 0 by default
+
 def test_pair_probes_estimate_is_the_share_of_pairs_found():
     """The estimate made on synthetic pairs predicts the share of real pairs at the threshold the search finds, and
     the nprobe chosen is the fewest that reaches the target."""

@@ -30,14 +30,18 @@ from .tuning import held_out_rows, knn_ground_truth, tune
 log = logging.getLogger(__name__)
 
 
-def build_faiss(x: np.ndarray | Rows, cfg: IndexConfig,
-                progress: bool = False) -> tuple[faiss.Index, str, dict[str, Any], int]:
+def build_faiss(x: np.ndarray | Rows, cfg: IndexConfig, progress: bool = False,
+                fill: bool = True) -> tuple[faiss.Index, str, dict[str, Any], int]:
     """Build, train and tune a FAISS index over x: an (N, D) array already ``prepare``d for cfg.metric (not
     copied), or Rows reading a store chunk by chunk. Returns (index with tuned parameters set, type, tuning result
     incl. "factory", "bounds" (the shards' row ranges) and, when sharded, "template" (the trained empty index every
     shard was cloned from), rows trained on). With cfg.shards > 1 the index is a faiss.IndexShards of IndexIDMap2
     sub-indexes, one per contiguous row range. Ids are row numbers of x. ``progress``: a bar on stderr over the
-    rows added (it waits at 0 while the index trains)."""
+    rows added (it waits at 0 while the index trains). ``fill=False``: the trained index, empty and untuned, for a
+    caller that adds the rows its own way (one shard, no tuning queries: dedup adds each row to the list its search
+    probes first, ``dedup.add_assigned``)."""
+    if not fill and (cfg.shards != 1 or cfg.tune_queries):
+        raise ValueError("an unfilled index is one shard with no tuning queries")
     set_threads()
     t0 = time.perf_counter()
     rows = x if isinstance(x, Rows) else Rows(x, None, cfg.chunk_rows)
@@ -47,12 +51,15 @@ def build_faiss(x: np.ndarray | Rows, cfg: IndexConfig,
     query_ids, rest = held_out_rows(n, nq, cfg.seed)
     factory, ntrain = factory_string(kind, n, dim, cfg, trainable=len(rest))
     empty = faiss.IndexIDMap2(faiss.index_factory(dim, factory, faiss_metric(cfg.metric)))  # ids = store rows
-    with tqdm(total=n, unit="row", disable=not progress, desc=f"index {factory}", mininterval=0.5,
+    with tqdm(total=n, unit="row", disable=not (progress and fill), desc=f"index {factory}", mininterval=0.5,
               dynamic_ncols=True) as bar:
         if ntrain:
             log.info("training %s on %d of %d rows", factory, ntrain, n)
             empty.train(rows.take(np.sort(rest[:ntrain])))  # (ntrain, D): a sample, read by row index
             faiss.extract_index_ivf(empty).make_direct_map()  # reconstruct(id): query by id/path without the store
+        if not fill:
+            return empty, kind, {"params": {}, "recall": None, "queries": 0, "tried": [], "factory": factory,
+                                 "bounds": [0, n]}, ntrain
         bounds = shard_bounds(n, cfg.shards)
         subs = [empty] if cfg.shards == 1 else [faiss.clone_index(empty) for _ in range(cfg.shards)]
         del rest
