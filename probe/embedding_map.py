@@ -138,7 +138,8 @@ def project(X: np.ndarray, method: str = "auto", seed: int = 0, progress: bool =
 
     The rows are L2-normalised first. UMAP: cosine metric, seeded, on the first 50 PCA components when D > 50.
     ``auto``: UMAP when umap-learn imports, else PCA (with a warning saying how to get UMAP). ``progress``: a bar
-    on stderr over the stages (PCA, UMAP), each also logged with its time -- UMAP itself reports no progress."""
+    on stderr over the stages (PCA, UMAP), each logged at debug level with its time -- UMAP itself reports no
+    progress."""
     from sklearn.decomposition import PCA
 
     if method not in METHODS:
@@ -158,7 +159,7 @@ def project(X: np.ndarray, method: str = "auto", seed: int = 0, progress: bool =
             bar.set_postfix_str(name)
             t = time.perf_counter()
             z = fn()
-            log.info("map: %s of %d rows in %.1fs", name, n, time.perf_counter() - t)
+            log.debug("map: %s of %d rows in %.1fs", name, n, time.perf_counter() - t)  # the total: embedding_map
             bar.update()
             return z
 
