@@ -7,8 +7,8 @@ land in the other list: FAISS's add searches the centroids in its own blocks, wi
 
     python benchmarks/bench_dedup_assign.py [--n 500000]      # -> benchmarks/results/dedup_assign.json
 
-Synthetic rows: N x 1280, 200 Gaussian clusters, L2-normalised, in memory (the store's reading is the same for
-both and left out)."""
+Rows: bench_search.py's ``clustered`` (N x 1280 like image embeddings: 1,000 centres, a low-rank spread, noise),
+L2-normalised, in memory (the store's reading is the same for both and left out)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import faiss
-import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.bench_search import clustered  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
 from probe.search.config import IndexConfig  # noqa: E402
 from probe.search.dedup import DEFAULT_THRESHOLD, NEIGHBOURS, add_assigned, batch_knn, pair_probes, self_join_lists  # noqa: E402
 from probe.search.faiss_index import build_faiss  # noqa: E402
@@ -36,9 +35,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(200, a.dim)).astype(np.float32)[rng.integers(0, 200, a.n)] * 0.5  # (N, D)
-    x += rng.normal(size=(a.n, a.dim)).astype(np.float32)
+    x = clustered(a.n, a.dim)  # (N, D), made in chunks
     faiss.normalize_L2(x)
     rows = Rows(x, None)
     cfg = IndexConfig(metric="cosine")

@@ -138,7 +138,7 @@ def add_assigned(ivf: faiss.Index, rows: Rows, nprobe: int, bar: tqdm | None = N
     """Add every row of ``rows`` to the trained, empty IVF index ``ivf`` (ids: store rows), each to its nearest
     list, and return (N, nprobe) int64: the lists each row probes, nearest first. One coarse search per row serves
     the add and ``batch_knn``, where adding the usual way would search the centroids again (index and search of
-    500k x 1280 rows, 1,414 lists, 2 AVX2 cores: 43.7 s against 52.3 s, benchmarks/bench_dedup_assign.py).
+    500k x 1280 rows, 1,414 lists, 2 AVX2 cores: 47.3 s against 60.9 s, benchmarks/bench_dedup_assign.py).
     ``bar`` counts the rows added."""
     from faiss.contrib.ivf_tools import add_preassigned
 
