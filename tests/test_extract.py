@@ -238,22 +238,28 @@ def _cli_extract(data: Path, out: Path) -> list[str]:
 @pytest.mark.slow
 def test_kill_9_then_rerun_finishes_with_identical_features(tmp_path):
     data = make_imagefolder(tmp_path / "data", classes=[f"c{i}" for i in range(6)], per_class=8)  # 48 images
+    # two runs killed at once (their cold starts overlap): right at the start, and ~5 of 12 batches (~10 KB each) in
+    kill_after = {tmp_path / "killed_at_start.h5": 1, tmp_path / "killed_midway.h5": 50_000}
+    procs = {out: subprocess.Popen(_cli_extract(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for out in kill_after}
+    deadline = time.time() + 120
+    while procs and time.time() < deadline:
+        for out, proc in list(procs.items()):
+            journal = Path(f"{out}.journal")
+            if proc.poll() is not None or (journal.exists() and journal.stat().st_size >= kill_after[out]):
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                del procs[out]
+        time.sleep(0.005)
+    assert not procs, "a run reached none of its kill points in 120 s"
     ref = tmp_path / "ref.h5"
     r = runner.invoke(app, _cli_extract(data, ref)[3:])  # the uninterrupted run: the same command, in this process
     assert r.exit_code == 0, r.output
-    for kill_after_bytes in (1, 50_000):  # right at the start, and ~5 of 12 batches (~10 KB each) in
-        out = tmp_path / f"killed{kill_after_bytes}.h5"
+    for out, kill_after_bytes in kill_after.items():
         journal = Path(f"{out}.journal")
-        proc = subprocess.Popen(_cli_extract(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if journal.exists() and journal.stat().st_size >= kill_after_bytes:
-                break
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
         assert not out.exists() or FeatureStore(out).count < 48  # it really was interrupted
-        done = subprocess.run(_cli_extract(data, out), check=True, capture_output=True, text=True)
+        done = runner.invoke(app, _cli_extract(data, out)[3:])  # the rerun: a new run of the command (in this process)
+        assert done.exit_code == 0, done.output
         summary = json.loads(done.stdout)
         assert summary["count"] == 48
         if kill_after_bytes > 1:
