@@ -4,6 +4,7 @@ probabilities are against scikit-learn's ``cross_val_predict(LogisticRegressionC
     python benchmarks/bench_doctor.py                          # both parts -> benchmarks/results/doctor.json
     python benchmarks/bench_doctor.py --part noise             # label noise only (minutes: extracts 3,000 images)
     python benchmarks/bench_doctor.py --part speed --n 20000   # speed only, smaller
+    python benchmarks/bench_doctor.py --part memory --rows 500000   # wall time and peak RSS of `probe doctor`
 
 * **Label noise.** Real photos through the default backbone (efficientnet_lite0): the packaged demo (400
   Fashion-MNIST images) and, when Debian's ``dataset-fashion-mnist`` is installed, ``--per-class`` images per class
@@ -20,6 +21,11 @@ probabilities are against scikit-learn's ``cross_val_predict(LogisticRegressionC
   -- the same grid, the same number and size of inner folds (3/5 of the rows each), iteration cap and tolerance
   (lbfgs, warm-started along the path, as scikit-learn does). probe's inner folds being the outer ones lets each
   pair of outer folds share one sweep (10 sweeps for the 20 inner problems); scikit-learn's API cannot.
+* **Memory** (``--part memory``, not part of ``all``: minutes). ``probe doctor`` on bench_dedup.py's planted
+  synthetic store of ``--rows`` x 1280 (100 classes, 1% noisy copies, exact copies, rows copied 30 times; made
+  once under ``--cache``), in its own process under ``/usr/bin/time -v``: wall time, peak RSS, and the peak over
+  the size of the features (N x D x 4 bytes). ``--probe-root DIR`` runs another checkout's probe on the same
+  store (a before/after of one change, in one run each).
 """
 
 from __future__ import annotations
@@ -139,9 +145,31 @@ def speed_part(n: int, dim: int, classes: int, folds: int) -> dict:
     return res
 
 
+def memory_part(cache: Path, rows: int, probe_root: Path) -> dict:
+    """`probe doctor` on the planted store of ``rows`` rows (made once): wall s, peak RSS, its ratio to the features."""
+    import re
+    import subprocess
+
+    from benchmarks.bench_dedup import DIM, planted_store
+
+    store = cache / f"planted{rows}.h5"
+    if not store.exists():
+        planted_store(store, rows)
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "probe", "doctor", str(store), "--top", "3"]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=probe_root,
+                         env={**os.environ, "PYTHONPATH": str(probe_root)})
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", run.stderr).group(1)
+    seconds = sum(float(p) * 60 ** i for i, p in enumerate(reversed(wall.split(":"))))
+    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1)) / 1024
+    features = rows * DIM * 4 / 2**20
+    return {"rows": rows, "dim": DIM, "probe_root": str(probe_root), "wall_s": round(seconds, 1),
+            "peak_rss_mb": round(peak), "features_mb": round(features), "peak_over_features": round(peak / features, 2),
+            "summary": [line for line in run.stdout.splitlines() if line and not line.startswith(" ")][:8]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("all", "noise", "speed"), default="all")
+    ap.add_argument("--part", choices=("all", "noise", "speed", "memory"), default="all")
     ap.add_argument("--cache", type=Path, default=ROOT / "cache" / "bench")
     ap.add_argument("--per-class", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
@@ -150,6 +178,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=500_000, help="--part memory: rows of the planted store")
+    ap.add_argument("--probe-root", type=Path, default=ROOT, help="--part memory: the checkout whose probe runs")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     a.cache.mkdir(parents=True, exist_ok=True)
@@ -158,6 +188,8 @@ def main() -> None:
         result["label_noise"] = noise_part(a.cache, a.per_class, a.repeats, a.rate)
     if a.part in ("all", "speed"):
         result["speed"] = speed_part(a.n, a.dim, a.classes, a.folds)
+    if a.part == "memory":
+        result["memory"] = memory_part(a.cache, a.rows, a.probe_root.resolve())
     name = "doctor" if a.part == "all" else f"doctor_{a.part}"
     write_result(name, result, a.out)
 

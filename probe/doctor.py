@@ -147,10 +147,13 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int, seed: int, sweep
         bar.update()
         K = int(y.max()) + 1
         proba = np.zeros((len(y), K), np.float64)
+        rows = np.empty((max(len(tr) for tr, _ in splits), X.shape[1]), np.float32)  # each fold's rows, in turn
         for tr, te in splits:
-            head = LinearHead(C=C, seed=seed).fit(X[tr], y[tr])
+            Xtr = np.take(X, tr, axis=0, out=rows[: len(tr)], mode="clip")  # "clip": unbuffered, tr is in range
+            head = LinearHead(C=C, seed=seed, copy=False).fit(Xtr, y[tr])  # normalised in place: no second copy
             proba[np.ix_(te, head.classes_.astype(int))] = head.predict_proba(X[te])
             bar.update()
+        del rows
     return proba, float(C)
 
 
@@ -209,20 +212,21 @@ def _nested(X: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndar
     return proba
 
 
-def _pairs(x: np.ndarray, threshold: float, k: int,
+def _pairs(store: FeatureStore, threshold: float, k: int,
            progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """(pairs (m, 2), similarities (m,), (N,) mean cosine distance to k nearest neighbours, index kind) over the
-    rows x, L2-normalised here a block at a time: ``near_pairs``, exact below the flat-index size, else approximate.
+    """(pairs (m, 2), similarities (m,), (N,) mean cosine distance to k nearest neighbours, index kind) over every
+    row of the store, read and L2-normalised a block at a time (``FeatureStore.search_rows``: the search never
+    holds the features beside its index): ``near_pairs``, exact below the flat-index size, else approximate.
     ``progress``: a bar on stderr over the rows whose neighbours are searched (the long part on a large store)."""
-    from .search import IndexConfig, Rows
+    from .search import IndexConfig
     from .search.dedup import near_pairs
 
-    rows = Rows(x, "cosine", IndexConfig().chunk_rows)  # normalised a block at a time: no second copy of x
-    found = near_pairs(rows, threshold, k, neighbours=True, progress=progress, desc="doctor neighbours")
+    with store.search_rows("cosine", IndexConfig().chunk_rows) as rows:
+        found = near_pairs(rows, threshold, k, neighbours=True, progress=progress, desc="doctor neighbours")
     ids, sims = found.knn_ids, found.knn_sims  # (N, k+1), the row itself usually first
-    own = ids == np.arange(len(x))[:, None]
+    own = ids == np.arange(len(ids))[:, None]
     nn = np.where(own | (ids < 0), np.nan, sims)  # (N, k+1): neighbours only
-    knn = 1.0 - np.nanmean(nn, axis=1) if ids.shape[1] > 1 else np.zeros(len(x))
+    knn = 1.0 - np.nanmean(nn, axis=1) if ids.shape[1] > 1 else np.zeros(len(ids))
     return found.pairs, found.sims, knn, found.search.get("type", "flat")
 
 
@@ -265,7 +269,14 @@ def doctor(store: FeatureStore | str | os.PathLike, *, folds: int = 5, seed: int
                "suggested": names[int(proba[i].argmax())], "self_confidence": round(float(proba[i, y[i]]), 6)}
               for i in ranked]
 
-    pairs, psims, knn, kind = _pairs(X_all, dup_threshold, k, progress)
+    from .heads.calibration import MEAN_BLOCK, cl2n, class_means
+
+    centre, means = class_means(X, y, np.arange(len(present)))
+    d_class = np.empty(len(X), np.float32)  # (n,) cosine distance to own class mean, a block of rows at a time
+    for a in range(0, len(X), MEAN_BLOCK):
+        d_class[a: a + MEAN_BLOCK] = 1.0 - (cl2n(X[a: a + MEAN_BLOCK], centre) * means[y[a: a + MEAN_BLOCK]]).sum(1)
+    del X, X_all  # the neighbour search reads the store again, a block at a time, beside its index
+    pairs, psims, knn, kind = _pairs(store, dup_threshold, k, progress)
     same_print = [prints[a] != "" and prints[a] == prints[b] for a, b in pairs]
     found = []
     for (a, b), s, fp in zip(pairs, psims, same_print):
@@ -283,10 +294,6 @@ def doctor(store: FeatureStore | str | os.PathLike, *, folds: int = 5, seed: int
     duplicates = {"threshold": dup_threshold, "index": kind, "pairs": found,
                   "cross_split": sum(p["cross_split"] for p in found), "exact": sum(p["exact"] for p in found)}
 
-    from .heads.calibration import cl2n, class_means
-
-    centre, means = class_means(X, y, np.arange(len(present)))
-    d_class = 1.0 - (cl2n(X, centre) * means[y]).sum(1)  # (n,) cosine distance to own class mean
     order = np.argsort(-d_class, kind="stable")
     outliers = [{"row": int(lab[i]), "path": str(paths[lab[i]]), "split": str(splits[lab[i]]), "label": names[y[i]],
                  "class_distance": round(float(d_class[i]), 6), "knn_distance": round(float(knn[lab[i]]), 6)}

@@ -38,7 +38,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +212,12 @@ class _Sample(FeatureStore):
     def features(self, split: str | None = None) -> np.ndarray:
         assert split is None
         return self._X
+
+    @contextmanager
+    def search_rows(self, metric: str | None = "cosine", chunk_rows: int = 16_384) -> Iterator[Any]:
+        from .search.rows import Rows
+
+        yield Rows(self._X, metric, chunk_rows)  # the sampled rows, already in memory
 
     def labels(self, split: str | None = None) -> np.ndarray:
         assert split is None

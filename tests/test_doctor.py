@@ -268,6 +268,25 @@ def test_bad_input_is_one_line(tmp_path, labels, n, needle):
     assert err.startswith("error:") and "\n" not in err and needle in err, err
 
 
+def test_fold_refits_are_the_heads_own_fits_of_the_fold():
+    """out_of_fold_proba gathers each fold's rows into one reused buffer and normalises them there (copy=False): its
+    probabilities are, number for number, those of LinearHead(C).fit(X[train]).predict_proba(X[held out]), and X is
+    unchanged."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from probe.doctor import out_of_fold_proba
+    from probe.heads import LinearHead
+
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(3), 60)
+    X = (rng.normal(0, 0.8, (3, 16))[y] + rng.normal(size=(180, 16)) * np.linspace(0.5, 9, 16)).astype(np.float32)
+    before = X.copy()
+    P, C = out_of_fold_proba(X, y, 4, 0)
+    np.testing.assert_array_equal(X, before)
+    for tr, te in StratifiedKFold(4, shuffle=True, random_state=0).split(X, y):
+        np.testing.assert_array_equal(P[te], LinearHead(C=C, seed=0).fit(X[tr], y[tr]).predict_proba(X[te]))
+
+
 def test_sweep_per_fold_is_nested_and_agrees_with_once():
     """sweep="per-fold": fold i's probabilities never see fold i's labels (changing them changes nothing there, and
     does change the other folds'); its out-of-fold accuracy is that of the single sweep; folds < 3 is refused."""

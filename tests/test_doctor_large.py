@@ -85,10 +85,10 @@ def test_knn_distance_matches_exact_search(planted):
     assert np.abs(got - exact).max() < 0.01, np.abs(got - exact).max()  # the index is tuned to recall@10 >= 0.95
 
 
-def test_a_row_with_more_copies_than_k_keeps_all_its_pairs(planted):
+def test_a_row_with_more_copies_than_k_keeps_all_its_pairs(planted, tmp_path):
     *_, X = planted
     X = X.copy()
     copies = TRAIN + np.arange(30)
     X[copies] = X[N - 1]  # 30 exact copies of the last row (an image pasted many times: a placeholder, a logo)
-    pairs, *_ = _pairs(X, DUP_THRESHOLD, 10)
+    pairs, *_ = _pairs(store_from_arrays(tmp_path / "copies.h5", X), DUP_THRESHOLD, 10)
     assert {int(a) for a, b in pairs if b == N - 1} == set(copies.tolist())  # k-NN alone: 11 of 30

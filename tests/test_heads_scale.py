@@ -115,6 +115,34 @@ def test_linear_fit_holds_about_one_normalised_copy_of_the_features():
     assert peak < 1.6 * size, (peak / size)
 
 
+def test_copy_false_normalises_the_training_rows_in_place(monkeypatch):
+    """copy=False (scikit-learn's StandardScaler(copy=False)): X becomes the normalised rows and no array its size
+    is allocated; the fit is the copy's, number for number. A read-only X, and a fit with eval_set (which needs
+    room for the validation rows), are copied and left as they were."""
+    X, y = blobs(20_000, k=3, d=256)
+    monkeypatch.setattr(feats, "BLOCK", 1024)  # the statistics' temporaries: 1,024 rows (8,192 would be 40% of X)
+    ref = LinearHead(C=0.1, max_iter_final=5, device="cpu").fit(X, y)
+    mine = X.copy()
+    tracemalloc.start()
+    try:
+        head = LinearHead(C=0.1, max_iter_final=5, device="cpu", copy=False).fit(mine, y)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.3 * X.nbytes, peak / X.nbytes  # the copy=True fit allocates at least X.nbytes
+    np.testing.assert_array_equal(head.coef_, ref.coef_)
+    np.testing.assert_array_equal(mine, feats.apply_norm(X, ref.norm_))  # X is now the normalised rows
+    np.testing.assert_array_equal(head.predict_proba(X), ref.predict_proba(X))
+    frozen = X.copy()
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(LinearHead(C=0.1, max_iter_final=5, device="cpu", copy=False).fit(frozen, y).coef_,
+                                  ref.coef_)
+    mine = X.copy()
+    LinearHead(C=0.1, max_iter_final=5, device="cpu", copy=False).fit(mine[:15_000], y[:15_000],
+                                                                     eval_set=(mine[15_000:], y[15_000:]))
+    np.testing.assert_array_equal(mine, X)
+
+
 # ---------------------------------------------------------------------------------------------- sweep_rows
 def test_stratified_subsample_keeps_class_shares_and_is_seeded():
     y = np.repeat([0, 1, 2, 3], [600, 300, 99, 1])

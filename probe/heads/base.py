@@ -141,11 +141,12 @@ class Head(ClassifierMixin, BaseEstimator):
         return X, Y.astype(np.float32), sample_weight
 
     def _fit_classes_and_norm(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None,
-                              spare_rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                              spare_rows: int = 0, in_place: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Learn ``classes_`` and ``norm_`` (weighted statistics); returns (normalised X (N, D), class indices (N,),
         or for a label matrix y (N, C) the matrix itself, ``classes_`` = arange(C) and ``thresholds_`` at 0.5).
         With ``spare_rows`` M the features come in an (N + M, D) array whose last M rows are left for the caller
-        (the linear head normalises its validation rows there, so its refit on both needs no copy)."""
+        (the linear head normalises its validation rows there, so its refit on both needs no copy). ``in_place``
+        (without spare rows): X itself is normalised and returned."""
         for a in (*CALIBRATION_ATTRS, "thresholds_"):  # a new fit makes a previous calibration meaningless
             self.__dict__.pop(a, None)
         self.multilabel_ = y.ndim == 2
@@ -154,7 +155,7 @@ class Head(ClassifierMixin, BaseEstimator):
             Z = np.empty((len(X) + spare_rows, X.shape[1]), np.float32)  # (N + M, D)
             apply_norm(X, self.norm_, out=Z[: len(X)])
         else:
-            Z = apply_norm(X, self.norm_)
+            Z = apply_norm(X, self.norm_, out=X if in_place else None)
         if self.multilabel_:
             self.classes_ = np.arange(y.shape[1])
             self.thresholds_ = np.full(y.shape[1], ml.DEFAULT_THRESHOLD)
@@ -162,12 +163,14 @@ class Head(ClassifierMixin, BaseEstimator):
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         return Z, y_idx.astype(np.int64)
 
-    def _start_fit(self, X: Any, y: Any, sample_weight: Any = None, spare_rows: int = 0
+    def _start_fit(self, X: Any, y: Any, sample_weight: Any = None, spare_rows: int = 0, in_place: bool = False
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Validate, learn ``classes_`` and ``norm_``: (normalised X (N, D) -- (N + spare_rows, D), the last rows
-        unset --, class indices (N,), weights or None)."""
+        unset --, class indices (N,), weights or None). ``in_place``: normalise the validated X itself (X when it
+        is float32, C-contiguous and writeable) when there are no spare rows."""
         X, y, sample_weight = self._validate_fit(X, y, sample_weight)
-        Z, y_idx = self._fit_classes_and_norm(X, y, sample_weight, spare_rows)
+        in_place = in_place and X.flags.c_contiguous and X.flags.writeable
+        Z, y_idx = self._fit_classes_and_norm(X, y, sample_weight, spare_rows, in_place)
         return Z, y_idx, sample_weight
 
     def transform_features(self, X: Any, out: np.ndarray | None = None) -> np.ndarray:

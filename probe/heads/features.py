@@ -82,13 +82,13 @@ def weighted_sum(A: np.ndarray, sample_weight: np.ndarray | None = None) -> np.n
 
 def apply_norm(X: np.ndarray, params: dict[str, Any], out: np.ndarray | None = None) -> np.ndarray:
     """Apply fitted statistics to X (N, D) -> (N, D) float32, written into ``out`` (N, D) float32 when given (else
-    a new array; X itself for norm "none"). Runs over blocks of BLOCK rows: the result is the only array the size
-    of X."""
+    a new array; X itself for norm "none"); ``out`` may be X (in place). Runs over blocks of BLOCK rows: the result
+    is the only array the size of X."""
     X = np.asarray(X, np.float32)
     norm = params["norm"]
     if X.ndim != 2 or X.shape[1] != len(params["mean"]):
         raise ProbeError(f"expected features of shape (n, {len(params['mean'])}), got {X.shape}")
-    if norm == "none" and out is None:
+    if norm == "none" and (out is None or out is X):
         return X
     out = np.empty_like(X) if out is None else out
     for s in range(0, len(X), BLOCK):
