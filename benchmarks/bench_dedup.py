@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import time_v, write_result  # noqa: E402
 
 DIM, CLASSES, THRESHOLD = 1280, 100, 0.95
 
@@ -70,9 +69,7 @@ def timed_dedup(store: Path, *flags: str) -> dict[str, Any]:
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "probe", "dedup", str(store), "--threshold", str(THRESHOLD),
            "--json", *flags]
     run = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", run.stderr).group(1)
-    seconds = sum(float(p) * 60 ** i for i, p in enumerate(reversed(wall.split(":"))))
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1)) / 1024
+    seconds, rss = time_v(run.stderr)
     return {"command": " ".join(["probe", *cmd[5:]]), "wall_s": round(seconds, 2), "peak_rss_mb": round(rss, 1),
             "out": json.loads(run.stdout)}
 

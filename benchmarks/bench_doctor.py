@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_heads import synthetic  # noqa: E402
-from benchmarks.common import timer, write_result  # noqa: E402
+from benchmarks.common import time_v, timer, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "probe" / "demo" / "fashion-mnist"
@@ -147,7 +147,6 @@ def speed_part(n: int, dim: int, classes: int, folds: int) -> dict:
 
 def memory_part(cache: Path, rows: int, probe_root: Path) -> dict:
     """`probe doctor` on the planted store of ``rows`` rows (made once): wall s, peak RSS, its ratio to the features."""
-    import re
     import subprocess
 
     from benchmarks.bench_dedup import DIM, planted_store
@@ -158,9 +157,7 @@ def memory_part(cache: Path, rows: int, probe_root: Path) -> dict:
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "probe", "doctor", str(store), "--top", "3"]
     run = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=probe_root,
                          env={**os.environ, "PYTHONPATH": str(probe_root)})
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", run.stderr).group(1)
-    seconds = sum(float(p) * 60 ** i for i, p in enumerate(reversed(wall.split(":"))))
-    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1)) / 1024
+    seconds, peak = time_v(run.stderr)
     features = rows * DIM * 4 / 2**20
     return {"rows": rows, "dim": DIM, "probe_root": str(probe_root), "wall_s": round(seconds, 1),
             "peak_rss_mb": round(peak), "features_mb": round(features), "peak_over_features": round(peak / features, 2),

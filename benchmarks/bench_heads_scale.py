@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import time_v, write_result  # noqa: E402
 from probe.store import FeatureStore  # noqa: E402
 
 
@@ -47,12 +46,11 @@ def run_fit_head(store: Path, sweep_rows: int, extra: list[str], timeout: float,
         finished = False
     r: dict[str, Any] = {"sweep_rows_flag": sweep_rows, "finished": finished,
                          "log_tail": [ln for ln in stderr.splitlines() if " probe." in ln][-12:]}
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", stderr)
-    if rss:
-        r["peak_rss_gb"] = round(int(rss.group(1)) / 2**20, 2)
-    if wall:
-        r["wall_s"] = round(sum(float(x) * 60**i for i, x in enumerate(reversed(wall.group(1).split(":")))), 1)
+    wall, rss = time_v(stderr)
+    if rss is not None:
+        r["peak_rss_gb"] = round(rss / 1024, 2)
+    if wall is not None:
+        r["wall_s"] = round(wall, 1)
     if finished:
         s = json.loads(stdout)
         r.update(C=s["C"], sweep_rows=s["sweep_rows"], n_train=s["n_train"], val_accuracy=s["val_accuracy"],

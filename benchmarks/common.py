@@ -44,6 +44,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def time_v(stderr: str) -> tuple[float | None, float | None]:
+    """(wall seconds, peak RSS MiB) from the report ``/usr/bin/time -v`` wrote to a child's stderr; None for a
+    figure it did not write (a child killed by a timeout)."""
+    import re
+
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", stderr)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
+    return (sum(float(x) * 60**i for i, x in enumerate(reversed(wall.group(1).split(":")))) if wall else None,
+            int(rss.group(1)) / 1024 if rss else None)
+
+
 def write_result(name: str, result: dict[str, Any], out: str | os.PathLike | None = None) -> Path:
     """Write ``{"benchmark": name, "machine": …, **result}`` as JSON and print it."""
     path = Path(out) if out else RESULTS / f"{name}.json"
