@@ -218,10 +218,9 @@ def _pairs(store: FeatureStore, threshold: float, k: int,
     row of the store, read and L2-normalised a block at a time (``FeatureStore.search_rows``: the search never
     holds the features beside its index): ``near_pairs``, exact below the flat-index size, else approximate.
     ``progress``: a bar on stderr over the rows whose neighbours are searched (the long part on a large store)."""
-    from .search import IndexConfig
     from .search.dedup import near_pairs
 
-    with store.search_rows("cosine", IndexConfig().chunk_rows) as rows:
+    with store.search_rows("cosine") as rows:
         found = near_pairs(rows, threshold, k, neighbours=True, progress=progress, desc="doctor neighbours")
     ids, sims = found.knn_ids, found.knn_sims  # (N, k+1), the row itself usually first
     own = ids == np.arange(len(ids))[:, None]

@@ -214,10 +214,10 @@ class _Sample(FeatureStore):
         return self._X
 
     @contextmanager
-    def search_rows(self, metric: str | None = "cosine", chunk_rows: int = 16_384) -> Iterator[Any]:
-        from .search.rows import Rows
+    def search_rows(self, metric: str | None = "cosine", chunk_rows: int | None = None) -> Iterator[Any]:
+        from .search import IndexConfig, Rows
 
-        yield Rows(self._X, metric, chunk_rows)  # the sampled rows, already in memory
+        yield Rows(self._X, metric, chunk_rows or IndexConfig().chunk_rows)  # the sampled rows, already in memory
 
     def labels(self, split: str | None = None) -> np.ndarray:
         assert split is None

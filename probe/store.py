@@ -188,19 +188,19 @@ class FeatureStore:
             raise _damaged(self.path, "reading it failed", e) from None
 
     @contextmanager
-    def search_rows(self, metric: str | None = "cosine", chunk_rows: int = 16_384) -> Iterator[Any]:
-        """The features as search ``Rows`` (probe.search.rows), read ``chunk_rows`` rows at a time from the open
-        store and prepared for ``metric`` on each read: what the neighbour searches take without holding the whole
-        store in memory. Valid while the context is open.
+    def search_rows(self, metric: str | None = "cosine", chunk_rows: int | None = None) -> Iterator[Any]:
+        """The features as search ``Rows`` (probe.search.rows), read ``chunk_rows`` rows at a time (None: the
+        search's ``IndexConfig.chunk_rows``) from the open store and prepared for ``metric`` on each read: what the
+        neighbour searches take without holding the whole store in memory. Valid while the context is open.
 
         Example:
             >>> with store.search_rows("cosine") as rows:
             ...     found = near_pairs(rows, 0.95)
         """
-        from .search.rows import Rows
+        from .search import IndexConfig, Rows
 
         with self.open() as f:
-            yield Rows(f["features"], metric, chunk_rows, n=self.count)
+            yield Rows(f["features"], metric, chunk_rows or IndexConfig().chunk_rows, n=self.count)
 
     def _strings(self, f: h5py.File, name: str, sel: Any = slice(None)) -> np.ndarray:
         """The string array ``name``, checked against its crc32 (read whole: the checksum is of the whole)."""

@@ -275,7 +275,7 @@ def find_duplicates(store: FeatureStore | str | os.PathLike, threshold: float = 
     if store.count == 0:
         raise StoreError(f"store {str(store.path)!r} has no rows: nothing to deduplicate")
     set_threads()
-    with store.search_rows("cosine", IndexConfig().chunk_rows) as rows:
+    with store.search_rows("cosine") as rows:
         found = near_pairs(rows, threshold, exact=exact, progress=progress, pair_recall=pair_recall)
     pairs, sims = found.pairs, found.sims
     parent = np.arange(store.count)
