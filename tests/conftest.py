@@ -41,6 +41,30 @@ def make_imagefolder(root: Path, classes=("cat", "dog", "fox"), per_class: int =
     return root
 
 
+def kill_9_at(runs: dict[Path, tuple[list[str], int]], timeout: float = 120) -> None:
+    """Start each ``cmd`` (an extraction into ``out``) as a child at once -- their cold starts overlap -- and kill -9
+    each when its journal (``out``.journal) reaches ``nbytes``: ``runs`` maps out -> (cmd, nbytes). A child that
+    exits first is left exited (the caller's "it really was interrupted" check fails then)."""
+    import signal
+    import subprocess
+    import time
+
+    procs = {out: subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for out, (cmd, _) in runs.items()}
+    deadline = time.time() + timeout
+    while procs and time.time() < deadline:
+        for out, proc in list(procs.items()):
+            journal = Path(f"{out}.journal")
+            if proc.poll() is None and not (journal.exists() and journal.stat().st_size >= runs[out][1]):
+                continue
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            del procs[out]
+        time.sleep(0.005)
+    assert not procs, f"{len(procs)} run(s) reached no kill point in {timeout:g} s"
+
+
 def tiny_config(**kw) -> ExtractConfig:
     return ExtractConfig(backbone=TINY, weights="random", batch_size=4, workers=0, dtype="float32", **kw)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from probe.data import DatasetError, discover, load_image
 from probe.extract import extract
 from probe.store import FeatureStore, StoreError, StoreMismatchError, locked
 
-from .conftest import TINY, make_image, make_imagefolder, tiny_config
+from .conftest import TINY, kill_9_at, make_image, make_imagefolder, tiny_config
 
 runner = CliRunner()
 
@@ -240,18 +239,7 @@ def test_kill_9_then_rerun_finishes_with_identical_features(tmp_path):
     data = make_imagefolder(tmp_path / "data", classes=[f"c{i}" for i in range(6)], per_class=8)  # 48 images
     # two runs killed at once (their cold starts overlap): right at the start, and ~5 of 12 batches (~10 KB each) in
     kill_after = {tmp_path / "killed_at_start.h5": 1, tmp_path / "killed_midway.h5": 50_000}
-    procs = {out: subprocess.Popen(_cli_extract(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for out in kill_after}
-    deadline = time.time() + 120
-    while procs and time.time() < deadline:
-        for out, proc in list(procs.items()):
-            journal = Path(f"{out}.journal")
-            if proc.poll() is not None or (journal.exists() and journal.stat().st_size >= kill_after[out]):
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                del procs[out]
-        time.sleep(0.005)
-    assert not procs, "a run reached none of its kill points in 120 s"
+    kill_9_at({out: (_cli_extract(data, out), nbytes) for out, nbytes in kill_after.items()})
     ref = tmp_path / "ref.h5"
     r = runner.invoke(app, _cli_extract(data, ref)[3:])  # the uninterrupted run: the same command, in this process
     assert r.exit_code == 0, r.output

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from probe.extract import extract
 from probe.shard import merge, parse_shard, shard_of, take_shard
 from probe.store import FeatureStore, StoreError
 
-from .conftest import TINY, make_imagefolder, tiny_config
+from .conftest import TINY, kill_9_at, make_imagefolder, tiny_config
 
 
 def by_path(store) -> dict[str, np.ndarray]:
@@ -125,12 +123,7 @@ def test_a_lost_rank_is_rerun_alone(tmp_path):
     done0 = tmp_path / "s.shard-0-of-2.h5"
     mtime0 = done0.stat().st_mtime_ns
     journal = Path(f"{tmp_path / 's.shard-1-of-2.h5'}.journal")
-    proc = subprocess.Popen(cmd(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and (not journal.exists() or journal.stat().st_size < 30_000):
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)  # rank 1 dies mid-way
-    proc.wait()
+    kill_9_at({tmp_path / "s.shard-1-of-2.h5": (cmd(1), 30_000)})  # rank 1 dies mid-way
     assert journal.exists() and not (tmp_path / "s.shard-1-of-2.h5").exists()
     r = CliRunner().invoke(app, cmd(1)[3:])  # only the lost rank is re-run (in this process: no second cold start)
     assert r.exit_code == 0, r.output

@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
-import subprocess
 import sys
 import tarfile
 import time
@@ -32,7 +30,7 @@ from probe.shard import merge, shard_of
 from probe.sources import SEP, need, split_key
 from probe.store import FeatureStore
 
-from .conftest import DEMO, TINY, tiny_config
+from .conftest import DEMO, TINY, kill_9_at, tiny_config
 
 runner = CliRunner()
 CLASSES = ("Bag", "Coat", "Sandal")
@@ -403,14 +401,7 @@ def _kill_and_resume(cmd: list[str], out: Path, count: int) -> dict:
     """Run ``cmd`` in a child, kill -9 it a few batches in, rerun the command (in this process: no second cold
     start) and return the rerun's summary."""
     journal = Path(f"{out}.journal")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if journal.exists() and journal.stat().st_size >= 30_000:  # a few batches of 512-d features in
-            break
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_at({out: (cmd, 30_000)})  # a few batches of 512-d features in
     assert not out.exists() and journal.exists()  # it really was interrupted
     rerun = runner.invoke(app, cmd[3:])
     assert rerun.exit_code == 0, rerun.output
