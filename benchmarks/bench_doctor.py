@@ -24,8 +24,10 @@ probabilities are against scikit-learn's ``cross_val_predict(LogisticRegressionC
 * **Memory** (``--part memory``, not part of ``all``: minutes). ``probe doctor`` on bench_dedup.py's planted
   synthetic store of ``--rows`` x 1280 (100 classes, 1% noisy copies, exact copies, rows copied 30 times; made
   once under ``--cache``), in its own process under ``/usr/bin/time -v``: wall time, peak RSS, and the peak over
-  the size of the features (N x D x 4 bytes). ``--probe-root DIR`` runs another checkout's probe on the same
-  store (a before/after of one change, in one run each).
+  the size of the features (N x D x 4 bytes), and its phases from its log (the C sweep, the fits at the chosen C,
+  then the rest: class-mean distances and the neighbour search). ``--probe-root DIR`` (repeatable) runs those
+  checkouts' probe on the same store, taking turns ``--runs`` times: a before/after of one change with the
+  machine's drift falling on both alike.
 """
 
 from __future__ import annotations
@@ -145,23 +147,56 @@ def speed_part(n: int, dim: int, classes: int, folds: int) -> dict:
     return res
 
 
-def memory_part(cache: Path, rows: int, probe_root: Path) -> dict:
-    """`probe doctor` on the planted store of ``rows`` rows (made once): wall s, peak RSS, its ratio to the features."""
+def memory_part(cache: Path, rows: int, probe_roots: list[Path], runs: int = 1) -> dict:
+    """`probe doctor -v` on the planted store of ``rows`` rows (made once), ``runs`` times for each checkout in
+    ``probe_roots``, the checkouts taking turns (a drift of the machine falls on each alike): per run the wall s,
+    peak RSS and its ratio to the features, and the phases from its log -- the C sweep, the fits at the chosen C
+    (the sweep's fit on every row, if the checkout makes one, and a refit per fold) and what follows them (the
+    distances to the class means and the neighbour search, to the report)."""
+    import re
     import subprocess
+    import tempfile
+    import time
 
     from benchmarks.bench_dedup import DIM, planted_store
 
     store = cache / f"planted{rows}.h5"
     if not store.exists():
         planted_store(store, rows)
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "probe", "doctor", str(store), "--top", "3"]
-    run = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=probe_root,
-                         env={**os.environ, "PYTHONPATH": str(probe_root)})
-    seconds, peak = time_v(run.stderr)
     features = rows * DIM * 4 / 2**20
-    return {"rows": rows, "dim": DIM, "probe_root": str(probe_root), "wall_s": round(seconds, 1),
-            "peak_rss_mb": round(peak), "features_mb": round(features), "peak_over_features": round(peak / features, 2),
-            "summary": [line for line in run.stdout.splitlines() if line and not line.startswith(" ")][:8]}
+    out: dict = {"rows": rows, "dim": DIM, "features_mb": round(features), "runs": runs, "by_checkout": {}}
+    for i in range(runs):
+        for root in probe_roots:
+            cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "probe", "-v", "doctor", str(store), "--top", "3"]
+            t0, stamped = time.perf_counter(), []
+            with tempfile.TemporaryFile("w+") as stdout, subprocess.Popen(
+                    cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=root,
+                    env={**os.environ, "PYTHONPATH": str(root)}) as proc:
+                for line in proc.stderr:  # stamped as they come: where the neighbour search starts
+                    stamped.append((time.perf_counter() - t0, line))
+                proc.wait()
+                stdout.seek(0)
+                report = stdout.read()
+            err = "".join(line for _, line in stamped)
+            if proc.returncode:
+                raise SystemExit(f"probe doctor in {root} failed ({proc.returncode}): {err[-2000:]}")
+            seconds, peak = time_v(err)
+            sweep = [float(m) for m in re.findall(r"chose C=\S+ \(.*?, ([\d.]+) s\)", err)]
+            fits = [float(m) for m in re.findall(r"fit C=\S+ on \d+ rows: \d+ L-BFGS iterations, ([\d.]+) s", err)]
+            fits_end = [t for t, line in stamped if re.search(r"fit C=\S+ on \d+ rows: ", line)]
+            report_at = next((t for t, line in stamped if "probe.doctor" in line and "doctor:" in line), None)
+            run = {"wall_s": round(seconds, 1), "peak_rss_mb": round(peak),
+                   "peak_over_features": round(peak / features, 2), "sweep_s": round(sum(sweep), 1),
+                   "fits_at_C_s": [round(f, 1) for f in fits],
+                   "after_fits_s": None if not fits_end or report_at is None else round(report_at - fits_end[-1], 1),
+                   "summary": [line for line in report.splitlines() if line and not line.startswith(" ")][:8]}
+            print(f"run {i + 1}/{runs} {root}: {run['wall_s']} s, {run['peak_rss_mb']} MB, sweep {run['sweep_s']} s, "
+                  f"fits {sum(fits):.1f} s, then {run['after_fits_s']} s", file=sys.stderr)
+            out["by_checkout"].setdefault(str(root), []).append(run)
+    for root, rs in out["by_checkout"].items():
+        out.setdefault("median_wall_s", {})[root] = float(np.median([r["wall_s"] for r in rs]))
+        out.setdefault("max_peak_rss_mb", {})[root] = max(r["peak_rss_mb"] for r in rs)
+    return out
 
 
 def main() -> None:
@@ -176,7 +211,9 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--rows", type=int, default=500_000, help="--part memory: rows of the planted store")
-    ap.add_argument("--probe-root", type=Path, default=ROOT, help="--part memory: the checkout whose probe runs")
+    ap.add_argument("--probe-root", type=Path, action="append", default=None,
+                    help="--part memory: a checkout whose probe runs (repeat it to compare; default this one)")
+    ap.add_argument("--runs", type=int, default=1, help="--part memory: runs of each checkout, taking turns")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     a.cache.mkdir(parents=True, exist_ok=True)
@@ -186,7 +223,7 @@ def main() -> None:
     if a.part in ("all", "speed"):
         result["speed"] = speed_part(a.n, a.dim, a.classes, a.folds)
     if a.part == "memory":
-        result["memory"] = memory_part(a.cache, a.rows, a.probe_root.resolve())
+        result["memory"] = memory_part(a.cache, a.rows, [r.resolve() for r in a.probe_root or [ROOT]], a.runs)
     name = "doctor" if a.part == "all" else f"doctor_{a.part}"
     write_result(name, result, a.out)
 

@@ -143,7 +143,7 @@ def out_of_fold_proba(X: np.ndarray, y: np.ndarray, folds: int, seed: int, sweep
     if sweep == "per-fold":
         return _nested(X, y, splits, seed, progress), None
     with _fits_bar(1 + folds, folds, progress) as bar:
-        C = LinearHead(seed=seed).fit(X, y).C_
+        C = LinearHead(seed=seed).choose_C(X, y).C_  # the sweep alone: no all-rows fit, no normalised copy
         bar.update()
         K = int(y.max()) + 1
         proba = np.zeros((len(y), K), np.float64)

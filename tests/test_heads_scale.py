@@ -143,6 +143,46 @@ def test_copy_false_normalises_the_training_rows_in_place(monkeypatch):
     np.testing.assert_array_equal(mine, X)
 
 
+def test_choose_C_is_the_fits_sweep_without_the_fit_or_a_normalised_copy(monkeypatch):
+    """choose_C: the strength, sweep and scores fit would give (subsample and cross-validation, weights, eval_set,
+    multi-label), without the final fit -- no weights, so the head refuses to predict -- and, beside X, numpy holds
+    the subsample's rows, not a normalised copy of every row (which fit makes)."""
+    from sklearn.exceptions import NotFittedError
+
+    X, y = blobs(20_000, k=3, d=256)
+    monkeypatch.setattr(feats, "BLOCK", 1024)  # the statistics' temporaries: 1,024 rows
+    kw = {**GRID, "sweep_rows": 2_000, "seed": 3}
+    LinearHead(**kw).choose_C(X[:3_000], y[:3_000])  # first calls' imports and caches out of the count
+    tracemalloc.start()
+    try:
+        head = LinearHead(**kw).choose_C(X, y)
+        chose = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        ref = LinearHead(**kw).fit(X, y)
+        fitted = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert chose < 0.4 * X.nbytes <= X.nbytes <= fitted, (chose / X.nbytes, fitted / X.nbytes)
+    assert (head.C_, head.sweep_, head.val_score_, head.sweep_rows_) == (ref.C_, ref.sweep_, ref.val_score_, 2_000)
+    assert not hasattr(head, "coef_")
+    with pytest.raises(NotFittedError):
+        head.predict(X)
+    np.testing.assert_array_equal(head.set_params(C=head.C_).fit(X, y).coef_,
+                                  LinearHead(**{**kw, "C": ref.C_}).fit(X, y).coef_)  # fit at C_ makes it whole
+    head.set_params(C=None).choose_C(X[:5_000], y[:5_000])  # a new choice drops the previous fit's weights
+    assert not hasattr(head, "coef_")
+    w = np.random.default_rng(0).uniform(0.2, 3, 5_000)
+    Xv, yv = blobs(1_000, k=3, d=256, seed=1)
+    Y = np.stack([y[:5_000] == 0, y[:5_000] != 2], 1).astype(np.float32)
+    X5, y5 = X[:5_000], y[:5_000]
+    for opts, args, more in [({"balanced": True}, (X5, y5), {"sample_weight": w}),
+                             ({}, (X5, y5), {"eval_set": (Xv, yv)}), ({}, (X5, Y), {})]:
+        a, b = LinearHead(**kw, **opts).choose_C(*args, **more), LinearHead(**kw, **opts).fit(*args, **more)
+        assert (a.C_, a.sweep_, a.val_score_) == (b.C_, b.sweep_, b.val_score_), (opts, more)
+    with pytest.raises(ProbeError, match="fixed at 0.1"):
+        LinearHead(C=0.1).choose_C(X, y)
+
+
 # ---------------------------------------------------------------------------------------------- sweep_rows
 def test_stratified_subsample_keeps_class_shares_and_is_seeded():
     y = np.repeat([0, 1, 2, 3], [600, 300, 99, 1])

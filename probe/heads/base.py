@@ -141,17 +141,21 @@ class Head(ClassifierMixin, BaseEstimator):
         return X, Y.astype(np.float32), sample_weight
 
     def _fit_classes_and_norm(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None,
-                              spare_rows: int = 0, in_place: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                              spare_rows: int = 0, in_place: bool = False, normalise: bool = True
+                              ) -> tuple[np.ndarray, np.ndarray]:
         """Learn ``classes_`` and ``norm_`` (weighted statistics); returns (normalised X (N, D), class indices (N,),
         or for a label matrix y (N, C) the matrix itself, ``classes_`` = arange(C) and ``thresholds_`` at 0.5).
         With ``spare_rows`` M the features come in an (N + M, D) array whose last M rows are left for the caller
         (the linear head normalises its validation rows there, so its refit on both needs no copy). ``in_place``
-        (without spare rows): X itself is normalised and returned."""
+        (without spare rows): X itself is normalised and returned; ``normalise`` False: X is returned as it is
+        (the statistics are learnt; the caller normalises the rows it needs)."""
         for a in (*CALIBRATION_ATTRS, "thresholds_"):  # a new fit makes a previous calibration meaningless
             self.__dict__.pop(a, None)
         self.multilabel_ = y.ndim == 2
         self.norm_ = fit_norm(X, self.norm, sample_weight)
-        if spare_rows:
+        if not normalise:
+            Z = X
+        elif spare_rows:
             Z = np.empty((len(X) + spare_rows, X.shape[1]), np.float32)  # (N + M, D)
             apply_norm(X, self.norm_, out=Z[: len(X)])
         else:
@@ -163,19 +167,24 @@ class Head(ClassifierMixin, BaseEstimator):
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         return Z, y_idx.astype(np.int64)
 
-    def _start_fit(self, X: Any, y: Any, sample_weight: Any = None, spare_rows: int = 0, in_place: bool = False
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _start_fit(self, X: Any, y: Any, sample_weight: Any = None, spare_rows: int = 0, in_place: bool = False,
+                   normalise: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Validate, learn ``classes_`` and ``norm_``: (normalised X (N, D) -- (N + spare_rows, D), the last rows
         unset --, class indices (N,), weights or None). ``in_place``: normalise the validated X itself (X when it
-        is float32, C-contiguous and writeable) when there are no spare rows."""
+        is float32, C-contiguous and writeable) when there are no spare rows; ``normalise`` False: the validated X
+        itself, not normalised."""
         X, y, sample_weight = self._validate_fit(X, y, sample_weight)
         in_place = in_place and X.flags.c_contiguous and X.flags.writeable
-        Z, y_idx = self._fit_classes_and_norm(X, y, sample_weight, spare_rows, in_place)
+        Z, y_idx = self._fit_classes_and_norm(X, y, sample_weight, spare_rows, in_place, normalise)
         return Z, y_idx, sample_weight
 
     def transform_features(self, X: Any, out: np.ndarray | None = None) -> np.ndarray:
         """Raw features (N, D) -> the normalised features the head works on (written into ``out`` when given)."""
         check_is_fitted(self)
+        return self._transform(X, out)
+
+    def _transform(self, X: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """``transform_features`` once ``norm_`` is learnt, before the head's weights are (a fit's validation rows)."""
         with user_errors(f" ({type(self).__name__} takes features of shape (n, {self.n_features_in_}), like the "
                          "training data)"):
             X = validate_data(self, X, reset=False, dtype=np.float32)  # also checks n_features_in_
@@ -308,7 +317,7 @@ class Head(ClassifierMixin, BaseEstimator):
 
     # ---- persistence (probe.heads.io): plain arrays + JSON-able hyperparameters, no pickle
     def get_state(self) -> dict[str, np.ndarray]:
-        check_is_fitted(self, "norm_")
+        check_is_fitted(self, ["norm_", *self._state_attrs])
         arrays = {"classes_": np.asarray(self.classes_), "norm.mean": self.norm_["mean"],
                   "norm.scale": self.norm_["scale"]}
         arrays.update({a: np.asarray(getattr(self, a)) for a in self._state_attrs})

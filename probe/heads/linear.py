@@ -21,6 +21,7 @@ thresholds); accuracy and mean-per-class are single-label metrics and are refuse
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +38,7 @@ from probe.device import resolve_device
 
 from ..errors import ProbeError
 from .base import Head
-from .features import balanced_weights, stratified_subsample
+from .features import apply_norm, balanced_weights, stratified_subsample
 from .multilabel import f1_scores, fit_thresholds, mean_ap, multilabel_folds, multilabel_holdout
 from .scoring import SELECT, key, refuse_map, refuse_single, score
 
@@ -381,6 +382,64 @@ class LinearHead(Head):
         n_val = 0 if eval_set is None else _num_samples(eval_set[0])
         # (N + M, D): the normalised training rows, then room for the M validation rows (the refit uses both)
         Zall, yi, sw = self._start_fit(X, y, sample_weight, spare_rows=n_val, in_place=not self.copy)
+        self._check_options()
+        dev = resolve_device(self.device)
+        anchor = None if anchor is None else self._anchor(anchor, Zall.shape[1], dev)
+        if init is not None and self.C is None:
+            raise ProbeError("init starts the solve at a fixed C; a sweep (C=None) starts from zeros or the anchor: "
+                             "pass C, or leave init out")
+        init = None if init is None else self._anchor(init, Zall.shape[1], dev, "init")
+        yv = None if eval_set is None else self._eval_set(eval_set, out=Zall[len(yi):])
+        with threads_for(len(yi) * Zall.shape[1] * len(self.classes_), dev):
+            self._fit(Zall, yi, dev, None if sw is None else sw.astype(np.float32), yv, anchor, init, progress)
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    def choose_C(self, X, y, sample_weight=None, eval_set=None, anchor=None, progress: bool = False
+                 ) -> LinearHead:
+        """Choose C as ``fit`` does -- the same sweep on the same rows (all of them, or the ``sweep_rows``
+        subsample), the same ``C_``, ``sweep_``, ``sweep_rows_``, ``val_accuracy_`` and ``val_score_`` -- without
+        the fit at ``C_`` that follows it: no ``coef_``, so the head does not predict until it is fit (e.g.
+        ``set_params(C=head.C_).fit(...)``). For a caller that needs only the strength, as probe.doctor's
+        out-of-fold fits at one C: only the sweep's rows are normalised (beside X it holds the subsample, not a
+        normalised copy of every row), and the final solve on every row, whose cost grows with the rows while
+        the sweep's does not past ``sweep_rows``, is not made. Arguments as ``fit``'s."""
+        if self.C is not None:
+            raise ProbeError(f"choose_C sweeps C, but this head's C is fixed at {self.C:g}: leave C out (None)")
+        for a in ("coef_", "intercept_", "n_iter_", "fit_seconds_"):  # a previous fit's, on other statistics
+            self.__dict__.pop(a, None)
+        X, yi, sw = self._start_fit(X, y, sample_weight, normalise=False)  # classes_, norm_ on every row
+        sw = None if sw is None else sw.astype(np.float32)
+        self._check_options()
+        dev = resolve_device(self.device)
+        anchor = None if anchor is None else self._anchor(anchor, X.shape[1], dev)
+        sub = self._sweep_subset(yi)
+        if sub is None:  # every row: their normalised copy (X itself with copy=False, as fit)
+            in_place = not self.copy and X.flags.c_contiguous and X.flags.writeable
+            Zs, ys, sws = apply_norm(X, self.norm_, out=X if in_place else None), yi, sw
+        else:  # the subsample's gathered rows, normalised where they lie
+            Zs, ys, sws = X[sub], yi[sub], None if sw is None else sw[sub]
+            apply_norm(Zs, self.norm_, out=Zs)
+        yv, Zv = None, Zs[:0]
+        if eval_set is not None:
+            Zv = np.empty((_num_samples(eval_set[0]), X.shape[1]), np.float32)
+            yv = self._eval_set(eval_set, out=Zv)
+        with threads_for(len(ys) * X.shape[1] * len(self.classes_), dev):
+            self._choose(Zs, ys, sws, Zv, yv, lambda a: torch.from_numpy(a).to(dev),
+                         functools.partial(self._weights, dev=dev), anchor, progress, of_rows=len(yi))
+        return self
+
+    def _weights(self, yi: np.ndarray, sw: np.ndarray | None, dev: torch.device) -> torch.Tensor:
+        """(N,) per-row weights on ``dev``: balanced class weights (never for multi-label) times the caller's sw."""
+        w = balanced_weights(yi, len(self.classes_), sw) if self.balanced else np.ones(len(yi), np.float32)
+        return torch.from_numpy(w if sw is None else w * sw).to(dev)
+
+    def __sklearn_is_fitted__(self) -> bool:
+        """Fitted once ``fit`` has made the weights (``choose_C`` alone leaves none)."""
+        return hasattr(self, "coef_")
+
+    def _check_options(self) -> None:
+        """The options that depend on the training target (after ``_start_fit``): sets ``select_``."""
         if self.C is None:
             self.Cs()  # a bad C_range fails before any solve
         elif self.grid != "default":
@@ -393,17 +452,6 @@ class LinearHead(Head):
                                  "(one-vs-rest) does not take them: leave `balanced` off")
         else:
             refuse_map(self.select_, "this linear head takes one class per row")
-        dev = resolve_device(self.device)
-        anchor = None if anchor is None else self._anchor(anchor, Zall.shape[1], dev)
-        if init is not None and self.C is None:
-            raise ProbeError("init starts the solve at a fixed C; a sweep (C=None) starts from zeros or the anchor: "
-                             "pass C, or leave init out")
-        init = None if init is None else self._anchor(init, Zall.shape[1], dev, "init")
-        yv = None if eval_set is None else self._eval_set(eval_set, out=Zall[len(yi):])
-        with threads_for(len(yi) * Zall.shape[1] * len(self.classes_), dev):
-            self._fit(Zall, yi, dev, None if sw is None else sw.astype(np.float32), yv, anchor, init, progress)
-        self.fit_seconds_ = time.perf_counter() - t0
-        return self
 
     def _anchor(self, anchor, D: int, dev: torch.device, what: str = "anchor") -> tuple[torch.Tensor, torch.Tensor]:
         """(coef (K, D), intercept (K,)) or coef alone -> (W (D, K), b (K,)) float32 tensors, shapes checked;
@@ -427,10 +475,7 @@ class LinearHead(Head):
         K, N = len(self.classes_), len(yi)
         Z, Zv = Zall[:N], Zall[N:]  # views: the refit on train + val solves on Zall itself, no copy
 
-        def weights(yi_: np.ndarray, sw_: np.ndarray | None) -> torch.Tensor:
-            """(N,) per-row weights: balanced class weights (never for multi-label) times the caller's weights."""
-            w = balanced_weights(yi_, K, sw_) if self.balanced else np.ones(len(yi_), np.float32)
-            return torch.from_numpy(w if sw_ is None else w * sw_).to(dev)
+        weights = functools.partial(self._weights, dev=dev)
 
         def t(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(dev)
@@ -461,25 +506,8 @@ class LinearHead(Head):
             return
         sub = self._sweep_subset(yi)  # None: the sweep runs on every training row
         Zs, ys, sws = (Z, yi, sw) if sub is None else (Z[sub], yi[sub], None if sw is None else sw[sub])
-        self.sweep_rows_ = len(ys)
-        if sub is not None:
-            log.info("choosing C on a stratified subsample of %d of %d training rows (sweep_rows, seed %d)",
-                     len(sub), N, self.seed)
-        n_fits = len(self.Cs()) * (1 if yv is not None else self._n_folds(ys))
-        t1 = time.perf_counter()
-        with tqdm(total=n_fits, unit="C", disable=not progress, desc=f"linear C sweep ({len(ys):,} rows)",
-                  mininterval=0.5, dynamic_ncols=True) as bar:
-            if yv is not None:  # sweep on train, score on the given validation set, refit on both
-                scores, sols = self._sweep(t(Zs), t(ys), weights(ys, sws), t(Zv), yv, anchor=anchor, tick=bar.update)
-                best = self._best(self.sweep_)
-                self.C_, self.val_score_ = float(self.Cs()[best]), float(scores[best])
-                self.val_accuracy_ = self.sweep_[best].get("val_accuracy")
-                W, b, n_iter = sols[best]
-            else:  # no validation set: choose on seeded stratified k-fold cross-validation of the (sweep's) rows
-                W, b = self._cross_validate(Zs, ys, sws, t, weights, anchor, bar.update)  # the folds' mean at C_
+        W, b, n_iter = self._choose(Zs, ys, sws, Zv, yv, t, weights, anchor, progress, of_rows=N)
         del Zs  # the subsample's copy
-        log.info("chose C=%.3g (validation %s %.4f; %d fits on %d rows, %.1f s)", self.C_, self.select_,
-                 self.val_score_, n_fits, len(ys), time.perf_counter() - t1)
         if yv is not None and self.refit:  # Kornblith et al.: refit on train + validation at the chosen strength
             yall = np.concatenate([yi, yv])
             sw_all = None if sw is None else np.concatenate([sw, np.ones(len(yv), np.float32)])
@@ -487,6 +515,35 @@ class LinearHead(Head):
         elif yv is None or sub is not None:  # every training row at C_, from the folds' mean / the subsample's fit
             W, b, n_iter = final(Z, yi, sw, self.C_, W, b)
         self._finish(W, b, n_iter)
+
+    def _choose(self, Zs: np.ndarray, ys: np.ndarray, sws: np.ndarray | None, Zv: np.ndarray, yv: np.ndarray | None,
+                t, weights, anchor: tuple[torch.Tensor, torch.Tensor] | None, progress: bool, of_rows: int
+                ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """The sweep that chooses C on the normalised rows Zs (n, D) of the ``of_rows`` training rows (all of them,
+        or the ``sweep_rows`` subsample): scored on the validation rows (Zv, yv), or by k-fold cross-validation of
+        Zs when yv is None. Sets ``C_``, ``sweep_``, ``sweep_rows_``, ``val_accuracy_``, ``val_score_``; returns
+        the warm start of the final fit at ``C_``: (W, b, iterations) of the sweep's solve there, or the folds'
+        mean (W, b, None)."""
+        self.sweep_rows_ = len(ys)
+        if len(ys) < of_rows:
+            log.info("choosing C on a stratified subsample of %d of %d training rows (sweep_rows, seed %d)",
+                     len(ys), of_rows, self.seed)
+        n_fits = len(self.Cs()) * (1 if yv is not None else self._n_folds(ys))
+        t1 = time.perf_counter()
+        n_iter = None
+        with tqdm(total=n_fits, unit="C", disable=not progress, desc=f"linear C sweep ({len(ys):,} rows)",
+                  mininterval=0.5, dynamic_ncols=True) as bar:
+            if yv is not None:  # sweep on train, score on the given validation set
+                scores, sols = self._sweep(t(Zs), t(ys), weights(ys, sws), t(Zv), yv, anchor=anchor, tick=bar.update)
+                best = self._best(self.sweep_)
+                self.C_, self.val_score_ = float(self.Cs()[best]), float(scores[best])
+                self.val_accuracy_ = self.sweep_[best].get("val_accuracy")
+                W, b, n_iter = sols[best]
+            else:  # no validation set: choose on seeded stratified k-fold cross-validation of the (sweep's) rows
+                W, b = self._cross_validate(Zs, ys, sws, t, weights, anchor, bar.update)  # the folds' mean at C_
+        log.info("chose C=%.3g (validation %s %.4f; %d fits on %d rows, %.1f s)", self.C_, self.select_,
+                 self.val_score_, n_fits, len(ys), time.perf_counter() - t1)
+        return W, b, n_iter
 
     def _finish(self, W: torch.Tensor, b: torch.Tensor, n_iter: int) -> None:
         self.coef_ = W.T.contiguous().cpu().numpy()  # (K, D)
@@ -555,7 +612,7 @@ class LinearHead(Head):
         """The validation rows' class indices (M,) -- or the (M, C) label matrix --, their normalised features
         written into ``out`` (M, D)."""
         Xv, yv = eval_set
-        Zv = self.transform_features(Xv, out=out)
+        Zv = self._transform(Xv, out=out)
         yv = np.asarray(yv)
         if self.multilabel_:
             if yv.ndim != 2 or yv.shape[1] != len(self.classes_):
