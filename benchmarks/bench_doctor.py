@@ -182,13 +182,14 @@ def memory_part(cache: Path, rows: int, probe_roots: list[Path], runs: int = 1) 
                 raise SystemExit(f"probe doctor in {root} failed ({proc.returncode}): {err[-2000:]}")
             seconds, peak = time_v(err)
             sweep = [float(m) for m in re.findall(r"chose C=\S+ \(.*?, ([\d.]+) s\)", err)]
-            fits = [float(m) for m in re.findall(r"fit C=\S+ on \d+ rows: \d+ L-BFGS iterations, ([\d.]+) s", err)]
-            fits_end = [t for t, line in stamped if re.search(r"fit C=\S+ on \d+ rows: ", line)]
+            fit_at = [(t, float(m[1])) for t, line in stamped  # (when logged, its seconds) per fit at C
+                      if (m := re.search(r"fit C=\S+ on \d+ rows: \d+ L-BFGS iterations, ([\d.]+) s", line))]
+            fits = [fit_s for _, fit_s in fit_at]
             report_at = next((t for t, line in stamped if "probe.doctor" in line and "doctor:" in line), None)
             run = {"wall_s": round(seconds, 1), "peak_rss_mb": round(peak),
                    "peak_over_features": round(peak / features, 2), "sweep_s": round(sum(sweep), 1),
                    "fits_at_C_s": [round(f, 1) for f in fits],
-                   "after_fits_s": None if not fits_end or report_at is None else round(report_at - fits_end[-1], 1),
+                   "after_fits_s": None if not fit_at or report_at is None else round(report_at - fit_at[-1][0], 1),
                    "summary": [line for line in report.splitlines() if line and not line.startswith(" ")][:8]}
             print(f"run {i + 1}/{runs} {root}: {run['wall_s']} s, {run['peak_rss_mb']} MB, sweep {run['sweep_s']} s, "
                   f"fits {sum(fits):.1f} s, then {run['after_fits_s']} s", file=sys.stderr)
