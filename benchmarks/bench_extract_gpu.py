@@ -39,6 +39,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from multiprocessing import Pool
 from pathlib import Path
@@ -61,6 +62,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "extract_gpu.json"
 TARGET_IMAGES_PER_S = 5000  # ResNet-50, end to end, H100/H200
 TARGET_VS_LIMIT = 0.8
 CLASSES = ("cat", "coffee", "rocket", "astronaut")
+DEVICE = "cuda"  # --device cpu: a smoke test of this script where there is no GPU (its figures mean nothing)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -139,14 +141,14 @@ def pure_forward(emb: Embedder, batch: int, seconds: float = 2.0) -> float:
 def decode_forward(emb: Embedder | None, steps, jpegs: list[torch.Tensor], batch: int, images: int) -> float:
     """Images/s of nvjpeg decode + resize/crop (``steps``) on the GPU, + the forward when ``emb`` is given; JPEG
     bytes already in memory."""
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
 
     def one(k: int) -> None:
         chunk = [jpegs[(k + i) % len(jpegs)] for i in range(batch)]
         x = resize_crop([d for d in decode_jpegs(chunk, device) if d is not None], steps)
         if emb is not None:
             emb(x)  # normalise + forward + features to the host
-        else:
+        elif device.type == "cuda":
             torch.cuda.synchronize()
 
     one(0)  # warm-up: the decoder's buffers, cuDNN
@@ -160,7 +162,7 @@ def decode_forward(emb: Embedder | None, steps, jpegs: list[torch.Tensor], batch
 
 def probe_extract(data: Path, out: Path, backbone: str, batch: int, workers: int, decode: str) -> dict:
     cfg = ExtractConfig(backbone=backbone, weights=weights_for(backbone), batch_size=batch, workers=workers,
-                        device="cuda", decode=decode)
+                        device=DEVICE, decode=decode if DEVICE == "cuda" else "cpu")
     with timer() as t:
         s = extract(data, out, cfg)
     out.unlink(missing_ok=True)
@@ -194,7 +196,7 @@ def bench_backbone(backbone: str, full: Path, quarter: Path, files: list[Path], 
     workers = default_workers() if args.workers < 0 else args.workers
     if not budget.allows(f"{backbone}: forward + limit", 40):
         return
-    emb = Embedder(create_backbone(backbone, weights_for(backbone)), device="cuda")
+    emb = Embedder(create_backbone(backbone, weights_for(backbone)), device=DEVICE)
     jpegs = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
     before = pure_forward(emb, args.batch_size)
     limit = decode_forward(emb, emb.pixels.steps, jpegs, args.batch_size, min(n_full, 4 * len(files)))
@@ -221,7 +223,7 @@ def bench_backbone(backbone: str, full: Path, quarter: Path, files: list[Path], 
             print(f"{backbone}: {key}: marginal {got['marginal_images_per_s']} img/s, loop {got['loop_images_per_s']}"
                   f", wall {got['wall_images_per_s']} ({got['files']} files)", flush=True)
             save()
-    emb = Embedder(create_backbone(backbone, weights_for(backbone)), device="cuda")
+    emb = Embedder(create_backbone(backbone, weights_for(backbone)), device=DEVICE)
     after = pure_forward(emb, args.batch_size)
     del emb
     torch.cuda.empty_cache()
@@ -252,13 +254,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backbones", default="resnet50,efficientnet_lite0")
     ap.add_argument("--budget-s", type=float, default=300, help="skip steps that would run past this")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (figures mean nothing)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_extract_gpu.py needs a CUDA device (benchmarks/bench_extract.py measures the CPU)")
     budget = Budget(args.budget_s)
     out = Path(args.out) if args.out else RESULTS
     result: dict = {"benchmark": "extract_gpu", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-                    "device": "cuda", "nvjpeg": nvjpeg_available("cuda"), "images": args.images,
+                    "device": DEVICE, "nvjpeg": DEVICE == "cuda" and nvjpeg_available("cuda"), "images": args.images,
                     "copies": args.copies, "image_size": "500x375 JPEG (skimage photos)",
                     "batch_size": args.batch_size, "workers": default_workers() if args.workers < 0 else args.workers,
                     "targets": {"resnet50_images_per_s": TARGET_IMAGES_PER_S, "vs_limit": TARGET_VS_LIMIT},
@@ -279,8 +284,13 @@ def main(argv: list[str] | None = None) -> None:
         save()
         names = args.backbones.split(",")
         for k, backbone in enumerate(names):
-            bench_backbone(backbone, full, quarter, files, tmp, args, budget, result, save,
-                           reserve_s=100 * (len(names) - k - 1))  # ~100 s: one backbone's forward + two extracts
+            try:
+                bench_backbone(backbone, full, quarter, files, tmp, args, budget, result, save,
+                               reserve_s=100 * (len(names) - k - 1))  # ~100 s: one backbone's forward + two extracts
+            except Exception as e:  # noqa: BLE001 -- one backbone's failure must not lose the others' figures
+                traceback.print_exc()
+                result["backbones"].setdefault(backbone, {})["error"] = f"{type(e).__name__}: {e}"
+                save()
     save()
     print(json.dumps(result, indent=2))
 
