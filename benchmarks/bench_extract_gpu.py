@@ -1,6 +1,6 @@
 """`probe extract` on a CUDA GPU, end to end with GPU decode, against the GPU's own limits, in one run.
 
-    python benchmarks/bench_extract_gpu.py [--images 3000] [--copies 4] [--batch-size 256]
+    python benchmarks/bench_extract_gpu.py [--images 3000] [--copies 8] [--batch-size 256]
                                            [--backbones resnet50,efficientnet_lite0] [--budget-s 300]
     -> benchmarks/results/extract_gpu.json (also after every step: a run cut short keeps what it measured)
 
@@ -16,6 +16,8 @@ skimage's real photos, each listed ``--copies`` times (hard links: more files pe
     probe_gpu    `probe extract` end to end, GPU decode (decode=gpu; what auto picks on CUDA), the next batch
                  decoded in a thread while the backbone runs this one
     probe_cpu    `probe extract` end to end, CPU decode in DataLoader workers (decode=cpu)
+    probe_gpu_decode_same_stream   probe_gpu with that thread's kernels on the backbone's stream
+                 (gpu_decode.SIDE_STREAM = False), as before 2026-12-04
     probe_gpu_decode_inline   the same as probe_gpu without that overlap (gpu_decode.PREFETCH = 0), if time allows
 
 An extract figure comes three ways: ``wall`` (files / the whole call: model creation, listing, CUDA start-up,
@@ -55,7 +57,7 @@ from probe import gpu_decode  # noqa: E402
 from probe.backbones import create_backbone  # noqa: E402
 from probe.embedder import Embedder  # noqa: E402
 from probe.extract import ExtractConfig, default_workers, extract  # noqa: E402
-from probe.gpu_decode import PREFETCH, decode_jpegs, nvjpeg_available, resize_crop  # noqa: E402
+from probe.gpu_decode import PREFETCH, SIDE_STREAM, decode_jpegs, nvjpeg_available, resize_crop  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision >= 0.29: its decoders
 RESULTS = Path(__file__).resolve().parent / "results" / "extract_gpu.json"
@@ -175,7 +177,7 @@ def extract_pair(full: Path, quarter: Path, tmp: Path, backbone: str, batch: int
     """Quarter then full folder: wall, loop and marginal (steady-state) images/s. Skipped unless its estimated
     time, plus ``reserve_s`` kept for later steps, fits in the budget."""
     n_full = sum(1 for _ in full.rglob("*.jpg"))
-    estimate = 1.25 * n_full / max(rate_guess, 1.0) + 2 * 15  # two runs, ~15 s fixed cost each
+    estimate = 1.25 * n_full / max(rate_guess, 1.0) + 2 * 8  # two runs, ~8 s fixed cost each (H200: 1-6)
     if not budget.allows(f"{backbone}: {step}", estimate + reserve_s):
         return None
     small = probe_extract(quarter, tmp / f"q-{decode}.h5", backbone, batch, workers, decode)
@@ -209,17 +211,24 @@ def bench_backbone(backbone: str, full: Path, quarter: Path, files: list[Path], 
     del emb
     gc.collect()
     torch.cuda.empty_cache()
-    for key, decode, prefetch in (("probe_gpu_decode", "gpu", None), ("probe_cpu_decode", "cpu", None),
-                                  ("probe_gpu_decode_inline", "gpu", 0)):  # last: nvjpeg not overlapped
-        gpu_decode.PREFETCH = gpu_decode.PREFETCH if prefetch is None else prefetch
+    variants = (  # (key, decode, PREFETCH, SIDE_STREAM); None: probe's default
+        ("probe_gpu_decode", "gpu", None, None), ("probe_cpu_decode", "cpu", None, None),
+        ("probe_gpu_decode_same_stream", "gpu", None, False),  # decode queued on the backbone's stream
+        ("probe_gpu_decode_inline", "gpu", 0, None))  # last: nvjpeg in the extract loop's thread, not overlapped
+    for key, decode, prefetch, side in variants:
+        gpu_decode.PREFETCH = PREFETCH if prefetch is None else prefetch
+        gpu_decode.SIDE_STREAM = SIDE_STREAM if side is None else side
         try:
             got = extract_pair(full, quarter, tmp, backbone, args.batch_size, workers, decode, budget,
-                               rate_guess=min(limit, 3000) if decode == "gpu" else 1500, step=key,
-                               reserve_s=reserve_s if prefetch == 0 else 0)
+                               rate_guess=min(limit, 5000) if decode == "gpu" else 2500, step=key,
+                               reserve_s=reserve_s if key != "probe_gpu_decode" and decode == "gpu" else 0)
         finally:
-            gpu_decode.PREFETCH = PREFETCH
+            gpu_decode.PREFETCH, gpu_decode.SIDE_STREAM = PREFETCH, SIDE_STREAM
         if got:
-            r[key] = {**got, "prefetch": PREFETCH if prefetch is None else prefetch} if decode == "gpu" else got
+            if decode == "gpu":
+                got.update(prefetch=gpu_decode.PREFETCH if prefetch is None else prefetch,
+                           side_stream=SIDE_STREAM if side is None else side)
+            r[key] = got
             print(f"{backbone}: {key}: marginal {got['marginal_images_per_s']} img/s, loop {got['loop_images_per_s']}"
                   f", wall {got['wall_images_per_s']} ({got['files']} files)", flush=True)
             save()
@@ -248,7 +257,7 @@ def bench_backbone(backbone: str, full: Path, quarter: Path, files: list[Path], 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=3000, help="distinct 500x375 JPEGs")
-    ap.add_argument("--copies", type=int, default=4, help="each listed this many times (hard links)")
+    ap.add_argument("--copies", type=int, default=8, help="each listed this many times (hard links)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: probe's default)")
     ap.add_argument("--backbones", default="resnet50,efficientnet_lite0")

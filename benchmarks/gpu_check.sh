@@ -64,7 +64,7 @@ timeout 90 $PY -m pytest -q tests/test_gpu_decode.py -p no:cacheprovider --junit
 bench=$(( $(left) - 20 ))
 echo "== GPU extract benchmark (budget ${bench}s)"
 if [ "$bench" -gt 60 ]; then
-  timeout $(( bench + 15 )) $PY benchmarks/bench_extract_gpu.py --budget-s "$bench" \
+  timeout $(( bench + 15 )) $PY benchmarks/bench_extract_gpu.py --budget-s "$bench" --copies "${GPU_CHECK_COPIES:-8}" \
     --out benchmarks/results/extract_gpu.json || echo "benchmark: exit $?"
   cp benchmarks/results/extract_gpu.json "$OUT/extract_gpu.json" 2>/dev/null || echo "no extract_gpu.json written"
 else
