@@ -16,8 +16,8 @@ skimage's real photos, each listed ``--copies`` times (hard links: more files pe
     probe_gpu    `probe extract` end to end, GPU decode (decode=gpu; what auto picks on CUDA), the next batch
                  decoded in a thread while the backbone runs this one
     probe_cpu    `probe extract` end to end, CPU decode in DataLoader workers (decode=cpu)
-    probe_gpu_decode_same_stream   probe_gpu with that thread's kernels on the backbone's stream
-                 (gpu_decode.SIDE_STREAM = False), as before 2026-12-04
+    probe_gpu_decode_side_stream   probe_gpu with that thread's kernels on a CUDA stream of their own
+                 (gpu_decode.SIDE_STREAM = True; not the default: measured no faster)
     probe_gpu_decode_inline   the same as probe_gpu without that overlap (gpu_decode.PREFETCH = 0), if time allows
 
 An extract figure comes three ways: ``wall`` (files / the whole call: model creation, listing, CUDA start-up,
@@ -213,7 +213,7 @@ def bench_backbone(backbone: str, full: Path, quarter: Path, files: list[Path], 
     torch.cuda.empty_cache()
     variants = (  # (key, decode, PREFETCH, SIDE_STREAM); None: probe's default
         ("probe_gpu_decode", "gpu", None, None), ("probe_cpu_decode", "cpu", None, None),
-        ("probe_gpu_decode_same_stream", "gpu", None, False),  # decode queued on the backbone's stream
+        ("probe_gpu_decode_side_stream", "gpu", None, True),  # decode on a CUDA stream of its own
         ("probe_gpu_decode_inline", "gpu", 0, None))  # last: nvjpeg in the extract loop's thread, not overlapped
     for key, decode, prefetch, side in variants:
         gpu_decode.PREFETCH = PREFETCH if prefetch is None else prefetch

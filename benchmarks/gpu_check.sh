@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for issue 12 (GPU decode): versions, the CUDA tests, and the GPU extract benchmark, in one command,
-# about 5 minutes on an H200 (a hard cap of GPU_CHECK_BUDGET_S, default 420 s, keeps it under 8).
+# about 3 minutes on an H200 (165 and 174 s there on 2026-12-04; a hard cap of GPU_CHECK_BUDGET_S, default 420 s,
+# keeps it under 8).
 #
 # Device machine (the `run` tool), from the repository root, in one call:
 #   run(command="bash benchmarks/gpu_check.sh", carry=["cache/wheels"], timeout_s=480)

@@ -258,7 +258,10 @@ def resize_crop(images: Sequence[torch.Tensor], steps: Sequence[tuple[str, dict[
 
 
 PREFETCH = 2  # batches decoded ahead, in one thread, while the backbone runs (0: decode in the consumer's thread)
-SIDE_STREAM = True  # that thread queues its kernels on a CUDA stream of its own (False: on the consumer's stream)
+# True: that thread queues its kernels on a CUDA stream of its own. Measured on an H200 (2026-12-04, two runs of
+# benchmarks/bench_extract_gpu.py, 24,000 JPEGs): no faster for ResNet-50 (loop 8,329 and 6,374 img/s against 8,347
+# and 7,769 on the consumer's stream), slower for efficientnet_lite0 (6,095 and 5,953 against 10,060 and 9,599).
+SIDE_STREAM = False
 
 
 def _record_stream(out: Any, stream: torch.cuda.Stream) -> None:

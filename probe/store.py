@@ -790,6 +790,7 @@ def _fill_vectors(targets: list[h5py.Dataset], order: list[str], rows: dict, bat
             raise RuntimeError(f"internal: a batch without views for a store with {views} views per row")
         r, j = map(list, zip(*hit))
         for ds, v in zip(targets, vecs):
+            v = v.astype(ds.dtype, copy=False)  # numpy converts float16 journals ~10x faster than HDF5 does
             if r == list(range(r[0], r[0] + len(r))):  # the usual case: a batch of appended rows, contiguous
                 ds[r[0]: r[0] + len(r)] = v[j]
             else:
