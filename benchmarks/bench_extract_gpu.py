@@ -17,7 +17,7 @@ skimage's real photos, each listed ``--copies`` times (hard links: more files pe
                  decoded in a thread while the backbone runs this one
     probe_cpu    `probe extract` end to end, CPU decode in DataLoader workers (decode=cpu)
     probe_gpu_decode_side_stream   probe_gpu with that thread's kernels on a CUDA stream of their own
-                 (gpu_decode.SIDE_STREAM = True; not the default: measured no faster)
+                 (gpu_decode.SIDE_STREAM = True; not the default: measured mixed, see probe/gpu_decode.py)
     probe_gpu_decode_inline   the same as probe_gpu without that overlap (gpu_decode.PREFETCH = 0), if time allows
 
 An extract figure comes three ways: ``wall`` (files / the whole call: model creation, listing, CUDA start-up,

@@ -258,9 +258,10 @@ def resize_crop(images: Sequence[torch.Tensor], steps: Sequence[tuple[str, dict[
 
 
 PREFETCH = 2  # batches decoded ahead, in one thread, while the backbone runs (0: decode in the consumer's thread)
-# True: that thread queues its kernels on a CUDA stream of its own. Measured on an H200 (2026-12-04, two runs of
-# benchmarks/bench_extract_gpu.py, 24,000 JPEGs): no faster for ResNet-50 (loop 8,329 and 6,374 img/s against 8,347
-# and 7,769 on the consumer's stream), slower for efficientnet_lite0 (6,095 and 5,953 against 10,060 and 9,599).
+# True: that thread queues its kernels on a CUDA stream of its own. Measured on an H200 (2026-12-04, runs of
+# benchmarks/bench_extract_gpu.py, 24,000-72,000 JPEGs; extract loop img/s, own stream against the consumer's):
+# ResNet-50 mixed (8,329, 6,374 and 8,882 against 8,347, 7,769 and 7,892), efficientnet_lite0 slower (6,095 and
+# 5,953 against 10,060 and 9,599). So the default is the consumer's stream.
 SIDE_STREAM = False
 
 
@@ -275,8 +276,8 @@ def _record_stream(out: Any, stream: torch.cuda.Stream) -> None:
 def ahead(items: Iterable[Any], fn: Callable[[Any], Any], depth: int, device: torch.device) -> Iterator[Any]:
     """``fn(item)`` for each item, computed up to ``depth`` items ahead in one background thread, yielded in order;
     an exception there is raised here. On CUDA the thread runs on the consumer's device and, with ``SIDE_STREAM``,
-    on a stream of its own: nvjpeg and the resize of the next batch run on the GPU beside the backbone's kernels
-    for this one, not queued behind them (or, worse, between the forward and its copy to the host). Each item's
+    on a stream of its own: nvjpeg and the resize of the next batch may run on the GPU beside the backbone's
+    kernels for this one instead of queued with them (measured no faster overall: see above). Each item's
     kernels end in an event the consumer's stream waits on before it is yielded, so the consumer's work on it is
     ordered after them; without ``SIDE_STREAM`` the thread uses the consumer's current stream, which orders the
     same work by queueing alone."""
