@@ -790,7 +790,6 @@ def _fill_vectors(targets: list[h5py.Dataset], order: list[str], rows: dict, bat
             raise RuntimeError(f"internal: a batch without views for a store with {views} views per row")
         r, j = map(list, zip(*hit))
         for ds, v in zip(targets, vecs):
-            v = _as_dtype(v, ds.dtype)
             if r == list(range(r[0], r[0] + len(r))):  # the usual case: a batch of appended rows, contiguous
                 ds[r[0]: r[0] + len(r)] = v[j]
             else:
@@ -799,16 +798,6 @@ def _fill_vectors(targets: list[h5py.Dataset], order: list[str], rows: dict, bat
         filled.update(order[ri] for ri in r)
         check()
     return filled
-
-
-def _as_dtype(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``v`` as ``dtype`` before HDF5 sees it: its own float16 -> float32 conversion is slow (72,000 2048-d rows
-    took 2.6 s to write, 1.8-2.2 s converted first); torch's conversion is ~20x numpy's. Exact either way."""
-    if v.dtype == np.float16 and dtype == np.float32:
-        import torch  # not at the top: reading a store needs no torch
-
-        return torch.from_numpy(np.ascontiguousarray(v)).float().numpy()
-    return v.astype(dtype, copy=False)
 
 
 def _put_strings(f: h5py.File | h5py.Group, name: str, values: Sequence[str]) -> int:

@@ -14,10 +14,9 @@ from probe.device import query_dtype
 from probe.embedder import embedder_for
 from probe.extract import extract
 from probe.heads.fit import fit_head
-from probe.identity import ARRAYS_IDENTITY, FeatureIdentity
 from probe.predict import predict
 from probe.search import SearchIndex
-from probe.store import FeatureStore, Row, write_store
+from probe.store import FeatureStore
 
 from .conftest import DEMO, tiny_config
 
@@ -83,30 +82,6 @@ def test_half_precision_store_is_queried_in_float32_on_cpu(real_folder, tmp_path
     idx = SearchIndex.build(store)
     _, ids = idx.search(q, k=1)
     assert (ids[:, 0] == np.arange(len(files))).all()  # each image finds its own stored row first
-
-
-def test_float16_batches_are_stored_as_their_exact_float32_values(tmp_path):
-    """A GPU run journals float16 vectors; write_store converts them itself (torch, not HDF5's slow path) to the
-    store's float32: the same numbers, extremes included, for a contiguous batch and a scattered one, features and
-    views."""
-    rng = np.random.default_rng(0)
-    half = np.concatenate([rng.standard_normal((5, 8)) * 100,
-                           [[6.1e-5, 6e-8, -0.0, 65504, -65504, 1e-3, np.inf, -np.inf]]]).astype(np.float16)
-    views = (rng.standard_normal((6, 2, 8)) * 10).astype(np.float16)
-    paths = [f"p{i}" for i in range(6)]
-    cfg = {**ARRAYS_IDENTITY.to_dict(), "views": {"count": 2, "augment": "arrays"}}
-    attrs = {**cfg, "config_key": FeatureIdentity.from_config(cfg).key, "classes": ["a", "b"], "root": "",
-             "layout": "arrays", "versions": {}, "device": "none"}
-    rows = {p: Row(f"fp{i}", i % 2, "", None) for i, p in enumerate(paths)}
-    scattered = [5, 3, 4]  # rows 3..5 in another order: written row by row
-    batches = [(paths[:3], ["fp0", "fp1", "fp2"], half[:3], views[:3]),
-               ([paths[i] for i in scattered], [f"fp{i}" for i in scattered], half[scattered], views[scattered])]
-    write_store(tmp_path / "s.h5", attrs, rows, batches, {}, 8, views=2)
-    store = FeatureStore(tmp_path / "s.h5")
-    got = store.features()
-    assert got.dtype == np.float32 and np.array_equal(got, half.astype(np.float32))
-    assert np.signbit(got[5, 2]) and np.isinf(got[5, 6]) and got[5, 1] == np.float32(np.float16(6e-8))  # -0, inf
-    assert np.array_equal(store.views(), views.astype(np.float32))
 
 
 def test_query_dtype_rules(monkeypatch):
