@@ -216,8 +216,9 @@ def bench_backbone(backbone: str, full: Path, quarter: Path, files: list[Path], 
         ("probe_gpu_decode_side_stream", "gpu", None, True),  # decode on a CUDA stream of its own
         ("probe_gpu_decode_inline", "gpu", 0, None))  # last: nvjpeg in the extract loop's thread, not overlapped
     for key, decode, prefetch, side in variants:
-        gpu_decode.PREFETCH = PREFETCH if prefetch is None else prefetch
-        gpu_decode.SIDE_STREAM = SIDE_STREAM if side is None else side
+        prefetch = PREFETCH if prefetch is None else prefetch
+        side = SIDE_STREAM if side is None else side
+        gpu_decode.PREFETCH, gpu_decode.SIDE_STREAM = prefetch, side
         try:
             got = extract_pair(full, quarter, tmp, backbone, args.batch_size, workers, decode, budget,
                                rate_guess=min(limit, 5000) if decode == "gpu" else 2500, step=key,
@@ -226,8 +227,7 @@ def bench_backbone(backbone: str, full: Path, quarter: Path, files: list[Path], 
             gpu_decode.PREFETCH, gpu_decode.SIDE_STREAM = PREFETCH, SIDE_STREAM
         if got:
             if decode == "gpu":
-                got.update(prefetch=gpu_decode.PREFETCH if prefetch is None else prefetch,
-                           side_stream=SIDE_STREAM if side is None else side)
+                got.update(prefetch=prefetch, side_stream=side)
             r[key] = got
             print(f"{backbone}: {key}: marginal {got['marginal_images_per_s']} img/s, loop {got['loop_images_per_s']}"
                   f", wall {got['wall_images_per_s']} ({got['files']} files)", flush=True)
